@@ -1,0 +1,236 @@
+"""The engine: requests in, scheduled steps through the model runner, incremental outputs back."""
+import time
+from dataclasses import dataclass, field, fields
+from itertools import count
+
+import torch
+
+from nanovllm.config import Config
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.default_model import resolve_model_path
+from nanovllm.utils.tokenizer import load_tokenizer
+
+_MAX_DEFAULT_CONTEXT = 8192
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    sent: list[tuple[int, int]] = field(default_factory=list)  # per seq: (text chars, tokens) already returned
+    texts: list[str] = field(default_factory=list)
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model: str = "", **kwargs):
+        names = {f.name for f in fields(Config)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"Unknown engine argument(s) {unknown}; valid ones are {sorted(names)}.")
+        config = Config(model=model, **kwargs)
+        path = resolve_model_path(config.model)
+        self.model_runner = ModelRunner(config, path)
+        self.model_config = self.model_runner.model_config
+        context = self.model_config.max_position_embeddings
+        if config.max_model_len is None:
+            config.max_model_len = min(context, _MAX_DEFAULT_CONTEXT)
+        self.config = config
+        self.tokenizer = load_tokenizer(path)
+        Sequence.block_size = config.block_size
+        num_blocks = self.model_runner.allocate_kv_cache(config.max_model_len)
+        self.scheduler = Scheduler(config, num_blocks)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._counter = count()
+        self._token_text: dict[int, str] = {}
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def process_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Tokenizes and validates a prompt; raises ValueError with a clear message. Thread-safe."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("The prompt is empty.")
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            token_ids = list(prompt)
+        else:
+            raise ValueError("A prompt must be a string or a list of token ids.")
+        if not token_ids:
+            raise ValueError("The prompt is empty.")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of range [0, {vocab}).")
+        limit = self.config.max_model_len
+        if len(token_ids) >= limit:
+            raise ValueError(f"This model's maximum context length is {limit} tokens. However, your prompt "
+                             f"contains {len(token_ids)} input tokens, leaving no room to generate.")
+        self.scheduler.check_prompt(len(token_ids))
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams.")
+        return token_ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        token_ids = self.process_prompt(prompt, params)
+        arrival = time.time() if arrival_time is None else arrival_time
+        seqs, detoks = [], []
+        for index in range(params.n):
+            seq = Sequence(list(token_ids), params, request_id=request_id, index=index, arrival_time=arrival)
+            if params.seed is not None:
+                seq.generator = torch.Generator(self.model_runner.device).manual_seed(params.seed + index)
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, token_ids, params))
+        request = _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
+                           detoks, RequestMetrics(arrival_time=arrival))
+        request.sent = [(0, 0)] * params.n
+        request.texts = [""] * params.n
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * len(token_ids)
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        self.scheduler.abort(request_id)
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+        request.aborted = True
+        del self.requests[request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        touched: dict[str, _Request] = {}
+        for seq in batch.finished:  # finished by the scheduler itself (could never fit)
+            if seq.request_id in self.requests:
+                touched[seq.request_id] = self.requests[seq.request_id]
+        if batch.seqs:
+            now = time.time()
+            for seq in batch.seqs:
+                request = self.requests[seq.request_id]
+                request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
+                touched[seq.request_id] = request
+            result = self.model_runner.run(batch)
+            self.scheduler.postprocess(batch, result.sampled)
+            self._record_prompt_logprobs(result.prompt_logprobs)
+            for seq in batch.seqs:
+                if seq.seq_id in result.sampled:
+                    self._on_token(self.requests[seq.request_id], seq, result)
+        outputs = [self._make_output(r) for r in touched.values()]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
+        return outputs
+
+    def _on_token(self, request: _Request, seq: Sequence, result) -> None:
+        token = seq.last_token
+        params = request.params
+        self.num_generation_tokens += 1
+        now = time.time()
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+            self.num_prompt_tokens += len(request.prompt_token_ids)
+        request.metrics.last_token_time = now
+        if seq.seq_id in result.logprobs:
+            seq.output_logprobs.append(self._logprob_dict(token, *result.logprobs[seq.seq_id]))
+        min_done = seq.num_completion_tokens >= params.min_tokens
+        if min_done and not params.ignore_eos and token in self.eos_token_ids:
+            return self._finish(seq, "stop", None)
+        if min_done and token in params.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        delta, stop = request.detokenizers[seq.index].update([token])
+        request.texts[seq.index] += delta
+        if stop is not None and min_done:
+            return self._finish(seq, "stop", stop)
+        max_tokens = params.max_tokens or self.config.max_model_len
+        if seq.num_completion_tokens >= max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq, reason)
+
+    def _logprob_dict(self, token: int, lp: float, ids: list[int], vals: list[float], rank: int):
+        entry = {token: Logprob(lp, rank, self._decode_token(token))}
+        for r, (i, v) in enumerate(zip(ids, vals), start=1):
+            entry.setdefault(i, Logprob(v, r, self._decode_token(i)))
+        return entry
+
+    def _decode_token(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def _record_prompt_logprobs(self, prompt_logprobs) -> None:
+        for seq_id, entries in prompt_logprobs.items():
+            request = next((r for r in self.requests.values() if any(s.seq_id == seq_id for s in r.seqs)), None)
+            if request is None or request.seqs[0].seq_id != seq_id or request.prompt_logprobs is None:
+                continue  # n > 1 seqs share the prompt: record it once
+            for pos, lp, ids, vals, rank in entries:
+                token = request.prompt_token_ids[pos]
+                request.prompt_logprobs[pos] = self._logprob_dict(token, lp, ids, vals, rank)
+
+    def _make_output(self, request: _Request) -> RequestOutput:
+        completions = []
+        for i, seq in enumerate(request.seqs):
+            text = request.texts[i]
+            if seq.is_finished and seq.finish_reason != "abort":
+                text += request.detokenizers[i].flush() if hasattr(request.detokenizers[i], "flush") else ""
+                request.texts[i] = text
+            sent_chars, sent_tokens = request.sent[i]
+            token_ids = list(seq.completion_token_ids)
+            request.sent[i] = (len(text), len(token_ids))
+            logprobs = list(seq.output_logprobs) if request.params.logprobs is not None else None
+            cumulative = sum(d[t].logprob for d, t in zip(logprobs, token_ids)) if logprobs else None
+            completions.append(CompletionOutput(
+                index=i, text=text, token_ids=token_ids, cumulative_logprob=cumulative, logprobs=logprobs,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                delta_text=text[sent_chars:], delta_token_ids=token_ids[sent_tokens:]))
+        finished = request.finished
+        if finished:
+            request.metrics.finished_time = time.time()
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=request.prompt_logprobs, outputs=completions, finished=finished,
+            num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=request.metrics)
+
+    # ---- stats ------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.scheduler.block_manager
+        return {
+            "num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": bm.usage, "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_queries": bm.prefix_queries, "prefix_hits": bm.prefix_hits,
+            "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens,
+            "num_free_blocks": bm.num_free_blocks, "num_blocks": self.model_runner.num_blocks,
+        }
