@@ -1,0 +1,281 @@
+"""Causal attention over the paged KV cache: flash-decoding for decode steps, a varlen kernel otherwise.
+
+Both kernels read K/V straight from the cache through the block table, so chunked prefill and prefix-cache
+hits need no gather. Layout (docs/design.md): q (T, H, D); k_cache, v_cache (num_blocks, block_size, Hkv, D);
+block_tables (B, max_blocks) int32 padded with -1; cu_seqlens_q (B+1,) int32; context_lens (B,) int32.
+Query i of a seq sits at position context_len - q_len + i and sees keys at positions <= its own.
+One program serves all H // Hkv query heads of a KV head (GQA), so each K/V tile is read once per group.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton use paged_attention_ref
+    triton = tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+LOG2E = 1.4426950408889634
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                        max_q_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch reference (fp32 math): gathers each seq's K/V from its blocks and runs masked softmax."""
+    out = torch.empty_like(q) if out is None else out
+    num_heads, (_, block_size, num_kv_heads, _) = q.shape[1], k_cache.shape
+    cu, ctx_lens = cu_seqlens_q.tolist(), context_lens.tolist()
+    for b, ctx_len in enumerate(ctx_lens):
+        q_len = cu[b + 1] - cu[b]
+        if q_len == 0:
+            continue
+        blocks = block_tables[b, :(ctx_len + block_size - 1) // block_size].long()
+        k = k_cache[blocks].flatten(0, 1)[:ctx_len].float()  # (ctx_len, Hkv, D)
+        v = v_cache[blocks].flatten(0, 1)[:ctx_len].float()
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # (ctx_len, H, D)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[cu[b]:cu[b + 1]].float(), k) * scale  # (H, q_len, ctx_len)
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+        future = torch.arange(ctx_len, device=q.device)[None, :] > q_pos[:, None]
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+        out[cu[b]:cu[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                    max_q_len: int, scale: float, out: torch.Tensor | None = None,
+                    num_kv_splits: int | None = None) -> torch.Tensor:
+    """Returns out (T, H, D) in q's dtype. No host sync: safe inside a CUDA graph when the shapes are fixed.
+
+    max_q_len == 1 takes the decode kernel, whose KV-split count (num_kv_splits, default from the shapes
+    alone) is a compile-time constant; any other batch takes the varlen kernel.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    assert num_heads % num_kv_heads == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    out = torch.empty_like(q) if out is None else out
+    if num_tokens == 0:
+        return out
+    if max_q_len == 1:
+        if num_kv_splits is None:
+            num_kv_splits = _default_num_kv_splits(context_lens.shape[0], num_kv_heads,
+                                                   block_tables.shape[1] * k_cache.shape[1], q.device)
+        _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_kv_splits)
+    else:
+        _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out)
+    return out
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
+    # Enough programs for ~2 waves over the SMs, each split still long enough (>= 256 keys) to pay for the
+    # reduce. max_kv_len is the block table's width, so a graph captured at a fixed width keeps its split.
+    wanted = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
+    return max(1, min(wanted, max_kv_len // 256, 32))
+
+
+def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits):
+    batch, (num_tokens, num_heads, head_dim) = context_lens.shape[0], q.shape
+    num_kv_heads, group = k_cache.shape[2], num_heads // k_cache.shape[2]
+    if num_splits > 1:  # fp32 partial outputs and log-sum-exps, merged by the reduce kernel
+        partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        dst, dst_strides = partial, (partial.stride(0), partial.stride(1), partial.stride(2))
+    else:
+        lse, dst, dst_strides = out, out, (out.stride(0), out.stride(1), 0)  # lse unused with one split
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, dst, lse, scale * LOG2E,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        *dst_strides, lse.stride(0), lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=64 if q.is_cuda else 16, UPCAST=not q.is_cuda, num_warps=4,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            partial, lse, out, cu_seqlens_q, partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )
+
+
+def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out):
+    num_tokens, num_heads, head_dim = q.shape
+    batch, num_kv_heads, group = context_lens.shape[0], k_cache.shape[2], num_heads // k_cache.shape[2]
+    block_m = max(64 if q.is_cuda else 32, triton.next_power_of_2(group))
+    block_q = block_m // group  # query tokens per program; rows are (token, head-in-group) pairs
+    # A seq's q-blocks start at cu_seqlens_q[s] // block_q + s, so this grid bounds them all without a sync.
+    grid = (num_tokens // block_q + batch, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, scale * LOG2E, batch,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_M=block_m,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=64 if q.is_cuda else 16,
+        UPCAST=not q.is_cuda, num_warps=4,
+    )
+
+
+@_jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE: tl.constexpr):
+    """K and V (BLOCK_N, BLOCK_D) of the keys at positions pos, looked up through the block table."""
+    page = tl.load(table_row_ptr + pos // PAGE_SIZE, mask=pos_mask, other=0).to(tl.int64)
+    slot = pos % PAGE_SIZE
+    mask = pos_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
+                + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
+                + offs_d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@_jit
+def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr):
+    """One online-softmax update (base 2) of rows q (M, D) with a K/V tile (N, D); s_mask (M, N)."""
+    if UPCAST:  # the interpreter does bf16 math on raw bits, so everything goes through fp32 there
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    s = tl.where(s_mask, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))  # (M, N)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@_jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
+                   dst_ptr, lse_ptr, qk_scale, stride_qt, stride_qh,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                   stride_dt, stride_dh, stride_ds, stride_lt, stride_lh,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Grid (B, Hkv, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys."""
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    token = tl.load(cu_seqlens_q_ptr + seq)
+    ctx_len = tl.load(context_lens_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, ctx_len)
+
+    offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_g
+    g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table_row_ptr = block_tables_ptr + seq * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_mask = pos < end
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
+                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
+        m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST)
+
+    # An empty split (or a padded seq with context 0) leaves l_i = 0: write zeros and lse = -inf.
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if NUM_SPLITS == 1:  # straight into out (T, H, D)
+        row = token
+    else:  # into the partials (B, H, NUM_SPLITS, D)
+        row = seq
+    dst = dst_ptr + row * stride_dt + heads[:, None] * stride_dh + split * stride_ds + offs_d[None, :]
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if NUM_SPLITS > 1:
+        lse = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))  # log2 units; -inf for an empty split
+        tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
+
+
+@_jit
+def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, stride_pb, stride_ph, stride_ps,
+                          stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (B, H): merges the splits' partial outputs, weighting each by its share of the softmax mass."""
+    seq, head = tl.program_id(0), tl.program_id(1)
+    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
+    s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < HEAD_DIM
+    lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # (BLOCK_S,), 0 for empty splits
+    partial = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
+                      + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (S, BLOCK_D)
+    total = tl.sum(weight, 0)
+    result = tl.sum(partial * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    token = tl.load(cu_seqlens_q_ptr + seq)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty),
+             mask=d_mask)
+
+
+@_jit
+def _find_seq(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    """The seq whose q-blocks (numbered from cu_seqlens_q[s] // BLOCK_Q + s) hold q_block: binary search."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@_jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
+                    out_ptr, qk_scale, num_seqs, stride_qt, stride_qh,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                    stride_ot, stride_oh,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Grid (T // BLOCK_Q + B, Hkv): BLOCK_Q query tokens x GROUP heads (BLOCK_M rows) of one seq, causal."""
+    q_block, kv_head = tl.program_id(0), tl.program_id(1)
+    seq = _find_seq(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    first = (q_block - q_start // BLOCK_Q - seq) * BLOCK_Q  # index within the seq of this block's first query
+    if first >= q_len:  # the grid's spare programs
+        return
+    ctx_len = tl.load(context_lens_ptr + seq)
+
+    offs_m, offs_d = tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    q_idx = first + offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    m_mask = (offs_m // GROUP < BLOCK_Q) & (q_idx < q_len)
+    d_mask = offs_d < HEAD_DIM
+    # Masked-out rows take the last position, so every row sees key 0 and the softmax never meets all -inf.
+    q_pos = tl.minimum(ctx_len - q_len + q_idx, ctx_len - 1)
+    q = tl.load(q_ptr + (q_start + q_idx)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row_ptr = block_tables_ptr + seq * stride_bt
+    kv_end = tl.minimum(ctx_len, ctx_len - q_len + first + BLOCK_Q)  # one past the block's last visible key
+    for n0 in range(0, kv_end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos < kv_end, kv_head,
+                             offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                             PAGE_SIZE)
+        causal = pos[None, :] <= q_pos[:, None]  # (BLOCK_M, BLOCK_N)
+        m_i, l_i, acc = _softmax_step(q, k, v, causal, m_i, l_i, acc, qk_scale, UPCAST)
+
+    acc = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])

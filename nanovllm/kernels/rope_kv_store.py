@@ -1,0 +1,137 @@
+"""RoPE on q and k (after Qwen3's optional per-head RMSNorm), fused with the store of k and v into the cache.
+
+One program per token reads q, k, v once and writes q and k back rotated (in place) and k, v into the cache
+at slot_mapping (layout of docs/design.md: (num_blocks, block_size, Hkv, D); slot = block * block_size +
+offset; slot -1 skips the store, as padded CUDA-graph rows do). RoPE is neox style (HF rotate_half):
+with x = [x1 | x2] and cos_sin_cache[pos] = [cos | sin] (D/2 each), out = [x1*cos - x2*sin | x2*cos + x1*sin].
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton use rope_and_store_kv_ref
+    triton = tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if weight is None:
+        return x
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rope_and_store_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                          k_norm_weight: torch.Tensor | None = None,
+                          eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch reference (fp32 math): same in-place effects on q, k, k_cache, v_cache; returns (q, k)."""
+    cos, sin = cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2) each
+    q.copy_(_rope_ref(_rms_norm_ref(q.float(), q_norm_weight, eps), cos, sin))
+    k.copy_(_rope_ref(_rms_norm_ref(k.float(), k_norm_weight, eps), cos, sin))
+    if k_cache.numel():
+        keep = slot_mapping >= 0
+        slots = slot_mapping[keep]
+        block_size = k_cache.shape[1]
+        k_cache[slots // block_size, slots % block_size] = k[keep].to(k_cache.dtype)
+        v_cache[slots // block_size, slots % block_size] = v[keep].to(v_cache.dtype)
+    return q, k
+
+
+def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
+                      k_norm_weight: torch.Tensor | None = None,
+                      eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (T, H, D), k and v (T, Hkv, D) with unit stride on D; positions (T,) int; cos_sin_cache (max_pos, D).
+
+    Rotates q and k in place (after RMSNorm of each head when the norm weights (D,) are given) and writes
+    k, v into k_cache, v_cache (skipped when the caches are empty, as before the runner assigns them).
+    Math is fp32; results are cast to each destination's dtype. Returns (q, k).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert head_dim % 2 == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    if num_tokens == 0:
+        return q, k
+    store = k_cache.numel() > 0
+    has_norm = q_norm_weight is not None
+    assert has_norm == (k_norm_weight is not None), "q and k norms come together (Qwen3)"
+    _rope_kv_store_kernel[(num_tokens,)](
+        # Empty caches may have a null data pointer, which Triton refuses: pass k in their place.
+        q, k, v, positions, cos_sin_cache, k_cache if store else k, v_cache if store else v, slot_mapping,
+        q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, eps,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        *(k_cache.stride()[:3] if store else (0, 0, 0)), *(v_cache.stride()[:3] if store else (0, 0, 0)),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        PAGE_SIZE=k_cache.shape[1] if store else 1,
+        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE=store,
+    )
+    return q, k
+
+
+@_jit
+def _norm_rope_heads(x_ptr, stride_h, norm_ptr, cos, sin, eps, NUM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Normalizes and rotates NUM heads of one token in place; returns the two rotated halves (fp32)."""
+    offs_h, offs_d = tl.arange(0, BLOCK), tl.arange(0, BLOCK_HALF)
+    mask = (offs_h < NUM)[:, None] & (offs_d < HEAD_DIM // 2)[None, :]
+    ptrs = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]  # first halves; + HEAD_DIM // 2 for second
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK, BLOCK_HALF)
+    x2 = tl.load(ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
+        d_mask = offs_d < HEAD_DIM // 2
+        w1 = tl.load(norm_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(norm_ptr + HEAD_DIM // 2 + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        x1, x2 = x1 * rstd * w1, x2 * rstd * w2
+    r1 = x1 * cos[None, :] - x2 * sin[None, :]
+    r2 = x2 * cos[None, :] + x1 * sin[None, :]
+    tl.store(ptrs, r1.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs + HEAD_DIM // 2, r2.to(x_ptr.dtype.element_ty), mask=mask)
+    return r1, r2, mask
+
+
+@_jit
+def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr,
+                          slot_mapping_ptr, q_norm_ptr, k_norm_ptr, eps,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+                          stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr,
+                          BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr):
+    """Grid (T,): all heads of one token."""
+    token = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    cs_ptr = cos_sin_ptr + tl.load(positions_ptr + token) * stride_cs + offs_d
+    cos = tl.load(cs_ptr, mask=offs_d < HEAD_DIM // 2, other=0.0).to(tl.float32)  # (BLOCK_HALF,)
+    sin = tl.load(cs_ptr + HEAD_DIM // 2, mask=offs_d < HEAD_DIM // 2, other=0.0).to(tl.float32)
+    _norm_rope_heads(q_ptr + token * stride_qt, stride_qh, q_norm_ptr, cos, sin, eps,
+                     NUM_HEADS, HEAD_DIM, BLOCK_H, BLOCK_HALF, HAS_NORM)
+    k1, k2, mask = _norm_rope_heads(k_ptr + token * stride_kt, stride_kh, k_norm_ptr, cos, sin, eps,
+                                    NUM_KV_HEADS, HEAD_DIM, BLOCK_HKV, BLOCK_HALF, HAS_NORM)
+    if STORE:
+        slot = tl.load(slot_mapping_ptr + token)
+        if slot >= 0:
+            offs_h = tl.arange(0, BLOCK_HKV)[:, None]
+            kc_ptrs = (k_cache_ptr + (slot // PAGE_SIZE) * stride_kcb + (slot % PAGE_SIZE) * stride_kcs
+                       + offs_h * stride_kch + offs_d[None, :])
+            tl.store(kc_ptrs, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(kc_ptrs + HEAD_DIM // 2, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            v_ptrs = v_ptr + token * stride_vt + offs_h * stride_vh + offs_d[None, :]
+            vc_ptrs = (v_cache_ptr + (slot // PAGE_SIZE) * stride_vcb + (slot % PAGE_SIZE) * stride_vcs
+                       + offs_h * stride_vch + offs_d[None, :])
+            v1 = tl.load(v_ptrs, mask=mask)
+            v2 = tl.load(v_ptrs + HEAD_DIM // 2, mask=mask)
+            tl.store(vc_ptrs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(vc_ptrs + HEAD_DIM // 2, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)

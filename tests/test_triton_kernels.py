@@ -1,0 +1,250 @@
+"""Triton kernels against their torch references: interpreter-sized shapes on CPU, real shapes on CUDA.
+
+Every output is poisoned with NaN before the kernel runs, so a row the kernel forgets to write fails.
+"""
+import math
+
+import pytest
+import torch
+
+from nanovllm.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
+from nanovllm.kernels.paged_attention import paged_attention, paged_attention_ref
+from nanovllm.kernels.rope_kv_store import rope_and_store_kv, rope_and_store_kv_ref
+from nanovllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def tols(dtype: torch.dtype) -> dict:
+    # bf16: outputs are rounded once (and on GPU the dots take bf16 operands), so ~1 ulp of 2^-8.
+    return dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+
+
+def paged_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    """Random q and caches; each seq's blocks are scattered at random over a cache with spare blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(math.ceil(c / block_size) for c in ctx_lens) + 5
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    q = randn(sum(q_lens), num_heads, head_dim)
+    k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(math.ceil(c / block_size) for c in ctx_lens)
+    tables = []
+    for c in ctx_lens:
+        n = math.ceil(c / block_size)
+        tables.append(perm[:n] + [-1] * (width - n))
+        perm = perm[n:]
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    as_int32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    return q, k_cache, v_cache, as_int32(tables), as_int32(cu), as_int32(ctx_lens)
+
+
+def check_attention(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, **kwargs):
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim,
+                                                       block_size, dtype)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    paged_attention(q, k_cache, v_cache, tables, cu, ctx, max(q_lens), scale, out=out, **kwargs)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, cu, ctx, max(q_lens), scale)
+    torch.testing.assert_close(out, ref, **tols(dtype))
+    assert (out - ref).float().norm() / ref.float().norm() < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+# (H, Hkv, D, block_size): GQA 2, MHA, SmolLM2's 9/3 heads, Qwen3's head_dim with block size 32.
+HEADS = [(4, 2, 64, 16), (4, 4, 64, 16), (9, 3, 64, 32), (2, 1, 128, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
+def test_prefill_varlen_and_chunked(num_heads, num_kv_heads, head_dim, block_size, dtype):
+    # seq 0: a 1-token prompt; seq 1: 3 new tokens after 30 cached (prefix hit / chunk); seq 2: a fresh 17.
+    check_attention([1, 3, 17], [1, 33, 17], num_heads, num_kv_heads, head_dim, block_size, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_prefill_long_chunk(dtype):
+    # A 37-token chunk after 40 cached keys: several query blocks, each with several key tiles.
+    check_attention([37, 2], [77, 5], 4, 2, 64, 16, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_decode(num_heads, num_kv_heads, head_dim, block_size, dtype, num_kv_splits):
+    # Context 1 with 3 splits leaves two splits empty; 70 spans several tiles per split.
+    check_attention([1, 1, 1, 1], [1, 3, 17, 70], num_heads, num_kv_heads, head_dim, block_size, dtype,
+                    num_kv_splits=num_kv_splits)
+
+
+def test_decode_padded_seq_gives_zeros():
+    # CUDA-graph padding may run seqs with context 0: their rows must be finite (zeros), not NaN.
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1, 1], [5, 5], 4, 2, 64, 16, torch.float32)
+    ctx[1] = 0
+    for splits in (1, 2):
+        out = paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125, num_kv_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        ref = paged_attention_ref(q[:1], k_cache, v_cache, tables[:1], cu[:2], ctx[:1], 1, 0.125)
+        torch.testing.assert_close(out[:1], ref)
+
+
+def rope_inputs(num_tokens, num_heads, num_kv_heads, head_dim, dtype, block_size=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = torch.arange(4 * num_tokens + 8).float()[:, None] * inv_freq  # (max_pos, D/2)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(DEVICE)
+    positions = torch.randint(0, freqs.shape[0], (num_tokens,), generator=gen).to(DEVICE)
+    num_blocks = math.ceil(num_tokens / block_size) + 2
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[num_tokens // 2] = -1  # a padded row: must not be stored
+    caches = [randn(num_blocks, block_size, num_kv_heads, head_dim) for _ in range(2)]
+    qkv = [randn(num_tokens, n, head_dim) for n in (num_heads, num_kv_heads, num_kv_heads)]
+    norms = [1 + 0.1 * randn(head_dim).float() for _ in range(2)]
+    return qkv, positions, cos_sin, caches, slots.to(DEVICE), norms
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim", [(5, 4, 2, 64), (3, 9, 3, 64),
+                                                                          (2, 16, 8, 128)])
+def test_rope_and_store_kv(num_tokens, num_heads, num_kv_heads, head_dim, qk_norm, dtype):
+    (q, k, v), positions, cos_sin, (k_cache, v_cache), slots, norms = rope_inputs(
+        num_tokens, num_heads, num_kv_heads, head_dim, dtype)
+    norms = norms if qk_norm else [None, None]
+    got = [t.clone() for t in (q, k, k_cache, v_cache)]
+    want = [t.clone() for t in (q, k, k_cache, v_cache)]
+    rope_and_store_kv(got[0], got[1], v, positions, cos_sin, got[2], got[3], slots, *norms)
+    rope_and_store_kv_ref(want[0], want[1], v, positions, cos_sin, want[2], want[3], slots, *norms)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tols(dtype))
+    assert torch.equal(got[3][slots[0] // 16, slots[0] % 16], v[0])  # v is copied bit for bit
+
+
+def test_rope_without_cache_only_rotates():
+    (q, k, v), positions, cos_sin, _, slots, _ = rope_inputs(4, 4, 2, 64, torch.float32)
+    empty = torch.empty(0, device=DEVICE)
+    got_q, got_k = rope_and_store_kv(q.clone(), k.clone(), v, positions, cos_sin, empty, empty, slots)
+    want_q, want_k = rope_and_store_kv_ref(q.clone(), k.clone(), v, positions, cos_sin, empty, empty, slots)
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)
+
+
+def test_rope_ref_matches_transformers():
+    # The reference itself against HF's Qwen3 q_norm + apply_rotary_pos_emb (rotate_half, cos duplicated).
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+    (q, k, v), positions, cos_sin, _, slots, (q_w, k_w) = rope_inputs(6, 4, 2, 64, torch.float32)
+    q, k, q_w, k_w, positions, cos_sin = (t.cpu() for t in (q, k, q_w, k_w, positions, cos_sin))
+    q_norm, k_norm = Qwen3RMSNorm(64, eps=1e-6), Qwen3RMSNorm(64, eps=1e-6)
+    q_norm.weight.data, k_norm.weight.data = q_w, k_w
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)
+    cos, sin = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]  # (1, T, D)
+    hf_q, hf_k = apply_rotary_pos_emb(q_norm(q).transpose(0, 1)[None], k_norm(k).transpose(0, 1)[None], cos, sin)
+    empty = torch.empty(0)
+    ours_q, ours_k = rope_and_store_kv_ref(q.clone(), k.clone(), v.cpu(), positions, cos_sin, empty, empty,
+                                           slots.cpu(), q_w, k_w)
+    torch.testing.assert_close(ours_q, hf_q[0].transpose(0, 1))
+    torch.testing.assert_close(ours_k, hf_k[0].transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (7, 257), (2, 3, 1024)])
+def test_rmsnorm(shape, dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(DEVICE, dtype)
+    torch.testing.assert_close(rmsnorm(x, weight, 1e-5), rmsnorm_ref(x, weight, 1e-5), **tols(dtype))
+    hf = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
+    torch.testing.assert_close(rmsnorm(x, weight, 1e-5).float(), hf, **tols(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (7, 257), (2, 3, 1024)])
+def test_add_rmsnorm_updates_residual(shape, dtype):
+    gen = torch.Generator().manual_seed(2)
+    x, residual = (torch.randn(*shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(DEVICE, dtype)
+    res_got, res_want = residual.clone(), residual.clone()
+    normed, new_res = add_rmsnorm(x, res_got, weight, 1e-6)
+    want_normed, _ = add_rmsnorm_ref(x, res_want, weight, 1e-6)
+    assert new_res is res_got  # in place
+    torch.testing.assert_close(res_got, (x.float() + residual.float()).to(dtype))
+    torch.testing.assert_close(normed, want_normed, **tols(dtype))
+
+
+def test_rmsnorm_no_rows():
+    x = torch.empty(0, 64, device=DEVICE)
+    assert rmsnorm(x, torch.ones(64, device=DEVICE), 1e-6).shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens,inter", [(1, 17), (5, 1536), (3, 3072)])
+def test_silu_and_mul(num_tokens, inter, dtype):
+    x = torch.randn(num_tokens, 2 * inter, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    gate, up = x.float().chunk(2, dim=-1)
+    got = silu_and_mul(x)
+    torch.testing.assert_close(got, silu_and_mul_ref(x), **tols(dtype))
+    torch.testing.assert_close(got.float(), gate * torch.sigmoid(gate) * up, **tols(dtype))
+
+
+# ---- CUDA only: real model shapes (Qwen3-0.6B: H=16, Hkv=8, D=128; SmolLM2: H=9, Hkv=3, D=64) ----
+
+@gpu_only
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(16, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("batch", [1, 64, 256])
+@pytest.mark.parametrize("num_kv_splits", [None, 1, 8])
+def test_decode_gpu(num_heads, num_kv_heads, head_dim, batch, num_kv_splits):
+    ctx = torch.randint(1, 4097, (batch,), generator=torch.Generator().manual_seed(batch)).tolist()
+    check_attention([1] * batch, ctx, num_heads, num_kv_heads, head_dim, 16, torch.bfloat16,
+                    num_kv_splits=num_kv_splits)
+
+
+@gpu_only
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_mixed_prefill_gpu(block_size):
+    # Decodes, fresh prompts and chunks after long cached prefixes in one varlen batch.
+    q_lens = [1, 1000, 1, 7, 512, 129, 1]
+    ctx_lens = [4096, 1000, 17, 3000, 4096, 129, 1]
+    check_attention(q_lens, ctx_lens, 16, 8, 128, block_size, torch.bfloat16)
+
+
+@gpu_only
+def test_decode_cuda_graph_replay():
+    # Captured once, replayed after the lengths change in place: no host sync, no stale shapes.
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * 8, [4096] * 8, 16, 8, 128, 16, torch.bfloat16)
+    out = torch.empty_like(q)
+    run = lambda: paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 128 ** -0.5, out=out)  # noqa: E731
+    run()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    ctx.copy_(torch.tensor([1, 5, 100, 4096, 17, 2048, 3000, 33], dtype=torch.int32))
+    graph.replay()
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, cu, ctx, 1, 128 ** -0.5)
+    torch.testing.assert_close(out, ref, **tols(torch.bfloat16))
+
+
+@gpu_only
+def test_elementwise_kernels_gpu():
+    (q, k, v), positions, cos_sin, (k_cache, v_cache), slots, norms = rope_inputs(8192, 16, 8, 128,
+                                                                                  torch.bfloat16)
+    got = [t.clone() for t in (q, k, k_cache, v_cache)]
+    want = [t.clone() for t in (q, k, k_cache, v_cache)]
+    rope_and_store_kv(got[0], got[1], v, positions, cos_sin, got[2], got[3], slots, *norms)
+    rope_and_store_kv_ref(want[0], want[1], v, positions, cos_sin, want[2], want[3], slots, *norms)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tols(torch.bfloat16))
+    x, residual = torch.randn(2, 8192, 1024, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.rand(1024, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(rmsnorm(x, weight, 1e-6), rmsnorm_ref(x, weight, 1e-6), **tols(torch.bfloat16))
+    want_res = residual.clone()
+    normed, _ = add_rmsnorm(x, residual, weight, 1e-6)
+    torch.testing.assert_close(normed, add_rmsnorm_ref(x, want_res, weight, 1e-6)[0], **tols(torch.bfloat16))
+    x = torch.randn(8192, 2 * 3072, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **tols(torch.bfloat16))
