@@ -1,0 +1,242 @@
+"""The sampler against transformers' logits processors and torch references."""
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                     TopKLogitsWarper, TopPLogitsWarper)
+
+from nanovllm.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs, gather_logprobs
+from nanovllm.sampling_params import SamplingParams
+
+V = 257  # odd vocabulary size, to catch masking and padding bugs
+EOS = 3
+
+
+@dataclass
+class FakeSeq:
+    """The fields of engine.sequence.Sequence that the sampler reads."""
+    sampling_params: SamplingParams
+    token_ids: list[int]
+    num_prompt_tokens: int
+    generator: torch.Generator | None = None
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+def make_seq(prompt=(1, 2), output=(), seed: int | None = None, **params) -> FakeSeq:
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return FakeSeq(SamplingParams(seed=seed, **params), [*prompt, *output], len(prompt), generator)
+
+
+def random_logits(rows: int, vocab: int = V, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def process(logits: torch.Tensor, seqs: list[FakeSeq]) -> torch.Tensor:
+    return Sampler.process_logits(logits.clone(), SamplingBatch.build(seqs, "cpu", logits.shape[1], [EOS]))
+
+
+def sample(logits: torch.Tensor, seqs: list[FakeSeq]):
+    return Sampler()(logits, SamplingBatch.build(seqs, "cpu", logits.shape[1], [EOS]))
+
+
+def assert_same_masked(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert torch.equal(actual.isinf(), expected.isinf())
+    finite = ~expected.isinf()
+    torch.testing.assert_close(actual[finite], expected[finite])
+
+
+def test_repetition_penalty_matches_hf():
+    seqs = [make_seq(prompt=[5, 9, 9], output=[11, 5, 200], repetition_penalty=1.3),
+            make_seq(prompt=[7], output=[], repetition_penalty=0.7),
+            make_seq(prompt=[1, 2, 3], output=[4], repetition_penalty=1.0),
+            make_seq(prompt=list(range(0, V, 4)), output=[V - 1], repetition_penalty=2.0)]
+    logits = random_logits(len(seqs))
+    actual = process(logits, seqs)
+    for i, seq in enumerate(seqs):
+        hf = RepetitionPenaltyLogitsProcessor(seq.sampling_params.repetition_penalty)
+        expected = hf(torch.tensor([seq.token_ids]), logits[i:i + 1].clone())[0]
+        torch.testing.assert_close(actual[i], expected)
+
+
+def test_frequency_and_presence_penalties_count_output_tokens_only():
+    seqs = [make_seq(prompt=[8, 8, 8], output=[8, 4, 4, 4, 100], frequency_penalty=0.5, presence_penalty=1.5),
+            make_seq(prompt=[4], output=[4, 4], frequency_penalty=-1.0),
+            make_seq(prompt=[4], output=[4, 9], presence_penalty=0.0)]
+    logits = random_logits(len(seqs))
+    expected = logits.clone()
+    for i, seq in enumerate(seqs):
+        p = seq.sampling_params
+        for token in set(seq.completion_token_ids):
+            count = seq.completion_token_ids.count(token)
+            expected[i, token] -= p.frequency_penalty * count + p.presence_penalty
+    torch.testing.assert_close(process(logits, seqs), expected)
+
+
+WARPER_ROWS = [dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8), dict(min_p=0.2),
+               dict(temperature=0.5, top_k=40, top_p=0.9, min_p=0.05), dict(top_k=V + 10, top_p=0.3),
+               dict(temperature=2.0), dict(top_k=1), dict(top_p=1e-6)]
+
+
+def hf_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    warpers = [TemperatureLogitsWarper(params.temperature)]
+    warpers += [TopKLogitsWarper(params.top_k)] if params.top_k > 0 else []
+    warpers += [TopPLogitsWarper(params.top_p)] if params.top_p < 1 else []
+    warpers += [MinPLogitsWarper(params.min_p)] if params.min_p > 0 else []
+    scores = logits[None].clone()
+    for warper in warpers:
+        scores = warper(torch.zeros(1, 1, dtype=torch.long), scores)
+    return scores[0]
+
+
+@pytest.mark.parametrize("only_top_k", [False, True])
+def test_temperature_top_k_top_p_min_p_match_hf(only_top_k):
+    rows = [r for r in WARPER_ROWS if "top_p" not in r and "min_p" not in r] if only_top_k else WARPER_ROWS
+    seqs = [make_seq(**row) for row in rows]
+    logits = random_logits(len(seqs), seed=1)
+    actual = process(logits, seqs)
+    for i, seq in enumerate(seqs):
+        assert_same_masked(actual[i], hf_warp(logits[i], seq.sampling_params))
+
+
+def test_greedy_is_argmax_with_ties_to_lowest_id():
+    logits = random_logits(5)
+    logits[0, [7, 30, 200]] = 100.0  # a three-way tie
+    seqs = [make_seq(temperature=0.0) for _ in range(5)]
+    out = sample(logits, seqs)
+    assert out.token_ids.tolist() == [7, *logits[1:].argmax(dim=-1).tolist()]
+    assert out.logprobs is None  # not asked for
+
+
+def test_greedy_rows_in_a_mixed_batch_are_argmax():
+    logits = random_logits(6, seed=2)
+    seqs = [make_seq(temperature=0.0 if i % 2 else 1.5, top_p=0.9) for i in range(6)]
+    tokens = sample(logits, seqs).token_ids
+    assert torch.equal(tokens[1::2], logits[1::2].argmax(dim=-1))
+
+
+def test_penalties_change_the_greedy_choice():
+    logits = torch.zeros(1, V)
+    logits[0, 10], logits[0, 11] = 2.0, 1.5
+    assert sample(logits, [make_seq(output=[10], temperature=0)]).token_ids.item() == 10
+    assert sample(logits, [make_seq(output=[10], temperature=0, presence_penalty=1.0)]).token_ids.item() == 11
+    assert sample(logits, [make_seq(prompt=[10], temperature=0, repetition_penalty=2.0)]).token_ids.item() == 11
+
+
+def test_sampler_leaves_the_logits_alone():
+    logits = random_logits(3)
+    before = logits.clone()
+    sample(logits, [make_seq(temperature=0), make_seq(top_k=3, repetition_penalty=1.5, output=[1]),
+                    make_seq(top_p=0.5, min_p=0.1)])
+    assert torch.equal(logits, before)
+
+
+def sample_steps(seqs: list[FakeSeq], row: int, steps: int = 30) -> list[int]:
+    """Tokens of one row over several steps: it sees the same logits wherever it sits, the others their own."""
+    tokens = []
+    for step in range(steps):
+        logits = random_logits(len(seqs), seed=500 + step)
+        logits[row] = random_logits(1, seed=100 + step)[0]
+        tokens.append(sample(logits, seqs).token_ids[row].item())
+    return tokens
+
+
+def test_seeded_row_is_independent_of_the_batch():
+    def seeded():
+        return make_seq(seed=1234, temperature=1.0, top_p=0.95)
+
+    alone = sample_steps([seeded()], row=0)
+    batched = sample_steps([make_seq(), seeded(), make_seq(seed=7), make_seq(temperature=0)], row=1)
+    moved = sample_steps([make_seq(seed=99), make_seq(), make_seq(top_k=4), seeded()], row=3)
+    assert alone == batched == moved
+    assert sample_steps([make_seq(seed=1235, temperature=1.0, top_p=0.95)], row=0) != alone
+
+
+def assert_matches_distribution(tokens: torch.Tensor, probs: torch.Tensor) -> None:
+    """Pearson's chi-square over the tokens that have probability, plus no draw of an impossible token."""
+    counts = torch.bincount(tokens, minlength=probs.numel()).double()
+    assert counts[probs == 0].sum() == 0
+    expected = probs.double() * tokens.numel()
+    support = probs > 0
+    chi2 = ((counts[support] - expected[support]) ** 2 / expected[support]).sum().item()
+    assert chi2 < 30.0, (chi2, counts, expected)  # df <= 7: p < 1e-4 under the null
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampling_frequencies_match_the_distribution(seeded):
+    torch.manual_seed(0)
+    draws = 20000
+    base = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, 1.5, -3.0, 0.2])
+    params = dict(temperature=0.7, top_k=6)
+    seqs = [make_seq(seed=i if seeded else None, **params) for i in range(draws)]
+    tokens = sample(base.expand(draws, -1).contiguous(), seqs).token_ids
+    kept = base.clone()
+    kept[base < base.topk(6).values[-1]] = -float("inf")
+    assert_matches_distribution(tokens, (kept / 0.7).softmax(dim=-1))
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = random_logits(16, seed=3)
+    argmax = logits.argmax(dim=-1)
+    assert torch.equal(sample(logits, [make_seq(top_k=1, temperature=1.5)] * 16).token_ids, argmax)
+    assert torch.equal(sample(logits, [make_seq(top_p=1e-6, temperature=1.5)] * 16).token_ids, argmax)
+
+
+def test_min_p_keeps_only_tokens_near_the_top():
+    torch.manual_seed(0)
+    base = torch.tensor([3.0, 2.9, 2.5, 1.0, 0.0, -1.0])  # probs relative to the top: 1, .90, .61, .14, ...
+    draws = 2000
+    tokens = sample(base.expand(draws, -1).contiguous(), [make_seq(min_p=0.5)] * draws).token_ids
+    assert set(tokens.tolist()) == {0, 1, 2}
+    kept = base.clone()
+    kept[3:] = -float("inf")
+    assert_matches_distribution(tokens, kept.softmax(dim=-1))
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = torch.full((4, V), -30.0)  # leaves nothing else to sample
+    logits[:, EOS], logits[:, 9], logits[:, 20] = 10.0, 9.0, 8.0
+    seqs = [make_seq(output=[5], min_tokens=2, temperature=0, stop_token_ids=[9]),
+            make_seq(output=[5, 6], min_tokens=2, temperature=0, stop_token_ids=[9]),
+            make_seq(output=[], min_tokens=1, temperature=0, ignore_eos=True, stop_token_ids=[9]),
+            make_seq(output=[], min_tokens=1, top_k=2, stop_token_ids=[9, V + 5])]
+    processed = process(logits, seqs)
+    assert processed[0, [EOS, 9]].isinf().all() and processed[1, [EOS, 9]].isfinite().all()
+    assert processed[2, EOS] == 10.0 and processed[2, 9].isinf()  # ignore_eos: EOS does not stop, no mask
+    assert sample(logits, seqs).token_ids.tolist() == [20, EOS, EOS, 20]
+
+
+def test_logprobs_are_of_the_raw_distribution_with_ranks():
+    logits = random_logits(4, seed=4)
+    seqs = [make_seq(temperature=0.5, top_k=3, logprobs=5, seed=1), make_seq(temperature=0, logprobs=0),
+            make_seq(top_p=0.5, logprobs=2, seed=2), make_seq(repetition_penalty=1.5, output=[3], logprobs=1)]
+    out = sample(logits, seqs)
+    expected = logits.log_softmax(dim=-1)
+    rows = torch.arange(4)
+    torch.testing.assert_close(out.logprobs, expected[rows, out.token_ids])
+    ranks = [1 + int((expected[i] > expected[i, t]).sum()) for i, t in enumerate(out.token_ids.tolist())]
+    assert out.ranks.tolist() == ranks
+    assert out.ranks[1] == 1  # greedy takes the top token
+    top = expected.sort(dim=-1, descending=True)
+    assert out.top_ids.shape == (4, 5)  # k = the most any row asked for
+    assert torch.equal(out.top_ids, top.indices[:, :5])
+    torch.testing.assert_close(out.top_logprobs, top.values[:, :5])
+
+
+def test_compute_prompt_logprobs_in_chunks():
+    logits = random_logits(7, seed=5)
+    targets = torch.tensor([0, 5, 256, 3, 3, 100, 17])
+    whole = gather_logprobs(logits, targets, 3)
+    chunked = compute_prompt_logprobs(logits, targets, 3, chunk_size=3)
+    for name in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name))
+    torch.testing.assert_close(whole.logprobs, logits.log_softmax(dim=-1)[torch.arange(7), targets])
+    empty = compute_prompt_logprobs(logits[:0], targets[:0], 2)
+    assert empty.logprobs.shape == (0,) and empty.top_ids.shape == (0, 2)
