@@ -1,0 +1,196 @@
+"""`nanovllm bench serve`: a seeded random workload against a running server, measured like `vllm bench serve`.
+
+TTFT: send -> first chunk with choices. ITL: gaps between later chunks. TPOT: (e2e - TTFT) / (output - 1)
+per request. E2E: send -> end of stream. Output lengths come from the final usage chunk.
+"""
+import asyncio
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+_WORDS = ("the of and to in is was for on that with as by at from his her an which are this be or had not "
+          "but were they all one have has been their more when who will would there about into time than can "
+          "river mountain engine garden window history number language music light water city paper system "
+          "question morning market winter forest letter summer island bridge signal memory").split()
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    prompt_len: int = 0
+    output_len: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)  # seconds since the benchmark started
+    error: str = ""
+
+
+def run_benchmark(args) -> dict:
+    result = asyncio.run(_benchmark(args))
+    _print_summary(result)
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"results written to {args.output_json}")
+    return result
+
+
+async def _benchmark(args) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    url = args.url.rstrip("/")
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=10.0),
+                                 limits=httpx.Limits(max_connections=None)) as client:
+        model = args.model or (await _get_json(client, f"{url}/v1/models"))["data"][0]["id"]
+        prompts = await _make_prompts(client, url, model, args.num_prompts, args.input_len, args.seed)
+        endpoint = f"{url}/v1/chat/completions" if args.backend == "chat" else f"{url}/v1/completions"
+        payload = lambda p, n: _payload(args.backend, model, p, n)  # noqa: E731
+        test = await _send(client, endpoint, payload(prompts[0], 4), time.perf_counter())
+        if not test.ok:
+            raise RuntimeError(f"The test request failed: {test.error}")
+        rng = random.Random(args.seed)
+        limit = asyncio.Semaphore(args.max_concurrency or len(prompts))
+        t0 = time.perf_counter()
+
+        async def one(prompt, delay: float) -> RequestResult:
+            await asyncio.sleep(delay)
+            async with limit:
+                return await _send(client, endpoint, payload(prompt, args.output_len), t0)
+
+        delays, t = [], 0.0
+        for _ in prompts:
+            delays.append(t)
+            t += 0.0 if args.request_rate == float("inf") else rng.expovariate(args.request_rate)
+        results = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays)))
+        duration = time.perf_counter() - t0
+    return _summarize(args, model, results, duration)
+
+
+async def _get_json(client: httpx.AsyncClient, url: str) -> dict:
+    response = await client.get(url)
+    response.raise_for_status()
+    return response.json()
+
+
+async def _make_prompts(client, url: str, model: str, num: int, input_len: int, seed: int):
+    """Random-word prompts cut to exactly `input_len` tokens by the server's tokenizer (sent as ids)."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(num):
+        ids: list[int] = []
+        while len(ids) < input_len:
+            text = " ".join(rng.choice(_WORDS) for _ in range(input_len))
+            response = await client.post(f"{url}/tokenize", json={"model": model, "prompt": text,
+                                                                  "add_special_tokens": not ids})
+            response.raise_for_status()
+            ids += response.json()["tokens"]
+        prompts.append(ids[:input_len])
+    return prompts
+
+
+def _payload(backend: str, model: str, prompt_ids: list[int], max_tokens: int) -> dict:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if backend == "chat":  # chat takes text: the ids are only used for their length
+        return {**body, "messages": [{"role": "user", "content": " ".join(map(str, prompt_ids))}]}
+    return {**body, "prompt": prompt_ids}
+
+
+async def _send(client: httpx.AsyncClient, url: str, payload: dict, t0: float) -> RequestResult:
+    result = RequestResult(prompt_len=len(payload.get("prompt", [])))
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=payload) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk, now = json.loads(line[6:]), time.perf_counter()
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", "error")
+                    return result
+                if chunk.get("choices") and _chunk_text(chunk):
+                    if not result.chunk_times:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    result.chunk_times.append(now - t0)
+                if chunk.get("usage"):
+                    result.output_len = chunk["usage"]["completion_tokens"]
+                    result.prompt_len = chunk["usage"]["prompt_tokens"]
+    except httpx.HTTPError as e:
+        result.error = f"{type(e).__name__}: {e}"
+        return result
+    result.e2e = time.perf_counter() - start
+    result.ok = bool(result.chunk_times)
+    return result
+
+
+def _chunk_text(chunk: dict) -> str:
+    choice = chunk["choices"][0]
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+def _summarize(args, model: str, results: list[RequestResult], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_len for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    tpot = [(r.e2e - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    per_second = np.bincount(np.array([int(t) for r in ok for t in r.chunk_times], dtype=np.int64))
+    return {
+        "backend": args.backend, "url": args.url, "model": model, "num_prompts": args.num_prompts,
+        "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
+        "max_concurrency": args.max_concurrency, "input_len": args.input_len, "output_len": args.output_len,
+        "seed": args.seed, "label": args.label, "client_hardware": _hardware(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": duration, "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+        "peak_output_throughput": int(per_second.max()) if per_second.size else 0,
+        "ttft_ms": _stats([r.ttft for r in ok]), "tpot_ms": _stats(tpot),
+        "itl_ms": _stats([x for r in ok for x in r.itl]), "e2e_ms": _stats([r.e2e for r in ok]),
+    }
+
+
+def _stats(seconds: list[float]) -> dict:
+    if not seconds:
+        return {}
+    ms = np.array(seconds) * 1000
+    return {"mean": float(ms.mean()), "median": float(np.median(ms)), "std": float(ms.std()),
+            "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99))}
+
+
+def _hardware() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+
+
+def _print_summary(r: dict) -> None:
+    print(f"{'=' * 16} Serving benchmark ({r['backend']}, {r['model']}) {'=' * 16}")
+    print(f"requests: {r['completed']} ok, {r['failed']} failed, in {r['duration_s']:.2f} s "
+          f"(rate {r['request_rate']}/s)")
+    print(f"throughput: {r['request_throughput']:.2f} req/s, {r['output_throughput']:.1f} output tok/s, "
+          f"{r['total_token_throughput']:.1f} total tok/s, peak {r['peak_output_throughput']} output tok/s")
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        s = r[f"{name}_ms"]
+        if s:
+            print(f"{name.upper():>5} ms: mean {s['mean']:9.2f}  p50 {s['p50']:9.2f}  p99 {s['p99']:9.2f}")
+    for error in r["errors"]:
+        print(f"error: {error}")

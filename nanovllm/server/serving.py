@@ -1,0 +1,283 @@
+"""/v1/completions and /v1/chat/completions: prompts -> engine requests -> JSON or an SSE stream.
+
+A request with several prompts and n completions becomes one engine request per prompt; choice
+`index` is prompt_index * n + completion index, as in vLLM.
+"""
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from nanovllm.engine.output import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.server.async_engine import AsyncEngine, EngineRequest
+from nanovllm.server.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, APIError, ChatCompletionRequest,
+                                      CompletionRequest, chat_messages, check_logprobs, check_request,
+                                      resolve_max_tokens, sampling_params)
+
+logger = logging.getLogger("nanovllm.server")
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
+
+
+@dataclass
+class Job:
+    """One HTTP generation request, ready for the engine."""
+    id: str
+    chat: bool
+    req: CompletionRequest | ChatCompletionRequest
+    model: str
+    requests: list[EngineRequest] = field(default_factory=list)
+    prompt_texts: list[str] = field(default_factory=list)  # for echo
+    echo_only: bool = False  # echo with max_tokens 0: the one token generated is dropped
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+
+# ---- preparing ----------------------------------------------------------------------------------
+def prepare_completion(req: CompletionRequest, engine, model: str) -> Job:
+    check_request(req)
+    check_logprobs(req.logprobs, "logprobs")
+    prompts = _prompt_list(req.prompt)
+    job = Job(f"cmpl-{uuid.uuid4().hex}", False, req, model, echo_only=req.echo and req.max_tokens == 0)
+    requested = 1 if job.echo_only else req.max_tokens
+    prompt_logprobs = req.logprobs if req.echo else None
+    for i, prompt in enumerate(prompts):
+        ids = _process_prompt(engine, prompt)
+        max_tokens = resolve_max_tokens(requested, DEFAULT_COMPLETION_MAX_TOKENS, len(ids),
+                                        engine.config.max_model_len)
+        params = sampling_params(req, max_tokens, req.logprobs, prompt_logprobs)
+        job.requests.append(EngineRequest(f"{job.id}-{i}", ids, params))
+        if req.echo:
+            job.prompt_texts.append(prompt if isinstance(prompt, str) else
+                                    engine.tokenizer.decode(ids, skip_special_tokens=False))
+    return job
+
+
+def prepare_chat(req: ChatCompletionRequest, engine, model: str) -> Job:
+    check_request(req)
+    check_logprobs(req.top_logprobs, "top_logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true.", "top_logprobs")
+    messages = chat_messages(req.messages)
+    try:
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - a template raising on odd messages is a client error
+        raise APIError(400, f"The chat template failed on these messages: {e}", "messages") from None
+    # The template carries its own special tokens: no second BOS.
+    ids = _process_prompt(engine, engine.tokenizer.encode(text, add_special_tokens=False))
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = resolve_max_tokens(requested, None, len(ids), engine.config.max_model_len, param)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    job = Job(f"chatcmpl-{uuid.uuid4().hex}", True, req, model)
+    job.requests.append(EngineRequest(f"{job.id}-0", ids, sampling_params(req, max_tokens, logprobs, None)))
+    return job
+
+
+def _prompt_list(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "The prompt is empty.", "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise APIError(400, f"At most {MAX_PROMPTS} prompts per request, got {len(prompt)}.", "prompt")
+    return list(prompt)
+
+
+def _process_prompt(engine, prompt: str | list[int]) -> list[int]:
+    try:
+        return engine.process_prompt(prompt, _ANY_PARAMS)
+    except ValueError as e:
+        message = str(e)
+        raise APIError(400, message, "input_tokens" if "context length" in message else "prompt") from None
+
+
+# ---- running ------------------------------------------------------------------------------------
+async def respond(job: Job, engine: AsyncEngine, request: Request, tokenizer) -> Response:
+    engine.check_accepting(len(job.requests))  # before the 200 of a stream goes out
+    if job.req.stream:
+        return StreamingResponse(_sse(job, engine, tokenizer), media_type="text/event-stream")
+    outputs = await _until_disconnect(request, _collect(job, engine))
+    if outputs is None:
+        return Response(status_code=499)  # nobody is listening; the engine requests were aborted
+    return JSONResponse(_full_response(job, outputs, tokenizer))
+
+
+async def _collect(job: Job, engine: AsyncEngine) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * len(job.requests)
+    async with aclosing(engine.generate(job.requests)) as outputs:
+        async for i, output in outputs:
+            finals[i] = output
+    return finals
+
+
+async def _until_disconnect(request: Request, work) -> list[RequestOutput] | None:
+    """Runs `work`, cancelling it (which aborts its engine requests) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return task.result() if not task.cancelled() else None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(job: Job, engine: AsyncEngine, tokenizer) -> AsyncIterator[str]:
+    finals: dict[int, RequestOutput] = {}
+    sent: dict[int, int] = {}  # choice index -> characters sent so far (for text_offset)
+    done: set[int] = set()
+    n, echo = job.req.n, getattr(job.req, "echo", False)
+    wants_logprobs = bool(job.req.logprobs) if job.chat else job.req.logprobs is not None
+    try:
+        if job.chat:  # the role comes first, before any token: clients can show the turn at once
+            yield _event(_chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None} for i in range(n)]))
+        async with aclosing(engine.generate(job.requests)) as outputs:
+            async for i, output in outputs:
+                finals[i] = output
+                choices = []
+                for c in output.outputs:
+                    index = i * n + c.index
+                    first = index not in sent
+                    new_tokens = c.delta_token_ids and (wants_logprobs or (echo and first))
+                    if index in done or not (c.delta_text or c.finish_reason or new_tokens):
+                        continue
+                    choice = _choice(job, output, c, index, tokenizer, delta=True, first=first,
+                                     offset=sent.get(index, 0))
+                    sent[index] = sent.get(index, 0) + len(choice.get("text", ""))
+                    if c.finish_reason is not None:
+                        done.add(index)
+                    choices.append(choice)
+                if choices:
+                    yield _event(_chunk(job, choices))
+        if job.req.include_usage:
+            yield _event(_chunk(job, [], usage=_usage(job, list(finals.values()))))
+    except APIError as e:
+        yield _event(e.body())  # the status line went out as 200 already
+    except Exception:  # noqa: BLE001
+        logger.exception("error while streaming %s", job.id)
+        yield _event(APIError(500, "Internal error while streaming.").body())
+    yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def _full_response(job: Job, outputs: list[RequestOutput], tokenizer) -> dict:
+    choices = [_choice(job, out, c, i * job.req.n + c.index, tokenizer, delta=False, first=True)
+               for i, out in enumerate(outputs) for c in out.outputs]
+    return {"id": job.id, "object": job.object, "created": job.created, "model": job.model,
+            "choices": choices, "usage": _usage(job, outputs)}
+
+
+def _chunk(job: Job, choices: list[dict], usage: dict | None = None) -> dict:
+    chunk = {"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+             "created": job.created, "model": job.model, "choices": choices}
+    if usage is not None:
+        chunk["usage"] = usage
+    return chunk
+
+
+def _usage(job: Job, outputs: list[RequestOutput]) -> dict:
+    prompt = sum(len(r.prompt_token_ids) for r in job.requests)
+    completion = 0 if job.echo_only else sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
+
+
+def _choice(job: Job, output: RequestOutput, c: CompletionOutput, index: int, tokenizer, *, delta: bool,
+            first: bool, offset: int = 0) -> dict:
+    """One choice of a response (delta=False) or of a stream chunk (delta=True)."""
+    text, ids, entries = _generated(job, c, delta)
+    reason = {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    if job.chat:
+        logprobs = _chat_logprobs(ids, entries, job.req.top_logprobs or 0, tokenizer) if job.req.logprobs else None
+        body = {"delta": {"content": text}} if delta else {"message": {"role": "assistant", "content": text}}
+        return {"index": index, **body, "logprobs": logprobs, **reason}
+    if job.req.echo and first:
+        prompt_ids = output.prompt_token_ids
+        text = job.prompt_texts[index // job.req.n] + text
+        entries = (output.prompt_logprobs or [None] * len(prompt_ids)) + entries
+        ids = prompt_ids + ids
+    logprobs = _completion_logprobs(ids, entries, offset, tokenizer) if job.req.logprobs is not None else None
+    return {"index": index, "text": text, "logprobs": logprobs, **reason}
+
+
+def _generated(job: Job, c: CompletionOutput, delta: bool) -> tuple[str, list[int], list]:
+    """The generated text, ids and logprob entries to show (all, or only what is new)."""
+    if job.echo_only:
+        return "", [], []
+    ids = c.delta_token_ids if delta else c.token_ids
+    if c.logprobs is None:
+        return (c.delta_text if delta else c.text), list(ids), [None] * len(ids)
+    return (c.delta_text if delta else c.text), list(ids), list(c.logprobs[len(c.logprobs) - len(ids):])
+
+
+def _completion_logprobs(ids: list[int], entries: list[TokenLogprobs | None], offset: int, tokenizer) -> dict:
+    """The legacy completions format: parallel lists, with top_logprobs as {token string: logprob}."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for token_id, entry in zip(ids, entries):
+        token = _token_str(token_id, entry, tokenizer)
+        tokens.append(token)
+        text_offset.append(offset)
+        offset += len(token)
+        if entry is None or token_id not in entry:  # the first prompt token has no context
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        token_logprobs.append(_clamp(entry[token_id].logprob))
+        top: dict[str, float] = {}
+        for lp in sorted(entry.values(), key=lambda lp: lp.rank):
+            top.setdefault(lp.decoded_token, _clamp(lp.logprob))  # equal strings: keep the likelier
+        top_logprobs.append(top)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": text_offset}
+
+
+def _chat_logprobs(ids: list[int], entries: list[TokenLogprobs | None], k: int, tokenizer) -> dict:
+    content = []
+    for token_id, entry in zip(ids, entries):
+        entry = entry or {}
+        top = sorted((item for item in entry.items() if item[1].rank <= k), key=lambda item: item[1].rank)[:k]
+        sampled = entry.get(token_id)
+        content.append({**_chat_token(token_id, sampled, tokenizer),
+                        "top_logprobs": [_chat_token(i, lp, tokenizer) for i, lp in top]})
+    return {"content": content}
+
+
+def _chat_token(token_id: int, lp: Logprob | None, tokenizer) -> dict:
+    return {"token": _token_str(token_id, {token_id: lp} if lp else None, tokenizer),
+            "logprob": _clamp(lp.logprob) if lp else _MIN_LOGPROB, "bytes": list(tokenizer.token_bytes(token_id))}
+
+
+def _token_str(token_id: int, entry: TokenLogprobs | None, tokenizer) -> str:
+    if entry and token_id in entry and entry[token_id].decoded_token is not None:
+        return entry[token_id].decoded_token
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, _MIN_LOGPROB)
+
+
+_ANY_PARAMS = SamplingParams()
