@@ -1,0 +1,43 @@
+"""Model registry: ModelConfig.architecture -> model class, and loading a checkpoint into it."""
+import torch
+from torch import nn
+
+from nanovllm.config import ModelConfig
+from nanovllm.models.llama import LlamaForCausalLM
+from nanovllm.models.qwen2 import Qwen2ForCausalLM
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.utils.loader import iter_weights, load_model_config, load_weights
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+}
+
+
+def get_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+              use_fused_output: bool = False) -> nn.Module:
+    """The model class for `model_config.architecture`, with uninitialized weights of `dtype` on `device`."""
+    model_cls = MODEL_REGISTRY.get(model_config.architecture)
+    if model_cls is None:
+        raise ValueError(f"Unsupported architecture {model_config.architecture!r}; "
+                         f"supported: {', '.join(MODEL_REGISTRY)}.")
+    # Parameters are created directly in the target dtype and device: no fp32 copy, no CPU round trip.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_cls(model_config, use_fused_output)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device | str,
+               use_fused_output: bool = False) -> tuple[nn.Module, ModelConfig]:
+    """(model in eval mode with the weights of `path` loaded, its ModelConfig). `path` is an HF folder
+    or a .gguf file."""
+    model_config = load_model_config(path)
+    weights = iter_weights(path)
+    model = get_model(model_config, dtype, device, use_fused_output)
+    load_weights(model, weights, dtype, source=str(path))
+    return model.eval(), model_config

@@ -1,0 +1,33 @@
+"""RMSNorm, with the residual add folded in as nano-vllm does."""
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32 like HF's LlamaRMSNorm.
+
+    `forward(x, residual)` first adds the residual and returns `(normed, new_residual)`: the decoder layer
+    then carries the residual stream without a separate add.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def rms_forward(self, x: torch.Tensor) -> torch.Tensor:
+        orig_dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x.to(orig_dtype)
+
+    def add_rms_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The sum is rounded to the model dtype before the norm, as HF's `residual + hidden_states` is.
+        residual = (x.float() + residual.float()).to(x.dtype)
+        return self.rms_forward(residual), residual
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self.rms_forward(x)
+        return self.add_rms_forward(x, residual)

@@ -1,0 +1,158 @@
+"""Llama (SmolLM2, Llama 3): the decoder that Qwen2 and Qwen3 reuse with small changes."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.config import ModelConfig
+from nanovllm.layers.activation import SiluAndMul
+from nanovllm.layers.attention import Attention
+from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
+
+
+def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T (+ bias) + residual (M, N): one Triton kernel on CUDA.
+
+    Elsewhere it is the unfused o_proj followed by the residual add, bit for bit (torch.addmm rounds
+    differently), so fused and unfused models give identical logits on CPU.
+    """
+    if not x.is_cuda:
+        return F.linear(x, weight, bias) + residual
+    # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
+    from nanovllm.kernels.fused_attention_output import fused_o_proj_add_residual as kernel
+    return kernel(x, weight, residual, bias=bias)
+
+
+class LlamaAttention(nn.Module):
+    """qkv_proj -> (q/k RMSNorm per head, Qwen3) -> rope -> paged attention -> o_proj."""
+    fuses_residual = False
+
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool | None = None,
+                 o_bias: bool | None = None, qk_norm: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = config.attention_bias
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+                                          bias=bias if qkv_bias is None else qkv_bias)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, bias=bias if o_bias is None else o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
+
+    def attend(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The attention output before o_proj: (T, H*D)."""
+        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.attn(q, k, v)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.attend(positions, hidden_states))
+
+
+class FusedOutputMixin:
+    """Makes an attention class add the residual inside o_proj, one kernel instead of a matmul and an add:
+    forward takes the residual stream and returns the new one, o_proj(attn) + residual."""
+    fuses_residual = True
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor) -> torch.Tensor:
+        attn = self.attend(positions, hidden_states)
+        return fused_o_proj_add_residual(attn, self.o_proj.weight, residual, self.o_proj.bias)
+
+
+class LlamaAttentionFused(FusedOutputMixin, LlamaAttention):
+    pass
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size, bias = config.intermediate_size, config.mlp_bias
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, self_attn: LlamaAttention) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Carries the residual stream separately: the norms add it in (nano-vllm's fused add + norm)."""
+        if residual is None:
+            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        if self.self_attn.fuses_residual:
+            residual = self.self_attn(positions, hidden_states, residual)
+            hidden_states = self.post_attention_layernorm(residual)
+        else:
+            hidden_states = self.self_attn(positions, hidden_states)
+            hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, attention_cls: type[LlamaAttention]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # One rope table shared by all layers (it is a non-persistent buffer, not a weight).
+        rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                     config.rope_scaling)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention_cls(config, rotary_emb))
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None  # (T, hidden)
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint name -> (our fused parameter, shard id passed to its weight_loader)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    attention_cls: type[LlamaAttention] = LlamaAttention
+    fused_attention_cls: type[LlamaAttention] = LlamaAttentionFused
+
+    def __init__(self, config: ModelConfig, use_fused_output: bool = False) -> None:
+        super().__init__()
+        self.model = LlamaModel(config, self.fused_attention_cls if use_fused_output else self.attention_cls)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions (T,) int64 -> hidden states (T, hidden)."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab)."""
+        return self.lm_head(hidden_states)
