@@ -26,13 +26,17 @@ def load_model_config(path: str) -> ModelConfig:
     if str(path).endswith(".gguf"):
         from nanovllm.utils.gguf import load_gguf_config
         return load_gguf_config(path)
-    hf_config = _read_json(_model_file(path, "config.json"))
+    _check_folder(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"No config.json in {path!r}: not an HF model folder.")
+    hf_config = _read_json(config_file)
     generation_file = os.path.join(path, "generation_config.json")
     generation_config = _read_json(generation_file) if os.path.isfile(generation_file) else {}
     try:
         return model_config_from_hf(hf_config, generation_config)
     except ValueError as e:
-        raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from e
+        raise ValueError(f"{config_file}: {e}") from e
 
 
 def model_config_from_hf(hf: dict, generation_config: dict | None = None) -> ModelConfig:
@@ -117,6 +121,7 @@ def iter_weights(path: str) -> WeightIterator:
     if str(path).endswith(".gguf"):
         from nanovllm.utils.gguf import iter_gguf_weights
         return iter_gguf_weights(path)
+    _check_folder(path)
     files = safetensors_files(path)
     return (item for file in files for item in _iter_safetensors(file))
 
@@ -130,7 +135,7 @@ def safetensors_files(folder: str) -> list[str]:
         if missing:
             raise FileNotFoundError(f"{index_file} names shard files that are missing: {', '.join(missing)}")
         return files
-    files = sorted(glob(os.path.join(_model_file(folder, ""), "*.safetensors")))
+    files = sorted(glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"No *.safetensors file in {folder!r} (only safetensors checkpoints load).")
     return files
@@ -202,13 +207,9 @@ def _check_exists(path: str) -> None:
         raise FileNotFoundError(f"Model path {path!r} does not exist (expected an HF model folder or a .gguf file).")
 
 
-def _model_file(folder: str, name: str) -> str:
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder!r} is neither an HF model folder nor a .gguf file.")
-    file = os.path.join(folder, name)
-    if name and not os.path.isfile(file):
-        raise FileNotFoundError(f"No {name} in {folder!r}: not an HF model folder.")
-    return file
+def _check_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is neither an HF model folder nor a .gguf file.")
 
 
 def _read_json(file: str) -> dict:
