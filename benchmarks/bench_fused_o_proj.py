@@ -1,0 +1,215 @@
+"""The attention output projection with its residual add: cuBLAS (matmul, add, matmul + add, addmm) against
+nanovllm's fused kernel, inside CUDA graphs with every input rotated past L2, so each call reads from HBM.
+
+    python benchmarks/bench_fused_o_proj.py                # GPU: writes benchmarks/results/fused_o_proj-<card>.json/.png
+    python benchmarks/bench_fused_o_proj.py --plot FILE.json   # anywhere: redraws the PNG from a JSON
+
+Per row (K -> N, M tokens): median microseconds per call of each variant, and the fused kernel's GB/s over
+the bytes it must move (W, x, residual read once, out written once). For M <= 16 it also times the
+post_attention_layernorm folded into the kernel against the kernel plus a separate RMSNorm, and against
+the unfused engine path (matmul, then the add + RMSNorm kernel).
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = [(896, 896), (2048, 1024), (2048, 2048), (4096, 2560), (4096, 4096)]  # (K, N) of real o_proj
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+L2_BYTES = 50 * 2**20  # H100; rotating over 2.5x this keeps every call's inputs out of L2
+EPS = 1e-6
+
+
+def time_graph(fn, slots: int, min_calls: int = 60, replays: int = 15) -> float:
+    """Median µs per call of fn(slot) replayed in one CUDA graph that cycles through the slots."""
+    calls = slots * math.ceil(min_calls / slots)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for i in range(slots):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(calls):
+            fn(c % slots)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def time_eager(fn, calls: int = 200) -> float:
+    """µs per call launched from Python one by one: what a benchmark without graphs measures."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6 / calls
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
+    a = torch.randn(2**28, device="cuda")  # 1 GiB of fp32
+    b = torch.empty_like(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(12):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * a.numel() * 4 / statistics.median(times[2:]) / 1e9
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench_shape(k: int, n: int, dtype: torch.dtype, fao, norms) -> list[dict]:
+    gen = torch.Generator("cuda").manual_seed(k * n)
+    slots = max(3, math.ceil(2.5 * L2_BYTES / (n * k * dtype.itemsize)))
+    ws = [(torch.randn(n, k, generator=gen, device="cuda") * k**-0.5).to(dtype) for _ in range(slots)]
+    g = torch.rand(n, generator=gen, device="cuda").to(dtype)  # post_attention_layernorm.weight
+    rows = []
+    for m in MS:
+        def new(*shape):
+            return [torch.randn(*shape, generator=gen, device="cuda").to(dtype) for _ in range(slots)]
+        xs, res, outs, tmps, normed = new(m, k), new(m, n), new(m, n), new(m, n), new(m, n)
+        out = fao.fused_o_proj_add_residual(xs[0], ws[0], res[0], out=outs[0])
+        row = dict(k=k, n=n, m=m, rel_err=rel_err(out, fao.fused_o_proj_add_residual_ref(xs[0], ws[0], res[0])))
+        row["mm_us"] = time_graph(lambda i: torch.matmul(xs[i], ws[i].t(), out=tmps[i]), slots)
+        row["add_us"] = time_graph(lambda i: torch.add(tmps[i], res[i], out=outs[i]), slots)
+        row["mm_add_us"] = time_graph(lambda i: torch.add(torch.matmul(xs[i], ws[i].t(), out=tmps[i]), res[i],
+                                                          out=outs[i]), slots)
+        row["addmm_us"] = time_graph(lambda i: torch.addmm(res[i], xs[i], ws[i].t(), out=outs[i]), slots)
+        row["fused_us"] = time_graph(lambda i: fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]),
+                                     slots)
+        moved = (n * k + 2 * m * n + m * k) * dtype.itemsize
+        row["fused_gbps"] = moved / row["fused_us"] / 1e3
+        row["fused_config"] = str(fao._BEST[(xs[0].device, dtype, n, k, False, m)])
+        if m <= 16:
+            bench_fold(row, fao, norms, xs, ws, res, outs, tmps, normed, g, slots)
+        rows.append(row)
+        print({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}, flush=True)
+    return rows
+
+
+def bench_fold(row, fao, norms, xs, ws, res, outs, tmps, normed, g, slots) -> None:
+    """The RMSNorm after o_proj: folded into the kernel, after it, and in the unfused engine path."""
+    out, y = fao.fused_o_proj_add_residual_rmsnorm(xs[0], ws[0], res[0], g, EPS, out=outs[0], normed=normed[0])
+    ref_out, ref_y = fao.fused_o_proj_add_residual_rmsnorm_ref(xs[0], ws[0], res[0], g, EPS)
+    row["fold_rel_err"] = max(rel_err(out, ref_out), rel_err(y, ref_y))
+    row["fold_us"] = time_graph(lambda i: fao.fused_o_proj_add_residual_rmsnorm(
+        xs[i], ws[i], res[i], g, EPS, out=outs[i], normed=normed[i]), slots)
+    if norms is None:
+        return
+    row["rmsnorm_us"] = time_graph(lambda i: norms.rmsnorm(outs[i], g, EPS), slots)
+    row["fused_then_rmsnorm_us"] = time_graph(lambda i: norms.rmsnorm(
+        fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]), g, EPS), slots)
+    # add_rmsnorm adds into the residual in place: replays drift the values, not the time.
+    row["mm_then_add_rmsnorm_us"] = time_graph(lambda i: norms.add_rmsnorm(
+        torch.matmul(xs[i], ws[i].t(), out=tmps[i]), res[i], g, EPS), slots)
+
+
+def bench_eager(k: int, n: int, dtype: torch.dtype, fao) -> dict:
+    x = torch.randn(1, k, device="cuda").to(dtype)
+    w = (torch.randn(n, k, device="cuda") * k**-0.5).to(dtype)
+    r, out = torch.randn(1, n, device="cuda").to(dtype), torch.empty(1, n, device="cuda", dtype=dtype)
+    return dict(k=k, n=n, m=1, mm_us=time_eager(lambda: torch.matmul(x, w.t())),
+                mm_add_us=time_eager(lambda: torch.matmul(x, w.t()) + r),
+                fused_us=time_eager(lambda: fao.fused_o_proj_add_residual(x, w, r, out=out)))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, n in sorted({(r["k"], r["n"]) for r in result["rows"]}):
+        rows = [r for r in result["rows"] if (r["k"], r["n"]) == (k, n)]
+        ms = [r["m"] for r in rows]
+        ax.plot(ms, [r["fused_us"] / r["mm_add_us"] for r in rows], marker="o", label=f"{k}->{n}")
+        bx.plot(ms, [100 * r["fused_gbps"] / result["copy_bw_gbps"] for r in rows], marker="o", label=f"{k}->{n}")
+    for level in (0.6, 0.8, 0.95, 1.0):
+        ax.axhline(level, color="gray", lw=0.6, ls="--")
+    ax.set(xscale="log", xlabel="M (tokens)", ylabel="fused / (matmul + add)",
+           title=f"o_proj + residual, CUDA graphs, {result['card']}")
+    bx.set(xscale="log", xlabel="M (tokens)", ylabel="% of copy bandwidth",
+           title=f"fused kernel, copy bandwidth {result['copy_bw_gbps']:.0f} GB/s")
+    ax.set_xticks(MS, [str(m) for m in MS])
+    bx.set_xticks(MS, [str(m) for m in MS])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_table(result: dict) -> None:
+    bw = result["copy_bw_gbps"]
+    print(f"\n{result['card']}: copy bandwidth {bw:.0f} GB/s; µs per call in CUDA graphs, inputs from HBM")
+    print(f"{'K->N':>10} {'M':>4} {'mm':>7} {'mm+add':>7} {'addmm':>7} {'fused':>7} {'ratio':>6} {'%bw':>5}"
+          f" {'fold':>6} {'f+norm':>6} {'mm+an':>6}  config")
+    for r in result["rows"]:
+        extra = "".join(f" {r.get(key, float('nan')):6.2f}" for key in
+                        ("fold_us", "fused_then_rmsnorm_us", "mm_then_add_rmsnorm_us"))
+        print(f"{r['k']:>5}->{r['n']:<4} {r['m']:>4} {r['mm_us']:7.2f} {r['mm_add_us']:7.2f} {r['addmm_us']:7.2f}"
+              f" {r['fused_us']:7.2f} {r['fused_us'] / r['mm_add_us']:6.3f} {100 * r['fused_gbps'] / bw:5.1f}"
+              f"{extra}  {r['fused_config']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--plot", help="only redraw the PNG beside this JSON")
+    args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
+    from nanovllm.kernels import fused_attention_output as fao
+    try:
+        from nanovllm.kernels import add_rmsnorm as norms
+    except ImportError:
+        norms = None
+    torch.manual_seed(0)
+    card = torch.cuda.get_device_name()
+    result = dict(card=card, torch=torch.__version__, triton=__import__("triton").__version__,
+                  copy_bw_gbps=copy_bandwidth_gbps(), rows=[], eager=[], tuning={}, tune_s={})
+    for k, n in SHAPES:
+        t0 = time.perf_counter()
+        fao.warmup(n, k, torch.bfloat16, max_m=max(MS))
+        result["tune_s"][f"{k}->{n}"] = time.perf_counter() - t0
+        result["rows"] += bench_shape(k, n, torch.bfloat16, fao, norms)
+        result["eager"].append(bench_eager(k, n, torch.bfloat16, fao))
+    result["tuning"] = {f"{key[3]}->{key[2]} m={key[5]}": {c: round(ms * 1e3, 2) for c, ms in times.items()}
+                        for key, times in fao.TUNING_LOG.items()}
+    result["tuning_errors"] = fao.TUNING_ERRORS
+    tag = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "_").lower()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"fused_o_proj-{tag}.json"
+    path.write_text(json.dumps(result, indent=1))
+    try:
+        plot(result, path.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing: redraw with --plot", path)
+    print("eager (Python launch per call), M=1:", [(e["k"], e["n"], round(e["mm_add_us"], 1),
+                                                    round(e["fused_us"], 1)) for e in result["eager"]])
+    print_table(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The fused o_proj + residual add against its fp32 torch reference.
+
+On the CPU the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set by conftest.py) on odd,
+small shapes with large tiles; on a GPU every real shape and M in 1..256 go through the tuned dispatcher.
+"""
+import pytest
+import torch
+
+from nanovllm.kernels import fused_attention_output as fao
+from nanovllm.kernels.fused_attention_output import (KernelConfig, fused_o_proj_add_residual,
+                                                     fused_o_proj_add_residual_ref,
+                                                     fused_o_proj_add_residual_rmsnorm,
+                                                     fused_o_proj_add_residual_rmsnorm_ref, launch,
+                                                     launch_rmsnorm_fold)
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+       torch.float16: dict(rtol=1e-2, atol=1e-2)}
+SHAPES = [(1, 64, 96), (3, 200, 64), (17, 96, 200)]  # (M, K, N): ragged against every block size
+CONFIGS = [KernelConfig("gemv", 16, 64, 128), KernelConfig("gemv", 4, 64, 128, use_dot=False),
+           KernelConfig("gemm", 16, 64, 64)]
+REAL_SHAPES = [(896, 896), (2048, 1024), (2048, 2048), (4096, 2560), (4096, 4096)]  # (K, N)
+
+
+def make_inputs(m: int, k: int, n: int, dtype: torch.dtype, device: str = "cpu", bias: bool = False,
+                row_pad: int = 0, seed: int = 0):
+    """x (M, K), weight (N, K), residual (M, N), bias (N,) | None; row_pad > 0 makes x and residual
+    row-strided views (stride(0) = K + row_pad) as slices of wider buffers are."""
+    gen = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(m, k + row_pad, generator=gen, device=device).to(dtype)[:, :k]
+    weight = (torch.randn(n, k, generator=gen, device=device) * k**-0.5).to(dtype)
+    residual = torch.randn(m, n + row_pad, generator=gen, device=device).to(dtype)[:, :n]
+    b = torch.randn(n, generator=gen, device=device).to(dtype) if bias else None
+    return x, weight, residual, b
+
+
+def poisoned(m: int, n: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    return torch.full((m, n), float("nan"), dtype=dtype, device=device)  # an unwritten element stays NaN
+
+
+def assert_matches_ref(out, x, weight, residual, bias=None):
+    ref = fused_o_proj_add_residual_ref(x, weight, residual, bias)
+    assert torch.isfinite(out).all(), "some output element was not written"
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[x.dtype])
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or fao.triton is None,
+                    reason="interpreter tests (need Triton); the GPU tests below cover CUDA")
+class TestKernelsInterpreted:
+    @pytest.mark.parametrize("config", CONFIGS, ids=str)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("m,k,n", SHAPES)
+    def test_kernel_matches_reference(self, config, dtype, m, k, n):
+        if not config.use_dot and m > 16:
+            pytest.skip("the CUDA-core product serves M <= 4; it is slow in the interpreter")
+        bias = (m + k) % 2 == 0  # half of the shapes with bias, half without, for every config and dtype
+        x, weight, residual, b = make_inputs(m, k, n, dtype, bias=bias)
+        out = launch(config, x, weight, residual, b, out=poisoned(m, n, dtype))
+        assert_matches_ref(out, x, weight, residual, b)
+
+    @pytest.mark.parametrize("bias", [False, True])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_kernels_with_and_without_bias(self, bias, dtype):
+        x, weight, residual, b = make_inputs(3, 96, 64, dtype, bias=bias, seed=1)
+        for config in (CONFIGS[0], CONFIGS[2]):
+            assert_matches_ref(launch(config, x, weight, residual, b), x, weight, residual, b)
+
+    @pytest.mark.parametrize("split_k", [2, 3])
+    def test_split_k_partials_are_reduced_once(self, split_k):
+        # K = 200 in tiles of 32 is 7 tiles: the splits are uneven and the last one is ragged.
+        x, weight, residual, b = make_inputs(3, 200, 64, torch.bfloat16, bias=True, seed=2)
+        config = KernelConfig("gemv", 16, 64, 32, split_k=split_k)
+        assert_matches_ref(launch(config, x, weight, residual, b), x, weight, residual, b)
+
+    @pytest.mark.parametrize("config", CONFIGS, ids=str)
+    def test_row_strided_inputs_and_in_place_residual(self, config):
+        x, weight, residual, _ = make_inputs(5, 96, 64, torch.bfloat16, row_pad=8, seed=3)
+        assert x.stride(0) == 104 and residual.stride(0) == 72
+        expected = fused_o_proj_add_residual_ref(x, weight, residual)
+        out = launch(config, x, weight, residual, out=residual)  # out aliases residual, as a decoder layer may
+        assert out.data_ptr() == residual.data_ptr()
+        torch.testing.assert_close(out.float(), expected.float(), **TOL[torch.bfloat16])
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("m,k,n", SHAPES)
+    def test_rmsnorm_fold_matches_reference_twice(self, dtype, m, k, n):
+        config = CONFIGS[1] if m == 3 else CONFIGS[0]  # CUDA cores for M = 3; 17 makes two row blocks
+        x, weight, residual, _ = make_inputs(m, k, n, dtype, seed=4)
+        norm_weight = torch.rand(n, generator=torch.Generator().manual_seed(4)).to(dtype)
+        ref_out, ref_normed = fused_o_proj_add_residual_rmsnorm_ref(x, weight, residual, norm_weight, 1e-6)
+        for _ in range(2):  # the last program of a row block resets its counter for the next launch
+            out, normed = launch_rmsnorm_fold(config, x, weight, residual, norm_weight, 1e-6,
+                                              out=poisoned(m, n, dtype), normed=poisoned(m, n, dtype))
+            torch.testing.assert_close(out, ref_out, **TOL[dtype])
+            torch.testing.assert_close(normed, ref_normed, **TOL[dtype])
+        assert not fao._counters(x.device).any()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+def test_public_function_falls_back_to_reference_on_cpu():
+    x, weight, residual, b = make_inputs(3, 64, 96, torch.float32, bias=True)
+    out = torch.empty(3, 96)
+    assert fused_o_proj_add_residual(x, weight, residual, b, out=out) is out
+    torch.testing.assert_close(out, x @ weight.t() + b + residual)
+    norm_weight = torch.rand(96)
+    out, normed = fused_o_proj_add_residual_rmsnorm(x, weight, residual, norm_weight, 1e-6, b)
+    torch.testing.assert_close(normed, out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight)
+
+
+def test_shape_and_dtype_errors_are_value_errors():
+    x, weight, residual, _ = make_inputs(3, 64, 96, torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        fused_o_proj_add_residual(x, weight.t(), residual)
+    with pytest.raises(ValueError, match="residual"):
+        fused_o_proj_add_residual(x, weight, residual[:, :95])
+    with pytest.raises(ValueError, match="out"):
+        fused_o_proj_add_residual(x, weight, residual, out=torch.empty(3, 96, dtype=torch.float64))
+
+
+def test_every_bucket_has_cublas_and_small_m_streams_w_once():
+    for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024):
+        configs = fao.candidate_configs(m, 1024, 2048, torch.bfloat16)
+        assert configs[0].kernel == "cublas"  # the dispatcher can never lose to cuBLAS by much
+        # Every Triton tile covers all rows of a small batch, so W is read once per call.
+        if m <= 16:
+            assert any(c.kernel == "gemv" for c in configs) and all(c.block_m >= m for c in configs[1:])
+        if m <= 256:
+            assert all(-(-m // c.block_m) <= 8 for c in configs[1:])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("k,n", REAL_SHAPES)
+def test_gpu_every_real_shape_and_m_up_to_256(k, n):
+    x_all, weight, res_all, _ = make_inputs(256, k, n, torch.bfloat16, device="cuda", seed=k + n)
+    fao.warmup(n, k, torch.bfloat16)
+    for m in range(1, 257):
+        x, residual = x_all[:m], res_all[:m]
+        out = fused_o_proj_add_residual(x, weight, residual, out=poisoned(m, n, torch.bfloat16, "cuda"))
+        assert_matches_ref(out, x, weight, residual)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("config", [KernelConfig("gemv", 16, 32, 128), KernelConfig("gemm", 64, 64, 64)], ids=str)
+def test_gpu_other_dtypes_bias_and_strides(dtype, config):
+    for m in (1, 7, 16, 33, 200):
+        x, weight, residual, b = make_inputs(m, 2048, 1024, dtype, device="cuda", bias=True, row_pad=64, seed=m)
+        out = launch(config, x, weight, residual, b, out=poisoned(m, 1024, dtype, "cuda"))
+        assert_matches_ref(out, x, weight, residual, b)
+
+
+@cuda
+@pytest.mark.parametrize("config", [KernelConfig("gemv", 16, 32, 256, split_k=2),
+                                    KernelConfig("gemv", 4, 8, 256, use_dot=False, num_stages=3),
+                                    KernelConfig("gemm", 64, 128, 64)], ids=str)
+def test_gpu_each_kernel_on_ragged_shapes(config):
+    for m, k, n in [(1, 200, 96), (3, 96, 200), (17, 1000, 520)]:
+        x, weight, residual, b = make_inputs(m, k, n, torch.bfloat16, device="cuda", bias=True, seed=m)
+        out = launch(config, x, weight, residual, b, out=poisoned(m, n, torch.bfloat16, "cuda"))
+        assert_matches_ref(out, x, weight, residual, b)
+
+
+@cuda
+def test_gpu_captures_in_a_cuda_graph_and_is_deterministic():
+    k, n = 2048, 1024
+    fao.warmup(n, k, torch.bfloat16, max_m=8)
+    x, weight, residual, _ = make_inputs(8, k, n, torch.bfloat16, device="cuda", seed=5)
+    out = torch.empty(8, n, dtype=torch.bfloat16, device="cuda")
+    first = fused_o_proj_add_residual(x, weight, residual, out=out).clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_o_proj_add_residual(x, weight, residual, out=out)
+    x2, _, residual2, _ = make_inputs(8, k, n, torch.bfloat16, device="cuda", seed=6)
+    x.copy_(x2)
+    residual.copy_(residual2)
+    graph.replay()
+    assert_matches_ref(out, x, weight, residual)
+    x1, _, residual1, _ = make_inputs(8, k, n, torch.bfloat16, device="cuda", seed=5)
+    x.copy_(x1)
+    residual.copy_(residual1)
+    graph.replay()
+    assert torch.equal(out, first)  # bit-identical: no atomics, fixed reduction order
+
+
+@cuda
+@pytest.mark.parametrize("k,n", REAL_SHAPES)
+def test_gpu_rmsnorm_fold_on_real_shapes(k, n):
+    x_all, weight, res_all, _ = make_inputs(16, k, n, torch.bfloat16, device="cuda", seed=k - n)
+    norm_weight = torch.rand(n, device="cuda").to(torch.bfloat16)
+    fao.warmup(n, k, torch.bfloat16, max_m=16)
+    for m in range(1, 17):
+        x, residual = x_all[:m], res_all[:m]
+        expected = fused_o_proj_add_residual_rmsnorm_ref(x, weight, residual, norm_weight, 1e-6)
+        for _ in range(3):
+            got = fused_o_proj_add_residual_rmsnorm(x, weight, residual, norm_weight, 1e-6,
+                                                    out=poisoned(m, n, torch.bfloat16, "cuda"),
+                                                    normed=poisoned(m, n, torch.bfloat16, "cuda"))
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, **TOL[torch.bfloat16])
+    assert not fao._counters(x_all.device).any()
