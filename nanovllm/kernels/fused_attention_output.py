@@ -28,16 +28,15 @@ try:
 except ImportError:  # CPU installs without Triton use fused_o_proj_add_residual_ref
     triton = tl = None
 
+# The interpreter treats bf16 operands of tl.dot as raw bits: upcast there (on a GPU that would lose the
+# bf16 tensor cores).
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_WORKSPACE_NUMEL = 1 << 20  # fp32 split-K partials: split_k * M * N must fit (4 MiB per device)
 
 
 def _jit(**kwargs):
     """triton.jit, or the plain function where Triton is missing (then only the torch path runs)."""
     return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
-
-# The interpreter treats bf16 operands of tl.dot as raw bits: upcast there (on a GPU that would lose the
-# bf16 tensor cores).
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_WORKSPACE_NUMEL = 1 << 20  # fp32 split-K partials: split_k * M * N must fit (4 MiB per device)
 
 
 def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
@@ -181,6 +180,7 @@ def _bucket(m: int) -> int:
 def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int) -> KernelConfig:
     """Times every candidate on random inputs of M = m rows (L2 flushed between calls) and keeps the fastest
     of those whose output matches the reference."""
+    _workspace(device), _counters(device)  # allocated here, never during a capture
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(m, k, generator=gen, device=device).to(dtype)
     weight = (torch.randn(n, k, generator=gen, device=device) * k**-0.5).to(dtype)
