@@ -3,8 +3,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                     TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from nanovllm.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs, gather_logprobs
 from nanovllm.sampling_params import SamplingParams
@@ -125,9 +125,12 @@ def test_greedy_rows_in_a_mixed_batch_are_argmax():
 def test_penalties_change_the_greedy_choice():
     logits = torch.zeros(1, V)
     logits[0, 10], logits[0, 11] = 2.0, 1.5
-    assert sample(logits, [make_seq(output=[10], temperature=0)]).token_ids.item() == 10
-    assert sample(logits, [make_seq(output=[10], temperature=0, presence_penalty=1.0)]).token_ids.item() == 11
-    assert sample(logits, [make_seq(prompt=[10], temperature=0, repetition_penalty=2.0)]).token_ids.item() == 11
+    def greedy_token(**params) -> int:
+        return sample(logits, [make_seq(temperature=0, **params)]).token_ids.item()
+
+    assert greedy_token(output=[10]) == 10
+    assert greedy_token(output=[10], presence_penalty=1.0) == 11
+    assert greedy_token(prompt=[10], repetition_penalty=2.0) == 11
 
 
 def test_sampler_leaves_the_logits_alone():
@@ -139,7 +142,7 @@ def test_sampler_leaves_the_logits_alone():
 
 
 def sample_steps(seqs: list[FakeSeq], row: int, steps: int = 30) -> list[int]:
-    """Tokens of one row over several steps: it sees the same logits wherever it sits, the others their own."""
+    """Tokens of one row over several steps: it sees the same logits wherever it sits; the others vary."""
     tokens = []
     for step in range(steps):
         logits = random_logits(len(seqs), seed=500 + step)
@@ -235,8 +238,8 @@ def test_compute_prompt_logprobs_in_chunks():
     targets = torch.tensor([0, 5, 256, 3, 3, 100, 17])
     whole = gather_logprobs(logits, targets, 3)
     chunked = compute_prompt_logprobs(logits, targets, 3, chunk_size=3)
-    for name in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs"):
-        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name))
+    for actual, name in zip(chunked, ("logprobs", "ranks", "top_ids", "top_logprobs")):
+        torch.testing.assert_close(actual, getattr(whole, name))
     torch.testing.assert_close(whole.logprobs, logits.log_softmax(dim=-1)[torch.arange(7), targets])
-    empty = compute_prompt_logprobs(logits[:0], targets[:0], 2)
-    assert empty.logprobs.shape == (0,) and empty.top_ids.shape == (0, 2)
+    logprobs, ranks, top_ids, top_logprobs = compute_prompt_logprobs(logits[:0], targets[:0], 2)
+    assert logprobs.shape == ranks.shape == (0,) and top_ids.shape == top_logprobs.shape == (0, 2)

@@ -52,13 +52,14 @@ class SamplingBatch:
             batch.min_ps = tensor([p.min_p for p in params])
         if any(p.repetition_penalty != 1 for p in params):
             batch.repetition_penalties = tensor([p.repetition_penalty for p in params])
-            batch.seen_ids = _pad([s.token_ids if p.repetition_penalty != 1 else [] for s, p in zip(seqs, params)],
-                                  vocab_size, device)
+            seen = [s.token_ids if p.repetition_penalty != 1 else [] for s, p in zip(seqs, params)]
+            batch.seen_ids = _pad(seen, vocab_size, device)
         if any(p.frequency_penalty or p.presence_penalty for p in params):
             batch.frequency_penalties = tensor([p.frequency_penalty for p in params])
             batch.presence_penalties = tensor([p.presence_penalty for p in params])
-            batch.output_ids = _pad([s.completion_token_ids if p.frequency_penalty or p.presence_penalty else []
-                                     for s, p in zip(seqs, params)], vocab_size, device)
+            outputs = [s.completion_token_ids if p.frequency_penalty or p.presence_penalty else []
+                       for s, p in zip(seqs, params)]
+            batch.output_ids = _pad(outputs, vocab_size, device)
         batch.min_tokens_mask = _min_tokens_mask(seqs, eos_token_ids, vocab_size, device)
         requested = [p.logprobs for p in params if p.logprobs is not None]
         batch.max_num_logprobs = max(requested) if requested else None
@@ -211,10 +212,12 @@ def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> SamplerOutput:
     return SamplerOutput(token_ids, token_logprobs.squeeze(1), ranks, top_ids, top_logprobs)
 
 
-def compute_prompt_logprobs(logits: Tensor, target_ids: Tensor, k: int, chunk_size: int = 1024) -> SamplerOutput:
+def compute_prompt_logprobs(logits: Tensor, target_ids: Tensor, k: int,
+                            chunk_size: int = 1024) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits: (N, V) at prompt positions 0..N-1; target_ids: (N,) the prompt tokens 1..N they predict.
+    Returns logprobs (N,) and ranks (N,) of the targets, top_ids (N, k) and top_logprobs (N, k).
     Works in chunks of rows so a long prompt never holds a second (N, V) float32 copy."""
     parts = [gather_logprobs(logits[i:i + chunk_size], target_ids[i:i + chunk_size], k)
              for i in range(0, max(logits.shape[0], 1), chunk_size)]  # one empty part when N = 0
-    return SamplerOutput(*(torch.cat([getattr(p, name) for p in parts])
-                           for name in ("token_ids", "logprobs", "ranks", "top_ids", "top_logprobs")))
+    return tuple(torch.cat([getattr(p, name) for p in parts])
+                 for name in ("logprobs", "ranks", "top_ids", "top_logprobs"))
