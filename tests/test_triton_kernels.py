@@ -26,13 +26,13 @@ def tols(dtype: torch.dtype) -> dict:
 
 def paged_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
     """Random q and caches; each seq's blocks are scattered at random over a cache with spare blocks."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(DEVICE).manual_seed(seed)  # on the device: GPU caches hold up to 1e9 values
     num_blocks = sum(math.ceil(c / block_size) for c in ctx_lens) + 5
-    randn = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    randn = lambda *shape: torch.randn(*shape, generator=gen, device=DEVICE).to(dtype)  # noqa: E731
     q = randn(sum(q_lens), num_heads, head_dim)
     k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
     v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    perm = torch.randperm(num_blocks, generator=gen, device=DEVICE).tolist()
     width = max(math.ceil(c / block_size) for c in ctx_lens)
     tables = []
     for c in ctx_lens:
@@ -145,7 +145,8 @@ def test_rope_ref_matches_transformers():
     q_norm.weight.data, k_norm.weight.data = q_w, k_w
     cos, sin = cos_sin[positions].chunk(2, dim=-1)
     cos, sin = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]  # (1, T, D)
-    hf_q, hf_k = apply_rotary_pos_emb(q_norm(q).transpose(0, 1)[None], k_norm(k).transpose(0, 1)[None], cos, sin)
+    heads_first = lambda x: x.transpose(0, 1)[None]  # (T, H, D) -> (1, H, T, D)  # noqa: E731
+    hf_q, hf_k = apply_rotary_pos_emb(heads_first(q_norm(q)), heads_first(k_norm(k)), cos, sin)
     empty = torch.empty(0)
     ours_q, ours_k = rope_and_store_kv_ref(q.clone(), k.clone(), v.cpu(), positions, cos_sin, empty, empty,
                                            slots.cpu(), q_w, k_w)

@@ -71,6 +71,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
+def _dot_precision(q: torch.Tensor) -> str:
+    # fp32 callers asked for fp32: keep tl.dot off tf32 (10-bit mantissa); 16-bit inputs use the MMA as is.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -83,7 +88,8 @@ def _default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, devic
     return max(1, min(wanted, max_kv_len // 256, 32))
 
 
-def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits):
+def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits,
+            block_n=None, num_warps=4, num_stages=3):
     batch, (num_tokens, num_heads, head_dim) = context_lens.shape[0], q.shape
     num_kv_heads, group = k_cache.shape[2], num_heads // k_cache.shape[2]
     if num_splits > 1:  # fp32 partial outputs and log-sum-exps, merged by the reduce kernel
@@ -98,7 +104,8 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         *dst_strides, lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=64 if q.is_cuda else 16, UPCAST=not q.is_cuda, num_warps=4,
+        BLOCK_N=block_n or (64 if q.is_cuda else 16), UPCAST=not q.is_cuda, PRECISION=_dot_precision(q),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -109,10 +116,11 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         )
 
 
-def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out):
+def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out,
+             block_m=None, block_n=None, num_warps=4):
     num_tokens, num_heads, head_dim = q.shape
     batch, num_kv_heads, group = context_lens.shape[0], k_cache.shape[2], num_heads // k_cache.shape[2]
-    block_m = max(64 if q.is_cuda else 32, triton.next_power_of_2(group))
+    block_m = max(block_m or (64 if q.is_cuda else 32), triton.next_power_of_2(group))
     block_q = block_m // group  # query tokens per program; rows are (token, head-in-group) pairs
     # A seq's q-blocks start at cu_seqlens_q[s] // block_q + s, so this grid bounds them all without a sync.
     grid = (num_tokens // block_q + batch, num_kv_heads)
@@ -121,8 +129,8 @@ def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scal
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_M=block_m,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=64 if q.is_cuda else 16,
-        UPCAST=not q.is_cuda, num_warps=4,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n or (64 if q.is_cuda else 16),
+        UPCAST=not q.is_cuda, PRECISION=_dot_precision(q), num_warps=num_warps,
     )
 
 
@@ -141,15 +149,16 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_hea
 
 
 @_jit
-def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr):
+def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax update (base 2) of rows q (M, D) with a K/V tile (N, D); s_mask (M, N)."""
     if UPCAST:  # the interpreter does bf16 math on raw bits, so everything goes through fp32 there
         k, v = k.to(tl.float32), v.to(tl.float32)
-    s = tl.where(s_mask, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))  # (M, N)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (M, N)
+    s = tl.where(s_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
@@ -160,7 +169,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
                    stride_dt, stride_dh, stride_ds, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (B, Hkv, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys."""
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     token = tl.load(cu_seqlens_q_ptr + seq)
@@ -185,7 +194,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
         pos_mask = pos < end
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
-        m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST)
+        m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
 
     # An empty split (or a padded seq with context 0) leaves l_i = 0: write zeros and lse = -inf.
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -241,7 +250,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlen
                     stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (T // BLOCK_Q + B, Hkv): BLOCK_Q query tokens x GROUP heads (BLOCK_M rows) of one seq, causal."""
     q_block, kv_head = tl.program_id(0), tl.program_id(1)
     seq = _find_seq(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q)
@@ -274,7 +283,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlen
                              offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                              PAGE_SIZE)
         causal = pos[None, :] <= q_pos[:, None]  # (BLOCK_M, BLOCK_N)
-        m_i, l_i, acc = _softmax_step(q, k, v, causal, m_i, l_i, acc, qk_scale, UPCAST)
+        m_i, l_i, acc = _softmax_step(q, k, v, causal, m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
 
     acc = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + q_idx)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
