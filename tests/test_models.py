@@ -105,9 +105,9 @@ def chunk_plans() -> list[list[int]]:
     return plans
 
 
-def test_paged_cache_chunked_prefill_and_decode_match_hf(tiny, sequences):
-    model, hf_model, _ = tiny
-    block_size, num_blocks = 4, 32
+def check_paged_steps_match_hf(model, hf_model, sequences, block_size: int, num_blocks: int) -> None:
+    """Runs the chunk plans through a paged cache with shuffled block tables; every step's logits must
+    match HF's logits at the same positions."""
     gen = torch.Generator().manual_seed(3)
     free = torch.randperm(num_blocks, generator=gen).tolist()  # non-contiguous, shuffled block ids
     tables = [[free.pop() for _ in range(-(-len(s) // block_size))] for s in sequences]
@@ -131,6 +131,28 @@ def test_paged_cache_chunked_prefill_and_decode_match_hf(tiny, sequences):
             for i, ctx in zip(batch, ctx_lens):
                 computed[i] = ctx
     assert saw_mixed and saw_decode
+
+
+def test_paged_cache_chunked_prefill_and_decode_match_hf(tiny, sequences):
+    model, hf_model, _ = tiny
+    check_paged_steps_match_hf(model, hf_model, sequences, block_size=4, num_blocks=32)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU run of the Triton kernels")
+def test_triton_paged_attention_matches_hf(tiny, sequences):
+    """The `use_triton` seam calls nanovllm.kernels.paged_attention with the right arguments."""
+    pytest.importorskip("triton")
+    model, hf_model, _ = tiny
+    if hf_model.config.model_type != "qwen3":
+        pytest.skip("one architecture is enough for the seam; the interpreter is slow")
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for layer in layers:
+        layer.use_triton = True
+    try:
+        check_paged_steps_match_hf(model, hf_model, sequences, block_size=16, num_blocks=8)
+    finally:
+        for layer in layers:
+            layer.use_triton = False
 
 
 def test_fused_output_gives_identical_logits(tiny, sequences):
@@ -224,3 +246,33 @@ def test_get_model_rejects_unknown_architecture():
     config.architecture = "gpt2"
     with pytest.raises(ValueError, match="gpt2.*llama, qwen2, qwen3"):
         get_model(config, torch.float32, "cpu")
+
+
+# The default model's chat prompt ("What is the capital of France?" in SmolLM2's ChatML template with its
+# default system message) and its greedy fp32 answer "The capital of France is Paris.<|im_end|>"; our
+# logits on this prompt were checked against transformers' own GGUF load (max |diff| 8e-5, same argmax).
+SMOLLM2_PROMPT = [1, 9690, 198, 2683, 314, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+                  19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+SMOLLM2_ANSWER = [504, 3575, 282, 4649, 314, 7042, 30, 2]
+
+
+def test_default_gguf_model_greedy_through_paged_cache():
+    from nanovllm.utils.default_model import default_model_path
+    try:
+        path = default_model_path()
+        pytest.importorskip("nanovllm.utils.gguf")
+    except ValueError as e:
+        pytest.skip(str(e))
+    model, config = load_model(path, torch.float32, "cpu")
+    assert config.architecture == "llama" and config.tie_word_embeddings
+    block_size, tokens = 16, list(SMOLLM2_PROMPT)
+    table = [5, 2, 7, 0]  # shuffled blocks: room for 64 tokens
+    with paged_kv_cache(model, num_blocks=8, block_size=block_size):
+        num_computed = 0
+        while len(tokens) < len(SMOLLM2_PROMPT) + len(SMOLLM2_ANSWER):
+            new = tokens[num_computed:]
+            set_context(make_context([len(new)], [len(tokens)], [table], block_size))
+            logits = our_logits(model, torch.tensor(new), torch.arange(num_computed, len(tokens)))
+            num_computed = len(tokens)
+            tokens.append(int(logits[-1].argmax()))
+    assert tokens[len(SMOLLM2_PROMPT):] == SMOLLM2_ANSWER
