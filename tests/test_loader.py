@@ -73,7 +73,7 @@ def test_truncated_shard(sharded, tmp_path):
     victim = path / shard_files(path)[-1]
     data = victim.read_bytes()
     victim.write_bytes(data[:len(data) // 2])
-    with pytest.raises(ValueError, match=f"Cannot read safetensors file .*{victim.name}.*truncated or corrupt"):
+    with pytest.raises(ValueError, match=f"Cannot read safetensors file .*{victim.name}.*truncated"):
         load_model(str(path), torch.float32, "cpu")
 
 
@@ -116,7 +116,8 @@ def test_no_safetensors_files(broken):
 
 def test_unsupported_architecture(broken):
     edit_json(broken, "config.json", architectures=["MistralForCausalLM"], model_type="mistral")
-    with pytest.raises(ValueError, match="MistralForCausalLM.*LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+    supported = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    with pytest.raises(ValueError, match=f"MistralForCausalLM.*{supported}"):
         load_model_config(str(broken))
 
 
@@ -132,8 +133,9 @@ def test_unsupported_rope_scaling(broken):
         load_model_config(str(broken))
 
 
-@pytest.mark.parametrize("name", ["model.layers.1.self_attn.v_proj.weight", "model.layers.0.self_attn.q_proj.bias",
-                                  "model.norm.weight", "lm_head.weight"])
+@pytest.mark.parametrize("name", [
+    "model.layers.1.self_attn.v_proj.weight", "model.layers.0.self_attn.q_proj.bias", "model.norm.weight",
+    "lm_head.weight"])
 def test_missing_weight(broken, name):
     edit_weights(broken, drop=(name,))
     with pytest.raises(ValueError, match=f"provides no weight for {name}"):
@@ -148,8 +150,8 @@ def test_unexpected_weight(broken):
 
 def test_weight_of_wrong_shape(broken):
     edit_json(broken, "config.json", intermediate_size=96)
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.\w+_proj\.weight': shape mismatch: "
-                                         r"the model expects \(\d+, \d+\), the checkpoint has \((128, 64|64, 128)\)"):
+    pattern = r"'model\.layers\.0\.mlp\.\w+_proj\.weight': shape mismatch: the model expects \(\d+, \d+\), "
+    with pytest.raises(ValueError, match=pattern + r"the checkpoint has \((128, 64|64, 128)\)"):
         load_model(str(broken), torch.float32, "cpu")
 
 

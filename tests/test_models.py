@@ -78,7 +78,8 @@ def test_cacheless_forward_matches_hf(tiny, sequences):
     model, hf_model, _ = tiny
     for seq in sequences:
         expected = hf_logits(hf_model, seq)
-        torch.testing.assert_close(our_logits(model, seq, torch.arange(len(seq))), expected, atol=ATOL, rtol=0)
+        logits = our_logits(model, seq, torch.arange(len(seq)))
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
 def test_cacheless_batch_matches_hf(tiny, sequences):
@@ -229,7 +230,8 @@ def test_old_and_new_config_forms_load_the_same(tiny, tmp_path):
         (tmp_path / form / "config.json").write_text(json.dumps(config))
         configs[form] = load_model_config(str(tmp_path / form))
     assert configs["old"] == configs["new"] == load_model_config(path)
-    assert (configs["new"].rope_scaling is not None) == (hf_model.config.rope_parameters["rope_type"] == "llama3")
+    is_llama3 = hf_model.config.rope_parameters["rope_type"] == "llama3"
+    assert (configs["new"].rope_scaling is not None) == is_llama3
 
 
 def test_generation_config_adds_eos_ids(tmp_path):
@@ -251,8 +253,9 @@ def test_get_model_rejects_unknown_architecture():
 # The default model's chat prompt ("What is the capital of France?" in SmolLM2's ChatML template with its
 # default system message) and its greedy fp32 answer "The capital of France is Paris.<|im_end|>"; our
 # logits on this prompt were checked against transformers' own GGUF load (max |diff| 8e-5, same argmax).
-SMOLLM2_PROMPT = [1, 9690, 198, 2683, 314, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
-                  19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+SMOLLM2_PROMPT = [1, 9690, 198, 2683, 314, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
+                  407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520,
+                  9531, 198]
 SMOLLM2_ANSWER = [504, 3575, 282, 4649, 314, 7042, 30, 2]
 
 

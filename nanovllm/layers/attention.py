@@ -81,7 +81,7 @@ class Attention(nn.Module):
         return self.k_cache[blocks].flatten(0, 1)[:ctx_len], self.v_cache[blocks].flatten(0, 1)[:ctx_len]
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_past: int) -> torch.Tensor:
-        """Causal attention of one seq: q (q_len, H, D) sits at positions num_past.., k/v (ctx_len, Hkv, D)."""
+        """Causal attention of one seq: q (q_len, H, D) at positions num_past.., k/v (ctx_len, Hkv, D)."""
         q_len, ctx_len = q.size(0), k.size(0)
         mask = None
         if num_past:  # SDPA's is_causal aligns queries to the first key; ours end at the last key

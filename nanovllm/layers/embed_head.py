@@ -18,7 +18,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden -> logits. Unlike nano-vllm it does not pick rows: the runner passes only the rows it samples."""
+    """hidden -> logits. Unlike nano-vllm's it picks no rows: the runner passes only the rows it samples."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states, self.weight)  # (N, vocab)

@@ -70,13 +70,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """q_proj, k_proj and v_proj in one matmul; the output is [q | k | v] along the feature dim."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False):
         self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads  # of this rank
         super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id: str) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[loaded_shard_id]
+        offsets = {"q": 0, "k": q_size, "v": q_size + kv_size}
+        offset, size = offsets[loaded_shard_id], q_size if loaded_shard_id == "q" else kv_size
         shard = loaded_weight.chunk(self.tp_size, dim=0)[self.tp_rank]
         copy_weight(param.data.narrow(0, offset, size), shard)
 

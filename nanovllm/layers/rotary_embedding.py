@@ -52,7 +52,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = compute_inv_freq(head_dim, rope_theta, rope_scaling)  # (D/2,)
         t = torch.arange(max_position, dtype=torch.float)
-        freqs = torch.outer(t, inv_freq.to(t.device))  # (max_position, D/2)
+        freqs = torch.outer(t, inv_freq)  # (max_position, D/2)
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor

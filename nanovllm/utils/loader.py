@@ -94,7 +94,8 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"Unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+        raise ValueError(f"Unsupported rope_type {rope_type!r}; "
+                         f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
     if rope_type == "default":
         return float(theta), None
     missing = [key for key in _ROPE_KEYS[rope_type] if key not in params]
@@ -150,8 +151,8 @@ def _iter_safetensors(file: str) -> WeightIterator:
         raise ValueError(f"Cannot read safetensors file {file!r} (truncated or corrupt?): {e}") from e
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None,
-                 source: str = "the checkpoint") -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 dtype: torch.dtype | None = None, source: str = "the checkpoint") -> None:
     """Copies HF-named weights into the model, one tensor at a time, cast to `dtype` before the copy.
 
     A name in `model.packed_modules_mapping` (q_proj, gate_proj, ...) goes to its fused parameter's
@@ -191,7 +192,10 @@ def expected_weight_names(model: nn.Module) -> set[str]:
     names = set()
     for name, _ in model.named_parameters():
         fused = next((f for f in parts if f".{f}." in name), None)
-        names.update([name] if fused is None else [name.replace(f".{fused}.", f".{p}.") for p in parts[fused]])
+        if fused is None:
+            names.add(name)
+        else:
+            names.update(name.replace(f".{fused}.", f".{part}.") for part in parts[fused])
     return names
 
 
@@ -204,7 +208,8 @@ def _route(name: str, packed: dict[str, tuple[str, str | int]]) -> tuple[str, st
 
 def _check_exists(path: str) -> None:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Model path {path!r} does not exist (expected an HF model folder or a .gguf file).")
+        raise FileNotFoundError(f"Model path {path!r} does not exist "
+                                "(expected an HF model folder or a .gguf file).")
 
 
 def _check_folder(path: str) -> None:
