@@ -92,7 +92,7 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
-    params.pop("type", None)
+    params.pop("type", None)  # some old configs spell it both ways
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"Unsupported rope_type {rope_type!r}; "
                          f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
