@@ -8,16 +8,13 @@ import torch
 
 from nanovllm.kernels import fused_attention_output as fao
 from nanovllm.kernels.fused_attention_output import (KernelConfig, fused_o_proj_add_residual,
-                                                     fused_o_proj_add_residual_ref,
-                                                     fused_o_proj_add_residual_rmsnorm,
-                                                     fused_o_proj_add_residual_rmsnorm_ref, launch,
-                                                     launch_rmsnorm_fold)
+                                                     fused_o_proj_add_residual_ref, launch)
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
        torch.float16: dict(rtol=1e-2, atol=1e-2)}
 SHAPES = [(1, 64, 96), (3, 200, 64), (17, 96, 200)]  # (M, K, N): ragged against every block size
 CONFIGS = [KernelConfig("gemv", 16, 64, 128), KernelConfig("gemv", 4, 64, 128, use_dot=False),
-           KernelConfig("gemm", 16, 64, 64)]
+           KernelConfig("gemm", 16, 64, 64), KernelConfig("gemv", 16, 32, 64, tma=True)]
 REAL_SHAPES = [(896, 896), (2048, 1024), (2048, 2048), (4096, 2560), (4096, 4096)]  # (K, N)
 
 
@@ -50,6 +47,8 @@ class TestKernelsInterpreted:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     @pytest.mark.parametrize("m,k,n", SHAPES)
     def test_kernel_matches_reference(self, config, dtype, m, k, n):
+        if config.tma and k % 8:
+            pytest.skip("TMA needs 16-byte rows; launch falls back to plain loads (covered by the others)")
         if not config.use_dot and m > 16:
             pytest.skip("the CUDA-core product serves M <= 4; it is slow in the interpreter")
         bias = (m + k) % 2 == 0  # half of the shapes with bias, half without, for every config and dtype
@@ -61,14 +60,15 @@ class TestKernelsInterpreted:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     def test_kernels_with_and_without_bias(self, bias, dtype):
         x, weight, residual, b = make_inputs(3, 96, 64, dtype, bias=bias, seed=1)
-        for config in (CONFIGS[0], CONFIGS[2]):
+        for config in (CONFIGS[0], CONFIGS[2], KernelConfig("gemv", 4, 8, 64, use_dot=False)):  # BK ragged
             assert_matches_ref(launch(config, x, weight, residual, b), x, weight, residual, b)
 
+    @pytest.mark.parametrize("tma", [False, True])
     @pytest.mark.parametrize("split_k", [2, 3])
-    def test_split_k_partials_are_reduced_once(self, split_k):
+    def test_split_k_partials_are_reduced_once(self, split_k, tma):
         # K = 200 in tiles of 32 is 7 tiles: the splits are uneven and the last one is ragged.
         x, weight, residual, b = make_inputs(3, 200, 64, torch.bfloat16, bias=True, seed=2)
-        config = KernelConfig("gemv", 16, 64, 32, split_k=split_k)
+        config = KernelConfig("gemv", 16, 64, 32, split_k=split_k, tma=tma)
         assert_matches_ref(launch(config, x, weight, residual, b), x, weight, residual, b)
 
     @pytest.mark.parametrize("config", CONFIGS, ids=str)
@@ -80,20 +80,6 @@ class TestKernelsInterpreted:
         assert out.data_ptr() == residual.data_ptr()
         torch.testing.assert_close(out.float(), expected.float(), **TOL[torch.bfloat16])
 
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-    @pytest.mark.parametrize("m,k,n", SHAPES)
-    def test_rmsnorm_fold_matches_reference_twice(self, dtype, m, k, n):
-        config = CONFIGS[1] if m == 3 else CONFIGS[0]  # CUDA cores for M = 3; 17 makes two row blocks
-        x, weight, residual, _ = make_inputs(m, k, n, dtype, seed=4)
-        norm_weight = torch.rand(n, generator=torch.Generator().manual_seed(4)).to(dtype)
-        ref_out, ref_normed = fused_o_proj_add_residual_rmsnorm_ref(x, weight, residual, norm_weight, 1e-6)
-        for _ in range(2):  # the last program of a row block resets its counter for the next launch
-            out, normed = launch_rmsnorm_fold(config, x, weight, residual, norm_weight, 1e-6,
-                                              out=poisoned(m, n, dtype), normed=poisoned(m, n, dtype))
-            torch.testing.assert_close(out, ref_out, **TOL[dtype])
-            torch.testing.assert_close(normed, ref_normed, **TOL[dtype])
-        assert not fao._counters(x.device).any()
-
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
 def test_public_function_falls_back_to_reference_on_cpu():
@@ -101,9 +87,6 @@ def test_public_function_falls_back_to_reference_on_cpu():
     out = torch.empty(3, 96)
     assert fused_o_proj_add_residual(x, weight, residual, b, out=out) is out
     torch.testing.assert_close(out, x @ weight.t() + b + residual)
-    norm_weight = torch.rand(96)
-    out, normed = fused_o_proj_add_residual_rmsnorm(x, weight, residual, norm_weight, 1e-6, b)
-    torch.testing.assert_close(normed, out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight)
 
 
 def test_shape_and_dtype_errors_are_value_errors():
@@ -121,8 +104,9 @@ def test_every_bucket_has_cublas_and_small_m_streams_w_once():
         configs = fao.candidate_configs(m, 1024, 2048, torch.bfloat16)
         assert configs[0].kernel == "cublas"  # the dispatcher can never lose to cuBLAS by much
         # Every Triton tile covers all rows of a small batch, so W is read once per call.
-        if m <= 16:
-            assert any(c.kernel == "gemv" for c in configs) and all(c.block_m >= m for c in configs[1:])
+        if m <= 64:  # one row tile: W is read once
+            assert any(c.kernel == "gemv" for c in configs)
+            assert all(c.block_m >= m for c in configs[1:] if c.kernel == "gemv")
         if m <= 256:
             assert all(-(-m // c.block_m) <= 8 for c in configs[1:])
 
@@ -153,7 +137,9 @@ def test_gpu_other_dtypes_bias_and_strides(dtype, config):
 
 @cuda
 @pytest.mark.parametrize("config", [KernelConfig("gemv", 16, 32, 256, split_k=2),
-                                    KernelConfig("gemv", 4, 8, 256, use_dot=False, num_stages=3),
+                                    KernelConfig("gemv", 4, 2, 512, use_dot=False, num_stages=1),
+                                    KernelConfig("gemv", 2, 8, 256, use_dot=False, num_stages=3, tma=True),
+                                    KernelConfig("gemv", 16, 16, 128, split_k=2, tma=True),
                                     KernelConfig("gemm", 64, 128, 64)], ids=str)
 def test_gpu_each_kernel_on_ragged_shapes(config):
     for m, k, n in [(1, 200, 96), (3, 96, 200), (17, 1000, 520)]:
@@ -182,21 +168,3 @@ def test_gpu_captures_in_a_cuda_graph_and_is_deterministic():
     residual.copy_(residual1)
     graph.replay()
     assert torch.equal(out, first)  # bit-identical: no atomics, fixed reduction order
-
-
-@cuda
-@pytest.mark.parametrize("k,n", REAL_SHAPES)
-def test_gpu_rmsnorm_fold_on_real_shapes(k, n):
-    x_all, weight, res_all, _ = make_inputs(16, k, n, torch.bfloat16, device="cuda", seed=k - n)
-    norm_weight = torch.rand(n, device="cuda").to(torch.bfloat16)
-    fao.warmup(n, k, torch.bfloat16, max_m=16)
-    for m in range(1, 17):
-        x, residual = x_all[:m], res_all[:m]
-        expected = fused_o_proj_add_residual_rmsnorm_ref(x, weight, residual, norm_weight, 1e-6)
-        for _ in range(3):
-            got = fused_o_proj_add_residual_rmsnorm(x, weight, residual, norm_weight, 1e-6,
-                                                    out=poisoned(m, n, torch.bfloat16, "cuda"),
-                                                    normed=poisoned(m, n, torch.bfloat16, "cuda"))
-            for g, e in zip(got, expected):
-                torch.testing.assert_close(g, e, **TOL[torch.bfloat16])
-    assert not fao._counters(x_all.device).any()
