@@ -76,11 +76,16 @@ def test_chunked_prefill_long_chunk(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", HEADS)
-@pytest.mark.parametrize("num_kv_splits", [1, 3])
-def test_decode(num_heads, num_kv_heads, head_dim, block_size, dtype, num_kv_splits):
-    # Context 1 with 3 splits leaves two splits empty; 70 spans several tiles per split.
-    check_attention([1, 1, 1, 1], [1, 3, 17, 70], num_heads, num_kv_heads, head_dim, block_size, dtype,
-                    num_kv_splits=num_kv_splits)
+def test_decode_split(num_heads, num_kv_heads, head_dim, block_size, dtype):
+    # Context 1 with 3 splits leaves two splits empty; 50 spans two tiles in each split.
+    check_attention([1, 1, 1, 1], [1, 3, 17, 50], num_heads, num_kv_heads, head_dim, block_size, dtype,
+                    num_kv_splits=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_unsplit(dtype):
+    # One split writes straight into out, with no reduce pass.
+    check_attention([1, 1, 1], [1, 17, 50], 4, 2, 64, 16, dtype, num_kv_splits=1)
 
 
 def test_decode_padded_seq_gives_zeros():

@@ -82,10 +82,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
-    # Enough programs for ~2 waves over the SMs, each split still long enough (>= 256 keys) to pay for the
-    # reduce. max_kv_len is the block table's width, so a graph captured at a fixed width keeps its split.
-    wanted = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
-    return max(1, min(wanted, max_kv_len // 256, 32))
+    # Small batches are latency-bound: ~3 programs per SM with >= 64 keys each was best on an H100
+    # (benchmarks/NOTES-kernels.md); large batches fill the GPU alone and skip the reduce. max_kv_len is
+    # the block table's width, so a graph captured at a fixed width keeps its split count.
+    wanted = triton.cdiv(3 * _num_sms(device), batch * num_kv_heads)
+    return max(1, min(wanted, max_kv_len // 64, 32))
 
 
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits,
