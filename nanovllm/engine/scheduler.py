@@ -1,0 +1,190 @@
+"""Picks the tokens each step computes: decodes, prefill chunks and new prompts in one batch. Torch-free."""
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanovllm.config import Config
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: seqs[i] computes token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens[i]]
+    and is sampled iff that reaches its last token."""
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # finished by schedule() ("length"): report them
+    num_batched_tokens: int = 0
+
+    def add(self, seq: Sequence, num_new_tokens: int) -> None:
+        assert 0 < num_new_tokens <= seq.num_tokens - seq.num_computed_tokens
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new_tokens)
+        self.num_batched_tokens += num_new_tokens
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    """FCFS continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+    `running` holds the admitted seqs (with blocks for all their tokens) in admission order, partial prefills
+    included; `waiting` the others, preempted ones at the front.
+    """
+
+    def __init__(self, config: Config, num_blocks: int):
+        if not isinstance(config.max_model_len, int):
+            raise ValueError("config.max_model_len must be resolved to an int before building the Scheduler.")
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.enable_chunked_prefill = config.enable_chunked_prefill
+        Sequence.block_size = config.block_size
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def check_prompt(self, num_tokens: int) -> None:
+        """Raises ValueError for a prompt this scheduler could never run; the engine calls it before add()."""
+        if num_tokens < 1:
+            raise ValueError("The prompt is empty: it needs at least one token.")
+        if num_tokens > self.max_model_len:
+            raise ValueError(f"The prompt ({num_tokens} tokens) is longer than max_model_len "
+                             f"({self.max_model_len}).")
+        if not self.enable_chunked_prefill and num_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"The prompt ({num_tokens} tokens) is longer than max_num_batched_tokens "
+                             f"({self.max_num_batched_tokens}) and chunked prefill is off: enable it or raise "
+                             f"max_num_batched_tokens.")
+
+    def add(self, seq: Sequence) -> None:
+        assert seq.status == SequenceStatus.WAITING and not seq.block_table
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        """Running decodes first, then continuing prefills, then waiting seqs (FCFS).
+
+        Empty only when there is nothing left to run. Seqs that hit a hard limit are finished with "length"
+        and listed in `batch.finished`."""
+        batch = ScheduledBatch()
+        self._schedule_decodes(batch)
+        self._schedule_prefill_chunks(batch)
+        self._schedule_waiting(batch)
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
+        """Records the computed tokens, appends each sampled token (sampled: seq_id -> token id) and caches the
+        blocks that became full."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:  # aborted since schedule()
+                continue
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.append_token(sampled[seq.seq_id])
+            self.block_manager.cache_full_blocks(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends seq (reason: "stop", "length" or "abort") and frees its blocks; a no-op if already finished."""
+        if seq.is_finished:
+            return
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.deallocate(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finishes every seq of the request with "abort"; returns them (empty if none is left)."""
+        seqs = [seq for seq in [*self.running, *self.waiting] if seq.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs
+
+    def _schedule_decodes(self, batch: ScheduledBatch) -> None:
+        """Schedules every running seq that has one token left (decodes and last 1-token chunks), oldest first."""
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
+                continue  # preempted just now, or a prefill that is scheduled next
+            if self._beyond_limits(seq):
+                self._finish_length(seq, batch)
+            elif batch.num_batched_tokens == self.max_num_batched_tokens:
+                break
+            elif self._make_room(seq):
+                self.block_manager.append_slots(seq, 1)
+                batch.add(seq, 1)
+
+    def _schedule_prefill_chunks(self, batch: ScheduledBatch) -> None:
+        for seq in self.running:  # their blocks were allocated at admission
+            budget = self.max_num_batched_tokens - batch.num_batched_tokens
+            num_left = seq.num_tokens - seq.num_computed_tokens
+            if budget == 0:
+                break
+            if num_left > 1:
+                batch.add(seq, min(num_left, budget))
+
+    def _schedule_waiting(self, batch: ScheduledBatch) -> None:
+        while self.waiting:
+            seq = self.waiting[0]
+            if self._beyond_limits(seq):
+                self._finish_length(seq, batch)
+                continue
+            budget = self.max_num_batched_tokens - batch.num_batched_tokens
+            if (budget == 0 or len(self.running) == self.max_num_seqs or not self._fits_budget(seq, budget)
+                    or not self.block_manager.can_allocate(seq)):
+                break  # FCFS: nothing overtakes the head
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)  # may hit the prefix cache: num_computed_tokens > 0
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+
+    def _fits_budget(self, seq: Sequence, budget: int) -> bool:
+        """Without chunked prefill a seq waits until it fits whole (counted without prefix hits, which only
+        allocation finds), except one that never could: a preempted seq with a long output is still chunked
+        rather than cut short (check_prompt keeps prompts within the budget)."""
+        return (self.enable_chunked_prefill or seq.num_tokens <= budget
+                or seq.num_tokens > self.max_num_batched_tokens)
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """Frees blocks for seq's next token by preempting the most recently admitted seqs, maybe seq itself.
+        Returns False if seq was preempted."""
+        while not self.block_manager.can_append(seq, 1):
+            victim = self.running[-1]  # never scheduled yet this step: decodes are scheduled oldest first
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preemption by recompute: the KV is dropped and the whole token list is prefilled again later."""
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _beyond_limits(self, seq: Sequence) -> bool:
+        """The hard stops the engine may not have applied. As vLLM, prompt + output stops at max_model_len (a
+        prompt of exactly max_model_len still gets its one token), so no KV position reaches max_model_len.
+        And a seq that needs more blocks than the whole cache can never run."""
+        too_long = seq.num_tokens > self.max_model_len or (
+            seq.num_completion_tokens > 0 and seq.num_tokens >= self.max_model_len)
+        return too_long or self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_blocks
+
+    def _finish_length(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.finish(seq, "length")
+        batch.finished.append(seq)
