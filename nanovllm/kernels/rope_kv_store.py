@@ -83,7 +83,7 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
 @_jit
 def _norm_rope_heads(x_ptr, stride_h, norm_ptr, cos, sin, eps, NUM: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Normalizes and rotates NUM heads of one token in place; returns the two rotated halves (fp32)."""
+    """Normalizes and rotates NUM heads of one token in place; returns the rotated halves (fp32), mask."""
     offs_h, offs_d = tl.arange(0, BLOCK), tl.arange(0, BLOCK_HALF)
     mask = (offs_h < NUM)[:, None] & (offs_d < HEAD_DIM // 2)[None, :]
     ptrs = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]  # first halves; + HEAD_DIM // 2 for second
