@@ -1,0 +1,154 @@
+"""Paged attention on the GPU, Qwen3-0.6B shapes (H=16, Hkv=8, D=128, bf16, block_size 16).
+
+Decode: our Triton flash-decoding kernel vs torch SDPA over KV gathered from the same paged cache (what a
+torch path must do) and vs SDPA over already-contiguous KV (a dense kernel with no paging cost), with
+achieved GB/s (KV bytes read / time) beside the measured copy bandwidth. Prefill: TFLOP/s vs dense causal
+SDPA. Each timed graph replays calls over several distinct block tables so the KV comes from HBM, not L2.
+Usage: python benchmarks/bench_attention.py [out_dir]   (writes attention-<card>.json)
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from nanovllm.kernels.paged_attention import _decode, _default_num_kv_splits, _prefill
+
+H, HKV, D, BS = 16, 8, 128, 16
+L2_BYTES = 50e6
+torch.manual_seed(0)
+
+
+def bench(fn) -> float:
+    """Median ms of one fn() call, timed over CUDA-graph replays."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> tuple[float, float]:
+    """Bytes/s of a 1 GiB device copy (read + write) and of a 2 GiB read (torch.sum): the two ceilings."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    copy = 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-3)
+    z = torch.randn(2**30, dtype=torch.bfloat16, device="cuda")
+    return copy, z.numel() * 2 / (bench(lambda: z.sum()) * 1e-3)
+
+
+def decode_setup(batch: int, ctx: int):
+    kv_bytes = batch * ctx * HKV * D * 2 * 2  # K and V, bf16
+    copies = max(2, min(64, math.ceil(4 * L2_BYTES / kv_bytes)))
+    blocks_per_seq = ctx // BS
+    k_cache = torch.randn(copies * batch * blocks_per_seq, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(k_cache.shape[0], device="cuda").view(copies, batch, blocks_per_seq).int()
+    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
+    ctx_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    return q, k_cache, v_cache, tables, cu, ctx_lens, kv_bytes
+
+
+def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (B, H, D), k/v (B, Hkv, ctx, D): the group's heads become Hkv queries of length H/Hkv (no mask)."""
+    out = F.scaled_dot_product_attention(q.view(q.shape[0], HKV, H // HKV, D), k, v)
+    return out.reshape(q.shape)
+
+
+def time_decode(batch: int, ctx: int, baselines: bool = True, **variant) -> dict:
+    q, k_cache, v_cache, tables, cu, ctx_lens, kv_bytes = decode_setup(batch, ctx)
+    out = torch.empty_like(q)
+    splits = variant.pop("num_kv_splits", None) or _default_num_kv_splits(batch, HKV, ctx, q.device)
+    gather = lambda cache, t: cache[t].view(batch, ctx, HKV, D).transpose(1, 2)  # noqa: E731
+
+    def ours():
+        for table in tables:
+            _decode(q, k_cache, v_cache, table, cu, ctx_lens, D ** -0.5, out, splits, **variant)
+
+    def sdpa_gathered():
+        for table in tables:
+            sdpa_decode(q, gather(k_cache, table), gather(v_cache, table))
+
+    dense = [(gather(k_cache, t).contiguous(), gather(v_cache, t).contiguous())
+             for t in (tables if baselines else tables[-1:])]
+
+    def sdpa_dense():
+        for k, v in dense:
+            sdpa_decode(q, k, v)
+
+    # Correctness at this shape first (the last table's output is what ours() leaves in out).
+    ours()
+    want = sdpa_decode(q, *dense[-1])
+    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    if not err < 1e-2:
+        print(f"MISMATCH batch={batch} ctx={ctx} splits={splits} {variant}: rel err {err:.2e}")
+    fns = [("ours", ours)]
+    if baselines:
+        fns += [("sdpa_gathered", sdpa_gathered), ("sdpa_dense", sdpa_dense)]
+    ms = {name: bench(fn) / len(tables) for name, fn in fns}
+    return dict(batch=batch, ctx=ctx, splits=splits, **variant, kv_bytes=kv_bytes, rel_err=err,
+                **{f"{k}_us": v * 1e3 for k, v in ms.items()}, ours_gbps=kv_bytes / (ms["ours"] * 1e-3) / 1e9)
+
+
+def time_prefill(batch: int, q_len: int, ctx: int, **variant) -> dict:
+    q = torch.randn(batch * q_len, H, D, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(batch * ctx // BS, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(k_cache.shape[0], device="cuda").view(batch, ctx // BS).int()
+    cu = torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32)
+    ctx_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    out = torch.empty_like(q)
+    ours_ms = bench(lambda: _prefill(q, k_cache, v_cache, tables, cu, ctx_lens, D ** -0.5, out, **variant))
+    # Causal pairs: each query sees its prefix of cached keys plus the chunk's keys up to itself.
+    pairs = batch * (q_len * (ctx - q_len) + q_len * (q_len + 1) / 2)
+    flops = 4 * pairs * H * D
+    row = dict(batch=batch, q_len=q_len, ctx=ctx, **variant, ours_us=ours_ms * 1e3,
+               ours_tflops=flops / ours_ms / 1e9)
+    if q_len == ctx and not variant:  # dense causal SDPA as the yardstick for fresh prompts
+        qd = q.view(batch, q_len, H, D).transpose(1, 2)
+        kd = torch.randn(batch, H, ctx, D, device="cuda", dtype=torch.bfloat16)  # KV heads pre-expanded
+        sdpa_ms = bench(lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True))
+        row.update(sdpa_dense_us=sdpa_ms * 1e3, sdpa_tflops=flops / sdpa_ms / 1e9)
+    return row
+
+
+def decode_row(r: dict, read_bw: float) -> dict:
+    print(f"{r['batch']:>4} {r['ctx']:>5} {r['splits']:>3} {r.get('block_n') or 64:>4} "
+          f"{r.get('num_warps', 4):>2} {r.get('num_stages', 3):>2} {r['ours_us']:>8.1f} "
+          f"{r.get('sdpa_gathered_us', 0):>9.1f} {r.get('sdpa_dense_us', 0):>7.1f} {r['ours_gbps']:>6.0f} "
+          f"{100 * r['ours_gbps'] * 1e9 / read_bw:>5.0f}%")
+    return r
+
+
+def main() -> None:
+    out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
+    card = torch.cuda.get_device_name()
+    copy_bw, read_bw = copy_bandwidth()
+    print(f"{card}: copy {copy_bw / 1e12:.2f} TB/s (read + write), read {read_bw / 1e12:.2f} TB/s")
+    print(f"{'B':>4} {'ctx':>5} {'S':>3} {'BN':>4} {'W':>2} {'st':>2} {'ours us':>8} {'gathered':>9} "
+          f"{'dense':>7} {'GB/s':>6} {'%read':>6}")
+    result = dict(card=card, copy_bandwidth_tbps=copy_bw / 1e12, read_bandwidth_tbps=read_bw / 1e12)
+    result["decode"] = [decode_row(time_decode(b, c), read_bw) for b in (1, 8, 64, 256) for c in (1024, 4096)]
+    result["decode_splits"] = [decode_row(time_decode(b, c, False, num_kv_splits=s), read_bw)
+                               for b in (1, 8) for c in (1024, 4096) for s in (1, 2, 4, 8, 16, 32)]
+    result["decode_tiles"] = [
+        decode_row(time_decode(b, c, False, block_n=n, num_warps=w, num_stages=st), read_bw)
+        for b, c in ((1, 1024), (64, 4096))
+        for n, w, st in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 1), (64, 4, 2),
+                         (64, 4, 4), (128, 8, 4))]
+    result["prefill"] = []
+    for args, variant in [((4, 2048, 2048), {}), ((8, 512, 4096), {}), ((16, 256, 256), {}),
+                          ((4, 2048, 2048), dict(block_m=64, block_n=32, num_warps=4)),
+                          ((4, 2048, 2048), dict(block_m=128, block_n=64, num_warps=4)),
+                          ((4, 2048, 2048), dict(block_m=128, block_n=64, num_warps=8)),
+                          ((4, 2048, 2048), dict(block_m=128, block_n=32, num_warps=8))]:
+        result["prefill"].append(time_prefill(*args, **variant))
+        row = result["prefill"][-1]
+        print("prefill", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"attention-{card.replace(' ', '_')}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
