@@ -68,7 +68,7 @@ def test_weights_equal_transformers(smollm_weights, hf_smollm):
     assert set(smollm_weights) == set(hf_state) - {"lm_head.weight"}  # tied: the embedding is the head
     for name, weight in smollm_weights.items():
         assert weight.dtype == torch.float32 and weight.is_contiguous(), name
-        if not torch.equal(weight, hf_state[name]):  # both dequantize with gguf: exact, but allow fp32 rounding
+        if not torch.equal(weight, hf_state[name]):  # both dequantize with gguf; allow for fp32 rounding
             torch.testing.assert_close(weight, hf_state[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
@@ -210,7 +210,8 @@ def test_llama_names_shapes_and_unpermute(tmp_path):
                 "model.layers.0.self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
                 "model.layers.0.self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
                 "model.layers.0.self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
-                "model.layers.0.mlp.gate_proj.weight": (FFN, HIDDEN), "model.layers.0.mlp.up_proj.weight": (FFN, HIDDEN),
+                "model.layers.0.mlp.gate_proj.weight": (FFN, HIDDEN),
+                "model.layers.0.mlp.up_proj.weight": (FFN, HIDDEN),
                 "model.layers.0.mlp.down_proj.weight": (HIDDEN, FFN)}
     assert {name: tuple(w.shape) for name, w in weights.items()} == expected
     np.testing.assert_array_equal(weights["model.layers.0.self_attn.q_proj.weight"].numpy(), hf_q)
@@ -234,7 +235,8 @@ def test_qwen3_keeps_qk_layout_and_reads_head_dim(tmp_path):
 
 
 def test_qwen2_biases_and_eos_ids(tmp_path):
-    path = write_gguf(tmp_path / "qwen2.gguf", "qwen2", model_tensors(qtype=Q.Q8_0, bias=True), eot_token_id=7)
+    tensors = model_tensors(qtype=Q.Q8_0, bias=True)
+    path = write_gguf(tmp_path / "qwen2.gguf", "qwen2", tensors, eot_token_id=7)
     weights = dict(iter_gguf_weights(path))
     assert weights["model.layers.0.self_attn.k_proj.bias"].shape == (KV_HEADS * HEAD_DIM,)
     config = load_gguf_config(path)
@@ -242,8 +244,9 @@ def test_qwen2_biases_and_eos_ids(tmp_path):
 
 
 def test_yarn_rope_scaling(tmp_path):
-    path = write_gguf(tmp_path / "yarn.gguf", "qwen2", model_tensors(), rope_scaling_type=gguf.RopeScalingType.YARN,
-                      rope_scaling_factor=4.0, rope_scaling_orig_ctx_len=32768)
+    yarn = dict(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0,
+                rope_scaling_orig_ctx_len=32768)
+    path = write_gguf(tmp_path / "yarn.gguf", "qwen2", model_tensors(), **yarn)
     assert load_gguf_config(path).rope_scaling == {"rope_type": "yarn", "factor": 4.0,
                                                     "original_max_position_embeddings": 32768}
 

@@ -47,10 +47,10 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str) -> "Tokenizer":
-        """Load an HF tokenizer folder: tokenizer.json, tokenizer_config.json, chat template, generation config."""
+        """An HF tokenizer folder: tokenizer.json, tokenizer_config.json, chat template, generation_config."""
         tokenizer_file = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(tokenizer_file):
-            raise ValueError(f"{folder} has no tokenizer.json (slow-tokenizer files alone are not supported).")
+            raise ValueError(f"{folder} has no tokenizer.json (slow-tokenizer files are not supported).")
         backend = HFTokenizer.from_file(tokenizer_file)
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         bos_id = _token_id(backend, config.get("bos_token"))
@@ -68,18 +68,21 @@ class Tokenizer:
         """Rebuild the byte-level BPE tokenizer a GGUF file describes, splitting text as llama.cpp does."""
         gguf = read_gguf(path)
         if (kind := gguf.get("tokenizer.ggml.model")) != "gpt2":
-            raise ValueError(f"{path}: tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE).")
+            raise ValueError(f"{path}: tokenizer model {kind!r} is not supported; supported: gpt2 (byte BPE)")
         tokens, types = gguf.get("tokenizer.ggml.tokens"), gguf.get("tokenizer.ggml.token_type")
-        backend = _byte_level_bpe(tokens, gguf.get("tokenizer.ggml.merges", []), gguf.get("tokenizer.ggml.pre"))
+        merges = gguf.get("tokenizer.ggml.merges", [])
+        backend = _byte_level_bpe(tokens, merges, gguf.get("tokenizer.ggml.pre"))
+        # Control tokens (<|im_end|>) are special: one id each, dropped by decode(skip_special_tokens=True);
+        # user-defined ones (<think>) are matched whole too but kept when decoding, as llama.cpp does.
         backend.add_special_tokens([_added(t) for t, k in zip(tokens, types) if k == _CONTROL])
         backend.add_tokens([_added(t, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
-        templates = {key.removeprefix("tokenizer.chat_template."): value for key, value in gguf.metadata.items()
-                     if key.startswith("tokenizer.chat_template.")}
+        prefix = "tokenizer.chat_template."
+        templates = {k.removeprefix(prefix): v for k, v in gguf.metadata.items() if k.startswith(prefix)}
         if (default := gguf.get("tokenizer.chat_template")) is not None:
             templates["default"] = default
         return cls(backend, bos_token_id=gguf.get("tokenizer.ggml.bos_token_id"),
-                   eos_token_ids=gguf_eos_token_ids(gguf), add_bos=bool(gguf.get("tokenizer.ggml.add_bos_token")),
-                   chat_templates=templates)
+                   eos_token_ids=gguf_eos_token_ids(gguf), chat_templates=templates,
+                   add_bos=bool(gguf.get("tokenizer.ggml.add_bos_token")))
 
     @property
     def vocab_size(self) -> int:
@@ -87,7 +90,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it become their single ids. BOS only when add_bos."""
-        ids = self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            ids = self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError as e:  # e.g. a lone surrogate, which JSON's "\ud800" can carry
+            raise ValueError(f"text must be a str of valid Unicode: {e}") from e
         if add_special_tokens and self.add_bos:
             ids.insert(0, self.bos_token_id)
         return ids
@@ -105,8 +111,11 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token `token_id` stands for (may be part of a UTF-8 character)."""
         token = self.id_to_token(token_id)
-        if token_id in self._added_ids or not self._byte_level:
+        if token_id in self._added_ids:
             return token.encode("utf-8")
+        if not self._byte_level:  # sentencepiece-style BPE: "▁" is a space, "<0x0A>" a byte fallback
+            is_byte = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+            return bytes([int(token[3:5], 16)]) if is_byte else token.replace("\u2581", " ").encode("utf-8")
         table = _unicode_to_byte()
         return bytes(table[c] for c in token) if all(c in table for c in token) else token.encode("utf-8")
 
@@ -171,7 +180,7 @@ def _added(content: str, special: bool = True) -> AddedToken:
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: byte-level BPE spells each byte as one printable character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     others = [b for b in range(256) if b not in printable]
     table = {chr(b): b for b in printable}
     table.update({chr(256 + n): b for n, b in enumerate(others)})
@@ -217,7 +226,7 @@ def _check_messages(messages: Any) -> None:
             raise ValueError(f"messages[{i}] must be a dict with a string 'role', got {message!r}.")
         content = message.get("content")
         if not isinstance(content, (str, list)) and not (content is None and "tool_calls" in message):
-            raise ValueError(f"messages[{i}]['content'] must be a string or a list of parts, got {content!r}.")
+            raise ValueError(f"messages[{i}]['content'] must be a string or a list of parts, got {content!r}")
 
 
 def _raise_exception(message: str) -> None:
