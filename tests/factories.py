@@ -13,13 +13,14 @@ def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_model_len: int
                    max_num_batched_tokens: int = 64, enable_prefix_caching: bool = True,
                    enable_chunked_prefill: bool = True) -> Scheduler:
     config = Config(max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                    max_num_batched_tokens=max_num_batched_tokens,
+                    enable_prefix_caching=enable_prefix_caching,
                     enable_chunked_prefill=enable_chunked_prefill)
     return Scheduler(config, num_blocks)
 
 
-def create_seqs(num: int = 1, prompt_len: int = 8, prompt: list[int] | None = None, request_id: str | None = None,
-                seed: int = 0) -> list[Sequence]:
+def create_seqs(num: int = 1, prompt_len: int = 8, prompt: list[int] | None = None,
+                request_id: str | None = None, seed: int = 0) -> list[Sequence]:
     """num seqs with distinct random prompts, or all with `prompt` (as the n completions of one request)."""
     rng = Random(seed)
     seqs = []
@@ -87,8 +88,9 @@ def check_invariants(scheduler: Scheduler, kv: FakeKVCache | None = None) -> Non
         assert seq.status == SequenceStatus.RUNNING
         assert len(set(seq.block_table)) == len(seq.block_table), f"{seq} holds a block twice"
         # Blocks for every token, but maybe not yet for the token sampled last step.
-        assert len(seq.block_table) in (bm.blocks_needed(seq.num_tokens), bm.blocks_needed(seq.num_tokens - 1))
-        assert len(seq.block_table) <= max_blocks, f"{seq} overflows the block table"
+        num_blocks = len(seq.block_table)
+        assert num_blocks in (bm.blocks_needed(seq.num_tokens), bm.blocks_needed(seq.num_tokens - 1))
+        assert num_blocks <= max_blocks, f"{seq} overflows the block table"
         assert seq.num_computed_tokens < seq.num_tokens
         for i, block_id in enumerate(seq.block_table):
             block = bm.blocks[block_id]

@@ -1,4 +1,4 @@
-"""BlockManager: paged allocation, ref counts and the prefix cache, driven directly (no scheduler, no model)."""
+"""BlockManager: paged allocation, ref counts and the prefix cache, driven directly (no scheduler)."""
 import pytest
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence
@@ -13,8 +13,8 @@ def compute(bm: BlockManager, seq: Sequence, n: int | None = None) -> None:
     bm.cache_full_blocks(seq)
 
 
-def admit(bm: BlockManager, token_ids: list[int]) -> Sequence:
-    seq = Sequence(token_ids, SamplingParams())
+def admit(bm: BlockManager, token_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+    seq = Sequence(token_ids, params or SamplingParams())
     assert bm.can_allocate(seq)
     bm.allocate(seq)
     return seq
@@ -167,3 +167,13 @@ def test_without_prefix_caching_nothing_is_shared():
     assert b.num_computed_tokens == 0 and not set(a.block_table) & set(b.block_table)
     assert (bm.prefix_queries, bm.prefix_hits, bm.hash_to_block_id) == (0, 0, {})
 
+
+
+def test_seq_with_prompt_logprobs_computes_its_whole_prompt():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    a = admit(bm, list(range(9)))
+    compute(bm, a)
+    b = admit(bm, list(range(9)), SamplingParams(prompt_logprobs=0))
+    assert b.num_computed_tokens == 0 and bm.prefix_queries == 9  # no lookup, not counted
+    compute(bm, b)  # once computed, its full blocks are shared all the same
+    assert b.block_table[:2] == a.block_table[:2]

@@ -199,7 +199,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @initialize(num_blocks=st.integers(1, 12), block_size=st.sampled_from([1, 2, 4]),
                 max_num_seqs=st.integers(1, 4), max_num_batched_tokens=st.integers(1, 16),
-                caching=st.booleans(), chunking=st.booleans(), bad_hash=st.booleans(), seed=st.integers(0, 99))
+                caching=st.booleans(), chunking=st.booleans(), bad_hash=st.booleans(),
+                seed=st.integers(0, 99))
     def setup(self, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, caching, chunking, bad_hash,
               seed):
         self.s = make_scheduler(num_blocks, block_size, MAX_MODEL_LEN, max_num_seqs, max_num_batched_tokens,

@@ -44,7 +44,7 @@ class BlockManager:
 
     @staticmethod
     def compute_hash(parent: int | None, token_ids: list[int]) -> int:
-        """128 bits: a collision is never expected, and a hit compares the tokens anyway."""
+        """128 bits: a collision is never expected, and a hit checks the tokens and parent anyway."""
         h = xxhash.xxh3_128()
         if parent is not None:
             h.update(parent.to_bytes(16, "little"))
@@ -79,7 +79,7 @@ class BlockManager:
         num_new = self.blocks_needed(seq.num_tokens) - len(hits)
         seq.block_table = hits + [self._allocate_block() for _ in range(num_new)]
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
-        if self.enable_prefix_caching:
+        if self._may_hit(seq):
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += seq.num_cached_tokens
 
@@ -135,7 +135,7 @@ class BlockManager:
     def _find_cached_blocks(self, seq: Sequence) -> list[int]:
         """Ids of the cached blocks holding seq's leading tokens. The last token is never looked up: at least
         one token must be computed to get logits to sample from."""
-        if not self.enable_prefix_caching:
+        if not self._may_hit(seq):
             return []
         hashes = self._full_block_hashes(seq)
         hits: list[int] = []
@@ -152,6 +152,10 @@ class BlockManager:
         the tokens makes a hit exact even if hashes collide: the whole prefix matches, block by block."""
         block = self.blocks[block_id]
         return block.parent == parent_key and block.token_ids == token_ids
+
+    def _may_hit(self, seq: Sequence) -> bool:
+        # Prompt logprobs need the logits of every prompt position: such seqs compute them all, as in vLLM.
+        return self.enable_prefix_caching and seq.sampling_params.prompt_logprobs is None
 
     def _full_block_hashes(self, seq: Sequence) -> list[int]:
         """Hashes of seq's full blocks, memoized on seq (tokens are only ever appended)."""

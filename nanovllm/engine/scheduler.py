@@ -9,8 +9,8 @@ from nanovllm.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: seqs[i] computes token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens[i]]
-    and is sampled iff that reaches its last token."""
+    """One step's work: seqs[i] computes num_new_tokens[i] tokens from its num_computed_tokens on, and is
+    sampled iff that reaches its last token."""
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # finished by schedule() ("length"): report them
@@ -29,8 +29,9 @@ class ScheduledBatch:
 class Scheduler:
     """FCFS continuous batching with chunked prefill, prefix caching and preemption by recompute.
 
-    `running` holds the admitted seqs (with blocks for all their tokens) in admission order, partial prefills
-    included; `waiting` the others, preempted ones at the front.
+    `running` holds the admitted seqs in admission order, partial prefills included; `waiting` the others,
+    preempted ones at the front. Admission allocates blocks for all of a seq's tokens, so a chunked prefill
+    never stalls half-way for memory and only decodes ever need to preempt.
     """
 
     def __init__(self, config: Config, num_blocks: int):
@@ -66,8 +67,8 @@ class Scheduler:
                              f"({self.max_model_len}).")
         if not self.enable_chunked_prefill and num_tokens > self.max_num_batched_tokens:
             raise ValueError(f"The prompt ({num_tokens} tokens) is longer than max_num_batched_tokens "
-                             f"({self.max_num_batched_tokens}) and chunked prefill is off: enable it or raise "
-                             f"max_num_batched_tokens.")
+                             f"({self.max_num_batched_tokens}) and chunked prefill is off: enable it or "
+                             f"raise max_num_batched_tokens.")
 
     def add(self, seq: Sequence) -> None:
         assert seq.status == SequenceStatus.WAITING and not seq.block_table
@@ -85,8 +86,8 @@ class Scheduler:
         return batch
 
     def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
-        """Records the computed tokens, appends each sampled token (sampled: seq_id -> token id) and caches the
-        blocks that became full."""
+        """Records the computed tokens, appends each sampled token (sampled: seq_id -> token id) and caches
+        the blocks that became full."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.is_finished:  # aborted since schedule()
                 continue
@@ -96,7 +97,7 @@ class Scheduler:
             self.block_manager.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends seq (reason: "stop", "length" or "abort") and frees its blocks; a no-op if already finished."""
+        """Ends seq ("stop", "length" or "abort") and frees its blocks; a no-op if already finished."""
         if seq.is_finished:
             return
         if seq.status == SequenceStatus.RUNNING:
@@ -115,7 +116,7 @@ class Scheduler:
         return seqs
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> None:
-        """Schedules every running seq that has one token left (decodes and last 1-token chunks), oldest first."""
+        """Schedules the running seqs with one token left (decodes, last 1-token chunks), oldest first."""
         for seq in list(self.running):
             if seq.status != SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue  # preempted just now, or a prefill that is scheduled next
