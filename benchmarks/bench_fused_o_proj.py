@@ -168,7 +168,7 @@ def main() -> None:
         result["tune_s"][f"{k}->{n}"] = time.perf_counter() - t0
         result["rows"] += bench_shape(k, n, torch.bfloat16, fao, norms)
         result["eager"].append(bench_eager(k, n, torch.bfloat16, fao))
-    result["tuning"] = {f"{key[3]}->{key[2]} m={key[5]}": {c: round(ms * 1e3, 2) for c, ms in times.items()}
+    result["tuning"] = {f"{key[3]}->{key[2]} m={key[5]}": {c: round(us, 2) for c, us in times.items()}
                         for key, times in fao.TUNING_LOG.items()}
     result["tuning_errors"] = fao.TUNING_ERRORS
     tag = "h200" if "H200" in card else "h100" if "H100" in card else card.replace(" ", "_").lower()

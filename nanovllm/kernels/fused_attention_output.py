@@ -78,17 +78,20 @@ class KernelConfig:
 
 
 _CUBLAS = KernelConfig("cublas")
-_FMA_CONFIGS = [  # CUDA cores, M <= 8: (block_n, block_k, num_warps, num_stages, tma); many small programs
+_FMA_CONFIGS = [  # CUDA cores, M <= 16: (block_n, block_k, num_warps, num_stages, tma); many small programs
     (1, 1024, 4, 1, False), (2, 1024, 4, 1, False), (2, 512, 4, 2, False), (4, 512, 4, 1, False),
     (4, 512, 4, 3, False), (8, 256, 4, 2, False), (2, 2048, 8, 1, False), (4, 1024, 8, 1, False),
-    (4, 256, 4, 4, True), (8, 256, 4, 3, True), (16, 256, 8, 3, True),
+    (2, 2048, 4, 1, False), (1, 2048, 4, 1, False), (2, 1024, 4, 2, False), (1, 512, 4, 2, False),
+    (1, 256, 4, 3, False), (4, 256, 4, 4, True), (8, 256, 4, 3, True), (16, 256, 8, 3, True),
 ]
 _DOT_GEMV_CONFIGS = [  # tensor cores, M <= 64 in one row tile: (block_n, block_k, split_k, warps, stages, tma)
     (16, 256, 1, 4, 4, False), (16, 128, 1, 4, 6, False), (32, 256, 1, 4, 4, False),
     (16, 256, 2, 4, 4, False), (16, 128, 4, 4, 4, False), (32, 128, 2, 4, 4, False),
     (64, 128, 1, 4, 4, False), (64, 128, 2, 4, 4, False), (64, 64, 4, 4, 4, False),
+    (16, 256, 1, 2, 4, False), (16, 128, 1, 2, 6, False), (16, 256, 1, 1, 4, False),
+    (64, 64, 2, 4, 4, False), (64, 128, 4, 8, 3, False), (32, 256, 1, 8, 3, False),
     (16, 256, 1, 4, 4, True), (16, 128, 1, 4, 8, True), (32, 256, 1, 4, 4, True), (16, 256, 2, 4, 4, True),
-    (64, 128, 2, 4, 4, True),
+    (64, 128, 2, 4, 4, True), (16, 256, 1, 2, 4, True), (32, 256, 1, 2, 4, True),
 ]
 _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
@@ -99,7 +102,7 @@ _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype) -> list[KernelConfig]:
     """The configurations the tuner times for M tokens (m is a bucket: a power of two)."""
     configs = [_CUBLAS]
-    for bn, bk, warps, stages, tma in _FMA_CONFIGS if m <= 8 else []:
+    for bn, bk, warps, stages, tma in _FMA_CONFIGS if m <= 16 else []:
         if m * bn * bk <= 64 * 32 * warps:  # the (M, BN, BK) fp32 products: at most 64 registers a thread
             configs.append(KernelConfig("gemv", m, bn, bk, 1, False, warps, stages, tma))
     for bn, bk, split, warps, stages, tma in _DOT_GEMV_CONFIGS if m <= 64 else []:
