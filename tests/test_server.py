@@ -19,6 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_KEY = "test-key"
 TINY_ARGS = ["--max-model-len", "256", "--max-num-seqs", "256", "--kv-cache-memory-gb", "0.25"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -67,14 +68,18 @@ def free_port() -> int:
 class ServerProcess:
     """`nanovllm serve` in a subprocess on a free loopback port; its log goes to a file (a full pipe blocks)."""
 
-    def __init__(self, args: list[str], log_path: str, api_key: str | None = None, ready_timeout: float = 240):
+    def __init__(self, args: list[str], log_path: str, api_key: str | None = None, ready_timeout: float = 240,
+                 env: dict | None = None):
         self.port, self.api_key, self.log_path = free_port(), api_key, log_path
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "nanovllm", "serve", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        # One torch thread: on a small shared CI box, two contended OpenMP threads make a tiny model's
+        # step ~50x slower (measured: 250 ms vs 3.5 ms at 16 sequences).
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
         self.saw_503 = self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float) -> bool:
@@ -181,8 +186,12 @@ def prompts(n: int, seed: int = 0, words: int = 12) -> list[str]:
 
 
 def greedy(llm, prompt, **kwargs):
+    return greedy_batch(llm, [prompt], **kwargs)[0]
+
+
+def greedy_batch(llm, batch: list, **kwargs) -> list:
     from nanovllm import SamplingParams
-    return llm.generate([prompt], SamplingParams(temperature=0.0, **kwargs), use_tqdm=False)[0]
+    return llm.generate(batch, SamplingParams(temperature=0.0, **kwargs), use_tqdm=False)
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -207,7 +216,7 @@ def test_completions_greedy_match_offline(client, llm):
     response = client.completions.create(model="tiny", prompt=batch, max_tokens=12,
                                          temperature=0)
     assert [c.index for c in response.choices] == list(range(5))
-    expected = [greedy(llm, p, max_tokens=12) for p in batch]
+    expected = greedy_batch(llm, batch, max_tokens=12)
     assert [c.text for c in response.choices] == [e.outputs[0].text for e in expected]
     assert [c.finish_reason for c in response.choices] == [e.outputs[0].finish_reason for e in expected]
     assert response.usage.prompt_tokens == sum(len(e.prompt_token_ids) for e in expected)
@@ -432,7 +441,7 @@ def test_disconnect_storm_frees_everything(server, llm):
     they cannot finish first). The others finish with the offline text; then nothing runs, waits or holds
     a KV block, and a new request is served within 5 s."""
     batch = prompts(4, seed=5)
-    expected = [greedy(llm, p, max_tokens=8, ignore_eos=True).outputs[0].text for p in batch]
+    expected = [o.outputs[0].text for o in greedy_batch(llm, batch, max_tokens=8, ignore_eos=True)]
     client = server.async_client(timeout=120)
 
     async def one(i: int):

@@ -1,0 +1,115 @@
+"""The server under pressure: a KV cache too small for the load (preemption), and SIGTERM mid-load."""
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from test_server import ServerProcess, greedy_batch, prompts, tiny_model_dir  # noqa: F401 - the fixture is used
+
+SMALL_KV = ["--max-model-len", "256", "--block-size", "16", "--num-kvcache-blocks", "12"]
+
+
+@pytest.fixture(scope="module")
+def small_kv_server(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    proc = ServerProcess(["--model", tiny_model_dir, *SMALL_KV], str(tmp_path_factory.mktemp("log") / "kv.log"))
+    yield proc
+    rc = proc.stop()
+    assert rc == 0 and "Traceback" not in proc.log(), (rc, proc.log()[-4000:])
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):  # noqa: F811
+    from nanovllm import LLM
+    return LLM(tiny_model_dir, max_model_len=256, kv_cache_memory_gb=0.25)
+
+
+def test_preemption_under_a_small_kv_cache(small_kv_server, llm):
+    """16 requests of 4 blocks each on 12 blocks: preempted and recomputed, yet every one finishes with the
+    tokens the offline engine (ample cache) gives, and the cache ends empty."""
+    batch = prompts(16, seed=11, words=8)
+    expected = [o.outputs[0].text for o in greedy_batch(llm, batch, max_tokens=40, ignore_eos=True)]
+    client = small_kv_server.async_client(timeout=120)
+
+    async def run():
+        return await asyncio.gather(*(client.completions.create(
+            model="", prompt=p, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}) for p in batch))
+
+    responses = asyncio.run(run())
+    assert [r.choices[0].finish_reason for r in responses] == ["length"] * 16
+    assert [r.usage.completion_tokens for r in responses] == [40] * 16
+    assert [r.choices[0].text for r in responses] == expected
+    m = small_kv_server.wait_idle()
+    assert m["vllm:num_preemptions_total"] > 0
+    assert (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"], m["vllm:kv_cache_usage_perc"]) == (0, 0, 0)
+
+
+def test_sequence_larger_than_the_whole_cache_ends_cleanly(small_kv_server):
+    """12 blocks hold 192 tokens; asking for 240 must end (length) rather than loop or crash."""
+    client = small_kv_server.client(timeout=60)
+    response = client.completions.create(model="", prompt="the river", max_tokens=240, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert response.choices[0].finish_reason == "length"
+    # 192 KV slots, plus the last sampled token, which is never fed back.
+    assert response.usage.prompt_tokens + response.usage.completion_tokens <= 193
+    assert client.completions.create(model="", prompt="hi", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_sigterm_under_load(tiny_model_dir, tmp_path):  # noqa: F811
+    """SIGTERM with 16 long streams in flight: no new work is accepted, each stream ends properly
+    (finished, or finish_reason "abort" after the drain timeout) with [DONE], and the process exits 0
+    within a bounded time, with no traceback."""
+    proc = ServerProcess(["--model", tiny_model_dir, "--max-model-len", "256", "--kv-cache-memory-gb", "0.25",
+                          "--shutdown-timeout", "1"], str(tmp_path / "term.log"))
+    body = {"prompt": "the river", "max_tokens": 240, "temperature": 0, "stream": True,
+            "ignore_eos": True, "min_tokens": 240}
+
+    async def stream(client: httpx.AsyncClient, max_tokens: int) -> tuple[list, bool]:
+        reasons, done = [], False
+        async with client.stream("POST", f"{proc.url}/v1/completions", json={**body, "max_tokens": max_tokens,
+                                                                            "min_tokens": max_tokens}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    reasons += [c["finish_reason"] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+        return reasons, done
+
+    async def run():
+        async with httpx.AsyncClient(timeout=60) as client:
+            tasks = [asyncio.ensure_future(stream(client, 240 if i % 4 else 4)) for i in range(16)]
+            await asyncio.sleep(1.0)
+            proc.proc.send_signal(signal.SIGTERM)
+            sent = time.monotonic()
+            await asyncio.sleep(0.2)
+            try:
+                late = (await client.post(f"{proc.url}/v1/completions", json={"prompt": "hi"})).status_code
+            except httpx.TransportError:
+                late = "refused"
+            return await asyncio.gather(*tasks), late, sent
+
+    results, late, sent = asyncio.run(run())
+    rc = proc.proc.wait(timeout=30)
+    exited_after = time.monotonic() - sent
+    log = proc.log()
+    proc.stop()
+    assert rc == 0 and "Traceback" not in log, (rc, log[-4000:])
+    assert exited_after < 15
+    assert late in (503, "refused")
+    assert all(done and len(reasons) == 1 for reasons, done in results), results
+    reasons = [r[0] for r, _ in results]
+    assert reasons[0::4] == ["length"] * 4  # the short ones finished before the signal
+    assert set(reasons) <= {"length", "abort"} and "abort" in reasons
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == proc.proc.pid]
+
+
+def _parent(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
