@@ -45,6 +45,7 @@ class LLMEngine:
             raise ValueError(f"Unknown engine argument(s) {unknown}; valid ones are {sorted(names)}.")
         config = Config(model=model, **kwargs)
         path = resolve_model_path(config.model)
+        torch.manual_seed(config.seed)  # unseeded random rows draw from torch's default generator
         self.model_runner = ModelRunner(config, path)
         self.model_config = self.model_runner.model_config
         context = self.model_config.max_position_embeddings
@@ -56,6 +57,7 @@ class LLMEngine:
         num_blocks = self.model_runner.allocate_kv_cache(config.max_model_len)
         self.scheduler = Scheduler(config, num_blocks)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.model_runner.eos_token_ids = sorted(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._counter = count()
         self._token_text: dict[int, str] = {}
@@ -205,7 +207,7 @@ class LLMEngine:
         for i, seq in enumerate(request.seqs):
             text = request.texts[i]
             if seq.is_finished and seq.finish_reason != "abort":
-                text += request.detokenizers[i].flush() if hasattr(request.detokenizers[i], "flush") else ""
+                text += request.detokenizers[i].flush()
                 request.texts[i] = text
             sent_chars, sent_tokens = request.sent[i]
             token_ids = list(seq.completion_token_ids)

@@ -46,6 +46,7 @@ class ModelRunner:
         self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused)
         self.model.eval()
         self.sampler = Sampler()
+        self.eos_token_ids: list[int] = []  # set by the engine; masked while min_tokens is not reached
         self.num_blocks = 0
 
     def allocate_kv_cache(self, max_model_len: int) -> int:
@@ -93,7 +94,7 @@ class ModelRunner:
         if sampled_seqs:
             rows = torch.tensor([r for _, r in sample_rows], device=self.device)
             logits = self.model.compute_logits(hidden[rows]).float()  # (B, V)
-            sampling = SamplingBatch.build(sampled_seqs, self.device, logits.shape[-1])
+            sampling = SamplingBatch.build(sampled_seqs, self.device, logits.shape[-1], self.eos_token_ids)
             result = self.sampler(logits, sampling)
             self._collect_samples(sampled_seqs, result, out)
         if plp_rows:
