@@ -135,7 +135,8 @@ def write_gguf(path, arch: str, tensors: dict[str, tuple[np.ndarray, Q]], **meta
                     bos_token_id=1, eos_token_id=2) | metadata
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in metadata.items():
-        getattr(writer, f"add_{key}")(value)
+        if value is not None:
+            getattr(writer, f"add_{key}")(value)
     for name, (array, qtype) in tensors.items():
         data = array if array.dtype == np.uint8 else gguf.quants.quantize(array, qtype)
         writer.add_tensor(name, data, raw_dtype=qtype)
@@ -296,6 +297,12 @@ def test_unsupported_architecture_is_named(tmp_path):
     for load in (load_gguf_config, lambda p: list(iter_gguf_weights(p))):
         with pytest.raises(ValueError, match="'gemma' is not supported; supported: llama, qwen2, qwen3"):
             load(path)
+
+
+def test_missing_metadata_is_named(tmp_path):
+    path = write_gguf(tmp_path / "bare.gguf", "llama", model_tensors(), feed_forward_length=None)
+    with pytest.raises(ValueError, match="lacks metadata llama.feed_forward_length"):
+        load_gguf_config(path)
 
 
 def test_unexpected_tensor_is_named(tmp_path):

@@ -226,17 +226,21 @@ def test_split_regexes_match_transformers():
     assert GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"] == _LLAMA3_SPLIT
 
 
-def write_vocab_gguf(path, model: str = "gpt2", pre: str = "qwen2") -> str:
-    """A metadata-only GGUF with a 7-token byte-level vocabulary."""
+def write_vocab_gguf(path, model: str = "gpt2", pre: str = "qwen2", add_bos: bool | None = False,
+                     bos: int | None = None) -> str:
+    """A metadata-only GGUF with a 9-token byte-level vocabulary; no merge makes "abc"."""
     writer = gguf.GGUFWriter(str(path), "qwen3")
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(["<|endoftext|>", "<think>", "a", "b", "ab", "Ġ", "Ġab"])
-    writer.add_token_types([3, 4, 1, 1, 1, 1, 1])
+    writer.add_token_list(["<|endoftext|>", "<think>", "a", "b", "ab", "Ġ", "Ġab", "c", "abc"])
+    writer.add_token_types([3, 4, 1, 1, 1, 1, 1, 1, 1])
     writer.add_token_merges(["a b", "Ġ ab"])
     writer.add_eos_token_id(0)
     writer.add_eot_token_id(0)
-    writer.add_add_bos_token(False)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    if bos is not None:
+        writer.add_bos_token_id(bos)
     writer.add_chat_template("{{ messages[0].content }}!")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -252,6 +256,15 @@ def test_small_gguf_vocabulary(tmp_path):
     assert tok.is_special(0) and not tok.is_special(1)
     assert tok.eos_token_ids == [0] and tok.bos_token_id is None
     assert tok.apply_chat_template([{"role": "user", "content": "hey"}]) == "hey!"
+
+
+def test_llama_bpe_ignores_merges_and_adds_bos_by_default(tmp_path):
+    # llama.cpp's Llama 3 vocabularies: whole words found in the vocabulary skip BPE; BOS unless told not to.
+    tok = Tokenizer.from_gguf(write_vocab_gguf(tmp_path / "v.gguf", pre="llama-bpe", add_bos=None, bos=0))
+    assert tok.encode("abc") == [0, 8] and tok.encode("abc", add_special_tokens=False) == [8]
+    assert tok.bos_token_id == 0 and tok.add_bos
+    qwen = Tokenizer.from_gguf(write_vocab_gguf(tmp_path / "q.gguf", pre="qwen2", add_bos=None, bos=0))
+    assert qwen.encode("abc") == [4, 7]
 
 
 def test_unknown_pre_tokenizer_warns(tmp_path):

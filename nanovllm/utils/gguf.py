@@ -109,6 +109,9 @@ def load_gguf_config(path: str) -> ModelConfig:
     def get(key: str, default: Any = None) -> Any:
         return gguf.get(f"{arch}.{key}", default)
 
+    required = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+    if missing := [f"{arch}.{key}" for key in required if get(key) is None]:
+        raise ValueError(f"{path} lacks metadata {', '.join(missing)}.")
     if "token_embd.weight" not in gguf.tensors:
         raise ValueError(f"{path} has no token_embd.weight tensor.")
     hidden_size, num_heads = get("embedding_length"), get("attention.head_count")

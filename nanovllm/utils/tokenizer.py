@@ -24,8 +24,8 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_SPLITS = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
-           "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
+_LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3")
+_SPLITS = {"qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT} | dict.fromkeys(_LLAMA3_PRES, _LLAMA3_SPLIT)
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -69,9 +69,11 @@ class Tokenizer:
         gguf = read_gguf(path)
         if (kind := gguf.get("tokenizer.ggml.model")) != "gpt2":
             raise ValueError(f"{path}: tokenizer model {kind!r} is not supported; supported: gpt2 (byte BPE)")
-        tokens, types = gguf.get("tokenizer.ggml.tokens"), gguf.get("tokenizer.ggml.token_type")
-        merges = gguf.get("tokenizer.ggml.merges", [])
-        backend = _byte_level_bpe(tokens, merges, gguf.get("tokenizer.ggml.pre"))
+        tokens, types = gguf.get("tokenizer.ggml.tokens"), gguf.get("tokenizer.ggml.token_type", [])
+        merges, pre = gguf.get("tokenizer.ggml.merges", []), gguf.get("tokenizer.ggml.pre")
+        if not tokens:
+            raise ValueError(f"{path} has no tokenizer.ggml.tokens: no tokenizer to build.")
+        backend = _byte_level_bpe(tokens, merges, pre)
         # Control tokens (<|im_end|>) are special: one id each, dropped by decode(skip_special_tokens=True);
         # user-defined ones (<think>) are matched whole too but kept when decoding, as llama.cpp does.
         backend.add_special_tokens([_added(t) for t, k in zip(tokens, types) if k == _CONTROL])
@@ -82,7 +84,8 @@ class Tokenizer:
             templates["default"] = default
         return cls(backend, bos_token_id=gguf.get("tokenizer.ggml.bos_token_id"),
                    eos_token_ids=gguf_eos_token_ids(gguf), chat_templates=templates,
-                   add_bos=bool(gguf.get("tokenizer.ggml.add_bos_token")))
+                   # llama.cpp's default where the file does not say: BOS for Llama 3 vocabularies only
+                   add_bos=bool(gguf.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRES)))
 
     @property
     def vocab_size(self) -> int:
@@ -135,7 +138,7 @@ class Tokenizer:
             return _compile_template(self.chat_templates[name]).render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs})
         except jinja2.TemplateError as e:  # raise_exception() in templates reports invalid conversations
-            raise ValueError(f"Chat template rejected the messages: {e}") from e
+            raise ValueError(f"Chat template error: {e}") from e
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else self.id_to_token(token_id)
@@ -154,7 +157,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> HF
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
     # llama.cpp looks whole Llama-3 words up in the vocabulary before merging, as HF's ignore_merges does.
-    backend = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=_SPLITS.get(pre) is _LLAMA3_SPLIT))
+    backend = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _LLAMA3_PRES))
     backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
     return backend
