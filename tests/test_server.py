@@ -5,6 +5,7 @@ here; the oracle is the offline `LLM` on the same folder. The harness (ServerPro
 shared with tests/test_server_*.py.
 """
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -191,7 +192,20 @@ def greedy(llm, prompt, **kwargs):
 
 def greedy_batch(llm, batch: list, **kwargs) -> list:
     from nanovllm import SamplingParams
-    return llm.generate(batch, SamplingParams(temperature=0.0, **kwargs), use_tqdm=False)
+    with one_thread():
+        return llm.generate(batch, SamplingParams(temperature=0.0, **kwargs), use_tqdm=False)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The offline oracle on one torch thread, as the test servers run (see ServerProcess)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -234,7 +248,8 @@ def test_token_id_prompts_and_default_max_tokens(client, llm):
 def test_chat_greedy_matches_offline(client, llm):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
     response = client.chat.completions.create(model="", messages=messages, max_tokens=10, temperature=0)
-    expected = llm.chat(messages, _params(max_tokens=10), use_tqdm=False)[0]
+    with one_thread():
+        expected = llm.chat(messages, _params(max_tokens=10), use_tqdm=False)[0]
     assert response.choices[0].message.role == "assistant"
     assert response.choices[0].message.content == expected.outputs[0].text
     assert response.usage.prompt_tokens == len(expected.prompt_token_ids)
@@ -315,8 +330,9 @@ def test_echo_prompt_logprobs_match_offline(server, llm):
     """lm-eval's local-completions loglikelihood: echo + logprobs + max_tokens 1 (and 0)."""
     from nanovllm import SamplingParams
     prompt = "the river and the mountain were in the city"
-    offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1, logprobs=1),
-                           use_tqdm=False)[0]
+    with one_thread():
+        offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1,
+                                                        logprobs=1), use_tqdm=False)[0]
     ids = offline.prompt_token_ids
     for max_tokens in (1, 0):
         body = {"prompt": prompt, "max_tokens": max_tokens, "logprobs": 1, "echo": True, "temperature": 0}
