@@ -206,8 +206,9 @@ def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bo
     miss L2, and keeps the fastest of those whose output matches the reference."""
     _workspace(device)  # allocated here, never during a capture
     gen = torch.Generator(device).manual_seed(0)
-    slots = min(64, math.ceil(2.5 * torch.cuda.get_device_properties(device).L2_cache_size
-                              / (n * k * dtype.itemsize)))
+    # Enough copies of the inputs to overflow L2 2.5 times, which also caps the memory a large M takes.
+    slot_bytes = (n * k + m * k + 2 * m * n) * dtype.itemsize
+    slots = min(64, math.ceil(2.5 * torch.cuda.get_device_properties(device).L2_cache_size / slot_bytes))
 
     def rand(*shape, scale=1.0):
         return [(torch.randn(*shape, generator=gen, device=device) * scale).to(dtype) for _ in range(slots)]
