@@ -1,8 +1,8 @@
 """The attention output projection with its residual add: cuBLAS (matmul, add, matmul + add, addmm) against
 nanovllm's fused kernel, inside CUDA graphs with every input rotated past L2, so each call reads from HBM.
 
-    python benchmarks/bench_fused_o_proj.py                # GPU: writes benchmarks/results/fused_o_proj-<card>.json/.png
-    python benchmarks/bench_fused_o_proj.py --plot FILE.json   # anywhere: redraws the PNG from a JSON
+    python benchmarks/bench_fused_o_proj.py                   # GPU: benchmarks/results/fused_o_proj-<card>.*
+    python benchmarks/bench_fused_o_proj.py --plot FILE.json  # anywhere: redraws the PNG from a JSON
 
 Per row (K -> N, M tokens): median microseconds per call of each variant, and the fused kernel's GB/s over
 the bytes it must move (W, x, residual read once, out written once). For M <= 16 it also times what a
@@ -72,14 +72,15 @@ def bench_shape(k: int, n: int, dtype: torch.dtype, fao, norms) -> list[dict]:
             return [torch.randn(*shape, generator=gen, device="cuda").to(dtype) for _ in range(slots)]
         xs, res, outs, tmps = new(m, k), new(m, n), new(m, n), new(m, n)
         out = fao.fused_o_proj_add_residual(xs[0], ws[0], res[0], out=outs[0])
-        row = dict(k=k, n=n, m=m, rel_err=rel_err(out, fao.fused_o_proj_add_residual_ref(xs[0], ws[0], res[0])))
+        ref = fao.fused_o_proj_add_residual_ref(xs[0], ws[0], res[0])
+        row = dict(k=k, n=n, m=m, rel_err=rel_err(out, ref))
         row["mm_us"] = time_graph(lambda i: torch.matmul(xs[i], ws[i].t(), out=tmps[i]), slots)
         row["add_us"] = time_graph(lambda i: torch.add(tmps[i], res[i], out=outs[i]), slots)
         row["mm_add_us"] = time_graph(lambda i: torch.add(torch.matmul(xs[i], ws[i].t(), out=tmps[i]), res[i],
                                                           out=outs[i]), slots)
         row["addmm_us"] = time_graph(lambda i: torch.addmm(res[i], xs[i], ws[i].t(), out=outs[i]), slots)
-        row["fused_us"] = time_graph(lambda i: fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]),
-                                     slots)
+        row["fused_us"] = time_graph(
+            lambda i: fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]), slots)
         moved = (n * k + 2 * m * n + m * k) * dtype.itemsize
         row["fused_gbps"] = moved / row["fused_us"] / 1e3
         row["fused_config"] = str(fao._BEST[(xs[0].device, dtype, n, k, False, m)])
@@ -118,7 +119,8 @@ def plot(result: dict, path: Path) -> None:
         rows = [r for r in result["rows"] if (r["k"], r["n"]) == (k, n)]
         ms = [r["m"] for r in rows]
         ax.plot(ms, [r["fused_us"] / r["mm_add_us"] for r in rows], marker="o", label=f"{k}->{n}")
-        bx.plot(ms, [100 * r["fused_gbps"] / result["copy_bw_gbps"] for r in rows], marker="o", label=f"{k}->{n}")
+        bw = [100 * r["fused_gbps"] / result["copy_bw_gbps"] for r in rows]
+        bx.plot(ms, bw, marker="o", label=f"{k}->{n}")
     for level in (0.6, 0.8, 0.95, 1.0):
         ax.axhline(level, color="gray", lw=0.6, ls="--")
     ax.set(xscale="log", xlabel="M (tokens)", ylabel="fused / (matmul + add)",
@@ -140,7 +142,8 @@ def print_table(result: dict) -> None:
     for r in result["rows"]:
         extra = "".join(f" {r.get(key, float('nan')):6.2f}" for key in
                         ("fused_then_rmsnorm_us", "mm_then_add_rmsnorm_us"))
-        print(f"{r['k']:>5}->{r['n']:<4} {r['m']:>4} {r['mm_us']:7.2f} {r['mm_add_us']:7.2f} {r['addmm_us']:7.2f}"
+        print(f"{r['k']:>5}->{r['n']:<4} {r['m']:>4} {r['mm_us']:7.2f} {r['mm_add_us']:7.2f}"
+              f" {r['addmm_us']:7.2f}"
               f" {r['fused_us']:7.2f} {r['fused_us'] / r['mm_add_us']:6.3f} {100 * r['fused_gbps'] / bw:5.1f}"
               f"{extra}  {r['fused_config']}")
 

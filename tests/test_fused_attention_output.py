@@ -79,7 +79,7 @@ class TestKernelsInterpreted:
         x, weight, residual, _ = make_inputs(5, 96, 64, torch.bfloat16, row_pad=8, seed=3)
         assert x.stride(0) == 104 and residual.stride(0) == 72
         expected = fused_o_proj_add_residual_ref(x, weight, residual)
-        out = launch(config, x, weight, residual, out=residual)  # out aliases residual, as a decoder layer may
+        out = launch(config, x, weight, residual, out=residual)  # aliased, as a decoder layer may do
         assert out.data_ptr() == residual.data_ptr()
         torch.testing.assert_close(out.float(), expected.float(), **TOL[torch.bfloat16])
 
@@ -129,10 +129,12 @@ def test_gpu_every_real_shape_and_m_up_to_256(k, n):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("config", [KernelConfig("gemv", 16, 32, 128), KernelConfig("gemm", 64, 64, 64)], ids=str)
+@pytest.mark.parametrize("config", [KernelConfig("gemv", 16, 32, 128), KernelConfig("gemm", 64, 64, 64)],
+                         ids=str)
 def test_gpu_other_dtypes_bias_and_strides(dtype, config):
     for m in (1, 7, 16, 33, 200):
-        x, weight, residual, b = make_inputs(m, 2048, 1024, dtype, device="cuda", bias=True, row_pad=64, seed=m)
+        x, weight, residual, b = make_inputs(m, 2048, 1024, dtype, device="cuda", bias=True, row_pad=64,
+                                             seed=m)
         out = launch(config, x, weight, residual, b, out=poisoned(m, 1024, dtype, "cuda"))
         assert_matches_ref(out, x, weight, residual, b)
 

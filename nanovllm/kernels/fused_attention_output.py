@@ -44,7 +44,8 @@ def _jit(**kwargs):
 
 
 def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                                  bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                                  bias: torch.Tensor | None = None,
+                                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch (fp32 math, one rounding at the end): the CPU path and the test oracle."""
     y = torch.addmm(residual.float(), x.float(), weight.float().t())  # (M, N)
     if bias is not None:
@@ -84,7 +85,8 @@ _FMA_CONFIGS = [  # CUDA cores, M <= 16: (block_n, block_k, num_warps, num_stage
     (2, 2048, 4, 1, False), (1, 2048, 4, 1, False), (2, 1024, 4, 2, False), (1, 512, 4, 2, False),
     (1, 256, 4, 3, False), (4, 256, 4, 4, True), (8, 256, 4, 3, True), (16, 256, 8, 3, True),
 ]
-_DOT_GEMV_CONFIGS = [  # tensor cores, M <= 64 in one row tile: (block_n, block_k, split_k, warps, stages, tma)
+# Tensor cores, M <= 64 in one row tile: (block_n, block_k, split_k, num_warps, num_stages, tma).
+_DOT_GEMV_CONFIGS = [
     (16, 256, 1, 4, 4, False), (16, 128, 1, 4, 6, False), (32, 256, 1, 4, 4, False),
     (16, 256, 2, 4, 4, False), (16, 128, 4, 4, 4, False), (32, 128, 2, 4, 4, False),
     (64, 128, 1, 4, 4, False), (64, 128, 2, 4, 4, False), (64, 64, 4, 4, 4, False),
@@ -245,7 +247,8 @@ def warmup(n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cud
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None,
            out: torch.Tensor | None) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x must be (M, K) and weight (N, K); got {tuple(x.shape)} and {tuple(weight.shape)}.")
+        raise ValueError(f"x must be (M, K) and weight (N, K); got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}.")
     shape = (x.shape[0], weight.shape[0])
     for name, t, want in (("residual", residual, shape), ("out", out, shape), ("bias", bias, shape[1:])):
         if t is not None and (tuple(t.shape) != want or t.dtype != x.dtype or t.device != x.device):
@@ -256,7 +259,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, bias: 
 
 
 def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                              bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                              bias: torch.Tensor | None = None,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
     """out (M, N) = x (M, K) @ weight (N, K)^T + bias (N,) + residual (M, N); returns out.
 
     Any M >= 1, K, N; bf16, fp16 or fp32; row-strided x, residual and out. Math in fp32, one rounding.
