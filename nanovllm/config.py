@@ -44,6 +44,8 @@ class Config:
     use_fused_output: bool | None = None  # None: on for CUDA, off for CPU
     tensor_parallel_size: int = 1
     seed: int = 0
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks, GPU tests)
+    skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry token ids and no text
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "tensor_parallel_size"):
@@ -56,5 +58,7 @@ class Config:
             raise ValueError(f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks!r}.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}.")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}.")

@@ -59,6 +59,8 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("This LLM has no tokenizer (skip_tokenizer_init), so it has no chat template.")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         # The template already carries the special tokens; encoding must not add a second BOS.
         return self.tokenizer.encode(text, add_special_tokens=False)

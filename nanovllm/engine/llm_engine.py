@@ -37,6 +37,16 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
 
+class _NoDetokenizer:
+    """Stands in for IncrementalDetokenizer when the engine runs without a tokenizer."""
+
+    def update(self, new_token_ids: list[int]) -> tuple[str, None]:
+        return "", None
+
+    def flush(self) -> str:
+        return ""
+
+
 class LLMEngine:
     def __init__(self, model: str = "", **kwargs):
         names = {f.name for f in fields(Config)}
@@ -52,11 +62,12 @@ class LLMEngine:
         if config.max_model_len is None:
             config.max_model_len = min(context, _MAX_DEFAULT_CONTEXT)
         self.config = config
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(path)
         Sequence.block_size = config.block_size
         num_blocks = self.model_runner.allocate_kv_cache(config.max_model_len)
         self.scheduler = Scheduler(config, num_blocks)
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else []
+        self.eos_token_ids = set(tokenizer_eos) | set(self.model_config.eos_token_ids)
         self.model_runner.eos_token_ids = sorted(self.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._counter = count()
@@ -70,6 +81,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("The prompt is empty.")
+            if self.tokenizer is None:
+                raise ValueError("This engine has no tokenizer (skip_tokenizer_init): give token ids.")
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
                                                        for t in prompt):
@@ -89,6 +102,8 @@ class LLMEngine:
         self.scheduler.check_prompt(len(token_ids))
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams.")
+        if self.tokenizer is None and params.stop_strs:
+            raise ValueError("Stop strings need a tokenizer; this engine has none (skip_tokenizer_init).")
         return token_ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -103,7 +118,8 @@ class LLMEngine:
             if params.seed is not None:
                 seq.generator = torch.Generator(self.model_runner.device).manual_seed(params.seed + index)
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, token_ids, params))
+            detoks.append(IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer
+                          else _NoDetokenizer())
         request = _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
                            detoks, RequestMetrics(arrival_time=arrival))
         request.sent = [(0, 0)] * params.n
@@ -189,6 +205,8 @@ class LLMEngine:
 
     def _decode_token(self, token: int) -> str:
         text = self._token_text.get(token)
+        if text is None and self.tokenizer is None:
+            return ""
         if text is None:
             text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return text

@@ -43,7 +43,8 @@ class ModelRunner:
         use_fused = config.use_fused_output
         if use_fused is None:
             use_fused = self.device.type == "cuda"
-        self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused)
+        self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused,
+                                                   config.load_format)
         self.model.eval()
         self.sampler = Sampler()
         self.eos_token_ids: list[int] = []  # set by the engine; masked while min_tokens is not reached

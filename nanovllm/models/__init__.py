@@ -32,12 +32,26 @@ def get_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.devic
         torch.set_default_dtype(default_dtype)
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device | str,
-               use_fused_output: bool = False) -> tuple[nn.Module, ModelConfig]:
+def load_model(path: str, dtype: torch.dtype, device: torch.device | str, use_fused_output: bool = False,
+               load_format: str = "auto") -> tuple[nn.Module, ModelConfig]:
     """(model in eval mode with the weights of `path` loaded, its ModelConfig). `path` is an HF folder
-    or a .gguf file."""
+    or a .gguf file; with load_format="dummy" only its config is read and the weights are random."""
     model_config = load_model_config(path)
-    weights = iter_weights(path)
     model = get_model(model_config, dtype, device, use_fused_output)
-    load_weights(model, weights, dtype, source=str(path))
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, iter_weights(path), dtype, source=str(path))
     return model.eval(), model_config
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of a realistic scale (norms near 1, matrices with std 0.02), seeded, drawn on the
+    parameters' own device so a multi-GB model initializes in a blink."""
+    for i, (name, param) in enumerate(sorted(model.named_parameters())):
+        gen = torch.Generator(param.device).manual_seed(seed + i)
+        if "norm" in name:
+            param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen, device=param.device))
+        else:
+            param.copy_(0.02 * torch.randn(param.shape, generator=gen, device=param.device))
