@@ -1,17 +1,19 @@
-"""Runs the model on a scheduled batch: owns the weights, the paged KV cache and the sampler."""
+"""Runs the model on a scheduled batch: owns the weights, the paged KV cache, the CUDA graphs and the sampler."""
 from dataclasses import dataclass
 
 import torch
 
 from nanovllm.config import Config, ModelConfig
+from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
-from nanovllm.models import load_model
+from nanovllm.models import load_model, set_use_triton
 from nanovllm.utils.context import make_context, reset_context, set_context
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_CPU_KV_GB = 1.0
+_LOGITS_CHUNK = 1024  # prompt-logprob rows turned into logits at a time: bounds the (rows, vocab) fp32 peak
 
 
 @dataclass
@@ -35,7 +37,18 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def is_plain_greedy(seq: Sequence) -> bool:
+    """The sampler would do nothing but an argmax for this seq (decided on the host, no tensors built)."""
+    p = seq.sampling_params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1 and not p.frequency_penalty
+            and not p.presence_penalty and seq.num_completion_tokens >= p.min_tokens)
+
+
 class ModelRunner:
+    """On CUDA every layer takes its Triton path, the fused o_proj is tuned before anything is captured,
+    the KV cache fills what a profiled max_num_batched_tokens prefill leaves of gpu_memory_utilization,
+    and decode steps replay CUDA graphs unless `enforce_eager`. On CPU it is plain torch."""
+
     def __init__(self, config: Config, model_path: str):
         self.config = config
         self.device = resolve_device(config)
@@ -46,61 +59,121 @@ class ModelRunner:
         self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused,
                                                    config.load_format)
         self.model.eval()
+        set_use_triton(self.model, self.device.type == "cuda")
         self.sampler = Sampler()
         self.eos_token_ids: list[int] = []  # set by the engine; masked while min_tokens is not reached
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
+        if use_fused and self.device.type == "cuda":
+            self._tune_fused_output()
 
+    def _tune_fused_output(self) -> None:
+        """Times the fused o_proj kernels once per shape and M bucket, before any capture or timing."""
+        from nanovllm.kernels.fused_attention_output import warmup
+        shapes = {(*m.o_proj.weight.shape, m.o_proj.bias is not None)
+                  for m in self.model.modules() if getattr(m, "fuses_residual", False)}
+        max_m = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        for n, k, has_bias in shapes:
+            warmup(n, k, self.dtype, self.device, max_m=max_m, has_bias=has_bias)
+
+    # ---- memory -----------------------------------------------------------------------------------
     def allocate_kv_cache(self, max_model_len: int) -> int:
-        """Allocates one K and one V cache per layer and hands them to the Attention layers."""
+        """Allocates one K and one V cache per layer, hands them to the Attention layers, and (CUDA, not
+        enforce_eager) captures the decode graphs, whose block tables span max_model_len."""
         cfg: ModelConfig = self.model_config
         bs = self.config.block_size
         bytes_per_block = 2 * cfg.num_hidden_layers * bs * cfg.num_key_value_heads * cfg.head_dim
         bytes_per_block *= torch.tensor([], dtype=self.dtype).element_size()
-        num_blocks = self.config.num_kvcache_blocks or self._blocks_from_memory(bytes_per_block)
+        num_blocks = self.config.num_kvcache_blocks or self._blocks_from_memory(bytes_per_block, max_model_len)
         if num_blocks < 1:
-            raise ValueError("Not enough memory for a single KV-cache block; lower max_model_len or free memory.")
+            raise ValueError("Not enough memory for a single KV-cache block; lower max_model_len or "
+                             "max_num_batched_tokens, or raise gpu_memory_utilization.")
         shape = (cfg.num_hidden_layers, num_blocks, bs, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # Zeros, not empty: the torch decode path gathers whole blocks and masks the unwritten tail, and a
+        # NaN there would survive the mask (0 * NaN) in the probs @ V product.
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         layers = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
         assert len(layers) == cfg.num_hidden_layers, f"found {len(layers)} attention layers"
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.k_cache[i], self.v_cache[i]
         self.num_blocks = num_blocks
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, self.config.max_num_seqs, -(-max_model_len // bs), bs,
+                                       cfg.vocab_size, self.dtype, self.device)
         return num_blocks
 
-    def _blocks_from_memory(self, bytes_per_block: int) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.config.gpu_memory_utilization - used - self._activation_reserve()
-        else:
-            budget = (self.config.kv_cache_memory_gb or _DEFAULT_CPU_KV_GB) * 2**30
+    def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
+        if self.device.type != "cuda":
+            return int((self.config.kv_cache_memory_gb or _DEFAULT_CPU_KV_GB) * 2**30 // bytes_per_block)
+        activations = self.profile_activation_memory(max_model_len)
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.gpu_memory_utilization - (total - free) - activations
         return int(budget // bytes_per_block)
 
-    def _activation_reserve(self) -> int:
-        # Peak activations of one step: logits and MLP intermediates dominate; a generous fixed estimate.
-        cfg = self.model_config
-        tokens = self.config.max_num_batched_tokens
-        per_token = 4 * (cfg.intermediate_size * 2 + cfg.hidden_size * 4) + 4 * cfg.vocab_size // 8
-        return tokens * per_token + 2**30
+    @torch.inference_mode()
+    def profile_activation_memory(self, max_model_len: int) -> int:
+        """Peak bytes a max_num_batched_tokens prefill allocates beyond what is already held (the weights),
+        measured by running one, with a chunk of prompt-logprob logits (nano-vllm's warmup_model)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens, bs = self.config.max_num_batched_tokens, self.config.block_size
+        seq_len = min(max_model_len, tokens)
+        num_seqs = max(1, min(tokens // seq_len, self.config.max_num_seqs))
+        q_lens = [seq_len] * num_seqs
+        set_context(make_context(q_lens, q_lens, [[0] * -(-seq_len // bs)] * num_seqs, bs, self.device))
+        try:
+            input_ids = torch.zeros(num_seqs * seq_len, dtype=torch.int64, device=self.device)
+            positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+            hidden = self.model(input_ids, positions)  # (T, hidden); no KV cache yet: attention is cache-less
+            self.model.compute_logits(hidden[:_LOGITS_CHUNK]).float().log_softmax(-1)
+        finally:
+            reset_context()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        return peak
 
+    # ---- a step -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:
+        out = StepOutput({}, {}, {})
+        if self._graph_ready(batch):
+            self._run_graph(batch.seqs, out)
+            return out
         input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
         hidden = self.model(input_ids, positions)  # (T, hidden)
         reset_context()
-        out = StepOutput({}, {}, {})
         sampled_seqs = [seq for seq, _ in sample_rows]
         if sampled_seqs:
             rows = torch.tensor([r for _, r in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[rows]).float()  # (B, V)
-            sampling = SamplingBatch.build(sampled_seqs, self.device, logits.shape[-1], self.eos_token_ids)
-            result = self.sampler(logits, sampling)
-            self._collect_samples(sampled_seqs, result, out)
+            logits = self.model.compute_logits(hidden[rows])  # (B, V)
+            self._sample(sampled_seqs, logits, None, out)
         if plp_rows:
             self._collect_prompt_logprobs(hidden, plp_rows, out)
         return out
+
+    def _graph_ready(self, batch: ScheduledBatch) -> bool:
+        """A captured graph serves the batch: one token per seq, every seq sampled, within the buckets."""
+        return (self.graphs is not None and len(batch.seqs) <= self.graphs.max_bs
+                and all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
+                        for seq, n in zip(batch.seqs, batch.num_new_tokens)))
+
+    def _run_graph(self, seqs: list[Sequence], out: StepOutput) -> None:
+        self.graphs.replay(seqs)
+        n = len(seqs)
+        self._sample(seqs, self.graphs.logits[:n], self.graphs.next_tokens[:n], out)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, argmax: torch.Tensor | None,
+                out: StepOutput) -> None:
+        """logits (B, V) in the model dtype; argmax (B,) when the graph already computed it."""
+        if all(is_plain_greedy(seq) for seq in seqs):  # the common case costs one argmax and one copy
+            token_ids = (logits.argmax(dim=-1) if argmax is None else argmax).tolist()
+            out.sampled.update((seq.seq_id, token) for seq, token in zip(seqs, token_ids))
+            return
+        logits = logits.float()
+        sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids)
+        self._collect_samples(seqs, self.sampler(logits, sampling), out)
 
     def _prepare(self, batch: ScheduledBatch):
         ids, pos, q_lens, ctx_lens, tables = [], [], [], [], []
@@ -141,14 +214,20 @@ class ModelRunner:
 
     def _collect_prompt_logprobs(self, hidden: torch.Tensor, plp_rows, out: StepOutput) -> None:
         for seq, offset, start, last in plp_rows:
-            rows = slice(offset, offset + last - start)
-            logits = self.model.compute_logits(hidden[rows]).float()  # (n, V)
-            targets = torch.tensor(seq.token_ids[start + 1:last + 1], device=self.device)
-            k = seq.sampling_params.prompt_logprobs
-            lp, ranks, top_ids, top_lps = compute_prompt_logprobs(logits, targets, k)
             entries = out.prompt_logprobs.setdefault(seq.seq_id, [])
-            lp, ranks = lp.tolist(), ranks.tolist()
-            top_ids = top_ids.tolist() if top_ids is not None else [[]] * len(lp)
-            top_lps = top_lps.tolist() if top_lps is not None else [[]] * len(lp)
-            for j in range(len(lp)):
-                entries.append((start + 1 + j, lp[j], top_ids[j], top_lps[j], ranks[j]))
+            for lo in range(start, last, _LOGITS_CHUNK):
+                hi = min(lo + _LOGITS_CHUNK, last)
+                rows = slice(offset + lo - start, offset + hi - start)
+                logits = self.model.compute_logits(hidden[rows]).float()  # (n, V)
+                targets = torch.tensor(seq.token_ids[lo + 1:hi + 1], device=self.device)
+                self._append_prompt_logprobs(entries, lo, logits, targets, seq.sampling_params.prompt_logprobs)
+
+    @staticmethod
+    def _append_prompt_logprobs(entries: list, start: int, logits: torch.Tensor, targets: torch.Tensor,
+                                k: int) -> None:
+        lp, ranks, top_ids, top_lps = compute_prompt_logprobs(logits, targets, k)
+        lp, ranks = lp.tolist(), ranks.tolist()
+        top_ids = top_ids.tolist() if top_ids is not None else [[]] * len(lp)
+        top_lps = top_lps.tolist() if top_lps is not None else [[]] * len(lp)
+        for j in range(len(lp)):
+            entries.append((start + 1 + j, lp[j], top_ids[j], top_lps[j], ranks[j]))

@@ -11,8 +11,9 @@ class Attention(nn.Module):
 
     The runner assigns `k_cache`/`v_cache` of shape (num_blocks, block_size, Hkv, D). Until then they are
     empty and the layer attends over this step's k/v only (a cache-less forward; with no Context set, the
-    T tokens are one sequence). With `use_triton` the paged Triton kernel attends; otherwise
-    `forward_native` runs plain torch SDPA, the CPU path and the reference.
+    T tokens are one sequence). With `use_triton` (set on CUDA) the paged Triton kernel attends; otherwise
+    `forward_native` runs plain torch SDPA, the CPU path and the reference. `kv_stored=True` says the caller
+    already wrote k/v into the cache (the fused RoPE + store kernel), so the layer only attends.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
@@ -22,11 +23,13 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])
         self.use_triton = False
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_stored: bool = False
+                ) -> torch.Tensor:
         context = get_context()
         if self.k_cache.numel() == 0:
             return self.forward_no_cache(q, k, v, context).flatten(1)
-        self.store_kv(k, v, context.slot_mapping)
+        if not kv_stored:
+            self.store_kv(k, v, context.slot_mapping)
         if self.use_triton:
             return self.forward_triton(q, context).flatten(1)
         return self.forward_native(q, context).flatten(1)

@@ -20,5 +20,7 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits. Unlike nano-vllm's it picks no rows: the runner passes only the rows it samples."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.weight)  # (N, vocab)
+    def forward(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return F.linear(hidden_states, self.weight)  # (N, vocab)
+        return torch.mm(hidden_states, self.weight.t(), out=out)

@@ -7,13 +7,16 @@ class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32 like HF's LlamaRMSNorm.
 
     `forward(x, residual)` first adds the residual and returns `(normed, new_residual)`: the decoder layer
-    then carries the residual stream without a separate add.
+    then carries the residual stream without a separate add. With `use_triton` (set on CUDA) one Triton
+    kernel does the add and the norm, updating `residual` in place; `forward_native` is the plain torch
+    path (CPU, and the reference), which rounds to the model dtype before the weight multiply as HF does.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.use_triton = False
 
     def rms_forward(self, x: torch.Tensor) -> torch.Tensor:
         orig_dtype = x.dtype
@@ -26,8 +29,21 @@ class RMSNorm(nn.Module):
         residual = (x.float() + residual.float()).to(x.dtype)
         return self.rms_forward(residual), residual
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self.rms_forward(x)
         return self.add_rms_forward(x, residual)
+
+    def forward_triton(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        from nanovllm.kernels.add_rmsnorm import add_rmsnorm, rmsnorm
+        if residual is None:
+            return rmsnorm(x, self.weight, self.eps)
+        return add_rmsnorm(x, residual, self.weight, self.eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.use_triton:
+            return self.forward_triton(x, residual)
+        return self.forward_native(x, residual)

@@ -32,6 +32,14 @@ def get_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.devic
         torch.set_default_dtype(default_dtype)
 
 
+def set_use_triton(model: nn.Module, use_triton: bool) -> None:
+    """Switches every layer that has a Triton path (attention, rope + KV store, RMSNorm, SiLU-and-mul) to
+    it, or back to plain torch: the runner turns it on for CUDA; tests turn it off to get the reference."""
+    for module in model.modules():
+        if hasattr(module, "use_triton"):
+            module.use_triton = use_triton
+
+
 def load_model(path: str, dtype: torch.dtype, device: torch.device | str, use_fused_output: bool = False,
                load_format: str = "auto") -> tuple[nn.Module, ModelConfig]:
     """(model in eval mode with the weights of `path` loaded, its ModelConfig). `path` is an HF folder

@@ -10,6 +10,7 @@ from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from nanovllm.utils.context import get_context
 
 
 def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
@@ -27,7 +28,10 @@ def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: t
 
 
 class LlamaAttention(nn.Module):
-    """qkv_proj -> (q/k RMSNorm per head, Qwen3) -> rope -> paged attention -> o_proj."""
+    """qkv_proj -> (q/k RMSNorm per head, Qwen3) -> rope -> paged attention -> o_proj.
+
+    With `use_triton` and a KV cache, the norm, rope and cache store are one kernel (rope_and_store_kv).
+    """
     fuses_residual = False
 
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool | None = None,
@@ -45,17 +49,30 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
+        self.use_triton = False  # RoPE (+ q/k norm) fused with the KV-cache store, on CUDA
 
     def attend(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """The attention output before o_proj: (T, H*D)."""
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # (T, H, D)
+        q = q.view(-1, self.num_heads, self.head_dim)  # (T, H, D), a strided view into the qkv output
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.use_triton and self.attn.k_cache.numel():
+            self.rope_and_store_kv(positions, q, k, v)
+            return self.attn(q, k, v, kv_stored=True)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         return self.attn(q, k, v)
+
+    def rope_and_store_kv(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor) -> None:
+        """One Triton kernel: q/k RMSNorm (Qwen3), RoPE on q and k in place, k and v into the paged cache."""
+        from nanovllm.kernels.rope_kv_store import rope_and_store_kv
+        q_norm, k_norm = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        eps = self.q_norm.eps if self.q_norm is not None else 1e-6
+        rope_and_store_kv(q, k, v, positions, self.rotary_emb.cos_sin_cache, self.attn.k_cache,
+                          self.attn.v_cache, get_context().slot_mapping, q_norm, k_norm, eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.attend(positions, hidden_states))
@@ -154,6 +171,6 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions (T,) int64 -> hidden states (T, hidden)."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(N, hidden) -> (N, vocab)."""
-        return self.lm_head(hidden_states)
+    def compute_logits(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab); into `out` when given (a CUDA graph's static buffer)."""
+        return self.lm_head(hidden_states, out)

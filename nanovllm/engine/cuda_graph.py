@@ -1,0 +1,119 @@
+"""Decode steps replayed from CUDA graphs: one graph per batch-size bucket, fed through static buffers.
+
+A decode step of a small model is hundreds of tiny kernels; launched one by one from Python, the launches
+cost more than the kernels. Captured once per bucket (1, 2, 4, 8, 16, then every 16 up to max_num_seqs),
+a step is one replay. A batch is padded up to its bucket with rows that store nothing (slot -1) and attend
+to nothing (context length 0). Block tables are padded to max_model_len's block count, so the decode
+kernel's split count, chosen from shapes alone, is fixed per bucket. The graph ends with the LM head and
+the greedy argmax, so a greedy step copies back only B token ids.
+"""
+from itertools import chain, count
+
+import numpy as np
+import torch
+from torch import nn
+
+from nanovllm.engine.sequence import Sequence
+from nanovllm.utils.context import Context, reset_context, set_context
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 32, 48, ...: the first bucket >= max_num_seqs is the last."""
+    sizes = []
+    for size in chain((1, 2, 4, 8), count(16, 16)):
+        sizes.append(size)
+        if size >= max_num_seqs:
+            return sizes
+
+
+class DecodeGraphs:
+    """Captures `model` for decode batches of up to max_num_seqs seqs and replays it for a batch of seqs.
+
+    Inputs travel in two host-to-device copies from pinned buffers: int64 [input_ids; positions;
+    slot_mapping] and int32 [context_lens | block_tables]. Outputs: `logits` (max_bs, vocab) in the model
+    dtype and `next_tokens` (max_bs,) int64, the argmax of each row (ties to the lowest id).
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: nn.Module, max_num_seqs: int, max_num_blocks: int, block_size: int,
+                 vocab_size: int, dtype: torch.dtype, device: torch.device, capture: bool = True):
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        self.max_bs = max_bs = self.batch_sizes[-1]
+        self.bucket = [next(b for b in self.batch_sizes if b >= n) for n in range(max_bs + 1)]
+        self.block_size, self.max_num_blocks = block_size, max_num_blocks
+        pin = device.type == "cuda"
+        self.host64 = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
+        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()  # views: writes go to pinned memory
+        self.np_tables = self.np32[max_bs:].reshape(max_bs, max_num_blocks)
+        self.dev64 = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
+        self.dev32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.dev64  # (max_bs,) each
+        self.context_lens = self.dev32[:max_bs]
+        self.block_tables = self.dev32[max_bs:].view(max_bs, max_num_blocks)
+        self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
+        self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
+        self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.model = model
+        if capture:
+            self._capture(model)
+
+    def _context(self, bs: int) -> Context:
+        # The host lists serve only the torch attention path, which graphs never run.
+        return Context(q_lens=[1] * bs, context_lens=[], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
+                       context_lens_t=self.context_lens[:bs], slot_mapping=self.slot_mapping[:bs],
+                       block_tables=self.block_tables[:bs], max_q_len=1,
+                       max_context_len=self.max_num_blocks * self.block_size, is_decode=True)
+
+    def _forward(self, model: nn.Module, bs: int) -> None:
+        hidden = model(self.input_ids[:bs], self.positions[:bs])  # (bs, hidden)
+        logits = model.compute_logits(hidden, out=self.logits[:bs])  # (bs, vocab)
+        torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
+
+    def _capture(self, model: nn.Module) -> None:
+        # Warm-up and capture really run: slot -1 and context 0 keep them away from the KV cache.
+        self.slot_mapping.fill_(-1)
+        self.context_lens.zero_()
+        pool = None
+        for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
+            set_context(self._context(bs))
+            try:
+                self._forward(model, bs)  # compiles kernels and picks cuBLAS algorithms outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self._forward(model, bs)
+            finally:
+                reset_context()
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def replay(self, seqs: list[Sequence]) -> None:
+        """Runs one decode step of seqs (each computes its token at num_computed_tokens); the results
+        are in logits[:len(seqs)] and next_tokens[:len(seqs)]. No host sync."""
+        n, block_size = len(seqs), self.block_size
+        bs = self.bucket[n]
+        ids, positions, slots = self.np64
+        pos = [seq.num_computed_tokens for seq in seqs]
+        ids[:n] = [seq.token_ids[p] for seq, p in zip(seqs, pos)]
+        positions[:n] = pos
+        slots[:n] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, pos)]
+        slots[n:bs] = -1
+        context_lens = self.np32[:self.max_bs]
+        context_lens[:n] = positions[:n] + 1
+        context_lens[n:bs] = 0
+        for i, seq in enumerate(seqs):  # entries past a row's table are never read (context_lens bounds it)
+            self.np_tables[i, :len(seq.block_table)] = seq.block_table
+        # The pinned buffers are rewritten only after the next sync (the caller reads the tokens back).
+        self.dev64.copy_(self.host64, non_blocking=True)
+        used = self.max_bs + bs * self.max_num_blocks
+        self.dev32[:used].copy_(self.host32[:used], non_blocking=True)
+        if self.graphs:
+            self.graphs[bs].replay()
+        else:  # not captured (tests of the padding on CPU): run the same step eagerly
+            set_context(self._context(bs))
+            try:
+                self._forward(self.model, bs)
+            finally:
+                reset_context()
