@@ -50,11 +50,11 @@ def write_tiny_tokenizer(path: str) -> int:
     return tok.get_vocab_size()
 
 
-def make_tiny_model_dir(tmp_dir) -> str:
+def make_tiny_model_dir(tmp_dir, **overrides) -> str:
     from tiny_models import make_tiny_model
     vocab_dir = os.path.join(str(tmp_dir), "tokenizer")
     vocab_size = write_tiny_tokenizer(vocab_dir)
-    path = make_tiny_model("llama", tmp_dir, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
+    path = make_tiny_model("llama", tmp_dir, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **overrides)
     for name in os.listdir(vocab_dir):
         os.replace(os.path.join(vocab_dir, name), os.path.join(path, name))
     return path
@@ -453,8 +453,8 @@ def test_metrics_exact_counts(server, client):
 
 # ---- load: 200 streams, half the clients leave ---------------------------------------------------
 def test_disconnect_storm_frees_everything(server, llm):
-    """200 concurrent streams; the odd ones disconnect after 0.5 s (max_tokens = min_tokens = 200, so
-    they cannot finish first). The others finish with the offline text; then nothing runs, waits or holds
+    """200 concurrent requests; the odd ones disconnect after 0.5 s (max_tokens = min_tokens = 200, so
+    they cannot finish first; half of them streaming, half not). The others finish with the offline text; then nothing runs, waits or holds
     a KV block, and a new request is served within 5 s."""
     batch = prompts(4, seed=5)
     expected = [o.outputs[0].text for o in greedy_batch(llm, batch, max_tokens=8, ignore_eos=True)]
@@ -463,8 +463,10 @@ def test_disconnect_storm_frees_everything(server, llm):
     async def one(i: int):
         long = i % 2 == 1
         extra = {"ignore_eos": True, "min_tokens": 200 if long else 0}
-        stream = await client.completions.create(model="", prompt=batch[i % 4], max_tokens=200 if long else 8,
-                                                 temperature=0, stream=True, extra_body=extra)
+        kwargs = dict(model="", prompt=batch[i % 4], max_tokens=200 if long else 8, temperature=0, extra_body=extra)
+        if i % 4 == 3:  # a quarter of the leavers wait for a whole (non-streamed) response
+            return (await client.completions.create(**kwargs)).choices[0].text
+        stream = await client.completions.create(**kwargs, stream=True)
         text = ""
         async with stream:
             async for chunk in stream:

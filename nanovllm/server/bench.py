@@ -50,6 +50,9 @@ async def _benchmark(args) -> dict:
                                  limits=httpx.Limits(max_connections=None)) as client:
         model = args.model or (await _get_json(client, f"{url}/v1/models"))["data"][0]["id"]
         prompts = await _make_prompts(client, url, model, args.num_prompts, args.input_len, args.seed)
+        if args.backend == "chat":  # chat takes text; the chat template then adds a few tokens
+            prompts = [(await _post_json(client, f"{url}/detokenize", {"model": model, "tokens": p}))["prompt"]
+                       for p in prompts]
         endpoint = f"{url}/v1/chat/completions" if args.backend == "chat" else f"{url}/v1/completions"
         payload = lambda p, n: _payload(args.backend, model, p, n)  # noqa: E731
         test = await _send(client, endpoint, payload(prompts[0], 4), time.perf_counter())
@@ -79,28 +82,32 @@ async def _get_json(client: httpx.AsyncClient, url: str) -> dict:
     return response.json()
 
 
-async def _make_prompts(client, url: str, model: str, num: int, input_len: int, seed: int):
-    """Random-word prompts cut to exactly `input_len` tokens by the server's tokenizer (sent as ids)."""
+async def _post_json(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    response = await client.post(url, json=body)
+    response.raise_for_status()
+    return response.json()
+
+
+async def _make_prompts(client, url: str, model: str, num: int, input_len: int, seed: int) -> list[list[int]]:
+    """Random-word prompts cut to exactly `input_len` tokens by the server's own tokenizer."""
     rng = random.Random(seed)
     prompts = []
     for _ in range(num):
         ids: list[int] = []
         while len(ids) < input_len:
             text = " ".join(rng.choice(_WORDS) for _ in range(input_len))
-            response = await client.post(f"{url}/tokenize", json={"model": model, "prompt": text,
-                                                                  "add_special_tokens": not ids})
-            response.raise_for_status()
-            ids += response.json()["tokens"]
+            body = {"model": model, "prompt": text, "add_special_tokens": not ids}
+            ids += (await _post_json(client, f"{url}/tokenize", body))["tokens"]
         prompts.append(ids[:input_len])
     return prompts
 
 
-def _payload(backend: str, model: str, prompt_ids: list[int], max_tokens: int) -> dict:
+def _payload(backend: str, model: str, prompt: list[int] | str, max_tokens: int) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
-    if backend == "chat":  # chat takes text: the ids are only used for their length
-        return {**body, "messages": [{"role": "user", "content": " ".join(map(str, prompt_ids))}]}
-    return {**body, "prompt": prompt_ids}
+    if backend == "chat":
+        return {**body, "messages": [{"role": "user", "content": prompt}]}
+    return {**body, "prompt": prompt}
 
 
 async def _send(client: httpx.AsyncClient, url: str, payload: dict, t0: float) -> RequestResult:
