@@ -17,8 +17,17 @@ def greedy(max_tokens=NEW_TOKENS, **kw) -> SamplingParams:
 
 @pytest.fixture(scope="module", params=ARCHS, ids=[a for a, _ in ARCHS])
 def tiny(request, tmp_path_factory):
-    """(folder, HF model, HF greedy tokens and per-step logprobs for each prompt)."""
-    arch, overrides = request.param
+    """Every architecture: (folder, HF model, HF greedy tokens and per-step logprobs for each prompt)."""
+    return build_tiny(*request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    """One architecture, for the tests of scheduling and sampling that do not depend on it."""
+    return build_tiny("qwen3", {}, tmp_path_factory)
+
+
+def build_tiny(arch: str, overrides: dict, tmp_path_factory):
     folder = make_tiny_model(arch, tmp_path_factory.mktemp(arch), **overrides)
     save_tiny_tokenizer(folder)
     hf = make_tiny_hf_model(arch, **overrides)
@@ -52,8 +61,8 @@ def test_greedy_tokens_and_logprobs_match_transformers(tiny):
     dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=64),
     dict(block_size=4, max_num_seqs=1),  # one at a time
 ], ids=["preemption", "chunked", "plain", "one-by-one"])
-def test_same_greedy_tokens_under_scheduling_pressure(tiny, engine_args):
-    folder, _, expected = tiny
+def test_same_greedy_tokens_under_scheduling_pressure(qwen3, engine_args):
+    folder, _, expected = qwen3
     llm = LLM(folder, **engine_args)
     outputs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [tokens for tokens, _ in expected]
@@ -63,8 +72,8 @@ def test_same_greedy_tokens_under_scheduling_pressure(tiny, engine_args):
     assert stats["num_free_blocks"] == stats["num_blocks"]  # nothing leaked
 
 
-def test_each_request_alone_equals_the_batch(tiny):
-    folder, _, expected = tiny
+def test_each_request_alone_equals_the_batch(qwen3):
+    folder, _, expected = qwen3
     llm = LLM(folder)
     for prompt, (tokens, _) in zip(PROMPTS, expected):
         assert llm.generate([prompt], greedy(), use_tqdm=False)[0].outputs[0].token_ids == tokens
@@ -102,8 +111,8 @@ def test_prompt_logprobs_match_transformers(tiny):
         assert all(t in entry for t in top)
 
 
-def test_seeded_sampling_reproduces_whatever_the_batch(tiny):
-    folder, _, _ = tiny
+def test_seeded_sampling_reproduces_whatever_the_batch(qwen3):
+    folder, _, _ = qwen3
     llm = LLM(folder)
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
     alone = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
@@ -114,8 +123,8 @@ def test_seeded_sampling_reproduces_whatever_the_batch(tiny):
     assert llm.generate([PROMPTS[0]], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
 
 
-def test_n_completions_abort_and_streaming(tiny):
-    folder, _, expected = tiny
+def test_n_completions_abort_and_streaming(qwen3):
+    folder, _, expected = qwen3
     llm = LLM(folder)
     out = llm.generate([PROMPTS[0]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8,
                                                     ignore_eos=True), use_tqdm=False)[0]
@@ -140,8 +149,8 @@ def test_n_completions_abort_and_streaming(tiny):
     assert engine.stats()["num_free_blocks"] == engine.stats()["num_blocks"]
 
 
-def test_bad_requests_fail_alone(tiny):
-    folder, _, expected = tiny
+def test_bad_requests_fail_alone(qwen3):
+    folder, _, expected = qwen3
     llm = LLM(folder, max_model_len=64)
     engine = llm.engine
     engine.add_request("good", PROMPTS[0], greedy())
@@ -160,8 +169,8 @@ def test_bad_requests_fail_alone(tiny):
     assert not engine.has_unfinished_requests()
 
 
-def test_stop_token_ids_max_tokens_and_context_limit(tiny):
-    folder, _, expected = tiny
+def test_stop_token_ids_max_tokens_and_context_limit(qwen3):
+    folder, _, expected = qwen3
     tokens = expected[0][0]
     llm = LLM(folder, max_model_len=len(PROMPTS[0]) + 10)
     stop_at = tokens[5]
