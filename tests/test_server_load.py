@@ -1,28 +1,37 @@
-"""The server under pressure: a KV cache too small for the load (preemption), and SIGTERM mid-load."""
+"""The server's life under pressure: a KV cache too small for the load (preemption), SIGTERM mid-load,
+and start-up failures."""
 import asyncio
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
-
-from test_server import ServerProcess, greedy_batch, make_tiny_model_dir, prompts, tiny_model_dir  # noqa: F401 - the fixture is used
+from test_server import REPO_ROOT, ServerProcess, greedy_batch, load, make_tiny_model_dir, prompts
 
 SMALL_KV = ["--max-model-len", "256", "--block-size", "16", "--num-kvcache-blocks", "12"]
 
 
 @pytest.fixture(scope="module")
-def small_kv_server(tiny_model_dir, tmp_path_factory):  # noqa: F811
-    proc = ServerProcess(["--model", tiny_model_dir, *SMALL_KV], str(tmp_path_factory.mktemp("log") / "kv.log"))
+def tiny_model_dir(tmp_path_factory) -> str:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def small_kv_server(tiny_model_dir, tmp_path_factory):
+    log = str(tmp_path_factory.mktemp("log") / "kv.log")
+    proc = ServerProcess(["--model", tiny_model_dir, *SMALL_KV], log)
     yield proc
     rc = proc.stop()
     assert rc == 0 and "Traceback" not in proc.log(), (rc, proc.log()[-4000:])
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):  # noqa: F811
+def llm(tiny_model_dir):
     from nanovllm import LLM
     return LLM(tiny_model_dir, max_model_len=256, kv_cache_memory_gb=0.25)
 
@@ -35,8 +44,8 @@ def test_preemption_under_a_small_kv_cache(small_kv_server, llm):
     client = small_kv_server.async_client(timeout=120)
 
     async def run():
-        return await asyncio.gather(*(client.completions.create(
-            model="", prompt=p, max_tokens=40, temperature=0, extra_body={"ignore_eos": True}) for p in batch))
+        kwargs = {"model": "", "max_tokens": 40, "temperature": 0, "extra_body": {"ignore_eos": True}}
+        return await asyncio.gather(*(client.completions.create(prompt=p, **kwargs) for p in batch))
 
     responses = asyncio.run(run())
     assert [r.choices[0].finish_reason for r in responses] == ["length"] * 16
@@ -44,7 +53,7 @@ def test_preemption_under_a_small_kv_cache(small_kv_server, llm):
     assert [r.choices[0].text for r in responses] == expected
     m = small_kv_server.wait_idle()
     assert m["vllm:num_preemptions_total"] > 0
-    assert (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"], m["vllm:kv_cache_usage_perc"]) == (0, 0, 0)
+    assert load(m) == (0, 0, 0)
 
 
 def test_sequence_larger_than_the_whole_cache_ends_cleanly(small_kv_server):
@@ -60,8 +69,8 @@ def test_sequence_larger_than_the_whole_cache_ends_cleanly(small_kv_server):
 
 def test_sigterm_under_load(tmp_path):
     """SIGTERM once 4 short streams have finished, with 12 too long to finish (4000 tokens) in flight:
-    no new work is accepted, each stream ends properly (finished, or finish_reason "abort" after the 1 s drain) with
-    [DONE], and the process exits 0 within a bounded time, with no traceback."""
+    no new work is accepted, each stream ends properly (finished, or finish_reason "abort" after the
+    1 s drain) with [DONE], and the process exits 0 within a bounded time, with no traceback."""
     model = make_tiny_model_dir(tmp_path, max_position_embeddings=4096)
     proc = ServerProcess(["--model", model, "--max-model-len", "4096", "--kv-cache-memory-gb", "0.25",
                           "--shutdown-timeout", "1"], str(tmp_path / "term.log"))
@@ -76,7 +85,8 @@ def test_sigterm_under_load(tmp_path):
                 if line == "data: [DONE]":
                     done = True
                 elif line.startswith("data: "):
-                    reasons += [c["finish_reason"] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+                    choices = json.loads(line[6:])["choices"]
+                    reasons += [c["finish_reason"] for c in choices if c["finish_reason"]]
         return reasons, done
 
     async def run():
@@ -113,3 +123,19 @@ def _parent(pid: str) -> int | None:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def test_a_model_that_fails_to_load_exits_nonzero(tiny_model_dir, tmp_path):
+    """A server whose model cannot load must exit with an error, not answer 503 forever."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RuntimeError, match="exited with 1") as e:
+        ServerProcess(["--model", str(broken)], str(tmp_path / "broken.log"), ready_timeout=120)
+    assert "error: the engine failed" in str(e.value)
+
+
+def test_a_missing_model_path_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nanovllm", "serve", "--model", str(tmp_path / "nope")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -17,8 +17,14 @@ from starlette.exceptions import HTTPException
 
 from nanovllm.server import serving
 from nanovllm.server.async_engine import AsyncEngine
-from nanovllm.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                      TokenizeRequest, chat_messages)
+from nanovllm.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    chat_messages,
+)
 
 logger = logging.getLogger("nanovllm.server")
 MAX_BODY_BYTES = 32 * 1024 * 1024  # as vLLM; larger bodies are refused before they are read

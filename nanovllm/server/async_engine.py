@@ -14,11 +14,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nanovllm.engine.output import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.metrics import ServerMetrics
 from nanovllm.server.protocol import APIError
+
+if TYPE_CHECKING:
+    from nanovllm.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("nanovllm.server")
 
@@ -41,12 +45,12 @@ class _Add:
 
 
 class AsyncEngine:
-    def __init__(self, make_engine: Callable[[], "LLMEngine"], metrics: ServerMetrics | None = None,  # noqa: F821
+    def __init__(self, make_engine: Callable[[], "LLMEngine"], metrics: ServerMetrics | None = None,
                  max_pending: int = 4096):
         self._make_engine = make_engine
         self.metrics = metrics
         self.max_pending = max_pending
-        self.engine = None  # set by the engine thread once loaded
+        self.engine: LLMEngine | None = None  # set by the engine thread once loaded
         self.ready = False  # loaded and warmed up
         self.error: str | None = None  # why the engine died
         self.accepting = True  # False once shutdown begins
@@ -62,13 +66,15 @@ class AsyncEngine:
         self._thread.start()
 
     def check_accepting(self, num_requests: int) -> None:
-        """Raises the APIError a new request gets now: 500 engine dead, 503 not ready / shutting down / full."""
+        """Raises what a new request gets now: 500 engine dead; 503 not ready, shutting down or full."""
         if self.error is not None:
             raise APIError(500, "The engine has failed; restart the server.", type="InternalServerError")
         if not self.ready or not self.accepting:
-            raise APIError(503, "The server is not ready." if self.accepting else "The server is shutting down.")
+            raise APIError(503, "The server is not ready." if self.accepting
+                           else "The server is shutting down.")
         if self.num_pending + num_requests > self.max_pending:
-            raise APIError(503, f"The server is at capacity ({self.max_pending} pending requests); retry later.")
+            raise APIError(503, f"The server is at capacity ({self.max_pending} pending requests); "
+                           "retry later.")
 
     async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Yields (index into `requests`, output) until every request has finished. Leaving early (client
@@ -120,7 +126,7 @@ class AsyncEngine:
         try:
             self.engine = self._make_engine()
             self._warm_up()
-        except Exception as e:  # noqa: BLE001 - any load failure must reach /health, not kill silently
+        except Exception as e:  # any load failure must show on /health, not kill the thread silently
             logger.exception("failed to load the model")
             self.error = f"{type(e).__name__}: {e}"
             return
@@ -163,7 +169,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
                                         arrival_time=command.arrival_time)
-            except Exception as e:  # noqa: BLE001 - one bad request fails alone
+            except Exception as e:  # one bad request fails alone
                 status = 400 if isinstance(e, ValueError) else 500
                 self._deliver([(command.queue, request.request_id, APIError(status, str(e)))])
             else:
@@ -183,10 +189,11 @@ class AsyncEngine:
     def _step(self) -> bool:
         try:
             outputs = self.engine.step()
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.exception("engine step failed; the engine is now dead")
             self.error = "engine step failed"
-            failure = APIError(500, "The engine failed while running this request.", type="InternalServerError")
+            failure = APIError(500, "The engine failed while running this request.",
+                               type="InternalServerError")
             self._deliver([(q, rid, failure) for rid, q in self._streams.items()])
             self._streams.clear()
             return False
@@ -219,9 +226,7 @@ def _put_all(items: list[tuple[asyncio.Queue, str, object]]) -> None:
 def _aborted(last: RequestOutput | None, request: EngineRequest) -> RequestOutput:
     """The final output of a request the server aborted: what it had so far, finish_reason "abort"."""
     if last is None:
-        completions = [CompletionOutput(index=i, text="", token_ids=[], cumulative_logprob=None, logprobs=None,
-                                        finish_reason=None, stop_reason=None)
-                       for i in range(request.params.n)]
+        completions = [CompletionOutput(index=i, text="", token_ids=[]) for i in range(request.params.n)]
         last = RequestOutput(request_id=request.request_id, prompt=None,
                              prompt_token_ids=request.prompt_token_ids, prompt_logprobs=None,
                              outputs=completions, finished=False, num_cached_tokens=0, metrics=None)

@@ -1,4 +1,5 @@
-"""`nanovllm bench serve`: a seeded random workload against a running server, measured like `vllm bench serve`.
+"""`nanovllm bench serve`: a seeded random workload against a running server, measured as
+`vllm bench serve` measures it.
 
 TTFT: send -> first chunk with choices. ITL: gaps between later chunks. TPOT: (e2e - TTFT) / (output - 1)
 per request. E2E: send -> end of stream. Output lengths come from the final usage chunk.
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-_WORDS = ("the of and to in is was for on that with as by at from his her an which are this be or had not "
-          "but were they all one have has been their more when who will would there about into time than can "
-          "river mountain engine garden window history number language music light water city paper system "
-          "question morning market winter forest letter summer island bridge signal memory").split()
+_WORDS = (  # noqa: SIM905 - a word list reads better as text
+    "the of and to in is was for on that with as by at from his her an which are this be or had not but "
+    "were they all one have has been their more when who will would there about into time than can river "
+    "mountain engine garden window history number language music light water city paper system question "
+    "morning market winter forest letter summer island bridge signal memory"
+).split()
 
 
 @dataclass
@@ -51,10 +54,11 @@ async def _benchmark(args) -> dict:
         model = args.model or (await _get_json(client, f"{url}/v1/models"))["data"][0]["id"]
         prompts = await _make_prompts(client, url, model, args.num_prompts, args.input_len, args.seed)
         if args.backend == "chat":  # chat takes text; the chat template then adds a few tokens
-            prompts = [(await _post_json(client, f"{url}/detokenize", {"model": model, "tokens": p}))["prompt"]
+            detokenize = f"{url}/detokenize"
+            prompts = [(await _post_json(client, detokenize, {"model": model, "tokens": p}))["prompt"]
                        for p in prompts]
         endpoint = f"{url}/v1/chat/completions" if args.backend == "chat" else f"{url}/v1/completions"
-        payload = lambda p, n: _payload(args.backend, model, p, n)  # noqa: E731
+        payload = lambda p, n: _payload(args.backend, model, p, n)
         test = await _send(client, endpoint, payload(prompts[0], 4), time.perf_counter())
         if not test.ok:
             raise RuntimeError(f"The test request failed: {test.error}")

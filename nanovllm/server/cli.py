@@ -1,5 +1,6 @@
 """`nanovllm serve` and `nanovllm bench serve`: argparse wiring and the server's process lifecycle."""
 import argparse
+import sys
 
 from nanovllm.utils.args import add_engine_args, engine_kwargs
 
@@ -8,8 +9,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="Serve the OpenAI-compatible HTTP API.",
-                              description="An OpenAI-compatible server: /v1/completions, /v1/chat/completions, "
-                              "/v1/models, /health, /metrics, /tokenize, /detokenize.")
+                              description="An OpenAI-compatible server: /v1/completions, "
+                              "/v1/chat/completions, /v1/models, /health, /metrics, /tokenize, /detokenize.")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1; pass 0.0.0.0 explicitly to listen on all).")
@@ -52,19 +53,22 @@ def add_bench_parser(subparsers) -> argparse._SubParsersAction:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from nanovllm.utils.default_model import resolve_model_path
+    resolve_model_path(args.model)  # a bad path is a clear error now, not a 503 forever
+
     from nanovllm.engine.llm_engine import LLMEngine
     from nanovllm.server.app import ServerState, create_app
     from nanovllm.server.async_engine import AsyncEngine
     from nanovllm.server.lifecycle import run_server
     from nanovllm.server.metrics import ServerMetrics
-    from nanovllm.utils.default_model import resolve_model_path
-
-    resolve_model_path(args.model)  # a bad path is a clear error now, not a 503 forever
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     kwargs = engine_kwargs(args)
     engine = AsyncEngine(lambda: LLMEngine(**kwargs), ServerMetrics(name), args.max_pending_requests)
     app = create_app(ServerState(engine, name, args.model or DEFAULT_MODEL_NAME, args.api_key))
     run_server(app, engine, args.host, args.port, args.shutdown_timeout, args.log_level)
+    if engine.error is not None:
+        print(f"error: the engine failed: {engine.error}", file=sys.stderr)
+        return 1
     return 0
 
 

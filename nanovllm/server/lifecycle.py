@@ -27,8 +27,18 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         if not self.should_exit and self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.engine.drain(self.drain_timeout)))
+            self._loop.call_soon_threadsafe(self._start_drain)
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        # A model that failed to load will never serve: exit (non-zero, see run_serve) instead of
+        # answering 503 forever.
+        if self.engine.error is not None and not self.engine.ready:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    def _start_drain(self) -> None:
+        self._drain = self._loop.create_task(self.engine.drain(self.drain_timeout))  # keep a reference
 
     @contextlib.contextmanager
     def capture_signals(self):

@@ -16,6 +16,9 @@ from nanovllm.engine.output import RequestOutput
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                     10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+_GAUGES = {"num_running": ("vllm:num_requests_running", "Requests in the running batch."),
+           "num_waiting": ("vllm:num_requests_waiting", "Requests waiting or preempted."),
+           "kv_cache_usage": ("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use.")}
 # Engine counters that are cumulative in stats(): exported minus their value after warm-up.
 _ENGINE_COUNTERS = {"num_preemptions": ("vllm:num_preemptions", "Cumulative number of preemptions."),
                     "prefix_queries": ("vllm:prefix_cache_queries", "Prefix-cache tokens looked up."),
@@ -41,13 +44,11 @@ class ServerMetrics:
         self._completions: dict[str, list[_Completion]] = {}
         self.registry.register(_StatsCollector(self))
         names = list(self.labels)
-        hist = lambda name, doc, buckets: Histogram(name, doc, names, buckets=buckets,  # noqa: E731
-                                                    registry=self.registry).labels(**self.labels)
-        counter = lambda name, doc: Counter(name, doc, names, registry=self.registry).labels(**self.labels)  # noqa
+        hist, counter = self._histogram, self._counter
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
         self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
-                               names + ["finished_reason"], registry=self.registry)
+                               [*names, "finished_reason"], registry=self.registry)
         self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
         self.itl = hist("vllm:inter_token_latency_seconds", "Time between output tokens.", _LATENCY_BUCKETS)
         self.tpot = hist("vllm:request_time_per_output_token_seconds", "Mean time per output token per "
@@ -57,12 +58,20 @@ class ServerMetrics:
                                _LATENCY_BUCKETS)
         self.prefill_time = hist("vllm:request_prefill_time_seconds", "First scheduled to first token.",
                                  _LATENCY_BUCKETS)
-        self.decode_time = hist("vllm:request_decode_time_seconds", "First token to finish.", _LATENCY_BUCKETS)
+        self.decode_time = hist("vllm:request_decode_time_seconds", "First token to finish.",
+                                _LATENCY_BUCKETS)
         self.request_prompt_tokens = hist("vllm:request_prompt_tokens", "Prompt tokens per request.",
                                           _TOKEN_BUCKETS)
         self.request_generation_tokens = hist("vllm:request_generation_tokens", "Generated tokens per "
                                               "request.", _TOKEN_BUCKETS)
         self.iteration_tokens = hist("vllm:iteration_tokens_total", "Tokens per engine step.", _TOKEN_BUCKETS)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple) -> Histogram:
+        histogram = Histogram(name, doc, list(self.labels), buckets=buckets, registry=self.registry)
+        return histogram.labels(**self.labels)
+
+    def _counter(self, name: str, doc: str) -> Counter:
+        return Counter(name, doc, list(self.labels), registry=self.registry).labels(**self.labels)
 
     # ---- called from the engine thread ----------------------------------------------------------
     def set_baseline(self, stats: dict) -> None:
@@ -81,7 +90,8 @@ class ServerMetrics:
         step_tokens = 0
         for out in outputs:
             states = self._completions.setdefault(out.request_id, [_Completion() for _ in out.outputs])
-            if all(s.first_token_time is None for s in states) and any(c.delta_token_ids for c in out.outputs):
+            first = all(s.first_token_time is None for s in states)
+            if first and any(c.delta_token_ids for c in out.outputs):  # the prompt is counted once
                 self.prompt_tokens.inc(len(out.prompt_token_ids))
                 step_tokens += len(out.prompt_token_ids)
             for state, completion in zip(states, out.outputs):
@@ -135,9 +145,7 @@ class _StatsCollector:
     def collect(self):
         m, names, values = self.metrics, list(self.metrics.labels), list(self.metrics.labels.values())
         stats = m.stats
-        for key, name, doc in (("num_running", "vllm:num_requests_running", "Requests in the running batch."),
-                               ("num_waiting", "vllm:num_requests_waiting", "Requests waiting or preempted."),
-                               ("kv_cache_usage", "vllm:kv_cache_usage_perc", "Fraction of KV blocks in use.")):
+        for key, (name, doc) in _GAUGES.items():
             gauge = GaugeMetricFamily(name, doc, labels=names)
             gauge.add_metric(values, float(stats.get(key, 0)))
             yield gauge

@@ -1,6 +1,5 @@
 """OpenAI request bodies (pydantic), their bounds, and the mapping to SamplingParams (vLLM semantics)."""
 import logging
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +25,8 @@ class APIError(Exception):
         self.type = type or _ERROR_TYPES.get(status, "server_error")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.status}}
 
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
@@ -146,8 +146,9 @@ def sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs: int 
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature, top_p=req.top_p,
             top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
-            stop=req.stop, stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
-            ignore_eos=req.ignore_eos, max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
+            stop=req.stop, stop_token_ids=req.stop_token_ids,
+            include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
+            max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=req.skip_special_tokens)
     except ValueError as e:
         message = str(e)
@@ -183,6 +184,3 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
         out.append({"role": m.role, "content": content or ""})
     return out
 
-
-CompletionPrompt = str | list[int]
-FinishReason = Literal["stop", "length", "abort"] | None

@@ -18,9 +18,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from nanovllm.engine.output import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.async_engine import AsyncEngine, EngineRequest
-from nanovllm.server.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS, APIError, ChatCompletionRequest,
-                                      CompletionRequest, chat_messages, check_logprobs, check_request,
-                                      resolve_max_tokens, sampling_params)
+from nanovllm.server.protocol import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    MAX_PROMPTS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_messages,
+    check_logprobs,
+    check_request,
+    resolve_max_tokens,
+    sampling_params,
+)
 
 logger = logging.getLogger("nanovllm.server")
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
@@ -71,7 +80,7 @@ def prepare_chat(req: ChatCompletionRequest, engine, model: str) -> Job:
     messages = chat_messages(req.messages)
     try:
         text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-    except Exception as e:  # noqa: BLE001 - a template raising on odd messages is a client error
+    except Exception as e:  # a template that raises on odd messages: the client's mistake
         raise APIError(400, f"The chat template failed on these messages: {e}", "messages") from None
     # The template carries its own special tokens: no second BOS.
     ids = _process_prompt(engine, engine.tokenizer.encode(text, add_special_tokens=False))
@@ -172,7 +181,7 @@ async def _sse(job: Job, engine: AsyncEngine, tokenizer) -> AsyncIterator[str]:
             yield _event(_chunk(job, [], usage=_usage(job, list(finals.values()))))
     except APIError as e:
         yield _event(e.body())  # the status line went out as 200 already
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.exception("error while streaming %s", job.id)
         yield _event(APIError(500, "Internal error while streaming.").body())
     yield "data: [DONE]\n\n"
@@ -211,7 +220,8 @@ def _choice(job: Job, output: RequestOutput, c: CompletionOutput, index: int, to
     text, ids, entries = _generated(job, c, delta)
     reason = {"finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
     if job.chat:
-        logprobs = _chat_logprobs(ids, entries, job.req.top_logprobs or 0, tokenizer) if job.req.logprobs else None
+        logprobs = (_chat_logprobs(ids, entries, job.req.top_logprobs or 0, tokenizer)
+                    if job.req.logprobs else None)
         body = {"delta": {"content": text}} if delta else {"message": {"role": "assistant", "content": text}}
         return {"index": index, **body, "logprobs": logprobs, **reason}
     if job.req.echo and first:
@@ -267,7 +277,8 @@ def _chat_logprobs(ids: list[int], entries: list[TokenLogprobs | None], k: int, 
 
 def _chat_token(token_id: int, lp: Logprob | None, tokenizer) -> dict:
     return {"token": _token_str(token_id, {token_id: lp} if lp else None, tokenizer),
-            "logprob": _clamp(lp.logprob) if lp else _MIN_LOGPROB, "bytes": list(tokenizer.token_bytes(token_id))}
+            "logprob": _clamp(lp.logprob) if lp else _MIN_LOGPROB,
+            "bytes": list(tokenizer.token_bytes(token_id))}
 
 
 def _token_str(token_id: int, entry: TokenLogprobs | None, tokenizer) -> str:
