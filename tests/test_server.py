@@ -469,8 +469,9 @@ def test_metrics_exact_counts(server, client):
 def test_bench_serve(server, tmp_path, backend):
     from nanovllm.cli import main
     out = tmp_path / "bench.json"
-    argv = ["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--backend", backend, "--num-prompts",
-            "6", "--request-rate", "20", "--input-len", "24", "--output-len", "5", "--output-json", str(out)]
+    argv = ["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--backend", backend,
+            "--num-prompts", "6", "--request-rate", "20", "--input-len", "24", "--output-len", "5",
+            "--output-json", str(out)]
     assert main(argv) == 0
     r = json.loads(out.read_text())
     assert (r["completed"], r["failed"], r["model"]) == (6, 0, "tiny")

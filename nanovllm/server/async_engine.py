@@ -169,7 +169,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
                                         arrival_time=command.arrival_time)
-            except Exception as e:  # one bad request fails alone
+            except Exception as e:  # noqa: BLE001 - one bad request fails alone, whatever it raised
                 status = 400 if isinstance(e, ValueError) else 500
                 self._deliver([(command.queue, request.request_id, APIError(status, str(e)))])
             else:

@@ -80,7 +80,7 @@ def prepare_chat(req: ChatCompletionRequest, engine, model: str) -> Job:
     messages = chat_messages(req.messages)
     try:
         text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-    except Exception as e:  # a template that raises on odd messages: the client's mistake
+    except Exception as e:  # noqa: BLE001 - a template that raises on odd messages: the client's mistake
         raise APIError(400, f"The chat template failed on these messages: {e}", "messages") from None
     # The template carries its own special tokens: no second BOS.
     ids = _process_prompt(engine, engine.tokenizer.encode(text, add_special_tokens=False))
