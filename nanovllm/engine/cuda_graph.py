@@ -9,7 +9,6 @@ the greedy argmax, so a greedy step copies back only B token ids.
 """
 from itertools import chain, count
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -59,7 +58,7 @@ class DecodeGraphs:
         if capture:
             self._capture(model)
 
-    def _context(self, bs: int) -> Context:
+    def context(self, bs: int) -> Context:
         # The host lists serve only the torch attention path, which graphs never run.
         return Context(q_lens=[1] * bs, context_lens=[], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
                        context_lens_t=self.context_lens[:bs], slot_mapping=self.slot_mapping[:bs],
@@ -77,7 +76,7 @@ class DecodeGraphs:
         self.context_lens.zero_()
         pool = None
         for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
-            set_context(self._context(bs))
+            set_context(self.context(bs))
             try:
                 self._forward(model, bs)  # compiles kernels and picks cuBLAS algorithms outside the capture
                 graph = torch.cuda.CUDAGraph()
@@ -112,7 +111,7 @@ class DecodeGraphs:
         if self.graphs:
             self.graphs[bs].replay()
         else:  # not captured (tests of the padding on CPU): run the same step eagerly
-            set_context(self._context(bs))
+            set_context(self.context(bs))
             try:
                 self._forward(self.model, bs)
             finally:

@@ -1,0 +1,282 @@
+"""Decode latency at batch 1, 8, 64, 256 beside the bandwidth floor, kernels per layer, fused o_proj on/off.
+
+Qwen3-0.6B architecture with random bf16 weights (benchmarks/configs/qwen3-0.6b.json), CUDA graphs on.
+Each batch: B prompts of PROMPT_LEN random tokens are prefilled, then DECODE_STEPS engine steps are timed
+(wall clock around LLMEngine.step, so the host work of scheduling, input prep and output building counts).
+Floor = (weight bytes + the KV bytes a step reads) / the device-to-device copy bandwidth measured here.
+Writes latency-<card>.json (+ .png) and e2e_fused-<card>.json (batch-1 and batch-8 step time with
+use_fused_output on and off, issue 8).
+
+    python benchmarks/bench_latency.py [--out-dir benchmarks/results]
+    python benchmarks/bench_latency.py --plot benchmarks/results/latency-h100.json   # redraw the PNG
+"""
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3-0.6b.json")
+BATCHES = [1, 8, 64, 256]
+PROMPT_LEN, DECODE_STEPS, WARMUP_STEPS = 128, 64, 8
+
+
+def card_name() -> tuple[str, str]:
+    """(full device name, short tag for file names: h100, h200, ...)."""
+    name = torch.cuda.get_device_name()
+    tag = next((t for t in ("h100", "h200", "a100", "l40s", "l4") if t in name.lower()), "gpu")
+    return name, tag
+
+
+def model_dir(config: str = CONFIG) -> str:
+    folder = tempfile.mkdtemp(prefix="nanovllm-bench-")
+    shutil.copy(config, os.path.join(folder, "config.json"))
+    return folder
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy, bytes read + written per second, median of reps."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps + 2):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times[2:]) / 1e9
+
+
+def weight_bytes(model: torch.nn.Module, tied: bool) -> int:
+    """Bytes a decode step reads of the weights: all of them, except an untied embedding table (only B rows)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied table counts once
+    embed = model.model.embed_tokens.weight
+    return total if tied else total - embed.numel() * embed.element_size()
+
+
+def kv_bytes_per_token(cfg) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16
+
+
+def make_engine(folder: str, **kwargs) -> LLM:
+    blocks = max(BATCHES) * -(-(PROMPT_LEN + WARMUP_STEPS + DECODE_STEPS + 2) // 16) + 64
+    return LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_num_seqs=max(BATCHES),
+               max_model_len=1024, num_kvcache_blocks=blocks, **kwargs)
+
+
+def time_decode(llm: LLM, batch: int, seed: int = 0) -> dict:
+    """Median ms of an engine step with `batch` seqs decoding, of the model runner inside it, and of a bare
+    graph replay (GPU time of the step, no host work)."""
+    engine, runner = llm.engine, llm.engine.model_runner
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=WARMUP_STEPS + DECODE_STEPS + 2)
+    vocab = min(10000, engine.model_config.vocab_size)
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (PROMPT_LEN,), generator=gen).tolist()
+        engine.add_request(f"b{batch}-{i}", prompt, params)
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                          for s in engine.scheduler.running):
+        engine.step()  # prefill (and first tokens)
+    for _ in range(WARMUP_STEPS):
+        engine.step()
+    runner_times, step_times = [], []
+    run = runner.run
+
+    def timed_run(b):
+        t0 = time.perf_counter()
+        out = run(b)
+        runner_times.append(time.perf_counter() - t0)
+        return out
+    runner.run = timed_run
+    try:
+        for _ in range(DECODE_STEPS):
+            t0 = time.perf_counter()
+            engine.step()
+            step_times.append(time.perf_counter() - t0)
+    finally:
+        runner.run = run
+    context = PROMPT_LEN + WARMUP_STEPS + DECODE_STEPS // 2  # mean KV length over the timed steps
+    gpu_ms = replay_ms(runner, batch)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"batch": batch, "ms_per_step": 1e3 * statistics.median(step_times),
+            "runner_ms_per_step": 1e3 * statistics.median(runner_times), "gpu_ms_per_step": gpu_ms,
+            "mean_context": context}
+
+
+def replay_ms(runner, batch: int, reps: int = 50) -> float | None:
+    """GPU time of one decode graph replay at this batch's bucket (the static inputs as the last step left
+    them), from CUDA events around back-to-back replays."""
+    if runner.graphs is None:
+        return None
+    graph = runner.graphs.graphs[runner.graphs.bucket[batch]]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def cuda_kernels(fn) -> list[str]:
+    """Names of the kernels fn launches (torch profiler; copies and memsets left out)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type.name == "CUDA"
+            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+
+
+def count_kernels(llm: LLM, batch: int = 1) -> dict:
+    """Kernels of one decode step at `batch`: the whole engine step run eagerly (the same kernels the graph
+    replays, plus the copies in), the decoder layers alone (per layer), and one graph replay (if the
+    profiler sees inside graphs)."""
+    engine, runner = llm.engine, llm.engine.model_runner
+    graphs = runner.graphs
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=4)
+    for i in range(batch):
+        engine.add_request(f"k{i}", list(range(10, 10 + PROMPT_LEN)), params)
+    engine.step()  # prefill
+    runner.graphs = None  # eager: every launch is visible to the profiler
+    try:
+        engine.step()  # compiles the eager decode kernels first
+        step = cuda_kernels(engine.step)
+    finally:
+        runner.graphs = graphs
+    while engine.has_unfinished_requests():
+        engine.step()
+    layers = cuda_kernels(lambda: run_layers(runner, batch))
+    replay = cuda_kernels(graphs.graphs[graphs.bucket[batch]].replay)
+    num_layers = len(runner.model.model.layers)
+    return {"kernels_per_step": len(step), "kernels_per_layer": len(layers) / num_layers,
+            "kernels_per_graph_replay": len(replay), "kernel_names_per_step": dict(Counter(step).most_common()),
+            "kernel_names_per_layer": {k: v / num_layers for k, v in Counter(layers).most_common()}}
+
+
+@torch.inference_mode()
+def run_layers(runner, batch: int) -> None:
+    """The decoder layers alone on a decode batch of the graph's static context (slot -1, context 0)."""
+    from nanovllm.utils.context import reset_context, set_context
+    graphs, model = runner.graphs, runner.model.model
+    bs = graphs.bucket[batch]
+    hidden = torch.randn(bs, model.norm.weight.shape[0], device="cuda").to(runner.dtype)
+    residual = torch.randn_like(hidden)
+    graphs.slot_mapping.fill_(-1)
+    graphs.context_lens.zero_()
+    set_context(graphs.context(bs))
+    try:
+        for layer in model.layers:
+            hidden, residual = layer(graphs.positions[:bs], hidden, residual)
+    finally:
+        reset_context()
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def free_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def plot(path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(path) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(batches, [r["ms_per_step"] for r in rows], "o-", label="engine step (wall)")
+    if all(r.get("gpu_ms_per_step") for r in rows):
+        ax.plot(batches, [r["gpu_ms_per_step"] for r in rows], "s-", label="graph replay (GPU)")
+    ax.plot(batches, [r["floor_ms"] for r in rows], "k--", label="bandwidth floor (weights + KV)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (seqs decoding)")
+    ax.set_ylabel("ms per decode step (= per token of each seq)")
+    ax.set_title(f"Qwen3-0.6B arch, bf16, {data['card']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.replace(".json", ".png"), dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--plot", help="only redraw the PNG of this latency JSON")
+    args = parser.parse_args()
+    if args.plot:
+        return plot(args.plot)
+    card, tag = card_name()
+    bw = copy_bandwidth_gbps()
+    print(f"{card}: device copy {bw:.0f} GB/s (read + write)", flush=True)
+    folder = model_dir()
+    t0 = time.time()
+    llm = make_engine(folder)
+    print(f"engine ready in {time.time() - t0:.1f} s", flush=True)
+    runner = llm.engine.model_runner
+    cfg = runner.model_config
+    wbytes, kv_tok = weight_bytes(runner.model, cfg.tie_word_embeddings), kv_bytes_per_token(cfg)
+    rows = []
+    for batch in BATCHES:
+        row = time_decode(llm, batch)
+        row["floor_ms"] = (wbytes + batch * row["mean_context"] * kv_tok) / (bw * 1e9) * 1e3
+        row["ratio_to_floor"] = row["ms_per_step"] / row["floor_ms"]
+        row["tok_per_s"] = batch / row["ms_per_step"] * 1e3
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    kernels = count_kernels(llm)
+    print(f"kernels per decode step: {kernels['kernels_per_step']}, per layer: {kernels['kernels_per_layer']}, "
+          f"seen in a graph replay: {kernels['kernels_per_graph_replay']}")
+    print(json.dumps(kernels["kernel_names_per_layer"], indent=1), flush=True)
+    result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights", "copy_bw_gbps": bw,
+              "weight_bytes": wbytes, "kv_bytes_per_token": kv_tok, "prompt_len": PROMPT_LEN,
+              "ms_per_token_bs1": rows[0]["ms_per_step"], "floor_ms_bs1": rows[0]["floor_ms"],
+              "target_ms_bs1": 1.3 * rows[0]["floor_ms"], "rows": rows, **kernels}
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"latency-{tag}.json")
+    write_json(path, result)
+    fused_rows = [{**{k: r[k] for k in ("batch", "ms_per_step", "gpu_ms_per_step")}, "use_fused_output": True}
+                  for r in rows if r["batch"] in (1, 8)]
+    del llm
+    free_cuda()
+    llm = make_engine(folder, use_fused_output=False)
+    for batch in (1, 8):
+        r = time_decode(llm, batch)
+        fused_rows.append({"batch": batch, "ms_per_step": r["ms_per_step"], "gpu_ms_per_step": r["gpu_ms_per_step"],
+                           "use_fused_output": False})
+        print(json.dumps(fused_rows[-1]), flush=True)
+    del llm
+    free_cuda()
+    write_json(os.path.join(args.out_dir, f"e2e_fused-{tag}.json"),
+               {"card": card, "model": result["model"], "rows": fused_rows})
+    try:
+        plot(path)
+    except ImportError:
+        print("matplotlib missing: redraw with --plot", path)
+    print(f"batch 1: {rows[0]['ms_per_step']:.3f} ms/token, floor {rows[0]['floor_ms']:.3f} ms, "
+          f"{rows[0]['ratio_to_floor']:.2f}x (target <= 1.3x)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

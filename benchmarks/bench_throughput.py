@@ -1,0 +1,168 @@
+"""Offline throughput on nano-vllm's benchmark workload, beside transformers and the bandwidth roofline.
+
+Workload (nano-vllm's bench.py, same random calls): 256 requests of random token ids, input and output
+lengths uniform in [100, 1024] (random.seed(0)), temperature 0.6, ignore EOS, max_model_len 4096; the
+Qwen3-0.6B architecture with random bf16 weights, CUDA graphs on. Throughput = requested output tokens /
+wall time of one LLM.generate over all of them (after a warm-up generate), as nano-vllm reports it.
+
+transformers: `generate` (eager, sampling at temperature 0.6) on the first HF_REQUESTS requests as one
+left-padded batch, each output capped at HF_MAX_TOKENS; its rate is useful tokens (each request's own
+capped length) over wall time. The cap shortens contexts and padding waste, so it flatters transformers.
+
+Roofline: every decode step must read the weights once and each running seq's KV cache once; with all
+256 seqs decoding from the start (they fit in memory), the sum over steps of those bytes over the
+measured device-copy bandwidth is the least time the workload's decoding can take (prefill not counted).
+
+    python benchmarks/bench_throughput.py [--out-dir benchmarks/results] [--skip-hf]
+"""
+import argparse
+import gc
+import json
+import os
+import random
+import time
+
+import torch
+from bench_latency import (
+    card_name,
+    copy_bandwidth_gbps,
+    kv_bytes_per_token,
+    model_dir,
+    weight_bytes,
+    write_json,
+)
+
+from nanovllm import LLM, SamplingParams
+
+NUM_SEQS, MAX_INPUT_LEN, MAX_OUTPUT_LEN = 256, 1024, 1024
+HF_REQUESTS, HF_MAX_TOKENS = 16, 256
+
+
+def workload() -> tuple[list[list[int]], list[SamplingParams]]:
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, MAX_INPUT_LEN))]
+               for _ in range(NUM_SEQS)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, MAX_OUTPUT_LEN))
+              for _ in range(NUM_SEQS)]
+    return prompts, params
+
+
+def roofline_seconds(in_lens: list[int], out_lens: list[int], wbytes: int, kv_tok: int, bw_gbps: float) -> float:
+    """Sum over decode steps t of (weights + KV of the seqs still running at t) / bandwidth."""
+    seconds = 0.0
+    for t in range(max(out_lens)):
+        kv_tokens = sum(i + t for i, o in zip(in_lens, out_lens) if o > t)
+        seconds += (wbytes + kv_tokens * kv_tok) / (bw_gbps * 1e9)
+    return seconds
+
+
+def warm_up(llm: LLM) -> None:
+    """Compiles what the timed run meets: prefill batches of several sizes, mixed steps, sampled decodes."""
+    rng = random.Random(1)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, MAX_INPUT_LEN))] for _ in range(24)]
+    llm.generate(prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=24), use_tqdm=False)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4), use_tqdm=False)
+
+
+def timed_generate(llm: LLM, prompts, params) -> dict:
+    """Wall time of llm.generate, and how much of it the model runner and the scheduler took."""
+    engine = llm.engine
+    runner, scheduler = engine.model_runner, engine.scheduler
+    spent = {"runner_s": 0.0, "schedule_s": 0.0, "steps": 0, "graph_steps": 0}
+    run, schedule = runner.run, scheduler.schedule
+
+    def timed_run(batch):
+        t0 = time.perf_counter()
+        spent["graph_steps"] += runner._graph_ready(batch)
+        out = run(batch)
+        spent["runner_s"] += time.perf_counter() - t0
+        spent["steps"] += 1
+        return out
+
+    def timed_schedule():
+        t0 = time.perf_counter()
+        batch = schedule()
+        spent["schedule_s"] += time.perf_counter() - t0
+        return batch
+    runner.run, scheduler.schedule = timed_run, timed_schedule
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        spent["seconds"] = time.perf_counter() - t0
+    finally:
+        runner.run, scheduler.schedule = run, schedule
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [p.max_tokens for p in params]
+    spent["other_s"] = spent["seconds"] - spent["runner_s"] - spent["schedule_s"]
+    return spent
+
+
+@torch.inference_mode()
+def hf_throughput(folder: str, prompts, params) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    sub = prompts[:HF_REQUESTS]
+    outs = [min(p.max_tokens, HF_MAX_TOKENS) for p in params[:HF_REQUESTS]]
+    width = max(map(len, sub))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in sub], device="cuda")
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in sub], device="cuda")
+    kwargs = {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 1.0, "pad_token_id": 0,
+              "eos_token_id": None}
+    hf.generate(input_ids=ids[:, -32:], attention_mask=mask[:, -32:], max_new_tokens=8, **kwargs)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(outs), min_new_tokens=max(outs), **kwargs)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del hf
+    return {"requests": HF_REQUESTS, "max_tokens_cap": HF_MAX_TOKENS, "useful_tokens": sum(outs),
+            "seconds": seconds, "output_tok_per_s": sum(outs) / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--skip-hf", action="store_true", help="leave out the transformers comparison")
+    args = parser.parse_args()
+    card, tag = card_name()
+    bw = copy_bandwidth_gbps()
+    folder = model_dir()
+    prompts, params = workload()
+    t0 = time.perf_counter()
+    llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, enforce_eager=False, max_model_len=4096)
+    startup = time.perf_counter() - t0
+    warm_up(llm)
+    spent = timed_generate(llm, prompts, params)
+    runner = llm.engine.model_runner
+    cfg = runner.model_config
+    wbytes, kv_tok = weight_bytes(runner.model, cfg.tie_word_embeddings), kv_bytes_per_token(cfg)
+    stats = llm.engine.stats()
+    del llm, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    output_tokens = sum(p.max_tokens for p in params)
+    roofline = output_tokens / roofline_seconds(list(map(len, prompts)), [p.max_tokens for p in params],
+                                                wbytes, kv_tok, bw)
+    hf = None if args.skip_hf else hf_throughput(folder, prompts, params)
+    result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights",
+              "workload": "nano-vllm bench.py: 256 reqs, in/out uniform [100, 1024], seed 0, temperature 0.6",
+              "output_tokens": output_tokens, "seconds": spent["seconds"],
+              "output_tok_per_s": output_tokens / spent["seconds"],
+              "hf_output_tok_per_s": hf["output_tok_per_s"] if hf else None,
+              "roofline_output_tok_per_s": roofline,
+              "fraction_of_roofline": output_tokens / spent["seconds"] / roofline,
+              "copy_bw_gbps": bw, "weight_bytes": wbytes, "kv_bytes_per_token": kv_tok,
+              "startup_s": startup, "breakdown": spent, "num_kvcache_blocks": stats["num_blocks"],
+              "num_preemptions": stats["num_preemptions"], "hf": hf}
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(os.path.join(args.out_dir, f"throughput-{tag}.json"), result)
+    print(json.dumps(result, indent=1))
+    print(f"{card}: {result['output_tok_per_s']:.0f} output tok/s ({output_tokens} tokens in "
+          f"{spent['seconds']:.2f} s), {100 * result['fraction_of_roofline']:.0f}% of the {roofline:.0f} tok/s "
+          f"roofline; transformers {result['hf_output_tok_per_s'] or float('nan'):.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
