@@ -270,13 +270,14 @@ def _params(**kwargs):
     return SamplingParams(temperature=0.0, **kwargs)
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7, "n": 2}])
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7, "n": 2},
+                                      {"temperature": 0, "echo": True, "logprobs": 2}])
 def test_streamed_text_equals_non_streamed(client, sampling):
     prompt = prompts(1, seed=2)[0]
     full = client.completions.create(model="", prompt=prompt, max_tokens=20, **sampling)
     stream = client.completions.create(model="", prompt=prompt, max_tokens=20, stream=True,
                                        stream_options={"include_usage": True}, **sampling)
-    texts, reasons, usage = {}, {}, None
+    texts, reasons, tokens, usage = {}, {}, {}, None
     for chunk in stream:
         if chunk.usage is not None:
             assert chunk.choices == []
@@ -284,8 +285,15 @@ def test_streamed_text_equals_non_streamed(client, sampling):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + c.text
             reasons[c.index] = c.finish_reason or reasons.get(c.index)
+            if c.logprobs is not None:
+                lp = c.logprobs
+                tokens.setdefault(c.index, []).extend(zip(lp.tokens, lp.token_logprobs, lp.text_offset))
     assert texts == {c.index: c.text for c in full.choices}
     assert reasons == {c.index: c.finish_reason for c in full.choices}
+    if "logprobs" in sampling:
+        assert full.choices[0].text.startswith(prompt)
+        lp = full.choices[0].logprobs
+        assert tokens == {0: list(zip(lp.tokens, lp.token_logprobs, lp.text_offset))}
     assert usage.prompt_tokens == full.usage.prompt_tokens
     assert usage.completion_tokens == full.usage.completion_tokens
 

@@ -1,0 +1,7 @@
+"""`nanovllm serve`: an OpenAI-compatible HTTP server on the engine.
+
+Request path: app.py (routes, guard, errors) -> serving.py (prompts -> engine requests -> JSON / SSE) ->
+async_engine.py (one thread owns the LLMEngine) -> metrics.py (Prometheus, vLLM names). protocol.py holds
+the request bodies and their bounds, lifecycle.py the uvicorn run with a graceful drain, cli.py the
+`serve` and `bench serve` commands, bench.py the serving benchmark.
+"""

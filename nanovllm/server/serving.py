@@ -150,41 +150,54 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _sse(job: Job, engine: AsyncEngine, tokenizer) -> AsyncIterator[str]:
-    finals: dict[int, RequestOutput] = {}
-    sent: dict[int, int] = {}  # choice index -> characters sent so far (for text_offset)
-    done: set[int] = set()
-    n, echo = job.req.n, getattr(job.req, "echo", False)
-    wants_logprobs = bool(job.req.logprobs) if job.chat else job.req.logprobs is not None
+    stream = _StreamState()
     try:
         if job.chat:  # the role comes first, before any token: clients can show the turn at once
             yield _event(_chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": None, "finish_reason": None} for i in range(n)]))
+                                       "logprobs": None, "finish_reason": None} for i in range(job.req.n)]))
         async with aclosing(engine.generate(job.requests)) as outputs:
             async for i, output in outputs:
-                finals[i] = output
-                choices = []
-                for c in output.outputs:
-                    index = i * n + c.index
-                    first = index not in sent
-                    new_tokens = c.delta_token_ids and (wants_logprobs or (echo and first))
-                    if index in done or not (c.delta_text or c.finish_reason or new_tokens):
-                        continue
-                    choice = _choice(job, output, c, index, tokenizer, delta=True, first=first,
-                                     offset=sent.get(index, 0))
-                    sent[index] = sent.get(index, 0) + len(choice.get("text", ""))
-                    if c.finish_reason is not None:
-                        done.add(index)
-                    choices.append(choice)
+                stream.finals[i] = output
+                choices = [choice for c in output.outputs
+                           if (choice := _delta_choice(job, stream, i, output, c, tokenizer)) is not None]
                 if choices:
                     yield _event(_chunk(job, choices))
         if job.req.include_usage:
-            yield _event(_chunk(job, [], usage=_usage(job, list(finals.values()))))
+            yield _event(_chunk(job, [], usage=_usage(job, list(stream.finals.values()))))
     except APIError as e:
         yield _event(e.body())  # the status line went out as 200 already
     except Exception:
         logger.exception("error while streaming %s", job.id)
         yield _event(APIError(500, "Internal error while streaming.").body())
     yield "data: [DONE]\n\n"
+
+
+@dataclass
+class _StreamState:
+    finals: dict[int, RequestOutput] = field(default_factory=dict)  # prompt index -> latest output
+    offsets: dict[int, int] = field(default_factory=dict)  # choice index -> text_offset of its next token
+    done: set[int] = field(default_factory=set)  # choices whose finish_reason went out
+
+
+def _delta_choice(job: Job, stream: _StreamState, i: int, output: RequestOutput, c: CompletionOutput,
+                  tokenizer) -> dict | None:
+    """The chunk choice for what is new in completion `c` of prompt `i`, or None if nothing is to send:
+    tokens whose text is held back (a partial character, a possible stop string) wait, unless their
+    logprobs are wanted or the echoed prompt goes first."""
+    index = i * job.req.n + c.index
+    first = index not in stream.offsets
+    wants_logprobs = bool(job.req.logprobs) if job.chat else job.req.logprobs is not None
+    new_tokens = c.delta_token_ids and (wants_logprobs or (first and getattr(job.req, "echo", False)))
+    if index in stream.done or not (c.delta_text or c.finish_reason or new_tokens):
+        return None
+    offset = stream.offsets.get(index, 0)
+    choice = _choice(job, output, c, index, tokenizer, delta=True, first=first, offset=offset)
+    # Offsets count token strings, as in the non-streamed response (vLLM does the same).
+    logprobs = choice.get("logprobs") if not job.chat else None
+    stream.offsets[index] = offset + (sum(map(len, logprobs["tokens"])) if logprobs else 0)
+    if c.finish_reason is not None:
+        stream.done.add(index)
+    return choice
 
 
 def _event(payload: dict) -> str:
