@@ -85,7 +85,11 @@ class ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
         self.loading_errors: list[dict] = []  # what /v1/completions answered while /health said 503
-        self._wait_ready(ready_timeout)
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()  # never leave a server behind
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -103,7 +107,6 @@ class ServerProcess:
             if status == 200:
                 return
             time.sleep(0.1)
-        self.stop()
         raise TimeoutError(f"server not ready after {timeout} s:\n{self.log()[-4000:]}")
 
     @property

@@ -102,11 +102,13 @@ def test_sigterm_under_load(tmp_path):
                 late = "refused"
             return await asyncio.gather(*tasks), late, sent
 
-    results, late, sent = asyncio.run(run())
-    rc = proc.proc.wait(timeout=30)
-    exited_after = time.monotonic() - sent
+    try:
+        results, late, sent = asyncio.run(run())
+        rc = proc.proc.wait(timeout=30)
+        exited_after = time.monotonic() - sent
+    finally:
+        proc.stop()  # a no-op once it has exited
     log = proc.log()
-    proc.stop()
     assert rc == 0 and "Traceback" not in log, (rc, log[-4000:])
     assert exited_after < 15
     assert late in (503, "refused")
