@@ -120,7 +120,7 @@ def replay_ms(runner, batch: int, reps: int = 50) -> float | None:
     them), from CUDA events around back-to-back replays."""
     if runner.graphs is None:
         return None
-    graph = runner.graphs.graphs[runner.graphs.bucket[batch]]
+    graph = runner.graphs.graphs[runner.graphs.bucket[batch], False]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
@@ -131,20 +131,25 @@ def replay_ms(runner, batch: int, reps: int = 50) -> float | None:
     return start.elapsed_time(end) / reps
 
 
-def cuda_kernels(fn) -> list[str]:
-    """Names of the kernels fn launches (torch profiler; copies and memsets left out)."""
+def cuda_kernels(fn, reps: int = 1) -> list[tuple[str, float]]:
+    """(name, µs) of each kernel fn launches, reps times (torch profiler; copies and memsets left out)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+        for _ in range(reps):
+            fn()
         torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type.name == "CUDA"
+    return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type.name == "CUDA"
             and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
 
 
-def count_kernels(llm: LLM, batch: int = 1) -> dict:
-    """Kernels of one decode step at `batch`: the whole engine step run eagerly (the same kernels the graph
-    replays, plus the copies in), the decoder layers alone (per layer), and one graph replay (if the
-    profiler sees inside graphs)."""
+def short(name: str) -> str:
+    """A kernel's name without its C++ template arguments and parameter list."""
+    return name.split("<")[0].split("(")[0].removeprefix("void ")[:60]
+
+
+def count_kernels(llm: LLM, batch: int = 1, reps: int = 20) -> dict:
+    """Kernels of one decode step at `batch`: the engine step run eagerly (the kernels a graph replays, plus
+    the input copies), the decoder layers alone (per layer), and the graph replay, timed per kernel."""
     engine, runner = llm.engine, llm.engine.model_runner
     graphs = runner.graphs
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=4)
@@ -154,22 +159,29 @@ def count_kernels(llm: LLM, batch: int = 1) -> dict:
     runner.graphs = None  # eager: every launch is visible to the profiler
     try:
         engine.step()  # compiles the eager decode kernels first
-        step = cuda_kernels(engine.step)
+        step = [name for name, _ in cuda_kernels(engine.step)]
     finally:
         runner.graphs = graphs
+    engine.step()  # the same decode batch through the graph: its static inputs now hold a real step
+    graph = graphs.graphs[graphs.bucket[batch], False]
+    replay = cuda_kernels(graph.replay, reps)
     while engine.has_unfinished_requests():
         engine.step()
-    layers = cuda_kernels(lambda: run_layers(runner, batch))
-    replay = cuda_kernels(graphs.graphs[graphs.bucket[batch]].replay)
+    layers = [name for name, _ in cuda_kernels(layers_runner(runner, batch))]
     num_layers = len(runner.model.model.layers)
+    times: dict[str, float] = {}
+    for name, us in replay:
+        times[short(name)] = times.get(short(name), 0.0) + us / reps
     return {"kernels_per_step": len(step), "kernels_per_layer": len(layers) / num_layers,
-            "kernels_per_graph_replay": len(replay), "kernel_names_per_step": dict(Counter(step).most_common()),
-            "kernel_names_per_layer": {k: v / num_layers for k, v in Counter(layers).most_common()}}
+            "kernels_per_graph_replay": len(replay) // reps,
+            "kernel_names_per_layer": {short(k): v / num_layers for k, v in Counter(layers).most_common()},
+            "replay_us_by_kernel": dict(sorted(times.items(), key=lambda kv: -kv[1])),
+            "replay_us_kernels_total": sum(times.values())}
 
 
-@torch.inference_mode()
-def run_layers(runner, batch: int) -> None:
-    """The decoder layers alone on a decode batch of the graph's static context (slot -1, context 0)."""
+def layers_runner(runner, batch: int):
+    """A function that runs the decoder layers alone on a decode batch of the graph's static context
+    (slot -1, context 0), its inputs made beforehand so that only the layers' kernels run in it."""
     from nanovllm.utils.context import reset_context, set_context
     graphs, model = runner.graphs, runner.model.model
     bs = graphs.bucket[batch]
@@ -177,12 +189,74 @@ def run_layers(runner, batch: int) -> None:
     residual = torch.randn_like(hidden)
     graphs.slot_mapping.fill_(-1)
     graphs.context_lens.zero_()
-    set_context(graphs.context(bs))
-    try:
-        for layer in model.layers:
-            hidden, residual = layer(graphs.positions[:bs], hidden, residual)
-    finally:
-        reset_context()
+
+    @torch.inference_mode()
+    def run() -> None:
+        set_context(graphs.context(bs))
+        try:
+            h, r = hidden, residual
+            for layer in model.layers:
+                h, r = layer(graphs.positions[:bs], h, r)
+        finally:
+            reset_context()
+    run()  # compiles outside the profile
+    return run
+
+
+def graph_us(fn, slots: int, calls: int = 64) -> float:
+    """µs per call of fn(slot) replayed in a CUDA graph that cycles through the slots (weights past L2)."""
+    fn(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(calls):
+            fn(c % slots)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(6):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times[1:])
+
+
+@torch.inference_mode()
+def linear_vs_gemv(cfg, bw_gbps: float, ms: tuple[int, ...] = (1, 8)) -> list[dict]:
+    """The decode step's projections at M rows: cuBLAS (F.linear) against the tuned GEMV of the fused
+    o_proj kernel given a zero residual, in CUDA graphs: would a GEMV without the residual pay?"""
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"qkv_proj": (cfg.hidden_size, q + 2 * kv), "o_proj": (q, cfg.hidden_size),
+              "gate_up_proj": (cfg.hidden_size, 2 * cfg.intermediate_size),
+              "down_proj": (cfg.intermediate_size, cfg.hidden_size), "lm_head": (cfg.hidden_size, cfg.vocab_size)}
+    rows = []
+    for name, (k, n) in shapes.items():
+        slots = max(1, -(-125_000_000 // (2 * n * k)))  # copies of W past 2.5x the L2
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5 for _ in range(slots)]
+        for m in ms:
+            cublas, gemv = time_projection(weights, m)
+            rows.append({"proj": name, "k": k, "n": n, "m": m, "cublas_us": cublas, "gemv_us": gemv,
+                         "floor_us": 2 * n * k / (bw_gbps * 1e3)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def time_projection(weights: list[torch.Tensor], m: int) -> tuple[float, float]:
+    import torch.nn.functional as F
+
+    from nanovllm.kernels.fused_attention_output import fused_o_proj_add_residual
+    n, k = weights[0].shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    zero = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(zero)
+    fused_o_proj_add_residual(x, weights[0], zero, out=out)  # tunes this shape outside the graph
+
+    def linear(i: int) -> torch.Tensor:
+        return F.linear(x, weights[i])
+
+    def gemv(i: int) -> torch.Tensor:
+        return fused_o_proj_add_residual(x, weights[i], zero, out=out)
+    return graph_us(linear, len(weights)), graph_us(gemv, len(weights))
 
 
 def write_json(path: str, obj) -> None:
@@ -248,10 +322,13 @@ def main() -> None:
     print(f"kernels per decode step: {kernels['kernels_per_step']}, per layer: {kernels['kernels_per_layer']}, "
           f"seen in a graph replay: {kernels['kernels_per_graph_replay']}")
     print(json.dumps(kernels["kernel_names_per_layer"], indent=1), flush=True)
+    print("graph replay, µs per kernel name:", json.dumps(kernels["replay_us_by_kernel"], indent=1), flush=True)
+    projections = linear_vs_gemv(cfg, bw)
     result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights", "copy_bw_gbps": bw,
               "weight_bytes": wbytes, "kv_bytes_per_token": kv_tok, "prompt_len": PROMPT_LEN,
               "ms_per_token_bs1": rows[0]["ms_per_step"], "floor_ms_bs1": rows[0]["floor_ms"],
-              "target_ms_bs1": 1.3 * rows[0]["floor_ms"], "rows": rows, **kernels}
+              "target_ms_bs1": 1.3 * rows[0]["floor_ms"], "rows": rows, **kernels,
+              "projections_cublas_vs_gemv": projections}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"latency-{tag}.json")
     write_json(path, result)

@@ -35,7 +35,7 @@ from bench_latency import (
 from nanovllm import LLM, SamplingParams
 
 NUM_SEQS, MAX_INPUT_LEN, MAX_OUTPUT_LEN = 256, 1024, 1024
-HF_REQUESTS, HF_MAX_TOKENS = 16, 256
+HF_REQUESTS, HF_MAX_TOKENS = 16, 128
 
 
 def workload() -> tuple[list[list[int]], list[SamplingParams]]:

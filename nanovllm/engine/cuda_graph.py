@@ -4,8 +4,12 @@ A decode step of a small model is hundreds of tiny kernels; launched one by one 
 cost more than the kernels. Captured once per bucket (1, 2, 4, 8, 16, then every 16 up to max_num_seqs),
 a step is one replay. A batch is padded up to its bucket with rows that store nothing (slot -1) and attend
 to nothing (context length 0). Block tables are padded to max_model_len's block count, so the decode
-kernel's split count, chosen from shapes alone, is fixed per bucket. The graph ends with the LM head and
-the greedy argmax, so a greedy step copies back only B token ids.
+kernel's split count, chosen from shapes alone, is fixed per bucket.
+
+The graphs end with the sampler where it can live there: each bucket has a greedy graph (LM head, argmax)
+and a sampling graph that also draws temperature samples with the Sampler's exponential race (rows with
+temperature 0 keep the argmax), so such a step copies back only B token ids. Anything else (seeds,
+top-k/p, min-p, penalties, logprobs) replays the greedy graph and runs the Sampler on its logits.
 """
 from itertools import chain, count
 
@@ -28,9 +32,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Captures `model` for decode batches of up to max_num_seqs seqs and replays it for a batch of seqs.
 
-    Inputs travel in two host-to-device copies from pinned buffers: int64 [input_ids; positions;
-    slot_mapping] and int32 [context_lens | block_tables]. Outputs: `logits` (max_bs, vocab) in the model
-    dtype and `next_tokens` (max_bs,) int64, the argmax of each row (ties to the lowest id).
+    Inputs travel in host-to-device copies from pinned buffers: int64 [input_ids; positions; slot_mapping],
+    int32 [context_lens | block_tables] and, for the sampling graphs, float32 temperatures. Outputs:
+    `logits` (max_bs, vocab) in the model dtype and `next_tokens` (max_bs,) int64.
     """
 
     @torch.inference_mode()
@@ -43,17 +47,20 @@ class DecodeGraphs:
         pin = device.type == "cuda"
         self.host64 = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
+        self.host_temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
         self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()  # views: writes go to pinned memory
         self.np_tables = self.np32[max_bs:].reshape(max_bs, max_num_blocks)
+        self.row_tables: list[list[int] | None] = [None] * max_bs  # what each row of np_tables holds
         self.dev64 = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
         self.dev32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.dev64  # (max_bs,) each
         self.context_lens = self.dev32[:max_bs]
         self.block_tables = self.dev32[max_bs:].view(max_bs, max_num_blocks)
+        self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
         self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampling) -> graph
         self.model = model
         if capture:
             self._capture(model)
@@ -65,10 +72,18 @@ class DecodeGraphs:
                        block_tables=self.block_tables[:bs], max_q_len=1,
                        max_context_len=self.max_num_blocks * self.block_size, is_decode=True)
 
-    def _forward(self, model: nn.Module, bs: int) -> None:
+    def _forward(self, model: nn.Module, bs: int, sampling: bool) -> None:
         hidden = model(self.input_ids[:bs], self.positions[:bs])  # (bs, hidden)
         logits = model.compute_logits(hidden, out=self.logits[:bs])  # (bs, vocab)
-        torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
+        if not sampling:
+            torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
+            return
+        # The Sampler's exponential race: argmax(p / q), q ~ Exp(1), picks token i with probability p_i.
+        temps = self.temperatures[:bs, None]  # (bs, 1); 0 marks a greedy row
+        probs = torch.softmax(logits.float() / torch.where(temps > 0, temps, 1.0), dim=-1)  # (bs, vocab)
+        q = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
+        torch.where(temps[:, 0] > 0, probs.div_(q).argmax(dim=-1), logits.argmax(dim=-1),
+                    out=self.next_tokens[:bs])
 
     def _capture(self, model: nn.Module) -> None:
         # Warm-up and capture really run: slot -1 and context 0 keep them away from the KV cache.
@@ -76,20 +91,22 @@ class DecodeGraphs:
         self.context_lens.zero_()
         pool = None
         for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
-            set_context(self.context(bs))
-            try:
-                self._forward(model, bs)  # compiles kernels and picks cuBLAS algorithms outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    self._forward(model, bs)
-            finally:
-                reset_context()
-            pool = graph.pool()
-            self.graphs[bs] = graph
+            for sampling in (True, False):
+                set_context(self.context(bs))
+                try:
+                    self._forward(model, bs, sampling)  # compiles, picks cuBLAS algorithms outside capture
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        self._forward(model, bs, sampling)
+                finally:
+                    reset_context()
+                pool = graph.pool()
+                self.graphs[bs, sampling] = graph
         torch.cuda.synchronize()
 
-    def replay(self, seqs: list[Sequence]) -> None:
-        """Runs one decode step of seqs (each computes its token at num_computed_tokens); the results
+    def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None) -> None:
+        """Runs one decode step of seqs (each computes its token at num_computed_tokens), sampling in the
+        graph at these per-seq temperatures (0: greedy) or, without them, taking the argmax. The results
         are in logits[:len(seqs)] and next_tokens[:len(seqs)]. No host sync."""
         n, block_size = len(seqs), self.block_size
         bs = self.bucket[n]
@@ -102,17 +119,30 @@ class DecodeGraphs:
         context_lens = self.np32[:self.max_bs]
         context_lens[:n] = positions[:n] + 1
         context_lens[n:bs] = 0
-        for i, seq in enumerate(seqs):  # entries past a row's table are never read (context_lens bounds it)
-            self.np_tables[i, :len(seq.block_table)] = seq.block_table
+        self._write_block_tables(seqs)
         # The pinned buffers are rewritten only after the next sync (the caller reads the tokens back).
         self.dev64.copy_(self.host64, non_blocking=True)
         used = self.max_bs + bs * self.max_num_blocks
         self.dev32[:used].copy_(self.host32[:used], non_blocking=True)
+        if temperatures is not None:
+            self.host_temps.numpy()[:n] = temperatures
+            self.host_temps.numpy()[n:bs] = 0
+            self.temperatures.copy_(self.host_temps, non_blocking=True)
         if self.graphs:
-            self.graphs[bs].replay()
+            self.graphs[bs, temperatures is not None].replay()
         else:  # not captured (tests of the padding on CPU): run the same step eagerly
             set_context(self.context(bs))
             try:
-                self._forward(self.model, bs)
+                self._forward(self.model, bs, temperatures is not None)
             finally:
                 reset_context()
+
+    def _write_block_tables(self, seqs: list[Sequence]) -> None:
+        # A row is rewritten only when its table changed (a new block, another seq, a prefix-cache swap):
+        # comparing Python lists costs far less than converting them. Entries past a row's table are never
+        # read (context_lens bounds the kernel).
+        for i, seq in enumerate(seqs):
+            table = seq.block_table
+            if self.row_tables[i] != table:
+                self.np_tables[i, :len(table)] = table
+                self.row_tables[i] = list(table)

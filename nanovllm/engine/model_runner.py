@@ -37,11 +37,19 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def is_plain_greedy(seq: Sequence) -> bool:
-    """The sampler would do nothing but an argmax for this seq (decided on the host, no tensors built)."""
+def simple_temperature(seq: Sequence) -> float | None:
+    """0.0 when sampling seq is a plain argmax, its temperature when it is a plain temperature draw from
+    torch's default generator, None when it needs the full Sampler (seed, top-k/p, min-p, penalties,
+    logprobs, a pending min_tokens). Decided on the host: no tensors built."""
     p = seq.sampling_params
-    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1 and not p.frequency_penalty
-            and not p.presence_penalty and seq.num_completion_tokens >= p.min_tokens)
+    if (p.logprobs is not None or p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
+            or seq.num_completion_tokens < p.min_tokens):
+        return None
+    if p.greedy:
+        return 0.0
+    if seq.generator is not None or p.top_k > 0 or p.top_p < 1 or p.min_p > 0:
+        return None
+    return p.temperature
 
 
 class ModelRunner:
@@ -68,9 +76,10 @@ class ModelRunner:
             self._tune_fused_output()
 
     def _tune_fused_output(self) -> None:
-        """Times the fused o_proj kernels once per shape and M bucket, before any capture or timing."""
+        """Times the fused projection + residual kernels (o_proj, down_proj) once per shape and M bucket,
+        before any capture or timing."""
         from nanovllm.kernels.fused_attention_output import warmup
-        shapes = {(*m.o_proj.weight.shape, m.o_proj.bias is not None)
+        shapes = {(*m.residual_proj.weight.shape, m.residual_proj.bias is not None)
                   for m in self.model.modules() if getattr(m, "fuses_residual", False)}
         max_m = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         for n, k, has_bias in shapes:
@@ -148,7 +157,7 @@ class ModelRunner:
         if sampled_seqs:
             rows = torch.tensor([r for _, r in sample_rows], device=self.device)
             logits = self.model.compute_logits(hidden[rows])  # (B, V)
-            self._sample(sampled_seqs, logits, None, out)
+            self._sample(sampled_seqs, logits, out)
         if plp_rows:
             self._collect_prompt_logprobs(hidden, plp_rows, out)
         return out
@@ -160,20 +169,25 @@ class ModelRunner:
                         for seq, n in zip(batch.seqs, batch.num_new_tokens)))
 
     def _run_graph(self, seqs: list[Sequence], out: StepOutput) -> None:
-        self.graphs.replay(seqs)
         n = len(seqs)
-        self._sample(seqs, self.graphs.logits[:n], self.graphs.next_tokens[:n], out)
+        temperatures = [simple_temperature(seq) for seq in seqs]
+        if None in temperatures:  # the full Sampler, on the greedy graph's logits
+            self.graphs.replay(seqs)
+            return self._sample(seqs, self.graphs.logits[:n], out)
+        self.graphs.replay(seqs, temperatures if any(temperatures) else None)
+        self._record(seqs, self.graphs.next_tokens[:n].tolist(), out)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, argmax: torch.Tensor | None,
-                out: StepOutput) -> None:
-        """logits (B, V) in the model dtype; argmax (B,) when the graph already computed it."""
-        if all(is_plain_greedy(seq) for seq in seqs):  # the common case costs one argmax and one copy
-            token_ids = (logits.argmax(dim=-1) if argmax is None else argmax).tolist()
-            out.sampled.update((seq.seq_id, token) for seq, token in zip(seqs, token_ids))
-            return
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
+        """logits (B, V) in the model dtype."""
+        if all(simple_temperature(seq) == 0 for seq in seqs):  # greedy: one argmax, one copy
+            return self._record(seqs, logits.argmax(dim=-1).tolist(), out)
         logits = logits.float()
         sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids)
         self._collect_samples(seqs, self.sampler(logits, sampling), out)
+
+    @staticmethod
+    def _record(seqs: list[Sequence], token_ids: list[int], out: StepOutput) -> None:
+        out.sampled.update((seq.seq_id, token) for seq, token in zip(seqs, token_ids))
 
     def _prepare(self, batch: ScheduledBatch):
         ids, pos, q_lens, ctx_lens, tables = [], [], [], [], []
@@ -194,7 +208,7 @@ class ModelRunner:
                 plp_rows.append((seq, offset, start, last))
             offset += n
         set_context(make_context(q_lens, ctx_lens, tables, self.config.block_size, self.device))
-        as_long = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)  # noqa: E731
+        as_long = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
         return as_long(ids), as_long(pos), sample_rows, plp_rows
 
     def _collect_samples(self, seqs: list[Sequence], result, out: StepOutput) -> None:

@@ -83,6 +83,10 @@ class FusedOutputMixin:
     forward takes the residual stream and returns the new one, o_proj(attn) + residual."""
     fuses_residual = True
 
+    @property
+    def residual_proj(self) -> RowParallelLinear:
+        return self.o_proj
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor) -> torch.Tensor:
         attn = self.attend(positions, hidden_states)
@@ -94,38 +98,50 @@ class LlamaAttentionFused(FusedOutputMixin, LlamaAttention):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """gate_up_proj -> SiLU-and-mul -> down_proj. With `fuses_residual` (the fused output path) forward takes
+    the residual stream and returns down_proj(x) + residual from one kernel, as the fused o_proj does."""
+
+    def __init__(self, config: ModelConfig, fuses_residual: bool = False) -> None:
         super().__init__()
         size, bias = config.intermediate_size, config.mlp_bias
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
+        self.fuses_residual = fuses_residual
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    @property
+    def residual_proj(self) -> RowParallelLinear:
+        return self.down_proj
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.act_fn(self.gate_up_proj(x))  # (T, intermediate)
+        if residual is None:
+            return self.down_proj(x)
+        return fused_o_proj_add_residual(x, self.down_proj.weight, residual, self.down_proj.bias)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, self_attn: LlamaAttention) -> None:
         super().__init__()
         self.self_attn = self_attn
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, fuses_residual=self_attn.fuses_residual)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Carries the residual stream separately: the norms add it in (nano-vllm's fused add + norm)."""
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Carries the residual stream separately: the norms add it in (nano-vllm's fused add + norm).
+        With the fused output path o_proj and down_proj add it instead, and the layer returns
+        (residual stream, None): the next norm has nothing left to add."""
         if residual is None:
             hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         if self.self_attn.fuses_residual:
             residual = self.self_attn(positions, hidden_states, residual)
-            hidden_states = self.post_attention_layernorm(residual)
-        else:
-            hidden_states = self.self_attn(positions, hidden_states)
-            hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+            return self.mlp(self.post_attention_layernorm(residual), residual), None
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
 
@@ -144,6 +160,8 @@ class LlamaModel(nn.Module):
         hidden_states, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if residual is None:  # the fused output path: hidden_states is the whole residual stream
+            return self.norm(hidden_states)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
