@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...: runs it under a time limit, logs to $L
     timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOGS/steps.txt"
 }
-step latency "${LAT_TIMEOUT:-160}" python3 benchmarks/bench_latency.py --out-dir "$OUT"
+step latency "${LAT_TIMEOUT:-180}" python3 benchmarks/bench_latency.py --out-dir "$OUT"
 step throughput "${TPUT_TIMEOUT:-120}" python3 benchmarks/bench_throughput.py --out-dir "$OUT"
 step tests "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider --durations=15 -s -rA tests/test_gpu.py
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
