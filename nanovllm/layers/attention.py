@@ -32,7 +32,7 @@ class Attention(nn.Module):
             self.store_kv(k, v, context.slot_mapping)
         if self.use_triton:
             return self.forward_triton(q, context).flatten(1)
-        return self.forward_native(q, context).flatten(1)
+        return self.forward_native(q, context, k, v).flatten(1)
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         # A slot indexes the cache viewed as (num_blocks * block_size, Hkv, D); view() (not reshape) so a
@@ -45,14 +45,21 @@ class Attention(nn.Module):
         return paged_attention(q, self.k_cache, self.v_cache, context.block_tables, context.cu_seqlens_q,
                                context.context_lens_t, context.max_q_len, self.scale)
 
-    def forward_native(self, q: torch.Tensor, context: Context) -> torch.Tensor:
+    def forward_native(self, q: torch.Tensor, context: Context, k: torch.Tensor | None = None,
+                       v: torch.Tensor | None = None) -> torch.Tensor:
+        """k/v: this step's keys and values (already stored); a seq with no past attends over them directly
+        instead of gathering them back from the cache."""
         if context.is_decode:
             return self._decode_native(q, context)
         out = torch.empty_like(q)
         start = 0
         for i, (q_len, ctx_len) in enumerate(zip(context.q_lens, context.context_lens)):
-            k, v = self._gather_kv(context.block_tables[i], ctx_len)  # (ctx_len, Hkv, D) each
-            out[start:start + q_len] = self._sdpa(q[start:start + q_len], k, v, ctx_len - q_len)
+            rows = slice(start, start + q_len)
+            if q_len == ctx_len and k is not None:
+                out[rows] = self._sdpa(q[rows], k[rows], v[rows], num_past=0)
+            else:
+                k_seq, v_seq = self._gather_kv(context.block_tables[i], ctx_len)  # (ctx_len, Hkv, D) each
+                out[rows] = self._sdpa(q[rows], k_seq, v_seq, ctx_len - q_len)
             start += q_len
         return out
 
@@ -75,9 +82,11 @@ class Attention(nn.Module):
         k = self.k_cache[tables].flatten(1, 2).transpose(1, 2)  # (B, Hkv, L, D), L = num_blocks * block_size
         v = self.v_cache[tables].flatten(1, 2).transpose(1, 2)
         mask = torch.arange(k.size(2), device=q.device) < context.context_lens_t[:, None]  # (B, L)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
-                                             scale=self.scale, enable_gqa=True)  # (B, H, 1, D)
-        return out.squeeze(2)
+        # The query heads of one KV head become that head's "query rows": no K/V repeat for GQA.
+        batch, group = q.size(0), self.num_heads // self.num_kv_heads
+        q = q.view(batch, self.num_kv_heads, group, self.head_dim)  # (B, Hkv, G, D)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=self.scale)
+        return out.reshape(batch, self.num_heads, self.head_dim)
 
     def _gather_kv(self, block_table: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = block_table[:-(-ctx_len // self.k_cache.size(1))].long()
