@@ -108,11 +108,21 @@ def time_decode(llm: LLM, batch: int, seed: int = 0) -> dict:
         runner.run = run
     context = PROMPT_LEN + WARMUP_STEPS + DECODE_STEPS // 2  # mean KV length over the timed steps
     gpu_ms = replay_ms(runner, batch)
+    by_kernel = replay_by_kernel(runner, batch) if runner.graphs is not None else None
     while engine.has_unfinished_requests():
         engine.step()
     return {"batch": batch, "ms_per_step": 1e3 * statistics.median(step_times),
             "runner_ms_per_step": 1e3 * statistics.median(runner_times), "gpu_ms_per_step": gpu_ms,
-            "mean_context": context}
+            "mean_context": context, "replay_us_by_kernel": by_kernel}
+
+
+def replay_by_kernel(runner, batch: int, reps: int = 10) -> dict[str, float]:
+    """µs per replay spent in each kernel (by short name) of this batch's greedy decode graph."""
+    graph = runner.graphs.graphs[runner.graphs.bucket[batch], False]
+    times: dict[str, float] = {}
+    for name, us in cuda_kernels(graph.replay, reps):
+        times[short(name)] = times.get(short(name), 0.0) + us / reps
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
 def replay_ms(runner, batch: int, reps: int = 50) -> float | None:
@@ -147,9 +157,9 @@ def short(name: str) -> str:
     return name.split("<")[0].split("(")[0].removeprefix("void ")[:60]
 
 
-def count_kernels(llm: LLM, batch: int = 1, reps: int = 20) -> dict:
+def count_kernels(llm: LLM, batch: int = 1) -> dict:
     """Kernels of one decode step at `batch`: the engine step run eagerly (the kernels a graph replays, plus
-    the input copies), the decoder layers alone (per layer), and the graph replay, timed per kernel."""
+    the input copies), the decoder layers alone (per layer), and one graph replay."""
     engine, runner = llm.engine, llm.engine.model_runner
     graphs = runner.graphs
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=4)
@@ -163,20 +173,14 @@ def count_kernels(llm: LLM, batch: int = 1, reps: int = 20) -> dict:
     finally:
         runner.graphs = graphs
     engine.step()  # the same decode batch through the graph: its static inputs now hold a real step
-    graph = graphs.graphs[graphs.bucket[batch], False]
-    replay = cuda_kernels(graph.replay, reps)
+    replay = cuda_kernels(graphs.graphs[graphs.bucket[batch], False].replay)
     while engine.has_unfinished_requests():
         engine.step()
     layers = [name for name, _ in cuda_kernels(layers_runner(runner, batch))]
     num_layers = len(runner.model.model.layers)
-    times: dict[str, float] = {}
-    for name, us in replay:
-        times[short(name)] = times.get(short(name), 0.0) + us / reps
     return {"kernels_per_step": len(step), "kernels_per_layer": len(layers) / num_layers,
-            "kernels_per_graph_replay": len(replay) // reps,
-            "kernel_names_per_layer": {short(k): v / num_layers for k, v in Counter(layers).most_common()},
-            "replay_us_by_kernel": dict(sorted(times.items(), key=lambda kv: -kv[1])),
-            "replay_us_kernels_total": sum(times.values())}
+            "kernels_per_graph_replay": len(replay),
+            "kernel_names_per_layer": {short(k): v / num_layers for k, v in Counter(layers).most_common()}}
 
 
 def layers_runner(runner, batch: int):
@@ -185,10 +189,11 @@ def layers_runner(runner, batch: int):
     from nanovllm.utils.context import reset_context, set_context
     graphs, model = runner.graphs, runner.model.model
     bs = graphs.bucket[batch]
-    hidden = torch.randn(bs, model.norm.weight.shape[0], device="cuda").to(runner.dtype)
-    residual = torch.randn_like(hidden)
-    graphs.slot_mapping.fill_(-1)
-    graphs.context_lens.zero_()
+    with torch.inference_mode():
+        hidden = torch.randn(bs, model.norm.weight.shape[0], device="cuda").to(runner.dtype)
+        residual = torch.randn_like(hidden)
+        graphs.slot_mapping.fill_(-1)
+        graphs.context_lens.zero_()
 
     @torch.inference_mode()
     def run() -> None:
@@ -317,12 +322,11 @@ def main() -> None:
         row["ratio_to_floor"] = row["ms_per_step"] / row["floor_ms"]
         row["tok_per_s"] = batch / row["ms_per_step"] * 1e3
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row, indent=1), flush=True)
     kernels = count_kernels(llm)
     print(f"kernels per decode step: {kernels['kernels_per_step']}, per layer: {kernels['kernels_per_layer']}, "
           f"seen in a graph replay: {kernels['kernels_per_graph_replay']}")
     print(json.dumps(kernels["kernel_names_per_layer"], indent=1), flush=True)
-    print("graph replay, µs per kernel name:", json.dumps(kernels["replay_us_by_kernel"], indent=1), flush=True)
     projections = linear_vs_gemv(cfg, bw)
     result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights", "copy_bw_gbps": bw,
               "weight_bytes": wbytes, "kv_bytes_per_token": kv_tok, "prompt_len": PROMPT_LEN,
