@@ -1,5 +1,6 @@
 """BlockManager: paged allocation, ref counts and the prefix cache, driven directly (no scheduler)."""
 import pytest
+
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import default_gguf
+
 from nanovllm import LLM, SamplingParams
 
 PROMPTS = ["The three primary colors are", "def fibonacci(n):", "Once upon a time, in a small village,"]

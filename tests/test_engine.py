@@ -1,10 +1,10 @@
 """End to end on tiny random checkpoints: nanovllm's greedy tokens and logprobs against transformers'."""
 import pytest
 import torch
-
-from nanovllm import LLM, SamplingParams
 from tiny_models import make_tiny_hf_model, make_tiny_model
 from tiny_tokenizer import save_tiny_tokenizer
+
+from nanovllm import LLM, SamplingParams
 
 ARCHS = [("qwen3", {}), ("qwen2", {}), ("llama", {"tie_word_embeddings": True}), ("llama3", {})]
 NEW_TOKENS = 32

@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from nanovllm.kernels import fused_attention_output as fao
-from nanovllm.kernels.fused_attention_output import (KernelConfig, fused_o_proj_add_residual,
-                                                     fused_o_proj_add_residual_ref, launch)
+from nanovllm.kernels.fused_attention_output import (
+    KernelConfig,
+    fused_o_proj_add_residual,
+    fused_o_proj_add_residual_ref,
+    launch,
+)
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
        torch.float16: dict(rtol=1e-2, atol=1e-2)}

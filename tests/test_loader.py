@@ -8,10 +8,10 @@ import types
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import make_tiny_model
 
 from nanovllm.models import load_model
 from nanovllm.utils.loader import iter_weights, load_model_config
-from tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="module")

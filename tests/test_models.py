@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from tiny_models import LLAMA3_ROPE, make_tiny_hf_model, tiny_hf_config
 
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.rotary_embedding import compute_inv_freq
@@ -13,7 +14,6 @@ from nanovllm.models import get_model, load_model
 from nanovllm.models.qwen3 import Qwen3AttentionFused
 from nanovllm.utils.context import make_context, reset_context, set_context
 from nanovllm.utils.loader import load_model_config, model_config_from_hf
-from tiny_models import LLAMA3_ROPE, make_tiny_hf_model, tiny_hf_config
 
 # name -> (tiny_models arch, config overrides): together they cover tied and untied heads, llama3 rope
 # scaling, Qwen2's qkv bias, Llama's optional attention/MLP biases and Qwen3's q/k norm.

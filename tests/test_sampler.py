@@ -3,8 +3,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers.generation import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from nanovllm.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs, gather_logprobs
 from nanovllm.sampling_params import SamplingParams

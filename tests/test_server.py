@@ -340,7 +340,7 @@ def test_logprobs_completions_and_chat(client):
     lp = response.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert "".join(lp.tokens) == response.choices[0].text
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for logprob, top in zip(lp.token_logprobs, lp.top_logprobs):
         # Up to 3 + the sampled token; byte tokens may share a string ("\ufffd"), so maybe fewer keys.
         assert logprob <= 0 and 1 <= len(top) <= 4
         assert max(top.values()) == pytest.approx(logprob)  # greedy picks the top token

@@ -91,7 +91,7 @@ def _default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, devic
 
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits,
             block_n=None, num_warps=4, num_stages=3):
-    batch, (num_tokens, num_heads, head_dim) = context_lens.shape[0], q.shape
+    batch, (_, num_heads, head_dim) = context_lens.shape[0], q.shape
     num_kv_heads, group = k_cache.shape[2], num_heads // k_cache.shape[2]
     if num_splits > 1:  # fp32 partial outputs and log-sum-exps, merged by the reduce kernel
         partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)

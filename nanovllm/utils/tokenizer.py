@@ -172,7 +172,8 @@ def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre not in (None, "default", "gpt2"):
-        warnings.warn(f"Unknown GGUF pre-tokenizer {pre!r}; splitting text as GPT-2 does, which may differ.")
+        warnings.warn(f"Unknown GGUF pre-tokenizer {pre!r}; splitting text as GPT-2 does, which may differ.",
+                      stacklevel=2)
     return byte_level
 
 
