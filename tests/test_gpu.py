@@ -23,7 +23,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "configs")
 ARCHS = ["qwen3-0.6b", "llama-3.2-1b"]
-NEAR_TIE = 0.1  # nats between the two tokens' logprobs where bf16 rounding may pick either
+# Nats between the two tokens' logprobs where bf16 rounding may pick either. Near the top, the bf16 logits of
+# these random models sit 1/64-1/32 apart and the two paths' logits differ by 2-4 % (the logits test): the
+# divergences seen on an H100 had gaps of 0-0.094; a wrong kernel parts at gaps of whole nats.
+NEAR_TIE = 0.25
 NEW_TOKENS = 64
 REPORT: dict = {}
 
@@ -229,7 +232,7 @@ def hf_greedy(folder: str) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_fused_output_on_and_off_give_the_same_greedy_tokens(batch, model_dir):
+def test_fused_output_on_and_off_agree_up_to_near_ties(batch, model_dir):
     """Issue 8: Qwen3-0.6B, use_fused_output on and off, CUDA graphs, 64 greedy tokens at batch 1 and 8.
     Fused, o_proj and down_proj round (product + residual) once; unfused rounds the product, then the sum,
     as transformers does: they may part at a near-tie (see the rounding test below)."""
