@@ -23,7 +23,7 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs every prompt to completion and returns their outputs in prompt order."""
-        request_ids = self._add(prompts, sampling_params)
+        request_ids = self._add(prompts, sampling_params, stream=False)
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         try:
@@ -65,7 +65,7 @@ class LLM:
         # The template already carries the special tokens; encoding must not add a second BOS.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _add(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params) -> list[str]:
+    def _add(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params, stream: bool = True) -> list[str]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -83,7 +83,7 @@ class LLM:
                 raise ValueError(f"Prompt {i}: {e}") from None
         request_ids = [str(next(self._ids)) for _ in prompts]
         for request_id, prompt, p in zip(request_ids, prompts, params):
-            self.engine.add_request(request_id, prompt, p)
+            self.engine.add_request(request_id, prompt, p, stream=stream)
         return request_ids
 
     def _abort_unfinished(self, request_ids: list[str], finished: dict) -> None:

@@ -31,6 +31,7 @@ class _Request:
     sent: list[tuple[int, int]] = field(default_factory=list)  # per seq: (text chars, tokens) already returned
     texts: list[str] = field(default_factory=list)
     aborted: bool = False
+    stream: bool = True  # False: the only output is the final one
 
     @property
     def finished(self) -> bool:
@@ -107,7 +108,9 @@ class LLMEngine:
         return token_ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, stream: bool = True) -> None:
+        """Queues a request. With stream=False, step() returns its output only once it has finished
+        (building a RequestOutput for every request every step is the engine's largest host cost)."""
         if request_id in self.requests:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         token_ids = self.process_prompt(prompt, params)
@@ -122,6 +125,7 @@ class LLMEngine:
                           else _NoDetokenizer())
         request = _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
                            detoks, RequestMetrics(arrival_time=arrival))
+        request.stream = stream
         request.sent = [(0, 0)] * params.n
         request.texts = [""] * params.n
         if params.prompt_logprobs is not None:
@@ -163,7 +167,7 @@ class LLMEngine:
             for seq in batch.seqs:
                 if seq.seq_id in result.sampled:
                     self._on_token(self.requests[seq.request_id], seq, result)
-        outputs = [self._make_output(r) for r in touched.values()]
+        outputs = [self._make_output(r) for r in touched.values() if r.stream or r.finished]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]

@@ -144,6 +144,8 @@ async def _send(client: httpx.AsyncClient, url: str, payload: dict, t0: float) -
         return result
     result.e2e = time.perf_counter() - start
     result.ok = bool(result.chunk_times)
+    if not result.ok:
+        result.error = f"the stream ended without text ({result.output_len} tokens)"
     return result
 
 

@@ -30,12 +30,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fused-output", dest="use_fused_output", action=argparse.BooleanOptionalAction,
                    default=None, help="Fused attention output projection + residual add (default: on for CUDA).")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (or CPU processes) per model.")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy: random weights from the folder's config.json (for benchmarks).")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kvcache_blocks",
             "kv_cache_memory_gb", "gpu_memory_utilization", "enable_prefix_caching", "enable_chunked_prefill",
-            "enforce_eager", "dtype", "device", "use_fused_output", "tensor_parallel_size"]
+            "enforce_eager", "dtype", "device", "use_fused_output", "tensor_parallel_size", "load_format"]
     return {"model": args.model, **{k: getattr(args, k) for k in keys}}
 
 
