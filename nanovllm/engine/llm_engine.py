@@ -232,7 +232,7 @@ class LLMEngine:
                 text += request.detokenizers[i].flush()
                 request.texts[i] = text
             sent_chars, sent_tokens = request.sent[i]
-            token_ids = list(seq.completion_token_ids)
+            token_ids = seq.completion_token_ids  # a fresh slice (one copy): later steps append to seq's list
             request.sent[i] = (len(text), len(token_ids))
             logprobs = list(seq.output_logprobs) if request.params.logprobs is not None else None
             cumulative = sum(d[t].logprob for d, t in zip(logprobs, token_ids)) if logprobs else None

@@ -91,15 +91,24 @@ class AsyncEngine:
             for r in requests:
                 self._commands.put(_Add(r, arrival, stream))
             while pending:
-                request_id, item = await stream.get()
-                if isinstance(item, Exception):
-                    raise item
-                if item is _ABORTED:
-                    item = _aborted(last.get(request_id), requests[index[request_id]])
-                last[request_id] = item
-                if item.finished:
-                    pending.discard(request_id)
-                yield index[request_id], item
+                # Everything queued since the last turn, one merged output per request: a stream that fell
+                # behind sends one event for several steps, so the server's work per step shrinks as the
+                # load grows instead of falling further behind (vLLM coalesces the same way).
+                batch = [await stream.get()]
+                while not stream.empty():
+                    batch.append(stream.get_nowait())
+                merged: dict[str, RequestOutput] = {}
+                for request_id, item in batch:
+                    if isinstance(item, Exception):
+                        raise item
+                    if item is _ABORTED:
+                        item = _aborted(merged.get(request_id) or last.get(request_id), requests[index[request_id]])
+                    merged[request_id] = _merge(merged[request_id], item) if request_id in merged else item
+                for request_id, item in merged.items():
+                    last[request_id] = item
+                    if item.finished:
+                        pending.discard(request_id)
+                    yield index[request_id], item
         finally:
             self.num_pending -= len(requests)
             for request_id in pending:
@@ -233,3 +242,11 @@ def _aborted(last: RequestOutput | None, request: EngineRequest) -> RequestOutpu
     outputs = [dataclasses.replace(c, delta_text="", delta_token_ids=[],
                                    finish_reason=c.finish_reason or "abort") for c in last.outputs]
     return dataclasses.replace(last, outputs=outputs, finished=True)
+
+
+def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """`later` (cumulative fields) with the deltas of both, as if the two steps had been one."""
+    outputs = [dataclasses.replace(b, delta_text=a.delta_text + b.delta_text,
+                                   delta_token_ids=a.delta_token_ids + b.delta_token_ids)
+               for a, b in zip(earlier.outputs, later.outputs)]
+    return dataclasses.replace(later, outputs=outputs)

@@ -87,21 +87,26 @@ class ServerMetrics:
 
     def observe_step(self, outputs: list[RequestOutput], now: float | None = None) -> None:
         now = time.time() if now is None else now  # engine timestamps are time.time()
-        step_tokens = 0
+        prompt_tokens = generation_tokens = 0  # counters move once per step: this runs for every stream
         for out in outputs:
-            states = self._completions.setdefault(out.request_id, [_Completion() for _ in out.outputs])
+            states = self._completions.get(out.request_id)
+            if states is None:
+                states = self._completions[out.request_id] = [_Completion() for _ in out.outputs]
             first = all(s.first_token_time is None for s in states)
             if first and any(c.delta_token_ids for c in out.outputs):  # the prompt is counted once
-                self.prompt_tokens.inc(len(out.prompt_token_ids))
-                step_tokens += len(out.prompt_token_ids)
+                prompt_tokens += len(out.prompt_token_ids)
             for state, completion in zip(states, out.outputs):
-                step_tokens += self._observe_tokens(state, len(completion.delta_token_ids), out, now)
+                generation_tokens += self._observe_tokens(state, len(completion.delta_token_ids), out, now)
                 if completion.finish_reason is not None and not state.done:
                     self._observe_finish(state, completion.finish_reason, out, now)
             if out.finished:
                 del self._completions[out.request_id]
-        if step_tokens:
-            self.iteration_tokens.observe(step_tokens)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+        if generation_tokens:
+            self.generation_tokens.inc(generation_tokens)
+        if prompt_tokens + generation_tokens:
+            self.iteration_tokens.observe(prompt_tokens + generation_tokens)
 
     def _observe_tokens(self, state: _Completion, new: int, out: RequestOutput, now: float) -> int:
         if not new:
@@ -116,7 +121,6 @@ class ServerMetrics:
             self.itl.observe(gap)
         state.last_token_time = now
         state.num_tokens += new
-        self.generation_tokens.inc(new)
         return new
 
     def _observe_finish(self, state: _Completion, reason: str, out: RequestOutput, now: float) -> None:

@@ -201,7 +201,9 @@ def _delta_choice(job: Job, stream: _StreamState, i: int, output: RequestOutput,
 
 
 def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    # ASCII JSON: line-splitting clients (httpx's aiter_lines uses str.splitlines) would cut an event at a raw
+    # U+2028, U+0085 or \x1c in the text.
+    return f"data: {json.dumps(payload)}\n\n"
 
 
 # ---- formatting ---------------------------------------------------------------------------------
