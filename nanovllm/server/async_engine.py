@@ -28,12 +28,6 @@ logger = logging.getLogger("nanovllm.server")
 
 _ABORTED = object()  # delivered to a request the server aborted itself (shutdown), not a disconnect
 _ABORT_ALL = "*"
-# Each SSE event costs the event loop ~50-100 us of Python, and the loop shares the GIL with the engine
-# thread: at 256 streams, one event per stream per step took more GIL time than the step itself. A stream
-# waits this long per request in flight between its events, so the loop's share of the GIL stays bounded
-# as load grows (vLLM's stream_interval does the same in tokens); one stream alone waits 0.2 ms.
-_PAUSE_PER_STREAM = 0.0002
-_MAX_PAUSE = 0.05
 
 
 @dataclass
@@ -103,20 +97,19 @@ class AsyncEngine:
                 batch = [await stream.get()]
                 while not stream.empty():
                     batch.append(stream.get_nowait())
-                merged: dict[str, RequestOutput] = {}
+                queued: dict[str, list[RequestOutput]] = {}
                 for request_id, item in batch:
                     if isinstance(item, Exception):
                         raise item
                     if item is _ABORTED:
-                        item = _aborted(merged.get(request_id) or last.get(request_id), requests[index[request_id]])
-                    merged[request_id] = _merge(merged[request_id], item) if request_id in merged else item
-                for request_id, item in merged.items():
-                    last[request_id] = item
+                        earlier = queued.get(request_id)
+                        item = _aborted(earlier[-1] if earlier else last.get(request_id), requests[index[request_id]])
+                    queued.setdefault(request_id, []).append(item)
+                for request_id, items in queued.items():
+                    item = last[request_id] = _merge(items) if len(items) > 1 else items[0]
                     if item.finished:
                         pending.discard(request_id)
                     yield index[request_id], item
-                if pending:  # the pause lets this stream's next event carry several steps when many stream
-                    await asyncio.sleep(min(self.num_pending * _PAUSE_PER_STREAM, _MAX_PAUSE))
         finally:
             self.num_pending -= len(requests)
             for request_id in pending:
@@ -252,9 +245,11 @@ def _aborted(last: RequestOutput | None, request: EngineRequest) -> RequestOutpu
     return dataclasses.replace(last, outputs=outputs, finished=True)
 
 
-def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """`later` (cumulative fields) with the deltas of both, as if the two steps had been one."""
-    outputs = [dataclasses.replace(b, delta_text=a.delta_text + b.delta_text,
-                                   delta_token_ids=a.delta_token_ids + b.delta_token_ids)
-               for a, b in zip(earlier.outputs, later.outputs)]
-    return dataclasses.replace(later, outputs=outputs)
+def _merge(outputs: list[RequestOutput]) -> RequestOutput:
+    """The last output with the deltas of all, as if those steps had been one. Outputs are built fresh each
+    step and delivered to one consumer only, so the last one is updated in place."""
+    merged = outputs[-1]
+    for i, c in enumerate(merged.outputs):
+        c.delta_text = "".join(o.outputs[i].delta_text for o in outputs)
+        c.delta_token_ids = [t for o in outputs for t in o.outputs[i].delta_token_ids]
+    return merged
