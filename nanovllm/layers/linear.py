@@ -1,12 +1,17 @@
-"""Linear layers named after vLLM's tensor-parallel ones.
+"""Megatron-style tensor-parallel linear layers, named after vLLM's.
 
-Tensor parallelism is not implemented yet (tp_size is 1), but each parameter carries a `weight_loader` that
-copies its rank's slice of a checkpoint tensor, so the loader already speaks the sharded protocol:
-fused layers (qkv_proj, gate_up_proj) receive their HF parts one by one with a shard id.
+A column-parallel layer splits its output features across ranks: each rank computes its slice and nothing
+is exchanged. A row-parallel layer splits its input features: each rank holds a partial sum of the output,
+and one all-reduce adds them up. Attention (qkv column, o_proj row) and the MLP (gate_up column, down_proj
+row) therefore cost one all-reduce each. Every parameter carries a `weight_loader` that copies its rank's
+slice of a full checkpoint tensor; fused layers (qkv_proj, gate_up_proj) receive their HF parts one by one
+with a shard id. With one rank every slice is the whole tensor.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanovllm.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
 
 
 def copy_weight(param_slice: torch.Tensor, loaded_weight: torch.Tensor) -> None:
@@ -22,12 +27,17 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> N
     copy_weight(param.data, loaded_weight)
 
 
-class LinearBase(nn.Module):
-    """y = x W^T (+ b), with W stored (out, in) like nn.Linear. `tp_dim` is the dim a rank would shard."""
+def divide(n: int, tp_size: int) -> int:
+    assert n % tp_size == 0, f"{n} does not split across {tp_size} ranks"
+    return n // tp_size
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_dim: int | None = None):
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b), with W stored (out, in) like nn.Linear; sizes given are this rank's."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
-        self.tp_dim, self.tp_rank, self.tp_size = tp_dim, 0, 1
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.weight = nn.Parameter(torch.empty(output_size, input_size))
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -44,17 +54,18 @@ class LinearBase(nn.Module):
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split across ranks."""
+    """Output features split across ranks: rank r holds rows [r * out/tp, (r + 1) * out/tp) of W (and b)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, tp_dim=0)
+        super().__init__(input_size, divide(output_size, get_tp_size()), bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         copy_weight(param.data, loaded_weight.chunk(self.tp_size, dim=0)[self.tp_rank])
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column layers with the same input in one matmul (gate_proj and up_proj -> gate_up_proj)."""
+    """Several column layers with the same input in one matmul (gate_proj and up_proj -> gate_up_proj).
+    Each rank holds [its slice of gate | its slice of up], so SiLU-and-mul stays local."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
         self.output_sizes = output_sizes
@@ -68,29 +79,48 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q_proj, k_proj and v_proj in one matmul; the output is [q | k | v] along the feature dim."""
+    """q_proj, k_proj and v_proj in one matmul; each rank's output is [q | k | v] of its own heads.
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+    Heads are split across ranks. With fewer KV heads than ranks each rank holds one KV head, replicated
+    on tp / total_num_kv_heads ranks: rank r serves the q heads that read KV head r * kv / tp (GQA groups
+    are contiguous, so its q heads all belong to that one)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
                  bias: bool = False):
-        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads  # of this rank
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
+        tp_size = get_tp_size()
+        self.head_dim = head_dim
+        self.num_heads = divide(total_num_heads, tp_size)  # of this rank
+        if total_num_kv_heads >= tp_size:
+            self.num_kv_heads, self.num_kv_replicas = divide(total_num_kv_heads, tp_size), 1
+        else:
+            self.num_kv_heads, self.num_kv_replicas = 1, divide(tp_size, total_num_kv_heads)
+        # Sizes are already this rank's: skip ColumnParallelLinear's split.
+        LinearBase.__init__(self, hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id: str) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        offsets = {"q": 0, "k": q_size, "v": q_size + kv_size}
-        offset, size = offsets[loaded_shard_id], q_size if loaded_shard_id == "q" else kv_size
-        shard = loaded_weight.chunk(self.tp_size, dim=0)[self.tp_rank]
+        if loaded_shard_id == "q":
+            offset, size, index = 0, q_size, self.tp_rank
+        else:
+            offset = q_size if loaded_shard_id == "k" else q_size + kv_size
+            size, index = kv_size, self.tp_rank // self.num_kv_replicas
+        shard = loaded_weight.narrow(0, index * size, size)
         copy_weight(param.data.narrow(0, offset, size), shard)
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks (a TP version would all-reduce the partial outputs)."""
+    """Input features split across ranks; the partial outputs are summed by one all-reduce. The bias is
+    whole on every rank but added by rank 0 alone, before the sum, so it counts once."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, tp_dim=1)
+        super().__init__(divide(input_size, get_tp_size()), output_size, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if param.data.ndim == 1:  # the bias is not sharded
             copy_weight(param.data, loaded_weight)
             return
         copy_weight(param.data, loaded_weight.chunk(self.tp_size, dim=1)[self.tp_rank])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)  # (T, out), partial under TP
+        return all_reduce(y)

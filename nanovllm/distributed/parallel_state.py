@@ -1,0 +1,84 @@
+"""This process's place in the tensor-parallel group, and the two collectives the layers need.
+
+Layers read `get_tp_rank()` / `get_tp_size()` when they are built, so the group must exist before the model
+is: rank 0 (the engine's process) and every worker call `init_tensor_parallel` first. Without it the size
+is 1 and every collective here is a no-op, so a single-process model never touches torch.distributed.
+"""
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nanovllm.config import ModelConfig
+
+_TP_RANK, _TP_SIZE = 0, 1
+
+
+def get_tp_rank() -> int:
+    return _TP_RANK
+
+
+def get_tp_size() -> int:
+    return _TP_SIZE
+
+
+def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: torch.device,
+                         timeout_s: float) -> None:
+    """Joins the group: gloo on CPU, NCCL on CUDA. A collective that waits longer than timeout_s raises,
+    so a hung peer cannot hang the engine forever."""
+    global _TP_RANK, _TP_SIZE
+    if dist.is_initialized():
+        raise ValueError("A tensor-parallel engine is already running in this process; close() it first.")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+    _TP_RANK, _TP_SIZE = rank, world_size
+
+
+def destroy_tensor_parallel() -> None:
+    global _TP_RANK, _TP_SIZE
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _TP_RANK, _TP_SIZE = 0, 1
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sums x over the ranks, in place; every rank gets the same bits."""
+    if _TP_SIZE > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def gather_to_first(x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+    """Rank 0 gets the ranks' x concatenated along dim; the others get None."""
+    if _TP_SIZE == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_TP_SIZE)] if _TP_RANK == 0 else None
+    dist.gather(x, parts, dst=0)
+    return torch.cat(parts, dim=dim) if _TP_RANK == 0 else None
+
+
+def check_tp_size(model_config: ModelConfig, tp_size: int, device: torch.device) -> None:
+    """ValueError unless the heads split evenly: q heads by tp, and KV heads either by tp or, when there
+    are fewer KV heads than ranks, tp by them (each KV head is then replicated on tp / num_kv_heads ranks)."""
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    if heads % tp_size:
+        raise ValueError(f"tensor_parallel_size {tp_size} must divide the number of attention heads ({heads}).")
+    if (kv_heads % tp_size) if kv_heads >= tp_size else (tp_size % kv_heads):
+        raise ValueError(f"tensor_parallel_size {tp_size} and the number of KV heads ({kv_heads}) must "
+                         "divide one another.")
+    if device.type == "cuda" and tp_size > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size {tp_size} exceeds the {torch.cuda.device_count()} "
+                         "visible CUDA device(s).")
+
+
+def min_over_ranks(n: int, device: torch.device) -> int:
+    """The smallest n of all ranks (e.g. the KV-cache blocks every rank can hold)."""
+    if _TP_SIZE == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
