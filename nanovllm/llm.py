@@ -20,6 +20,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = count()
 
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (also done at interpreter exit)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: Params = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Runs every prompt to completion and returns their outputs in prompt order."""

@@ -57,15 +57,19 @@ class LLMEngine:
         config = Config(model=model, **kwargs)
         path = resolve_model_path(config.model)
         torch.manual_seed(config.seed)  # unseeded random rows draw from torch's default generator
-        self.model_runner = ModelRunner(config, path)
-        self.model_config = self.model_runner.model_config
-        context = self.model_config.max_position_embeddings
-        if config.max_model_len is None:
-            config.max_model_len = min(context, _MAX_DEFAULT_CONTEXT)
-        self.config = config
-        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(path)
-        Sequence.block_size = config.block_size
-        num_blocks = self.model_runner.allocate_kv_cache(config.max_model_len)
+        self.model_runner = ModelRunner(config, path)  # with tensor_parallel_size > 1, starts the workers
+        try:
+            self.model_config = self.model_runner.model_config
+            context = self.model_config.max_position_embeddings
+            if config.max_model_len is None:
+                config.max_model_len = min(context, _MAX_DEFAULT_CONTEXT)
+            self.config = config
+            self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(path)
+            Sequence.block_size = config.block_size
+            num_blocks = self.model_runner.allocate_kv_cache(config.max_model_len)
+        except BaseException:
+            self.model_runner.close()
+            raise
         self.scheduler = Scheduler(config, num_blocks)
         tokenizer_eos = self.tokenizer.eos_token_ids if self.tokenizer else []
         self.eos_token_ids = set(tokenizer_eos) | set(self.model_config.eos_token_ids)
@@ -75,6 +79,10 @@ class LLMEngine:
         self._token_text: dict[int, str] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any (also done at interpreter exit). Idempotent."""
+        self.model_runner.close()
 
     # ---- requests ---------------------------------------------------------------------------------
     def process_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:

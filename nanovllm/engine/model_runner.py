@@ -2,14 +2,24 @@
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from nanovllm.config import Config, ModelConfig
+from nanovllm.config import Config
+from nanovllm.distributed.commands import send_allocate, send_forward, send_logits
+from nanovllm.distributed.parallel_state import (
+    check_tp_size,
+    destroy_tensor_parallel,
+    init_tensor_parallel,
+    min_over_ranks,
+)
+from nanovllm.distributed.worker import TP_TIMEOUT_S, WorkerGroup
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from nanovllm.models import load_model, set_use_triton
-from nanovllm.utils.context import make_context, reset_context, set_context
+from nanovllm.utils.context import get_context, make_context, reset_context, set_context
+from nanovllm.utils.loader import load_model_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_CPU_KV_GB = 1.0
@@ -25,10 +35,12 @@ class StepOutput:
     # seq_id -> [(position of the predicted prompt token, its logprob, top ids, top lps, rank)]
 
 
-def resolve_device(config: Config) -> torch.device:
-    if config.device != "auto":
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(config: Config, rank: int = 0) -> torch.device:
+    device = torch.device(config.device if config.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and config.tensor_parallel_size > 1:
+        device = torch.device("cuda", rank)  # one GPU per rank
+    return device
 
 
 def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
@@ -55,17 +67,30 @@ def simple_temperature(seq: Sequence) -> float | None:
 class ModelRunner:
     """On CUDA every layer takes its Triton path, the fused o_proj is tuned before anything is captured,
     the KV cache fills what a profiled max_num_batched_tokens prefill leaves of gpu_memory_utilization,
-    and decode steps replay CUDA graphs unless `enforce_eager`. On CPU it is plain torch."""
+    and decode steps replay CUDA graphs unless `enforce_eager`. On CPU it is plain torch.
 
-    def __init__(self, config: Config, model_path: str):
-        self.config = config
-        self.device = resolve_device(config)
+    With tensor_parallel_size > 1 there is one runner per rank, each with its shard of the model. Rank 0's
+    (the engine's) starts the others in worker processes (distributed/worker.py) and, before each model
+    call, broadcasts the call and its inputs so they run it too; only rank 0 gets logits and samples.
+    Under TP the fused output path is off (its kernel adds the residual before o_proj's all-reduce, which
+    would add it tp times) and decode runs eagerly (no CUDA graphs)."""
+
+    def __init__(self, config: Config, model_path: str, rank: int = 0, store: dist.Store | None = None):
+        self.config, self.rank = config, rank
+        self.device = resolve_device(config, rank)
         self.dtype = resolve_dtype(config, self.device)
+        self.workers: WorkerGroup | None = None  # rank 0 of a tensor-parallel group only
+        if config.tensor_parallel_size > 1:
+            self._join_tensor_parallel(model_path, store)
         use_fused = config.use_fused_output
         if use_fused is None:
-            use_fused = self.device.type == "cuda"
-        self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused,
-                                                   config.load_format)
+            use_fused = self.device.type == "cuda" and config.tensor_parallel_size == 1
+        try:
+            self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused,
+                                                       config.load_format)
+        except BaseException:
+            self.close()  # the workers, if any
+            raise
         self.model.eval()
         set_use_triton(self.model, self.device.type == "cuda")
         self.sampler = Sampler()
@@ -74,6 +99,26 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if use_fused and self.device.type == "cuda":
             self._tune_fused_output()
+
+    def _join_tensor_parallel(self, model_path: str, store: dist.Store | None) -> None:
+        if self.rank == 0:
+            check_tp_size(load_model_config(model_path), self.config.tensor_parallel_size, self.device)
+            self.workers = WorkerGroup(self.config, model_path, self.device)
+            store = self.workers.store
+        try:
+            if self.workers is not None:
+                self.workers.wait_ready()
+            init_tensor_parallel(self.rank, self.config.tensor_parallel_size, store, self.device, TP_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stops the workers (rank 0) and leaves the tensor-parallel group; a no-op without TP."""
+        if self.workers is not None:
+            self.workers.close()
+        if self.config.tensor_parallel_size > 1:
+            destroy_tensor_parallel()
 
     def _tune_fused_output(self) -> None:
         """Times the fused projection + residual kernels (o_proj, down_proj) once per shape and M bucket,
@@ -88,28 +133,39 @@ class ModelRunner:
     # ---- memory -----------------------------------------------------------------------------------
     def allocate_kv_cache(self, max_model_len: int) -> int:
         """Allocates one K and one V cache per layer, hands them to the Attention layers, and (CUDA, not
-        enforce_eager) captures the decode graphs, whose block tables span max_model_len."""
-        cfg: ModelConfig = self.model_config
-        bs = self.config.block_size
-        bytes_per_block = 2 * cfg.num_hidden_layers * bs * cfg.num_key_value_heads * cfg.head_dim
+        enforce_eager) captures the decode graphs, whose block tables span max_model_len. Under TP every
+        rank allocates the same number of blocks: the fewest any rank has room for."""
+        if self.workers is not None:
+            return self.workers.guard(self._allocate_everywhere, max_model_len)
+        return self._allocate_kv_cache(max_model_len)
+
+    def _allocate_everywhere(self, max_model_len: int) -> int:
+        send_allocate(max_model_len, self.device)
+        return self._allocate_kv_cache(max_model_len)
+
+    def _allocate_kv_cache(self, max_model_len: int) -> int:
+        layers = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
+        assert len(layers) == self.model_config.num_hidden_layers, f"found {len(layers)} attention layers"
+        bs, num_kv_heads, head_dim = self.config.block_size, layers[0].num_kv_heads, layers[0].head_dim
+        bytes_per_block = 2 * len(layers) * bs * num_kv_heads * head_dim
         bytes_per_block *= torch.tensor([], dtype=self.dtype).element_size()
         num_blocks = self.config.num_kvcache_blocks or self._blocks_from_memory(bytes_per_block, max_model_len)
+        num_blocks = min_over_ranks(num_blocks, self.device)  # every rank must hold every block id
         if num_blocks < 1:
             raise ValueError("Not enough memory for a single KV-cache block; lower max_model_len or "
                              "max_num_batched_tokens, or raise gpu_memory_utilization.")
-        shape = (cfg.num_hidden_layers, num_blocks, bs, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (len(layers), num_blocks, bs, num_kv_heads, head_dim)
         # Zeros, not empty: the torch decode path gathers whole blocks and masks the unwritten tail, and a
         # NaN there would survive the mask (0 * NaN) in the probs @ V product.
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        layers = [m for m in self.model.modules() if hasattr(m, "k_cache") and hasattr(m, "v_cache")]
-        assert len(layers) == cfg.num_hidden_layers, f"found {len(layers)} attention layers"
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.k_cache[i], self.v_cache[i]
         self.num_blocks = num_blocks
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        # Under TP decode stays eager: the graphs would have to capture the collectives too.
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.config.tensor_parallel_size == 1:
             self.graphs = DecodeGraphs(self.model, self.config.max_num_seqs, -(-max_model_len // bs), bs,
-                                       cfg.vocab_size, self.dtype, self.device)
+                                       self.model_config.vocab_size, self.dtype, self.device)
         return num_blocks
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
@@ -144,23 +200,37 @@ class ModelRunner:
         return peak
 
     # ---- a step -----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepOutput:
+        if self.workers is not None:  # a dead worker becomes a clear error, not a hang
+            return self.workers.guard(self._run, batch)
+        return self._run(batch)
+
+    @torch.inference_mode()
+    def _run(self, batch: ScheduledBatch) -> StepOutput:
         out = StepOutput({}, {}, {})
         if self._graph_ready(batch):
             self._run_graph(batch.seqs, out)
             return out
         input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
+        if self.workers is not None:
+            send_forward(input_ids, positions, get_context())
         hidden = self.model(input_ids, positions)  # (T, hidden)
         reset_context()
         sampled_seqs = [seq for seq, _ in sample_rows]
         if sampled_seqs:
             rows = torch.tensor([r for _, r in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])  # (B, V)
+            logits = self.compute_logits(hidden[rows])  # (B, V)
             self._sample(sampled_seqs, logits, out)
         if plp_rows:
             self._collect_prompt_logprobs(hidden, plp_rows, out)
         return out
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, hidden_size) -> logits (N, V). Under TP the workers compute their vocab slices of the
+        same rows, which rank 0 gathers."""
+        if self.workers is not None:
+            send_logits(hidden)
+        return self.model.compute_logits(hidden)
 
     def _graph_ready(self, batch: ScheduledBatch) -> bool:
         """A captured graph serves the batch: one token per seq, every seq sampled, within the buckets."""
@@ -232,7 +302,7 @@ class ModelRunner:
             for lo in range(start, last, _LOGITS_CHUNK):
                 hi = min(lo + _LOGITS_CHUNK, last)
                 rows = slice(offset + lo - start, offset + hi - start)
-                logits = self.model.compute_logits(hidden[rows]).float()  # (n, V)
+                logits = self.compute_logits(hidden[rows]).float()  # (n, V)
                 targets = torch.tensor(seq.token_ids[lo + 1:hi + 1], device=self.device)
                 self._append_prompt_logprobs(entries, lo, logits, targets, seq.sampling_params.prompt_logprobs)
 
