@@ -1,0 +1,161 @@
+"""Tensor parallelism on the CPU: 2 ranks over gloo, against the same engine on one rank.
+
+Qwen3 splits its 2 KV heads one per rank; the Llama has a single KV head (replicated on both ranks), tied
+embeddings and an odd vocabulary (999: the last rank's slice is padded), and runs with chunked prefill.
+"""
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from tiny_models import make_tiny_model
+from tiny_tokenizer import save_tiny_tokenizer
+
+import nanovllm
+from nanovllm import LLM, SamplingParams
+from nanovllm.config import ModelConfig
+from nanovllm.distributed.parallel_state import check_tp_size, get_tp_size
+
+PROMPTS = [[5, 17, 300, 42, 9], list(range(100, 117)), [7] * 3, [(i * 37) % 990 + 3 for i in range(33)]]
+ARCHS = {"qwen3": ({}, {}),
+         "llama": ({"num_key_value_heads": 1, "tie_word_embeddings": True, "vocab_size": 999},
+                   {"max_num_batched_tokens": 16})}
+
+
+def greedy(max_tokens: int = 24, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def make_folder(arch: str, tmp_path_factory) -> str:
+    folder = make_tiny_model(arch, tmp_path_factory.mktemp(arch), **ARCHS[arch][0])
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+def worker_pids(llm: LLM) -> list[int]:
+    return [p.pid for p in llm.engine.model_runner.workers.processes]
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie of another parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(gone(pid) for pid in pids)
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory) -> str:
+    return make_folder("qwen3", tmp_path_factory)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp2_matches_tp1(arch, qwen3, tmp_path_factory):
+    folder = qwen3 if arch == "qwen3" else make_folder(arch, tmp_path_factory)
+    engine_args = ARCHS[arch][1]
+    params = greedy(logprobs=2, prompt_logprobs=1)
+    expected = LLM(folder, **engine_args).generate(PROMPTS, params, use_tqdm=False)
+    with LLM(folder, tensor_parallel_size=2, **engine_args) as llm:
+        pids = worker_pids(llm)
+        outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert get_tp_size() == 2
+    for ours, ref in zip(outputs, expected):
+        tokens = ref.outputs[0].token_ids
+        assert ours.outputs[0].token_ids == tokens
+        lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, tokens)] for o in (ours, ref)]
+        torch.testing.assert_close(torch.tensor(lps[0]), torch.tensor(lps[1]), atol=1e-4, rtol=0)
+        plps = [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])] for o in (ours, ref)]
+        torch.testing.assert_close(torch.tensor(plps[0]), torch.tensor(plps[1]), atol=1e-4, rtol=0)
+    # close() stopped and reaped the workers and left the group: a one-rank engine works again.
+    assert multiprocessing.active_children() == [] and all(gone(pid) for pid in pids)
+    assert get_tp_size() == 1
+
+
+def test_killed_worker_raises_a_clear_error(qwen3):
+    llm = LLM(qwen3, tensor_parallel_size=2)
+    pid = worker_pids(llm)[0]
+    with pytest.raises(RuntimeError, match=r"tensor-parallel worker 1 died \(killed by signal 9\)"):
+        for i, _ in enumerate(llm.stream(PROMPTS, greedy(200))):
+            if i == 8:  # mid-run: a few steps done, many to go
+                os.kill(pid, signal.SIGKILL)
+                start = time.monotonic()
+    assert i >= 8 and time.monotonic() - start < 30
+    with pytest.raises(RuntimeError, match="worker 1 died"):  # and it stays refused
+        llm.generate(PROMPTS[:1], greedy(4), use_tqdm=False)
+    llm.close()
+    assert multiprocessing.active_children() == [] and gone(pid)
+    assert get_tp_size() == 1
+
+
+def test_kv_heads_must_divide_or_be_divided_by_tp():
+    config = ModelConfig("llama", 100, 48, 96, 1, num_attention_heads=6, num_key_value_heads=3, head_dim=8)
+    check_tp_size(config, 3, torch.device("cpu"))  # one KV head per rank
+    with pytest.raises(ValueError, match="number of KV heads"):
+        check_tp_size(config, 2, torch.device("cpu"))
+    config.num_attention_heads, config.num_key_value_heads = 8, 2
+    check_tp_size(config, 4, torch.device("cpu"))  # each KV head on 2 ranks
+    with pytest.raises(ValueError, match="must divide the number of attention heads"):
+        check_tp_size(config, 3, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("engine_args, match", [
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be a positive integer"),
+    (dict(tensor_parallel_size=3), "must divide the number of attention heads"),
+    (dict(tensor_parallel_size=2, device="cuda"), "visible CUDA device"),
+    (dict(tensor_parallel_size=2, use_fused_output=True), "use_fused_output is not supported"),
+])
+def test_bad_tensor_parallel_size(qwen3, engine_args, match):
+    if engine_args.get("device") == "cuda" and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    with pytest.raises(ValueError, match=match):
+        LLM(qwen3, **engine_args)
+    assert multiprocessing.active_children() == []  # refused before any worker started
+
+
+_SCRIPT = """
+import sys, time
+from nanovllm import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], tensor_parallel_size=2)
+    print(*[p.pid for p in llm.engine.model_runner.workers.processes], flush=True)
+    while True:
+        llm.generate([[5, 6, 7]] * 4, SamplingParams(max_tokens=400, ignore_eos=True), use_tqdm=False)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_no_orphans_when_rank0_stops(qwen3, tmp_path, sig):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or a SIGKILL of rank 0 alone,
+    mid-generation: the workers exit too."""
+    script = tmp_path / "run_tp.py"
+    script.write_text(_SCRIPT)
+    root = os.path.dirname(os.path.dirname(nanovllm.__file__))  # this checkout, not an installed copy
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script), qwen3], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 1
+        time.sleep(1.0)  # generating
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.kill()
+        proc.wait(timeout=30)
+        assert wait_gone(pids), "a tensor-parallel worker outlived rank 0"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
