@@ -1,7 +1,8 @@
 """Tensor parallelism on the CPU: 2 ranks over gloo, against the same engine on one rank.
 
 Qwen3 splits its 2 KV heads one per rank; the Llama has a single KV head (replicated on both ranks), tied
-embeddings and an odd vocabulary (999: the last rank's slice is padded), and runs with chunked prefill.
+embeddings, an odd vocabulary (999: the last rank's slice is padded), biases on the row-parallel o_proj and
+down_proj (to be added once, not once per rank), and runs with chunked prefill.
 """
 import multiprocessing
 import os
@@ -22,7 +23,8 @@ from nanovllm.distributed.parallel_state import check_tp_size, get_tp_size
 
 PROMPTS = [[5, 17, 300, 42, 9], list(range(100, 117)), [7] * 3, [(i * 37) % 990 + 3 for i in range(33)]]
 ARCHS = {"qwen3": ({}, {}),
-         "llama": ({"num_key_value_heads": 1, "tie_word_embeddings": True, "vocab_size": 999},
+         "llama": ({"num_key_value_heads": 1, "tie_word_embeddings": True, "vocab_size": 999,
+                    "attention_bias": True, "mlp_bias": True},
                    {"max_num_batched_tokens": 16})}
 
 
