@@ -88,6 +88,9 @@ def test_tp2_matches_tp1(arch, qwen3, tmp_path_factory):
 def test_killed_worker_raises_a_clear_error(qwen3):
     llm = LLM(qwen3, tensor_parallel_size=2)
     pid = worker_pids(llm)[0]
+    with pytest.raises(ValueError, match="already running"):  # one group per process
+        LLM(qwen3, tensor_parallel_size=2)
+    assert len(multiprocessing.active_children()) == 1
     with pytest.raises(RuntimeError, match=r"tensor-parallel worker 1 died \(killed by signal 9\)"):
         for i, _ in enumerate(llm.stream(PROMPTS, greedy(200))):
             if i == 8:  # mid-run: a few steps done, many to go

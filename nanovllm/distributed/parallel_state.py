@@ -27,8 +27,6 @@ def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: 
     """Joins the group: gloo on CPU, NCCL on CUDA. A collective that waits longer than timeout_s raises,
     so a hung peer cannot hang the engine forever."""
     global _TP_RANK, _TP_SIZE
-    if dist.is_initialized():
-        raise ValueError("A tensor-parallel engine is already running in this process; close() it first.")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(device)

@@ -80,6 +80,7 @@ class ModelRunner:
         self.device = resolve_device(config, rank)
         self.dtype = resolve_dtype(config, self.device)
         self.workers: WorkerGroup | None = None  # rank 0 of a tensor-parallel group only
+        self.in_tp_group = False
         if config.tensor_parallel_size > 1:
             self._join_tensor_parallel(model_path, store)
         use_fused = config.use_fused_output
@@ -102,6 +103,9 @@ class ModelRunner:
 
     def _join_tensor_parallel(self, model_path: str, store: dist.Store | None) -> None:
         if self.rank == 0:
+            if dist.is_initialized():  # checked before any worker starts: the group is global state
+                raise ValueError("A tensor-parallel engine is already running in this process; close() it "
+                                 "first.")
             check_tp_size(load_model_config(model_path), self.config.tensor_parallel_size, self.device)
             self.workers = WorkerGroup(self.config, model_path, self.device)
             store = self.workers.store
@@ -109,6 +113,7 @@ class ModelRunner:
             if self.workers is not None:
                 self.workers.wait_ready()
             init_tensor_parallel(self.rank, self.config.tensor_parallel_size, store, self.device, TP_TIMEOUT_S)
+            self.in_tp_group = True
         except BaseException:
             self.close()
             raise
@@ -117,8 +122,9 @@ class ModelRunner:
         """Stops the workers (rank 0) and leaves the tensor-parallel group; a no-op without TP."""
         if self.workers is not None:
             self.workers.close()
-        if self.config.tensor_parallel_size > 1:
+        if self.in_tp_group:  # not another engine's group
             destroy_tensor_parallel()
+            self.in_tp_group = False
 
     def _tune_fused_output(self) -> None:
         """Times the fused projection + residual kernels (o_proj, down_proj) once per shape and M bucket,
