@@ -2,8 +2,13 @@
 # One device call for issue 5's GPU figures: the offline engine and `nanovllm serve` + `nanovllm bench serve`
 # on the same requests (Qwen3-0.6B architecture with SmolLM2's 49,152-token vocabulary and tokenizer, so every
 # generated id has text; random bf16 weights),
-# then the offline throughput benchmark again. Needs, carried: .gpuserve/qwen3-0.6b (config.json +
-# tokenizer files), .whl/serve + .whl/kernels (FastAPI, uvicorn, pydantic, gguf as wheels), .triton_cache.
+# then the offline throughput benchmark again. Needs, carried (all git-ignored, made on the CPU machine):
+#   .gpuserve/qwen3-0.6b   python benchmarks/make_serve_model.py
+#   .whl/serve             pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+#                          --platform manylinux_2_17_x86_64 -d .whl/serve fastapi starlette uvicorn pydantic
+#                          pydantic-core annotated-types typing-inspection opentelemetry-api typing-extensions
+#   .whl/kernels           the same for gguf (and pytest for gpu_run.sh)
+#   .triton_cache          optional: compiled kernels from an earlier call (saves ~40 s of start-up)
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
