@@ -13,8 +13,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanovllm.utils.gguf import gguf_eos_token_ids, read_gguf
-
 # Split regexes of llama.cpp's pre-tokenizers (`tokenizer.ggml.pre`), as HF writes them.
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -66,6 +64,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str) -> "Tokenizer":
         """Rebuild the byte-level BPE tokenizer a GGUF file describes, splitting text as llama.cpp does."""
+        from nanovllm.utils.gguf import gguf_eos_token_ids, read_gguf  # the gguf package only for GGUF files
         gguf = read_gguf(path)
         if (kind := gguf.get("tokenizer.ggml.model")) != "gpt2":
             raise ValueError(f"{path}: tokenizer model {kind!r} is not supported; supported: gpt2 (byte BPE)")
