@@ -26,8 +26,8 @@ EPS = 1e-6
 
 def time_graph(fn, slots: int) -> float:
     """Median µs per call of fn(slot) replayed in one CUDA graph that cycles through the slots."""
-    from nanovllm.kernels.fused_attention_output import _time_in_graph
-    return _time_in_graph(fn, slots, calls=60, replays=15)
+    from nanovllm.kernels.fused_attention_output import time_in_graph
+    return time_in_graph(fn, slots, calls=60, replays=15)
 
 
 def time_eager(fn, calls: int = 200) -> float:

@@ -208,24 +208,6 @@ def layers_runner(runner, batch: int):
     return run
 
 
-def graph_us(fn, slots: int, calls: int = 64) -> float:
-    """µs per call of fn(slot) replayed in a CUDA graph that cycles through the slots (weights past L2)."""
-    fn(0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in range(calls):
-            fn(c % slots)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(6):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times[1:])
-
-
 @torch.inference_mode()
 def linear_vs_gemv(cfg, bw_gbps: float, ms: tuple[int, ...] = (1, 8)) -> list[dict]:
     """The decode step's projections at M rows: cuBLAS (F.linear) against the tuned GEMV of the fused
@@ -249,7 +231,7 @@ def linear_vs_gemv(cfg, bw_gbps: float, ms: tuple[int, ...] = (1, 8)) -> list[di
 def time_projection(weights: list[torch.Tensor], m: int) -> tuple[float, float]:
     import torch.nn.functional as F
 
-    from nanovllm.kernels.fused_attention_output import fused_o_proj_add_residual
+    from nanovllm.kernels.fused_attention_output import fused_o_proj_add_residual, time_in_graph
     n, k = weights[0].shape
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     zero = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
@@ -261,7 +243,7 @@ def time_projection(weights: list[torch.Tensor], m: int) -> tuple[float, float]:
 
     def gemv(i: int) -> torch.Tensor:
         return fused_o_proj_add_residual(x, weights[i], zero, out=out)
-    return graph_us(linear, len(weights)), graph_us(gemv, len(weights))
+    return time_in_graph(linear, len(weights), calls=64), time_in_graph(gemv, len(weights), calls=64)
 
 
 def write_json(path: str, obj) -> None:

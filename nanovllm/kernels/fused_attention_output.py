@@ -177,7 +177,7 @@ def _bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()  # 1, 2, 4, ..., the next power of two
 
 
-def _time_in_graph(fn, slots: int, calls: int = 32, replays: int = 5) -> float:
+def time_in_graph(fn, slots: int, calls: int = 32, replays: int = 5) -> float:
     """Median µs per call of fn(slot), replayed in a CUDA graph that cycles through the slots: what a
     captured decode step sees (one launch after another, weights not in L2)."""
     calls = slots * math.ceil(calls / slots)
@@ -220,7 +220,7 @@ def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bo
     times = {}
     for config in candidate_configs(m, n, k, dtype):
         try:
-            times[config] = _time_in_graph(lambda i, c=config: launch(c, xs[i], ws[i], res[i], bias, outs[i]),
+            times[config] = time_in_graph(lambda i, c=config: launch(c, xs[i], ws[i], res[i], bias, outs[i]),
                                            slots)
             if not (outs[0].float() - ref).norm() <= 1e-2 * ref.norm():  # also catches NaN
                 raise ArithmeticError("output differs from the reference")
