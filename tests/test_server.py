@@ -19,12 +19,11 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tiny_tokenizer import save_tiny_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_KEY = "test-key"
 TINY_ARGS = ["--max-model-len", "256", "--max-num-seqs", "256", "--kv-cache-memory-gb", "0.25"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 _WORDS = (  # noqa: SIM905 - a word list reads better as text
     "the of and to in is was for on that with as by at from his her an which are this be or had not but "
     "were they all one have has been river mountain engine garden window history number language music "
@@ -35,21 +34,10 @@ _WORDS = (  # noqa: SIM905 - a word list reads better as text
 # ---- harness ------------------------------------------------------------------------------------
 def write_tiny_tokenizer(path: str) -> int:
     """A byte-level BPE (any text encodes), ChatML specials, </s> = 2 as EOS; returns its vocab size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>",
-                                                                  "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     rng = random.Random(0)
-    tok.train_from_iterator([" ".join(rng.choice(_WORDS) for _ in range(50)) for _ in range(200)], trainer)
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHATML,
-                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
-    return tok.get_vocab_size()
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(50)) for _ in range(200)]
+    return save_tiny_tokenizer(path, vocab_size=600, corpus=corpus, bos="<s>", eos="</s>",
+                               specials=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])
 
 
 def make_tiny_model_dir(tmp_dir, **overrides) -> str:

@@ -13,15 +13,19 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital 
           "café naïve 東京 😀 emoji and unicode", "Hello world! How are you today?"] * 20
 
 
-def save_tiny_tokenizer(folder: str, vocab_size: int = 1000) -> None:
+def save_tiny_tokenizer(folder: str, vocab_size: int = 1000, corpus: list[str] = CORPUS,
+                        specials: list[str] = SPECIALS, bos: str = "<|im_start|>", eos: str = "<|im_end|>") -> int:
+    """Trains the tokenizer on `corpus` (specials take the first ids), writes it into `folder`, and returns
+    its vocab size. The byte alphabet is always in the vocab, so any text encodes."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
+    os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
-    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
-              "chat_template": CHATML}
+    config = {"bos_token": bos, "eos_token": eos, "add_bos_token": False, "chat_template": CHATML}
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
+    return tok.get_vocab_size()
