@@ -30,7 +30,6 @@ class _Request:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     sent: list[tuple[int, int]] = field(default_factory=list)  # per seq: (text chars, tokens) already returned
     texts: list[str] = field(default_factory=list)
-    aborted: bool = False
     stream: bool = True  # False: the only output is the final one
 
     @property
@@ -150,7 +149,6 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-        request.aborted = True
         del self.requests[request_id]
 
     def has_unfinished_requests(self) -> bool:
@@ -171,10 +169,12 @@ class LLMEngine:
                 touched[seq.request_id] = request
             result = self.model_runner.run(batch)
             self.scheduler.postprocess(batch, result.sampled)
-            self._record_prompt_logprobs(result.prompt_logprobs)
             for seq in batch.seqs:
+                request = self.requests[seq.request_id]
+                if seq.index == 0 and seq.seq_id in result.prompt_logprobs:  # n > 1 seqs share one prompt
+                    self._record_prompt_logprobs(request, result.prompt_logprobs[seq.seq_id])
                 if seq.seq_id in result.sampled:
-                    self._on_token(self.requests[seq.request_id], seq, result)
+                    self._on_token(request, seq, result)
         outputs = [self._make_output(r) for r in touched.values() if r.stream or r.finished]
         for output in outputs:
             if output.finished:
@@ -223,14 +223,11 @@ class LLMEngine:
             text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return text
 
-    def _record_prompt_logprobs(self, prompt_logprobs) -> None:
-        for seq_id, entries in prompt_logprobs.items():
-            request = next((r for r in self.requests.values() if any(s.seq_id == seq_id for s in r.seqs)), None)
-            if request is None or request.seqs[0].seq_id != seq_id or request.prompt_logprobs is None:
-                continue  # n > 1 seqs share the prompt: record it once
-            for pos, lp, ids, vals, rank in entries:
-                token = request.prompt_token_ids[pos]
-                request.prompt_logprobs[pos] = self._logprob_dict(token, lp, ids, vals, rank)
+    def _record_prompt_logprobs(self, request: _Request, entries) -> None:
+        # Stored by position: a prompt recomputed after preemption overwrites, never duplicates.
+        for pos, lp, ids, vals, rank in entries:
+            token = request.prompt_token_ids[pos]
+            request.prompt_logprobs[pos] = self._logprob_dict(token, lp, ids, vals, rank)
 
     def _make_output(self, request: _Request) -> RequestOutput:
         completions = []
