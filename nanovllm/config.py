@@ -60,8 +60,5 @@ class Config:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}.")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}.")
-        if self.use_fused_output and self.tensor_parallel_size > 1:
-            raise ValueError("use_fused_output is not supported with tensor_parallel_size > 1: its kernels add "
-                             "the residual before o_proj's all-reduce, which would add it once per rank.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}.")

@@ -85,6 +85,23 @@ def test_tp2_matches_tp1(arch, qwen3, tmp_path_factory):
     assert get_tp_size() == 1
 
 
+def test_tp2_decode_through_the_graph_protocol_matches_eager_tp1(qwen3, monkeypatch):
+    """NANOVLLM_UNCAPTURED_GRAPHS=1 runs CPU decode steps through the CUDA-graph code, uncaptured: under TP
+    rank 0 broadcasts the graphs' input buffers (DECODE) and the workers replay the same bucket, then share
+    the LM head. Three seqs pad to bucket 4 (a row with slot -1 and context 0)."""
+    params = greedy(logprobs=2)
+    expected = LLM(qwen3).generate(PROMPTS[:3], params, use_tqdm=False)
+    monkeypatch.setenv("NANOVLLM_UNCAPTURED_GRAPHS", "1")
+    with LLM(qwen3, tensor_parallel_size=2) as llm:
+        assert llm.engine.model_runner.graphs is not None
+        outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    for ours, ref in zip(outputs, expected):
+        tokens = ref.outputs[0].token_ids
+        assert ours.outputs[0].token_ids == tokens
+        lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, tokens)] for o in (ours, ref)]
+        torch.testing.assert_close(torch.tensor(lps[0]), torch.tensor(lps[1]), atol=1e-4, rtol=0)
+
+
 def test_killed_worker_raises_a_clear_error(qwen3):
     llm = LLM(qwen3, tensor_parallel_size=2)
     pid = worker_pids(llm)[0]
@@ -119,7 +136,6 @@ def test_kv_heads_must_divide_or_be_divided_by_tp():
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be a positive integer"),
     (dict(tensor_parallel_size=3), "must divide the number of attention heads"),
     (dict(tensor_parallel_size=2, device="cuda"), "visible CUDA device"),
-    (dict(tensor_parallel_size=2, use_fused_output=True), "use_fused_output is not supported"),
 ])
 def test_bad_tensor_parallel_size(qwen3, engine_args, match):
     if engine_args.get("device") == "cuda" and torch.cuda.device_count() >= 2:

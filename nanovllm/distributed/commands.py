@@ -1,16 +1,16 @@
 """Rank 0 tells the workers what to run, with torch.distributed broadcasts from rank 0.
 
 Each command is a small int64 header [command, size, size, size], then its payload: the step's inputs for
-FORWARD, the hidden rows for LOGITS. Workers run the same call as rank 0 with the same inputs, so their
-collectives (the all-reduces of the layers, the LM head's gather) meet rank 0's. Tensors only, no pickles:
-on CUDA these are NCCL broadcasts between GPUs.
+FORWARD, the hidden rows for LOGITS, the CUDA-graph input buffers for DECODE. Workers run the same call
+as rank 0 with the same inputs, so their collectives (the all-reduces of the layers, the LM head's gather)
+meet rank 0's. Tensors only, no pickles: on CUDA these are NCCL broadcasts between GPUs.
 """
 import torch
 import torch.distributed as dist
 
 from nanovllm.utils.context import Context
 
-EXIT, ALLOCATE, FORWARD, LOGITS = range(4)
+EXIT, ALLOCATE, FORWARD, LOGITS, DECODE = range(5)
 _HEADER_LEN = 4
 
 
@@ -72,3 +72,14 @@ def recv_logits(sizes: list[int], dtype: torch.dtype, device: torch.device) -> t
     hidden = torch.empty(sizes[0], sizes[1], dtype=dtype, device=device)  # (N, hidden_size)
     dist.broadcast(hidden, src=0)
     return hidden
+
+
+def send_decode(bucket: int, device: torch.device) -> None:
+    """Replay the decode graph of this batch-size bucket; its inputs follow (broadcast_decode_inputs)."""
+    _send_header(DECODE, bucket, device=device)
+
+
+def broadcast_decode_inputs(*buffers: torch.Tensor) -> None:
+    """The decode graphs' static input buffers, rank 0's into every rank's (engine/cuda_graph.py)."""
+    for buffer in buffers:
+        dist.broadcast(buffer, src=0)

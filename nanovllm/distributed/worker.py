@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from nanovllm.config import Config
 from nanovllm.distributed.commands import (
     ALLOCATE,
+    DECODE,
     EXIT,
     FORWARD,
     LOGITS,
@@ -153,6 +154,8 @@ def serve(runner) -> None:
                 runner.model(input_ids, positions)
             finally:
                 reset_context()
+        elif command == DECODE:
+            runner.graphs.follow(sizes[0])
         elif command == LOGITS:
             runner.model.compute_logits(recv_logits(sizes, runner.dtype, device))  # rank 0 gathers
         else:

@@ -10,12 +10,19 @@ The graphs end with the sampler where it can live there: each bucket has a greed
 and a sampling graph that also draws temperature samples with the Sampler's exponential race (rows with
 temperature 0 keep the argmax), so such a step copies back only B token ids. Anything else (seeds,
 top-k/p, min-p, penalties, logprobs) replays the greedy graph and runs the Sampler on its logits.
+
+Under tensor parallelism every rank captures the same graphs, all-reduces included (NCCL collectives are
+captured like kernels), but only the model body: the LM head, whose slices rank 0 gathers, and the sampler
+run eagerly after the replay, as in nano-vllm. Before each replay rank 0 broadcasts the step's input buffers
+(DECODE, distributed/commands.py) and the workers replay the same bucket on them.
 """
 from itertools import chain, count
 
 import torch
 from torch import nn
 
+from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
+from nanovllm.distributed.parallel_state import get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
 from nanovllm.utils.context import Context, reset_context, set_context
 
@@ -34,7 +41,7 @@ class DecodeGraphs:
 
     Inputs travel in host-to-device copies from pinned buffers: int64 [input_ids; positions; slot_mapping],
     int32 [context_lens | block_tables] and, for the sampling graphs, float32 temperatures. Outputs:
-    `logits` (max_bs, vocab) in the model dtype and `next_tokens` (max_bs,) int64.
+    `logits` (max_bs, vocab) in the model dtype and `next_tokens` (max_bs,) int64 (rank 0 only under TP).
     """
 
     @torch.inference_mode()
@@ -60,8 +67,12 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
         self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
+        self.device = device
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampling) -> graph
         self.model = model
+        self.tp_size, self.rank = get_tp_size(), get_tp_rank()
+        self.head_in_graph = self.tp_size == 1  # the LM head's gather to rank 0 stays out of the graphs
+        self.hidden: torch.Tensor | None = None  # (max_bs, hidden): the graphs' output when the head is not in them
         if capture:
             self._capture(model)
 
@@ -73,8 +84,18 @@ class DecodeGraphs:
                        max_context_len=self.max_num_blocks * self.block_size, is_decode=True)
 
     def _forward(self, model: nn.Module, bs: int, sampling: bool) -> None:
+        """What a graph holds: the model, then (one rank) the head and the sampler."""
         hidden = model(self.input_ids[:bs], self.positions[:bs])  # (bs, hidden)
-        logits = model.compute_logits(hidden, out=self.logits[:bs])  # (bs, vocab)
+        if self.head_in_graph:
+            return self._head(model, hidden, bs, sampling)
+        if self.hidden is None:  # the first call (the largest bucket's warm-up) runs outside any capture
+            self.hidden = torch.empty(self.max_bs, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        self.hidden[:bs].copy_(hidden)
+
+    def _head(self, model: nn.Module, hidden: torch.Tensor, bs: int, sampling: bool) -> None:
+        logits = model.compute_logits(hidden, out=self.logits[:bs])  # (bs, vocab); None on a TP worker
+        if logits is None:
+            return
         if not sampling:
             torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
             return
@@ -91,7 +112,7 @@ class DecodeGraphs:
         self.context_lens.zero_()
         pool = None
         for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
-            for sampling in (True, False):
+            for sampling in (True, False) if self.head_in_graph else (False,):
                 set_context(self.context(bs))
                 try:
                     self._forward(model, bs, sampling)  # compiles, picks cuBLAS algorithms outside capture
@@ -128,14 +149,28 @@ class DecodeGraphs:
             self.host_temps.numpy()[:n] = temperatures
             self.host_temps.numpy()[n:bs] = 0
             self.temperatures.copy_(self.host_temps, non_blocking=True)
+        if self.tp_size > 1:
+            send_decode(bs, self.device)
+            broadcast_decode_inputs(self.dev64, self.dev32[:used])
+        self._replay(bs, temperatures is not None)
+
+    def follow(self, bs: int) -> None:
+        """A TP worker's side of rank 0's replay (after a DECODE header for bucket bs): the same inputs, the
+        same graph, and its share of the LM head."""
+        broadcast_decode_inputs(self.dev64, self.dev32[:self.max_bs + bs * self.max_num_blocks])
+        self._replay(bs, False)
+
+    def _replay(self, bs: int, sampling: bool) -> None:
         if self.graphs:
-            self.graphs[bs, temperatures is not None].replay()
-        else:  # not captured (tests of the padding on CPU): run the same step eagerly
+            self.graphs[bs, sampling and self.head_in_graph].replay()
+        else:  # not captured (tests of the padding and the TP protocol on CPU): run the same step eagerly
             set_context(self.context(bs))
             try:
-                self._forward(self.model, bs, temperatures is not None)
+                self._forward(self.model, bs, sampling)
             finally:
                 reset_context()
+        if not self.head_in_graph:
+            self._head(self.model, self.hidden[:bs], bs, sampling)
 
     def _write_block_tables(self, seqs: list[Sequence]) -> None:
         # A row is rewritten only when its table changed (a new block, another seq, a prefix-cache swap):

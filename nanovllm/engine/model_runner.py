@@ -1,4 +1,5 @@
 """Runs the model on a scheduled batch: owns the weights, the paged KV cache, the CUDA graphs and the sampler."""
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,7 @@ class ModelRunner:
     With tensor_parallel_size > 1 there is one runner per rank, each with its shard of the model. Rank 0's
     (the engine's) starts the others in worker processes (distributed/worker.py) and, before each model
     call, broadcasts the call and its inputs so they run it too; only rank 0 gets logits and samples.
-    Under TP the fused output path is off (its kernel adds the residual before o_proj's all-reduce, which
-    would add it tp times) and decode runs eagerly (no CUDA graphs)."""
+    Every rank captures the decode graphs; the fused output path adds the residual on rank 0 only."""
 
     def __init__(self, config: Config, model_path: str, rank: int = 0, store: dist.Store | None = None):
         self.config, self.rank = config, rank
@@ -85,7 +85,7 @@ class ModelRunner:
             self._join_tensor_parallel(model_path, store)
         use_fused = config.use_fused_output
         if use_fused is None:
-            use_fused = self.device.type == "cuda" and config.tensor_parallel_size == 1
+            use_fused = self.device.type == "cuda"
         try:
             self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused,
                                                        config.load_format)
@@ -98,7 +98,7 @@ class ModelRunner:
         self.eos_token_ids: list[int] = []  # set by the engine; masked while min_tokens is not reached
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
-        if use_fused and self.device.type == "cuda":
+        if use_fused and self.device.type == "cuda" and rank == 0:  # other ranks project without the add
             self._tune_fused_output()
 
     def _join_tensor_parallel(self, model_path: str, store: dist.Store | None) -> None:
@@ -168,10 +168,13 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.k_cache[i], self.v_cache[i]
         self.num_blocks = num_blocks
-        # Under TP decode stays eager: the graphs would have to capture the collectives too.
-        if self.device.type == "cuda" and not self.config.enforce_eager and self.config.tensor_parallel_size == 1:
+        # NANOVLLM_UNCAPTURED_GRAPHS=1 sends CPU decode steps through the graphs' code path, uncaptured: it
+        # tests their padding and their tensor-parallel protocol without a GPU.
+        uncaptured = self.device.type == "cpu" and os.environ.get("NANOVLLM_UNCAPTURED_GRAPHS") == "1"
+        if (self.device.type == "cuda" or uncaptured) and not self.config.enforce_eager:
             self.graphs = DecodeGraphs(self.model, self.config.max_num_seqs, -(-max_model_len // bs), bs,
-                                       self.model_config.vocab_size, self.dtype, self.device)
+                                       self.model_config.vocab_size, self.dtype, self.device,
+                                       capture=not uncaptured)
         return num_blocks
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:

@@ -36,7 +36,11 @@ class Attention(nn.Module):
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         # A slot indexes the cache viewed as (num_blocks * block_size, Hkv, D); view() (not reshape) so a
-        # non-contiguous cache fails loudly instead of storing into a copy.
+        # non-contiguous cache fails loudly instead of storing into a copy. Slot -1 (a padding row of the
+        # decode graphs' batch) stores nothing.
+        if (slot_mapping < 0).any():
+            keep = slot_mapping >= 0
+            k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
         self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
         self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
 

@@ -48,6 +48,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             if out is None:
                 return F.linear(hidden_states, self.weight)  # (N, vocab)
             return torch.mm(hidden_states, self.weight.t(), out=out)
-        assert out is None, "static logits buffers (CUDA graphs) are single-rank only"
         logits = gather_to_first(F.linear(hidden_states, self.weight))  # (N, padded vocab) on rank 0
-        return None if logits is None else logits[:, :self.num_embeddings]
+        if logits is None:
+            return None
+        logits = logits[:, :self.num_embeddings]  # (N, vocab)
+        return logits if out is None else out.copy_(logits)

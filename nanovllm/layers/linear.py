@@ -124,3 +124,15 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)  # (T, out), partial under TP
         return all_reduce(y)
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x W^T (+ b) + residual, with the add fused into the projection (the fused output path). Under
+        TP rank 0 adds the residual (and bias) to its partial sum and the others project alone: the
+        all-reduce then counts the residual once, as it does the bias."""
+        if self.tp_rank != 0:
+            return all_reduce(F.linear(x, self.weight))  # (T, out), partial
+        if not x.is_cuda:  # the unfused projection and add, bit for bit (torch.addmm rounds differently)
+            return all_reduce(F.linear(x, self.weight, self.bias) + residual)
+        # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
+        from nanovllm.kernels.fused_attention_output import fused_o_proj_add_residual
+        return all_reduce(fused_o_proj_add_residual(x, self.weight, residual, bias=self.bias))

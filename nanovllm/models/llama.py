@@ -1,6 +1,5 @@
 """Llama (SmolLM2, Llama 3): the decoder that Qwen2 and Qwen3 reuse with small changes."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.config import ModelConfig
@@ -11,20 +10,6 @@ from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.utils.context import get_context
-
-
-def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                              bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T (+ bias) + residual (M, N): one Triton kernel on CUDA.
-
-    Elsewhere it is the unfused o_proj followed by the residual add, bit for bit (torch.addmm rounds
-    differently), so fused and unfused models give identical logits on CPU.
-    """
-    if not x.is_cuda:
-        return F.linear(x, weight, bias) + residual
-    # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
-    from nanovllm.kernels.fused_attention_output import fused_o_proj_add_residual as kernel
-    return kernel(x, weight, residual, bias=bias)
 
 
 class LlamaAttention(nn.Module):
@@ -91,8 +76,7 @@ class FusedOutputMixin:
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor) -> torch.Tensor:
-        attn = self.attend(positions, hidden_states)
-        return fused_o_proj_add_residual(attn, self.o_proj.weight, residual, self.o_proj.bias)
+        return self.o_proj.forward_add(self.attend(positions, hidden_states), residual)
 
 
 class LlamaAttentionFused(FusedOutputMixin, LlamaAttention):
@@ -119,7 +103,7 @@ class LlamaMLP(nn.Module):
         x = self.act_fn(self.gate_up_proj(x))  # (T, intermediate)
         if residual is None:
             return self.down_proj(x)
-        return fused_o_proj_add_residual(x, self.down_proj.weight, residual, self.down_proj.bias)
+        return self.down_proj.forward_add(x, residual)
 
 
 class LlamaDecoderLayer(nn.Module):
