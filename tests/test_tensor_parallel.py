@@ -102,6 +102,21 @@ def test_tp2_decode_through_the_graph_protocol_matches_eager_tp1(qwen3, monkeypa
         torch.testing.assert_close(torch.tensor(lps[0]), torch.tensor(lps[1]), atol=1e-4, rtol=0)
 
 
+def test_tp2_with_dummy_weights_and_the_fused_output_matches_tp1(qwen3):
+    """load_format="dummy" streams one random checkpoint through the loader, so every tensor-parallel size
+    slices the same model; with the fused output path rank 0 alone adds the residual before the all-reduce."""
+    params = greedy(logprobs=2)
+    expected = LLM(qwen3, load_format="dummy").generate(PROMPTS, params, use_tqdm=False)
+    with LLM(qwen3, load_format="dummy", tensor_parallel_size=2, use_fused_output=True) as llm:
+        assert all(m.fuses_residual for m in llm.engine.model_runner.model.modules() if hasattr(m, "fuses_residual"))
+        outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    for ours, ref in zip(outputs, expected):
+        tokens = ref.outputs[0].token_ids
+        assert ours.outputs[0].token_ids == tokens
+        lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, tokens)] for o in (ours, ref)]
+        torch.testing.assert_close(torch.tensor(lps[0]), torch.tensor(lps[1]), atol=1e-4, rtol=0)
+
+
 def test_killed_worker_raises_a_clear_error(qwen3):
     llm = LLM(qwen3, tensor_parallel_size=2)
     pid = worker_pids(llm)[0]

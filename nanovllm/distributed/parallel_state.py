@@ -4,6 +4,8 @@ Layers read `get_tp_rank()` / `get_tp_size()` when they are built, so the group 
 is: rank 0 (the engine's process) and every worker call `init_tensor_parallel` first. Without it the size
 is 1 and every collective here is a no-op, so a single-process model never touches torch.distributed.
 """
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -20,6 +22,18 @@ def get_tp_rank() -> int:
 
 def get_tp_size() -> int:
     return _TP_SIZE
+
+
+@contextmanager
+def single_rank() -> Iterator[None]:
+    """Layers built inside take their full, unsharded sizes (e.g. a meta-device model that lists the
+    checkpoint's shapes), whatever this process's rank."""
+    global _TP_RANK, _TP_SIZE
+    saved, (_TP_RANK, _TP_SIZE) = (_TP_RANK, _TP_SIZE), (0, 1)
+    try:
+        yield
+    finally:
+        _TP_RANK, _TP_SIZE = saved
 
 
 def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: torch.device,

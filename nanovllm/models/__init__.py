@@ -1,8 +1,11 @@
 """Model registry: ModelConfig.architecture -> model class, and loading a checkpoint into it."""
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from nanovllm.config import ModelConfig
+from nanovllm.distributed.parallel_state import single_rank
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
@@ -47,19 +50,42 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device | str, use_fu
     model_config = load_model_config(path)
     model = get_model(model_config, dtype, device, use_fused_output)
     if load_format == "dummy":
-        init_dummy_weights(model)
+        init_dummy_weights(model, model_config)
     else:
         load_weights(model, iter_weights(path), dtype, source=str(path))
     return model.eval(), model_config
 
 
-@torch.no_grad()
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+def init_dummy_weights(model: nn.Module, model_config: ModelConfig, seed: int = 0) -> None:
     """Random weights of a realistic scale (norms near 1, matrices with std 0.02), seeded, drawn on the
-    parameters' own device so a multi-GB model initializes in a blink."""
-    for i, (name, param) in enumerate(sorted(model.named_parameters())):
-        gen = torch.Generator(param.device).manual_seed(seed + i)
-        if "norm" in name:
-            param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen, device=param.device))
-        else:
-            param.copy_(0.02 * torch.randn(param.shape, generator=gen, device=param.device))
+    parameters' own device so a multi-GB model initializes in a blink. They reach the model as a checkpoint
+    would (dummy_weights -> load_weights), so every tensor-parallel size slices the same model."""
+    device = next(model.parameters()).device
+    load_weights(model, dummy_weights(type(model), model_config, device, seed), source="the dummy weights")
+
+
+def dummy_weights(model_cls: type[nn.Module], model_config: ModelConfig, device: torch.device,
+                  seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named random tensors at full (unsharded) size: parameter i of the one-rank model, in name order,
+    drawn with seed + i, then fused parameters split into their checkpoint parts (q/k/v, gate/up)."""
+    with single_rank(), torch.device("meta"):
+        full = model_cls(model_config)
+    parts = {}  # fused parameter name -> [(HF name, shard id)] in output order
+    for hf_name, (fused_name, shard_id) in model_cls.packed_modules_mapping.items():
+        parts.setdefault(fused_name, []).append((hf_name, shard_id))
+    for i, (name, param) in enumerate(sorted(full.named_parameters())):
+        gen = torch.Generator(device).manual_seed(seed + i)
+        tensor = torch.randn(param.shape, generator=gen, device=device)
+        tensor = 1 + 0.1 * tensor if "norm" in name else 0.02 * tensor
+        module_name, _, leaf = name.rpartition(".")
+        fused = parts.get(module_name.rpartition(".")[2])
+        if fused is None:
+            yield name, tensor
+            continue
+        module = full.get_submodule(module_name)
+        if hasattr(module, "output_sizes"):  # gate_up_proj
+            sizes = module.output_sizes
+        else:  # qkv_proj
+            sizes = [(module.num_heads if s == "q" else module.num_kv_heads) * module.head_dim for _, s in fused]
+        for (hf_name, _), piece in zip(fused, tensor.split(sizes)):
+            yield f"{module_name.rpartition('.')[0]}.{hf_name}.{leaf}", piece
