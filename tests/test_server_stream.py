@@ -2,30 +2,30 @@
 import asyncio
 import json
 
-from nanovllm.engine.output import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.async_engine import AsyncEngine, EngineRequest
 from nanovllm.server.bench import _sse_events
 from nanovllm.server.serving import _event
 
 
-def _output(text: str, ids: list[int], delta_text: str, delta_ids: list[int], finished: bool = False):
-    c = CompletionOutput(index=0, text=text, token_ids=ids, finish_reason="length" if finished else None,
-                         delta_text=delta_text, delta_token_ids=delta_ids)
-    return RequestOutput("r", None, [1, 2], None, [c], finished)
+def _step(delta_text: str, delta_ids: list[int], finished: bool = False) -> tuple:
+    """One step's message from the engine process for request "r" (engine_core.EngineCore._pack's tuple)."""
+    metrics = (1.0, 1.0, 1.0, 1.0, 1.0 if finished else None)
+    completion = (delta_text, delta_ids, None, None, "length" if finished else None, None)
+    return "r", finished, 0, metrics, None, [completion]
 
 
 def test_outputs_queued_while_the_consumer_was_busy_arrive_as_one():
     async def run():
-        engine = AsyncEngine(lambda: None)  # no engine thread: the test plays it through the command queue
+        engine = AsyncEngine({})  # never started: the test plays the engine process's messages
         engine.ready = True
         gen = engine.generate([EngineRequest("r", [1, 2], SamplingParams(max_tokens=3))])
         first = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0)
-        stream = engine._commands.get_nowait().queue
-        stream.put_nowait(("r", _output("a", [5], "a", [5])))
-        stream.put_nowait(("r", _output("ab", [5, 6], "b", [6])))
-        stream.put_nowait(("r", _output("abc", [5, 6, 7], "c", [7], finished=True)))
+        add = engine._commands.get_nowait()
+        assert add == [("add", "r", [1, 2], SamplingParams(max_tokens=3), add[0][4])]
+        for packed in (_step("a", [5]), _step("b", [6]), _step("c", [7], finished=True)):
+            engine._on_step(0.0, [packed], [], [], {})
         _, out = await first
         rest = [o async for o in gen]
         return out, rest
@@ -34,7 +34,7 @@ def test_outputs_queued_while_the_consumer_was_busy_arrive_as_one():
     assert rest == []  # one output for three steps, and the request is done
     c = out.outputs[0]
     assert (c.text, c.token_ids, c.delta_text, c.delta_token_ids) == ("abc", [5, 6, 7], "abc", [5, 6, 7])
-    assert out.finished and c.finish_reason == "length"
+    assert out.finished and c.finish_reason == "length" and out.prompt_token_ids == [1, 2]
 
 
 def test_sse_events_are_one_line_whatever_the_text():

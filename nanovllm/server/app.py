@@ -74,26 +74,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "nanovllm",
-                "root": state.model_path, "parent": None, "max_model_len": engine.engine.config.max_model_len}
+                "root": state.model_path, "parent": None, "max_model_len": engine.frontend.config.max_model_len}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         _check_model(req.model, state)
         # Tokenizing can take a while on a big body: off the event loop, so streams keep flowing.
-        job = await asyncio.to_thread(serving.prepare_completion, req, engine.engine, state.served_model_name)
-        return await serving.respond(job, engine, request, engine.engine.tokenizer)
+        job = await asyncio.to_thread(serving.prepare_completion, req, engine.frontend, state.served_model_name)
+        return await serving.respond(job, engine, request, engine.frontend.tokenizer)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         _check_model(req.model, state)
-        job = await asyncio.to_thread(serving.prepare_chat, req, engine.engine, state.served_model_name)
-        return await serving.respond(job, engine, request, engine.engine.tokenizer)
+        job = await asyncio.to_thread(serving.prepare_chat, req, engine.frontend, state.served_model_name)
+        return await serving.respond(job, engine, request, engine.frontend.tokenizer)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
         _check_model(req.model, state)
-        tokenizer = engine.engine.tokenizer
+        tokenizer = engine.frontend.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "Give exactly one of prompt or messages.", "prompt")
         if req.messages is not None:
@@ -101,7 +101,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             ids = tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        body = {"count": len(ids), "max_model_len": engine.engine.config.max_model_len, "tokens": ids}
+        body = {"count": len(ids), "max_model_len": engine.frontend.config.max_model_len, "tokens": ids}
         if req.return_token_strs:
             body["token_strs"] = [tokenizer.id_to_token(i) for i in ids]
         return body
@@ -109,11 +109,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
         _check_model(req.model, state)
-        vocab_size = engine.engine.tokenizer.vocab_size
+        vocab_size = engine.frontend.tokenizer.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab_size]
         if bad:
             raise APIError(400, f"Token id {bad[0]} is out of range [0, {vocab_size}).", "tokens")
-        return {"prompt": engine.engine.tokenizer.decode(req.tokens)}
+        return {"prompt": engine.frontend.tokenizer.decode(req.tokens)}
 
 
 def _check_model(name: str | None, state: ServerState) -> None:

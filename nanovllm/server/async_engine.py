@@ -1,33 +1,33 @@
-"""An asyncio front for LLMEngine, which is not thread-safe: one background thread owns the engine.
+"""An asyncio front for the LLMEngine, which runs in its own process (engine_core.py).
 
-The thread loads the model, warms it up, then loops: drain the command queue (add / abort), step while
-there is work, and hand each step's outputs to the requests' asyncio queues with one
-`loop.call_soon_threadsafe`. HTTP handlers never touch the engine, so they never block a step, and a step
-never waits for a slow client. A request that fails to add fails alone; a failing step kills the engine
-(its state is unknown), and every request then gets a 500 and /health a 503.
+The engine process loads the model, warms it up, then loops: run the commands sent to it, step, and send
+one message per step with every request's deltas. Here, commands go out through a sender thread (a full
+pipe must never block the event loop: the engine could be blocked sending to us at the same moment), and
+a reader on the pipe's fd, run by the event loop itself, rebuilds each request's RequestOutput from its
+deltas and puts it on the request's asyncio queue. A request that fails to add fails alone; an engine
+process that fails or dies fails every request in flight with a 500, and /health says 503 from then on.
 """
 import asyncio
 import dataclasses
 import logging
+import multiprocessing
+import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-from nanovllm.engine.output import CompletionOutput, RequestOutput
+from nanovllm.engine.output import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.server.engine_core import ABORT_ALL, SHUTDOWN, run_engine_core
+from nanovllm.server.frontend import Frontend
 from nanovllm.server.metrics import ServerMetrics
 from nanovllm.server.protocol import APIError
-
-if TYPE_CHECKING:
-    from nanovllm.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("nanovllm.server")
 
 _ABORTED = object()  # delivered to a request the server aborted itself (shutdown), not a disconnect
-_ABORT_ALL = "*"
 
 
 @dataclass
@@ -38,33 +38,68 @@ class EngineRequest:
 
 
 @dataclass
-class _Add:
-    request: EngineRequest
-    arrival_time: float
+class _Stream:
+    """An engine request in flight: where its outputs go, and its output so far (deltas are added to it)."""
     queue: asyncio.Queue  # receives (request_id, RequestOutput | Exception | _ABORTED)
+    request: EngineRequest
+    completions: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class AsyncEngine:
-    def __init__(self, make_engine: Callable[[], "LLMEngine"], metrics: ServerMetrics | None = None,
-                 max_pending: int = 4096):
-        self._make_engine = make_engine
+    def __init__(self, engine_args: dict, metrics: ServerMetrics | None = None, max_pending: int = 4096):
+        self.engine_args = engine_args  # LLMEngine(**engine_args) in the engine process: must pickle
         self.metrics = metrics
         self.max_pending = max_pending
-        self.engine: LLMEngine | None = None  # set by the engine thread once loaded
+        self.frontend: Frontend | None = None  # tokenizer and limits, set once the engine is loaded
         self.ready = False  # loaded and warmed up
         self.error: str | None = None  # why the engine died
         self.accepting = True  # False once shutdown begins
-        self.num_pending = 0  # engine requests submitted and not yet finished (event-loop side)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue] = {}  # engine-thread side
+        self.num_pending = 0  # engine requests submitted and not yet finished
+        self._streams: dict[str, _Stream] = {}
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # for the sender thread
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn = None
+        self._stopping = False
 
-    # ---- event-loop side ------------------------------------------------------------------------
+    # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        context = multiprocessing.get_context("spawn")  # fork would copy a process with threads (CUDA)
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=run_engine_core, name="nanovllm-engine",
+                                        args=(self.engine_args, child_conn, os.getpid()))
+        self._process.start()
+        child_conn.close()  # else the engine's death would never show here as EOF
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        threading.Thread(target=self._send_commands, name="nanovllm-engine-sender", daemon=True).start()
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the engine process (after the drain): asks, then terminates, then kills."""
+        self.accepting = False
+        self._stopping = True
+        if self._process is None:
+            return
+        self._commands.put(SHUTDOWN)
+        self._process.join(timeout)
+        if self._process.is_alive():
+            logger.warning("the engine process did not stop in %.0f s; killing it", timeout)
+            self._process.kill()
+            self._process.join()
+        self._close_pipe()
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: stop accepting, let in-flight requests finish for `timeout` s, then abort the rest."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while self.num_pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.num_pending:
+            logger.info("aborting %d unfinished request(s) for shutdown", self.num_pending)
+            self._commands.put([("abort", ABORT_ALL)])
+
+    # ---- requests ---------------------------------------------------------------------------------
     def check_accepting(self, num_requests: int) -> None:
         """Raises what a new request gets now: 500 engine dead; 503 not ready, shutting down or full."""
         if self.error is not None:
@@ -89,7 +124,8 @@ class AsyncEngine:
         self.num_pending += len(requests)
         try:
             for r in requests:
-                self._commands.put(_Add(r, arrival, stream))
+                self._streams[r.request_id] = _Stream(stream, r, _empty_completions(r.params))
+            self._commands.put([("add", r.request_id, r.prompt_token_ids, r.params, arrival) for r in requests])
             while pending:
                 # Everything queued since the last turn, one merged output per request: a stream that fell
                 # behind sends one event for several steps, so the server's work per step shrinks as the
@@ -112,125 +148,117 @@ class AsyncEngine:
                     yield index[request_id], item
         finally:
             self.num_pending -= len(requests)
-            for request_id in pending:
-                self._commands.put(("abort", request_id))
+            aborts = [("abort", rid) for rid in pending if self._forget(rid)]
+            if aborts:
+                self._commands.put(aborts)
 
-    async def drain(self, timeout: float) -> None:
-        """Shutdown: stop accepting, let in-flight requests finish for `timeout` s, then abort the rest."""
-        self.accepting = False
-        deadline = time.monotonic() + timeout
-        while self.num_pending and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.num_pending:
-            logger.info("aborting %d unfinished request(s) for shutdown", self.num_pending)
-            self._commands.put(("abort", _ABORT_ALL))
+    def _forget(self, request_id: str) -> bool:
+        """Stops tracking a request; True if it was still tracked (so the engine may still run it)."""
+        if self.metrics:
+            self.metrics.forget(request_id)
+        return self._streams.pop(request_id, None) is not None
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self.accepting = False
-        self._commands.put(None)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    # ---- engine thread --------------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            self.engine = self._make_engine()
-            self._warm_up()
-        except Exception as e:  # any load failure must show on /health, not kill the thread silently
-            logger.exception("failed to load the model")
-            self.error = f"{type(e).__name__}: {e}"
-            return
-        self.ready = True
-        logger.info("engine ready")
+    # ---- the pipe -----------------------------------------------------------------------------------
+    def _send_commands(self) -> None:
+        """The sender thread: one pipe message per batch of commands queued meanwhile."""
         while True:
-            if not self._drain_commands(block=not self.engine.has_unfinished_requests()):
-                return
-            if self.engine.has_unfinished_requests() and not self._step():
-                return
-
-    def _warm_up(self) -> None:
-        """One short greedy request, so the first user request does not pay for lazy initialization."""
-        engine = self.engine
-        engine.add_request("warmup", engine.tokenizer.encode("Hello") or [0],
-                           SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-        while engine.has_unfinished_requests():
-            engine.step()
-        if self.metrics:
-            self.metrics.set_baseline(engine.stats())
-
-    def _drain_commands(self, block: bool) -> bool:
-        """Runs queued commands; False when told to stop."""
-        try:
-            command = self._commands.get() if block else self._commands.get_nowait()
-            while True:
-                if command is None:
-                    return False
-                self._run_command(command)
-                command = self._commands.get_nowait()
-        except queue.Empty:
-            pass
-        if self.metrics:
-            self.metrics.update_stats(self.engine.stats())
-        return True
-
-    def _run_command(self, command) -> None:
-        if isinstance(command, _Add):
-            request = command.request
+            batch = self._commands.get()
+            batch = [SHUTDOWN] if batch is SHUTDOWN else list(batch)
             try:
-                self.engine.add_request(request.request_id, request.prompt_token_ids, request.params,
-                                        arrival_time=command.arrival_time)
-            except Exception as e:  # noqa: BLE001 - one bad request fails alone, whatever it raised
-                status = 400 if isinstance(e, ValueError) else 500
-                self._deliver([(command.queue, request.request_id, APIError(status, str(e)))])
-            else:
-                self._streams[request.request_id] = command.queue
-            return
-        _, request_id = command
-        ids = list(self._streams) if request_id == _ABORT_ALL else [request_id]
-        aborted = []
-        for rid in ids:
-            self.engine.abort_request(rid)
+                while True:
+                    more = self._commands.get_nowait()
+                    batch += [SHUTDOWN] if more is SHUTDOWN else more
+            except queue.Empty:
+                pass
+            try:
+                self._conn.send(batch)
+            except (OSError, ValueError):  # the engine process is gone (its death is reported by the reader)
+                return
+            if SHUTDOWN in batch:
+                return
+
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                self._handle(self._conn.recv())
+        except (EOFError, OSError):
+            self._close_pipe()
+            if not self._stopping:
+                self._process.join(1.0)
+                self._fail(f"the engine process exited (exit code {self._process.exitcode})")
+
+    def _handle(self, message: tuple) -> None:
+        kind, *body = message
+        if kind == "step":
+            self._on_step(*body)
+        elif kind == "ready":
+            self._on_ready(*body)
+        else:  # "failed" (loading) or "dead" (a step raised)
+            self._fail(body[0])
+
+    def _on_ready(self, config, vocab_size: int, stats: dict) -> None:
+        async def load_frontend() -> None:
+            try:
+                self.frontend = await asyncio.to_thread(Frontend.load, config, vocab_size)
+            except Exception as e:  # noqa: BLE001 - shown on /health and in the exit code, like any load error
+                logger.exception("failed to load the tokenizer")
+                self._fail(f"{type(e).__name__}: {e}")
+                return
             if self.metrics:
-                self.metrics.forget(rid)
-            if rid in self._streams:
-                aborted.append((self._streams.pop(rid), rid, _ABORTED))
-        self._deliver(aborted)
+                self.metrics.set_baseline(stats)
+            self.ready = True
+            logger.info("engine ready")
+        self._loading = self._loop.create_task(load_frontend())  # keep a reference
 
-    def _step(self) -> bool:
-        try:
-            outputs = self.engine.step()
-        except Exception:
-            logger.exception("engine step failed; the engine is now dead")
-            self.error = "engine step failed"
-            failure = APIError(500, "The engine failed while running this request.",
-                               type="InternalServerError")
-            self._deliver([(q, rid, failure) for rid, q in self._streams.items()])
-            self._streams.clear()
-            return False
+    def _on_step(self, now: float, packed: list, aborted: list[str], errors: list, stats: dict) -> None:
+        outputs = [self._unpack(p) for p in packed if p[0] in self._streams]
         if self.metrics:
-            self.metrics.observe_step(outputs)
-            self.metrics.update_stats(self.engine.stats())
-        items = []
+            self.metrics.observe_step(outputs, now)
+            self.metrics.update_stats(stats)
         for output in outputs:
-            stream = self._streams.pop(output.request_id) if output.finished else \
-                self._streams.get(output.request_id)
-            if stream is not None:
-                items.append((stream, output.request_id, output))
-        self._deliver(items)
-        return True
+            s = self._streams.pop(output.request_id) if output.finished else self._streams[output.request_id]
+            s.queue.put_nowait((output.request_id, output))
+        for rid in aborted:
+            if (s := self._streams.get(rid)) is not None:
+                self._forget(rid)
+                s.queue.put_nowait((rid, _ABORTED))
+        for rid, status, message in errors:
+            if (s := self._streams.get(rid)) is not None:
+                self._forget(rid)
+                s.queue.put_nowait((rid, APIError(status, message)))
 
-    def _deliver(self, items: list[tuple[asyncio.Queue, str, object]]) -> None:
-        if not items:
-            return
-        try:
-            self._loop.call_soon_threadsafe(_put_all, items)
-        except RuntimeError:  # the event loop has closed: nobody is listening any more
-            pass
+    def _unpack(self, packed: tuple) -> RequestOutput:
+        """The RequestOutput of a step, from its deltas and what the request had so far."""
+        rid, finished, num_cached_tokens, metrics, prompt_logprobs, deltas = packed
+        s = self._streams[rid]
+        if prompt_logprobs is not None:
+            s.prompt_logprobs = prompt_logprobs
+        s.completions = [
+            CompletionOutput(c.index, c.text + text, c.token_ids + ids, cumulative,
+                             None if logprobs is None else c.logprobs + logprobs, reason, stop_reason, text, ids)
+            for c, (text, ids, logprobs, cumulative, reason, stop_reason) in zip(s.completions, deltas)]
+        return RequestOutput(rid, None, s.request.prompt_token_ids, s.prompt_logprobs, s.completions, finished,
+                             num_cached_tokens, RequestMetrics(*metrics))
+
+    def _fail(self, reason: str) -> None:
+        """The engine is gone (or never came up): every request in flight gets a 500."""
+        if self.error is None:  # the first reason is the cause; an EOF that follows it is not news
+            logger.error("the engine has failed: %s", reason)
+            self.error = reason
+        failure = APIError(500, "The engine failed while running this request.", type="InternalServerError")
+        for rid, s in list(self._streams.items()):
+            self._forget(rid)
+            s.queue.put_nowait((rid, failure))
+
+    def _close_pipe(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._loop.remove_reader(self._conn.fileno())
+            self._conn.close()
 
 
-def _put_all(items: list[tuple[asyncio.Queue, str, object]]) -> None:
-    for stream, request_id, item in items:
-        stream.put_nowait((request_id, item))
+def _empty_completions(params: SamplingParams) -> list[CompletionOutput]:
+    return [CompletionOutput(index=i, text="", token_ids=[], logprobs=[] if params.logprobs is not None else None)
+            for i in range(params.n)]
 
 
 def _aborted(last: RequestOutput | None, request: EngineRequest) -> RequestOutput:

@@ -56,18 +56,17 @@ def run_serve(args: argparse.Namespace) -> int:
     from nanovllm.utils.default_model import resolve_model_path
     resolve_model_path(args.model)  # a bad path is a clear error now, not a 503 forever
 
-    from nanovllm.engine.llm_engine import LLMEngine
     from nanovllm.server.app import ServerState, create_app
     from nanovllm.server.async_engine import AsyncEngine
     from nanovllm.server.lifecycle import run_server
     from nanovllm.server.metrics import ServerMetrics
-    # The engine thread drops the GIL at every GPU wait (or CPU kernel) and must win it back from the busy
-    # event loop; the default 5 ms switch interval made each such wait cost up to 5 ms more (measured:
-    # engine step 45 -> 36 ms at 256 streams, tests/stand-in on CPU). 0.5 ms bounds that.
+    # The engine runs in its own process; here the sender thread (commands to it) and the tokenizing threads
+    # must still win the GIL from the busy event loop: 0.5 ms, not the default 5, bounds what that adds to
+    # a request's time to first token.
     sys.setswitchinterval(0.0005)
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     kwargs = engine_kwargs(args)
-    engine = AsyncEngine(lambda: LLMEngine(**kwargs), ServerMetrics(name), args.max_pending_requests)
+    engine = AsyncEngine(kwargs, ServerMetrics(name), args.max_pending_requests)
     app = create_app(ServerState(engine, name, args.model or DEFAULT_MODEL_NAME, args.api_key))
     run_server(app, engine, args.host, args.port, args.shutdown_timeout, args.log_level)
     if engine.error is not None:
