@@ -11,10 +11,15 @@ product. Two Triton kernels:
 - `fused_o_proj_add_residual_kernel` (larger M): tensor-core GEMM tiles, residual and bias added in the
   epilogue, programs grouped so that row tiles sharing a W tile run together and W comes from L2.
 
-`fused_o_proj_add_residual` runs the fastest of these configurations or cuBLAS addmm for its (N, K, dtype,
-bias, M bucket), timed once in a CUDA graph outside capture and cached. A launch does no host sync and,
-given `out`, no allocation, so it captures in a CUDA graph. out may alias residual (each element is read by
-the program that writes it). Without CUDA or Triton it runs `fused_o_proj_add_residual_ref`.
+`fused_o_proj_add_residual` runs the fastest of these configurations or cuBLAS (matmul, then add) for its
+(N, K, dtype, bias, M bucket), timed once in a CUDA graph outside capture and cached. A launch does no host
+sync and, given `out`, no allocation, so it captures in a CUDA graph. out may alias residual (each element
+is read by the program that writes it). Without CUDA or Triton it runs `fused_o_proj_add_residual_ref`.
+
+Rounding follows the unfused path, F.linear(x, W, bias) then `+ residual`: the product (with its bias) is
+rounded to the output dtype, then the sum is rounded again. One rounding would be more accurate, but greedy
+decoding must not change when the fusion is switched on; the extra conversion is free in a memory-bound
+kernel.
 """
 from __future__ import annotations
 
@@ -46,19 +51,21 @@ def _jit(**kwargs):
 def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
                                   bias: torch.Tensor | None = None,
                                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain torch (fp32 math, one rounding at the end): the CPU path and the test oracle."""
-    y = torch.addmm(residual.float(), x.float(), weight.float().t())  # (M, N)
+    """Plain torch, fp32 math rounded as the unfused path rounds: round(round(x @ W^T + bias) + residual).
+    The CPU path and the test oracle."""
+    y = x.float() @ weight.float().t()  # (M, N)
     if bias is not None:
         y += bias.float()
+    y = y.to(residual.dtype).float() + residual.float()  # the product as F.linear stores it, then the add
     return y.to(residual.dtype) if out is None else out.copy_(y)
 
 
 @dataclass(frozen=True, slots=True)
 class KernelConfig:
     """One way to compute the op. kernel: "gemv" (tiled_gemv_kernel), "gemm" (the tensor-core kernel)
-    or "cublas" (torch.addmm into out). use_dot: the gemv multiplies on tensor cores, else on CUDA cores.
-    tma: the gemv loads W tiles with the tensor memory accelerator (one bulk copy per tile) instead of
-    per-thread loads."""
+    or "cublas" (the unfused path itself: cuBLAS matmul into out, then an in-place add). use_dot: the
+    gemv multiplies on tensor cores, else on CUDA cores. tma: the gemv loads W tiles with the tensor
+    memory accelerator (one bulk copy per tile) instead of per-thread loads."""
     kernel: str
     block_m: int = 16
     block_n: int = 64
@@ -124,9 +131,14 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
     """Runs one configuration (no checks, no tuning): what the dispatcher and the kernel tests call."""
     (m, k), n = x.shape, weight.shape[0]
     out = torch.empty((m, n), dtype=residual.dtype, device=residual.device) if out is None else out
-    if config.kernel == "cublas":
-        torch.addmm(residual, x, weight.t(), out=out)
-        return out if bias is None else out.add_(bias)
+    if config.kernel == "cublas":  # what F.linear then `+ residual` run (not addmm: that rounds once)
+        if out.data_ptr() == residual.data_ptr():  # the product must not overwrite the residual
+            return out.add_(torch.nn.functional.linear(x, weight, bias))
+        if bias is None:
+            torch.mm(x, weight.t(), out=out)
+        else:
+            torch.addmm(bias, x, weight.t(), out=out)  # F.linear's own call for 2-D x
+        return out.add_(residual)
     args = (x, weight, residual, bias if bias is not None else out, out)
     strides = (*x.stride(), *weight.stride(), *residual.stride(), *out.stride())
     meta = dict(HAS_BIAS=bias is not None, UPCAST=_INTERPRET,
@@ -148,7 +160,7 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
         block = min(1024, triton.next_power_of_2(n))
         _split_k_reduce_kernel[(m, triton.cdiv(n, block))](
             partials, *args[2:], m, n, *strides[4:], SPLIT_K=config.split_k, HAS_BIAS=bias is not None,
-            BLOCK_N=block)
+            INTERPRET=_INTERPRET, BLOCK_N=block)
     return out
 
 
@@ -263,9 +275,10 @@ def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: t
                               out: torch.Tensor | None = None) -> torch.Tensor:
     """out (M, N) = x (M, K) @ weight (N, K)^T + bias (N,) + residual (M, N); returns out.
 
-    Any M >= 1, K, N; bf16, fp16 or fp32; row-strided x, residual and out. Math in fp32, one rounding.
-    The first call of an (N, K, dtype, M bucket) outside CUDA-graph capture tunes it (see `warmup`); an
-    untuned bucket met during capture runs cuBLAS addmm, which captures too.
+    Any M >= 1, K, N; bf16, fp16 or fp32; row-strided x, residual and out. Math in fp32, rounded as the
+    unfused path rounds (the product, then the sum). The first call of an (N, K, dtype, M bucket) outside
+    CUDA-graph capture tunes it (see `warmup`); an untuned bucket met during capture runs cuBLAS matmul +
+    add, which captures too.
     """
     _check(x, weight, residual, bias, out)
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -280,16 +293,31 @@ def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: t
 
 
 @_jit()
+def _round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x (fp32) rounded to the nearest dtype value, ties to even, as torch and the GPU round. The
+    interpreter truncates fp32 to bf16 instead; there the rounding is done on the bits (a bf16 is the top
+    half of an fp32), so the CPU tests see the GPU's numbers."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)  # exact in bf16 now: the cast below truncates nothing
+    return x.to(dtype)
+
+
+@_jit()
 def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS: tl.constexpr):
-    """out[offs_m, offs_n] = acc + residual (+ bias), cast once to out's dtype."""
+                        stride_om, stride_on, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[offs_m, offs_n] = round(round(acc + bias) + residual), rounding to out's dtype as the unfused
+    F.linear(x, W, bias) + residual does, so that fusing changes no bit (the product aside)."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:  # inside the GEMM epilogue, as cuBLAS adds it, before the product is rounded
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    acc = _round(acc, out_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # no-op for fp32
     res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
     acc += res.to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptrs, _round(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @_jit(do_not_specialize=["M"])  # M changes every step: one compile serves all
@@ -339,7 +367,7 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, M, N, 
         acc = tl.sum(acc3, axis=2)
     if SPLIT_K == 1:
         _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                            stride_om, stride_on, HAS_BIAS)
+                            stride_om, stride_on, HAS_BIAS, UPCAST)
     else:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
@@ -347,9 +375,10 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, M, N, 
 
 @_jit(do_not_specialize=["M"])
 def _split_k_reduce_kernel(part_ptr, res_ptr, bias_ptr, out_ptr, M, N, stride_rm, stride_rn, stride_om,
-                           stride_on, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (M, cdiv(N, BLOCK_N)): sums the split-K partials in a fixed order, then adds residual and bias
-    as the one-pass kernels do."""
+                           stride_on, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Grid (M, cdiv(N, BLOCK_N)): sums the split-K partials in a fixed order (deterministic, unlike
+    atomics), then adds bias and residual as the one-pass kernels do."""
     offs_m = tl.program_id(0) + tl.arange(0, 1)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs_n[None, :] < N
@@ -357,7 +386,7 @@ def _split_k_reduce_kernel(part_ptr, res_ptr, bias_ptr, out_ptr, M, N, stride_rm
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
     _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS)
+                        stride_om, stride_on, HAS_BIAS, INTERPRET)
 
 
 @_jit(do_not_specialize=["M"])
@@ -393,4 +422,4 @@ def fused_o_proj_add_residual_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, M
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS)
+                        stride_om, stride_on, HAS_BIAS, UPCAST)
