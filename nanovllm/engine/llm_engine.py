@@ -10,7 +10,7 @@ from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.default_model import resolve_model_path
 from nanovllm.utils.tokenizer import load_tokenizer
@@ -31,6 +31,8 @@ class _Request:
     sent: list[tuple[int, int]] = field(default_factory=list)  # per seq: (text chars, tokens) already returned
     texts: list[str] = field(default_factory=list)
     stream: bool = True  # False: the only output is the final one
+    # Detokenize every step (for streamed text or stop strings); else once the seq has finished.
+    incremental: bool = True
 
     @property
     def finished(self) -> bool:
@@ -39,6 +41,7 @@ class _Request:
 
 class _NoDetokenizer:
     """Stands in for IncrementalDetokenizer when the engine runs without a tokenizer."""
+    finished = False
 
     def update(self, new_token_ids: list[int]) -> tuple[str, None]:
         return "", None
@@ -133,6 +136,7 @@ class LLMEngine:
         request = _Request(request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seqs,
                            detoks, RequestMetrics(arrival_time=arrival))
         request.stream = stream
+        request.incremental = self.tokenizer is not None and (stream or bool(params.stop_strs))
         request.sent = [(0, 0)] * params.n
         request.texts = [""] * params.n
         if params.prompt_logprobs is not None:
@@ -157,35 +161,38 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        touched: dict[str, _Request] = {}
+        touched: dict[str, _Request] = {}  # requests that progressed, in batch order
+        done: set[str] = set()  # those with a seq that finished: the only ones a stream=False request needs
         for seq in batch.finished:  # finished by the scheduler itself (could never fit)
             if seq.request_id in self.requests:
                 touched[seq.request_id] = self.requests[seq.request_id]
+                done.add(seq.request_id)
         if batch.seqs:
-            now = time.time()
-            for seq in batch.seqs:
-                request = self.requests[seq.request_id]
-                request.metrics.first_scheduled_time = request.metrics.first_scheduled_time or now
-                touched[seq.request_id] = request
+            scheduled_time = time.time()
             result = self.model_runner.run(batch)
             self.scheduler.postprocess(batch, result.sampled)
+            now = time.time()
             for seq in batch.seqs:
-                request = self.requests[seq.request_id]
+                request = touched[seq.request_id] = self.requests[seq.request_id]
+                if request.metrics.first_scheduled_time is None:
+                    request.metrics.first_scheduled_time = scheduled_time
                 if seq.index == 0 and seq.seq_id in result.prompt_logprobs:  # n > 1 seqs share one prompt
                     self._record_prompt_logprobs(request, result.prompt_logprobs[seq.seq_id])
                 if seq.seq_id in result.sampled:
-                    self._on_token(request, seq, result)
-        outputs = [self._make_output(r) for r in touched.values() if r.stream or r.finished]
+                    self._on_token(request, seq, result, now)
+                    if seq.status is SequenceStatus.FINISHED:
+                        done.add(seq.request_id)
+        outputs = [self._make_output(r) for request_id, r in touched.items()
+                   if r.stream or (request_id in done and r.finished)]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]
         return outputs
 
-    def _on_token(self, request: _Request, seq: Sequence, result) -> None:
+    def _on_token(self, request: _Request, seq: Sequence, result, now: float) -> None:
         token = seq.last_token
         params = request.params
         self.num_generation_tokens += 1
-        now = time.time()
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
             self.num_prompt_tokens += len(request.prompt_token_ids)
@@ -197,10 +204,11 @@ class LLMEngine:
             return self._finish(seq, "stop", None)
         if min_done and token in params.stop_token_ids:
             return self._finish(seq, "stop", token)
-        delta, stop = request.detokenizers[seq.index].update([token])
-        request.texts[seq.index] += delta
-        if stop is not None and min_done:
-            return self._finish(seq, "stop", stop)
+        if request.incremental:
+            delta, stop = request.detokenizers[seq.index].update([token])
+            request.texts[seq.index] += delta
+            if stop is not None and min_done:
+                return self._finish(seq, "stop", stop)
         max_tokens = params.max_tokens or self.config.max_model_len
         if seq.num_completion_tokens >= max_tokens or seq.num_tokens >= self.config.max_model_len:
             self._finish(seq, "length", None)
@@ -234,7 +242,7 @@ class LLMEngine:
         for i, seq in enumerate(request.seqs):
             text = request.texts[i]
             if seq.is_finished and seq.finish_reason != "abort":
-                text += request.detokenizers[i].flush()
+                text += self._final_text(request, seq)
                 request.texts[i] = text
             sent_chars, sent_tokens = request.sent[i]
             token_ids = seq.completion_token_ids  # a fresh slice (one copy): later steps append to seq's list
@@ -252,6 +260,18 @@ class LLMEngine:
             request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
             prompt_logprobs=request.prompt_logprobs, outputs=completions, finished=finished,
             num_cached_tokens=request.seqs[0].num_cached_tokens, metrics=request.metrics)
+
+    @staticmethod
+    def _final_text(request: _Request, seq: Sequence) -> str:
+        """The text still to come once seq has finished: what the detokenizer holds back, or, for a seq not
+        detokenized per step, all of it at once (the same text: the deltas of IncrementalDetokenizer join to
+        the decode of all its ids)."""
+        detokenizer = request.detokenizers[seq.index]
+        if request.incremental or detokenizer.finished:
+            return detokenizer.flush()
+        # As per step, the EOS or stop token id that ended the seq stays out of the text.
+        token_ids = seq.completion_token_ids[:-1] if seq.finish_reason == "stop" else seq.completion_token_ids
+        return detokenizer.update(token_ids)[0] + detokenizer.flush()
 
     # ---- stats ------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -22,6 +22,12 @@ class ScheduledBatch:
         self.num_new_tokens.append(num_new_tokens)
         self.num_batched_tokens += num_new_tokens
 
+    def add_decode(self, seq: Sequence) -> None:
+        """add(seq, 1) without the check, for the one hot loop whose caller has just checked it."""
+        self.seqs.append(seq)
+        self.num_new_tokens.append(1)
+        self.num_batched_tokens += 1
+
     def __len__(self) -> int:
         return len(self.seqs)
 
@@ -43,6 +49,8 @@ class Scheduler:
         self.enable_chunked_prefill = config.enable_chunked_prefill
         Sequence.block_size = config.block_size
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # No seq may exceed max_model_len, nor need more blocks than the whole cache holds.
+        self.max_seq_tokens = min(self.max_model_len, num_blocks * config.block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -88,13 +96,16 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
         """Records the computed tokens, appends each sampled token (sampled: seq_id -> token id) and caches
         the blocks that became full."""
+        block_size = self.block_manager.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.is_finished:  # aborted since schedule()
+            if seq.status is SequenceStatus.FINISHED:  # aborted since schedule()
                 continue
-            seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:
+            num_computed = seq.num_computed_tokens = seq.num_computed_tokens + n
+            if num_computed == seq.num_tokens:
                 seq.append_token(sampled[seq.seq_id])
-            self.block_manager.cache_full_blocks(seq)
+            # Every earlier step's full blocks are cached already: look only when this chunk filled one.
+            if num_computed // block_size != (num_computed - n) // block_size:
+                self.block_manager.cache_full_blocks(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends seq ("stop", "length" or "abort") and frees its blocks; a no-op if already finished."""
@@ -117,16 +128,19 @@ class Scheduler:
 
     def _schedule_decodes(self, batch: ScheduledBatch) -> None:
         """Schedules the running seqs with one token left (decodes, last 1-token chunks), oldest first."""
+        slots = self.block_manager.block_size  # KV slots of a seq: block_size * len(block_table)
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed_tokens != 1:
                 continue  # preempted just now, or a prefill that is scheduled next
             if self._beyond_limits(seq):
                 self._finish_length(seq, batch)
             elif batch.num_batched_tokens == self.max_num_batched_tokens:
                 break
+            elif seq.num_computed_tokens < slots * len(seq.block_table):  # the common case: a free slot
+                batch.add_decode(seq)
             elif self._make_room(seq):
                 self.block_manager.append_slots(seq, 1)
-                batch.add(seq, 1)
+                batch.add_decode(seq)
 
     def _schedule_prefill_chunks(self, batch: ScheduledBatch) -> None:
         for seq in self.running:  # their blocks were allocated at admission
@@ -182,9 +196,9 @@ class Scheduler:
         """The hard stops the engine may not have applied. As vLLM, prompt + output stops at max_model_len (a
         prompt of exactly max_model_len still gets its one token), so no KV position reaches max_model_len.
         And a seq that needs more blocks than the whole cache can never run."""
-        too_long = seq.num_tokens > self.max_model_len or (
-            seq.num_completion_tokens > 0 and seq.num_tokens >= self.max_model_len)
-        return too_long or self.block_manager.blocks_needed(seq.num_tokens) > self.block_manager.num_blocks
+        num_tokens = seq.num_tokens
+        return num_tokens > self.max_seq_tokens or (
+            num_tokens >= self.max_model_len and num_tokens > seq.num_prompt_tokens)
 
     def _finish_length(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.finish(seq, "length")

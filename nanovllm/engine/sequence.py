@@ -25,7 +25,8 @@ class Sequence:
         self.index = index  # which of the request's n completions
         self.arrival_time = arrival_time
         self.status = SequenceStatus.WAITING
-        self.token_ids = copy(token_ids)  # prompt + generated
+        self.token_ids = copy(token_ids)  # prompt + generated; only ever grown by append_token
+        self.num_tokens = len(token_ids)  # len(token_ids), kept as a field: the hot loops read it per seq
         self.num_prompt_tokens = len(token_ids)
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # tokens found in the prefix cache at the last allocation
@@ -41,10 +42,6 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence(seq_id={self.seq_id}, request_id={self.request_id!r}, status={self.status.name}, "
                 f"num_tokens={self.num_tokens}, num_computed_tokens={self.num_computed_tokens})")
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
     @property
     def num_completion_tokens(self) -> int:
@@ -77,3 +74,4 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        self.num_tokens += 1

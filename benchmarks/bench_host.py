@@ -1,0 +1,134 @@
+"""Host (CPU) time of `LLMEngine.step` outside the model: scheduling and postprocessing, no model compute.
+
+The model runner is replaced by a stand-in that samples a fixed token for every seq that reached its last
+token, so what is timed is the engine's own Python work per step at a full decode batch (256 seqs, prompts
+of 128 tokens, 512 output tokens, ignore_eos). Medians over the timed steps; each step is split into
+schedule / runner / postprocess (the rest of step: appending tokens, stop checks, detokenization, building
+outputs). Two engines: token ids only (skip_tokenizer_init) and with a tokenizer; each with streaming
+requests (an output per step) and with stream=False requests (what `LLM.generate` adds: an output only when
+finished).
+Writes benchmarks/results/host-cpu.json. `--profile` prints a cProfile of the timed steps.
+"""
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from tiny_models import make_tiny_model  # noqa: E402
+from tiny_tokenizer import save_tiny_tokenizer  # noqa: E402
+
+import nanovllm  # noqa: E402
+from nanovllm import SamplingParams  # noqa: E402
+from nanovllm.engine.llm_engine import LLMEngine  # noqa: E402
+from nanovllm.engine.model_runner import StepOutput  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+FIXED_TOKEN = 500  # a plain (non-special) token id of the tiny vocab
+
+
+class Timer:
+    """Wraps engine.scheduler.schedule and engine.model_runner.run to split step() into its parts."""
+
+    def __init__(self, engine: LLMEngine):
+        self.schedule_s = self.runner_s = 0.0
+        schedule = engine.scheduler.schedule
+
+        def timed_schedule():
+            t = time.perf_counter()
+            batch = schedule()
+            self.schedule_s += time.perf_counter() - t
+            return batch
+
+        def fake_run(batch):
+            t = time.perf_counter()
+            sampled = {seq.seq_id: FIXED_TOKEN for seq, n in zip(batch.seqs, batch.num_new_tokens)
+                       if seq.num_computed_tokens + n == seq.num_tokens}
+            out = StepOutput(sampled, {}, {})
+            self.runner_s += time.perf_counter() - t
+            return out
+
+        self.restore = lambda: (delattr(engine.scheduler, "schedule"), delattr(engine.model_runner, "run"))
+        engine.scheduler.schedule = timed_schedule  # instance attributes shadow the methods until restore()
+        engine.model_runner.run = fake_run
+
+
+def run_case(engine: LLMEngine, stream: bool, num_seqs: int, prompt_len: int, max_tokens: int,
+             steps: int, profile: bool) -> dict:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for i in range(num_seqs):  # distinct prompts: no prefix-cache sharing
+        prompt = [(7 * i + j) % 900 + 50 for j in range(prompt_len)]
+        engine.add_request(f"{stream}-{i}", prompt, params, stream=stream)
+    timer = Timer(engine)  # the stand-in runner also serves the untimed prefill and drain steps
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for r in engine.requests.values() for seq in r.seqs):
+        engine.step()
+    assert engine.scheduler.num_running == num_seqs, "all seqs must be decoding together"
+    profiler = cProfile.Profile() if profile else None
+    parts = []  # per step: (total, schedule, runner) seconds; medians resist the other load on the machine
+    for _ in range(steps):
+        timer.schedule_s = timer.runner_s = 0.0
+        if profiler:
+            profiler.enable()
+        t = time.perf_counter()
+        engine.step()
+        total = time.perf_counter() - t
+        if profiler:
+            profiler.disable()
+        parts.append((total, timer.schedule_s, timer.runner_s))
+    assert engine.scheduler.num_running == num_seqs, "no seq may finish while timed"
+    while engine.has_unfinished_requests():
+        engine.step()
+    timer.restore()
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    median = [statistics.median(p) * 1e6 for p in zip(*parts)]
+    post = statistics.median(total - sched - run for total, sched, run in parts) * 1e6
+    return {"step_us": median[0], "schedule_us": median[1], "runner_us": median[2], "postprocess_us": post}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "host-cpu.json"))
+    args = parser.parse_args()
+    assert args.steps < args.max_tokens - 8, "every seq must still be running during the timed steps"
+    torch.set_num_threads(1)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_model("qwen3", tmp)
+        save_tiny_tokenizer(path)
+        for tokenizer in (False, True):
+            engine = LLMEngine(path, skip_tokenizer_init=not tokenizer, load_format="dummy", device="cpu",
+                               max_model_len=1024, max_num_seqs=args.num_seqs, num_kvcache_blocks=8192,
+                               enforce_eager=True)
+            for stream in (True, False):
+                row = run_case(engine, stream, args.num_seqs, args.prompt_len, args.max_tokens, args.steps,
+                               args.profile)
+                row.update(tokenizer=tokenizer, stream=stream)
+                results.append(row)
+                print(f"tokenizer={tokenizer!s:5} stream={stream!s:5}  step {row['step_us']:7.1f} us = schedule "
+                      f"{row['schedule_us']:6.1f} + runner stand-in {row['runner_us']:5.1f} + postprocess "
+                      f"{row['postprocess_us']:6.1f}  ({args.num_seqs} decode seqs)")
+    report = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+              "num_seqs": args.num_seqs, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+              "steps": args.steps, "results": results}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out} (nanovllm from {os.path.dirname(nanovllm.__file__)})")
+
+
+if __name__ == "__main__":
+    main()
