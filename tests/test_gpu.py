@@ -232,10 +232,10 @@ def hf_greedy(folder: str) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_fused_output_on_and_off_agree_up_to_near_ties(batch, model_dir):
-    """Issue 8: Qwen3-0.6B, use_fused_output on and off, CUDA graphs, 64 greedy tokens at batch 1 and 8.
-    Fused, o_proj and down_proj round (product + residual) once; unfused rounds the product, then the sum,
-    as transformers does: they may part at a near-tie (see the rounding test below)."""
+def test_fused_output_on_and_off_give_identical_greedy_tokens(batch, model_dir):
+    """Issue 8: Qwen3-0.6B, use_fused_output on and off, CUDA graphs, 64 greedy tokens at batch 1 and 8,
+    must be identical. Both paths round the product, then the sum (see the rounding test below); what is
+    left between them is the fp32 summation order of the products, Triton's tiles against cuBLAS's."""
     folder = model_dir("qwen3-0.6b")
     args = {"max_num_seqs": batch, "num_kvcache_blocks": 512, "max_model_len": 512}
     on, _, _ = generate(folder, use_fused_output=True, **args)
@@ -244,35 +244,45 @@ def test_fused_output_on_and_off_agree_up_to_near_ties(batch, model_dir):
     result["identical"] = on == off
     REPORT[f"fused_on_off/batch{batch}"] = result
     print(f"batch {batch}", json.dumps(result))
-    assert_near_ties(result)
+    assert_near_ties(result)  # a wrong kernel fails here, with the gaps in the message
+    assert result["identical"], result
 
 
 @torch.inference_mode()
-def test_fused_and_unfused_residual_differ_by_rounding_only(model_dir):
-    """Why fused on/off can part: the new residual stream of one o_proj, fused (fp32 product + residual,
-    one rounding) vs unfused (product rounded to bf16, then the add: two roundings). Against the exact sum,
-    fused is correctly rounded (<= 0.5 ulp, plus fp32 summation noise); unfused is off by more wherever the
-    product is larger than the sum (its rounding step is coarser), so the two differ in the last bits of a
-    fraction of the elements: the only difference between the paths."""
+def test_fused_residual_rounds_as_the_unfused_path(model_dir):
+    """Why fused on/off agree: the new residual stream of one o_proj, fused (every configuration the
+    dispatcher may pick for M = 8) against unfused (F.linear rounded to bf16, then the add rounded, as
+    add_rmsnorm stores it). cuBLAS's configuration is the unfused path itself, bit for bit; a Triton one
+    may differ only where its fp32 product rounds to the neighbouring bf16 value (summation order), a
+    tiny fraction of the elements. Rounding product + residual once instead, as the kernels did before
+    issue 8, changes about a quarter of them: the bound below catches it."""
+    from triton.runtime.errors import OutOfResources
+
+    from nanovllm.kernels import fused_attention_output as fao
     folder = model_dir("qwen3-0.6b")
     fused, _ = load_model(folder, torch.bfloat16, "cuda", use_fused_output=True, load_format="dummy")
     gen = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(8, 2048, generator=gen, device="cuda").to(torch.bfloat16)
     residual = torch.randn(8, 1024, generator=gen, device="cuda").to(torch.bfloat16)
     w = fused.model.layers[0].self_attn.o_proj.weight
-    from nanovllm.models.llama import fused_o_proj_add_residual
-    one = fused_o_proj_add_residual(x, w, residual)
-    two = (torch.nn.functional.linear(x, w).float() + residual.float()).to(torch.bfloat16)
-    exact = torch.addmm(residual.double(), x.double(), w.double().t())
-    big = exact.abs() >= 0.25  # away from cancellation, where an ulp of the sum is tiny
-    ulp = (exact.abs().log2().floor() - 7).exp2()  # bf16 spacing at each exact value
-    err_one = ((one.double() - exact).abs() / ulp)[big].max().item()
-    err_two = ((two.double() - exact).abs() / ulp)[big].max().item()
-    differ = (one != two).float().mean().item()
-    REPORT["fused_rounding"] = {"max_ulp_fused": err_one, "max_ulp_unfused": err_two, "fraction_differ": differ}
+    product = torch.nn.functional.linear(x, w)  # (8, 1024) bf16, as the unfused o_proj stores it
+    unfused = (product.float() + residual.float()).to(torch.bfloat16)
+    rounded_once = torch.addmm(residual.float(), x.float(), w.float().t()).to(torch.bfloat16)
+    fractions = {}  # config -> fraction of the elements that differ from the unfused path
+    step = torch.finfo(torch.bfloat16).eps * product.float().abs()  # >= one bf16 step of the product
+    for config in fao.candidate_configs(8, 1024, 2048, torch.bfloat16):
+        try:
+            out = fao.launch(config, x, w, residual)
+        except OutOfResources:  # a tile over this card's shared memory: the tuner skips it too
+            continue
+        fractions[str(config)] = (out != unfused).float().mean().item()
+        err = (out.float() - unfused.float()).abs()
+        assert (err <= step + torch.finfo(torch.bfloat16).eps * unfused.float().abs()).all(), config
+    once = (rounded_once != unfused).float().mean().item()
+    REPORT["fused_rounding"] = {"configs": fractions, "rounded_once": once}
     print(REPORT["fused_rounding"])
-    assert err_one <= 0.55  # correctly rounded, up to fp32 summation noise
-    assert err_two > err_one and differ > 0
+    assert fractions["cublas"] == 0
+    assert max(fractions.values()) <= 0.005 < once
     del fused
     free_cuda()
 
