@@ -35,7 +35,7 @@ from nanovllm.distributed.commands import (
 )
 from nanovllm.utils.context import reset_context, set_context
 
-TP_TIMEOUT_S = 120.0  # longest wait in one collective before it raises: bounds a hang on a stuck peer
+TP_TIMEOUT_S = 300.0  # longest wait in one collective before it raises: bounds a hang on a stuck peer
 _DEATH_GRACE_S = 3.0  # after a failed collective, how long to wait for a dying worker to be reaped
 _HOST = "127.0.0.1"
 T = TypeVar("T")
