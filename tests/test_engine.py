@@ -188,3 +188,27 @@ def test_engine_argument_errors(tmp_path):
         LLM(str(tmp_path), max_num_seq=3)
     with pytest.raises(ValueError, match="max_num_seqs"):
         LLM(str(tmp_path), max_num_seqs=0)
+
+
+def test_text_is_the_same_streamed_or_not(qwen3):
+    """generate() detokenizes a finished seq at once, stream() token by token: the same text either way, the
+    decode of the output ids (less the stop token id that ended the seq)."""
+    folder, _, expected = qwen3
+    llm = LLM(folder)
+    stop_at = expected[0][0][7]
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[3]]
+    params = [greedy(), greedy(stop_token_ids=[stop_at], skip_special_tokens=False),
+              SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)]
+    final = llm.generate(prompts, params, use_tqdm=False)
+    streamed: dict[tuple[str, int], str] = {}
+    last = {}
+    for output in llm.stream(prompts, params):
+        for c in output.outputs:
+            streamed[output.request_id, c.index] = streamed.get((output.request_id, c.index), "") + c.delta_text
+        last[output.request_id] = output
+    assert final[1].outputs[0].finish_reason == "stop" and final[1].outputs[0].token_ids[-1] == stop_at
+    for out, (request_id, stream_out) in zip(final, last.items()):
+        for c, s in zip(out.outputs, stream_out.outputs, strict=True):
+            ids = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+            assert c.token_ids == s.token_ids and c.finish_reason == s.finish_reason
+            assert c.text == s.text == streamed[request_id, c.index] == llm.tokenizer.decode(ids)

@@ -274,3 +274,20 @@ class SchedulerMachine(RuleBasedStateMachine):
 SchedulerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                               derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 test_scheduler_state_machine = SchedulerMachine.TestCase
+
+
+def test_blocks_filled_by_chunks_and_decodes_are_cached_as_they_fill():
+    s = make_scheduler(block_size=4, max_num_batched_tokens=5)
+    a, *_ = add_all(s, create_seqs(num=3, prompt_len=7))
+    rng = Random(0)
+    bm = s.block_manager
+    for _ in range(20):
+        step(s, sample=lambda seq: rng.randrange(1000))
+        for seq in s.running:
+            for block_id in seq.block_table[:seq.num_computed_tokens // 4]:
+                assert bm.hash_to_block_id.get(bm.blocks[block_id].hash) == block_id
+    assert a.num_completion_tokens > 8  # its output fills blocks
+    # A prompt repeating a's prompt and output finds all of it but the last token in the cache.
+    (again,) = add_all(s, [Sequence(a.token_ids, SamplingParams())])
+    s.schedule()
+    assert again.num_cached_tokens == (a.num_tokens - 1) // 4 * 4
