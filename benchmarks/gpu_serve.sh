@@ -2,7 +2,9 @@
 # One device call for issue 5's GPU figures: the offline engine and `nanovllm serve` + `nanovllm bench serve`
 # on the same requests (Qwen3-0.6B architecture with SmolLM2's 49,152-token vocabulary and tokenizer, so every
 # generated id has text; random bf16 weights),
-# then the offline throughput benchmark again. Needs, carried (all git-ignored, made on the CPU machine):
+# then the offline throughput benchmark again. The server runs its engine in a second process (spawned, with
+# this environment), so the HTTP side and the engine each have a core.
+# Needs, carried (all git-ignored, made on the CPU machine):
 #   .gpuserve/qwen3-0.6b   python benchmarks/make_serve_model.py
 #   .whl/serve             pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 #                          --platform manylinux_2_17_x86_64 -d .whl/serve fastapi starlette uvicorn pydantic
@@ -43,6 +45,12 @@ done
 timeout 150 python3 -m nanovllm bench serve --url http://127.0.0.1:8011 --num-prompts "$N" --input-len "$IN" \
     --output-len "$OUTLEN" --seed 0 --output-json "$OUT/serve.json" --label "$(cat "$OUT/card.txt")" 2>&1 \
     | tee "$OUT/bench_serve.log"
+# CPU seconds of the HTTP process and its children (the engine process, multiprocessing's resource tracker):
+# which side would saturate first.
+for pid in $SERVER $(ps -o pid= --ppid $SERVER); do
+    echo "$pid $(tr '\0' ' ' < /proc/$pid/cmdline | cut -c1-60) cpu_s=$(awk -v t="$(getconf CLK_TCK)" \
+        '{print ($14 + $15) / t}' /proc/$pid/stat)"
+done | tee "$OUT/server_cpu.txt"
 kill -TERM $SERVER; wait $SERVER; echo "server exit $?" >> "$OUT/server.log"
 timeout 120 python3 benchmarks/bench_throughput.py --out-dir "$OUT" 2>&1 | tail -20 | tee "$OUT/throughput.log"
 ls -la "$OUT"

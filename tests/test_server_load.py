@@ -141,3 +141,74 @@ def test_a_missing_model_path_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "nanovllm", "serve", "--model", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, check=False)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- the engine process ---------------------------------------------------------------------------
+def _engine_pid(server_pid: int) -> int:
+    """The server's engine process (its other child is multiprocessing's resource tracker)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and _parent(pid) == server_pid:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    return int(pid)
+    raise AssertionError("the server has no engine process")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_engine_process_death_fails_requests_instead_of_hanging(tmp_path):
+    """SIGKILL of the engine process mid-request: a stream ends with a 500 error event and [DONE], a
+    non-streamed request gets a 500, /health says 503, and a new request gets a 500 at once."""
+    model = make_tiny_model_dir(tmp_path, max_position_embeddings=4096)
+    proc = ServerProcess(["--model", model, "--max-model-len", "4096", "--kv-cache-memory-gb", "0.25"],
+                         str(tmp_path / "dead.log"))
+    url = f"{proc.url}/v1/completions"
+    body = {"prompt": "the river", "max_tokens": 4000, "min_tokens": 4000, "ignore_eos": True}
+
+    async def run():
+        started = asyncio.Event()
+
+        async def streamed(client: httpx.AsyncClient) -> list[str]:
+            events = []
+            async with client.stream("POST", url, json={**body, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        started.set()
+            return events
+
+        async with httpx.AsyncClient(timeout=30) as client:
+            tasks = [asyncio.ensure_future(streamed(client)), asyncio.ensure_future(client.post(url, json=body))]
+            await asyncio.wait_for(started.wait(), 30)
+            os.kill(_engine_pid(proc.proc.pid), signal.SIGKILL)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+    try:
+        events, response = asyncio.run(run())
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == 500, events[-3:]
+        assert response.status_code == 500 and response.json()["error"]["code"] == 500
+        assert httpx.get(f"{proc.url}/health").status_code == 503
+        assert proc.post("/v1/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 500
+    finally:
+        rc = proc.stop()
+    log = proc.log()
+    assert rc == 1 and "the engine has failed: the engine process exited" in log, (rc, log[-4000:])
+    assert "Traceback" not in log, log[-4000:]
+
+
+def test_the_engine_process_dies_with_the_server(tiny_model_dir, tmp_path):
+    """A server killed outright (SIGKILL: no drain, no clean-up) leaves no engine process behind."""
+    proc = ServerProcess(["--model", tiny_model_dir, *SMALL_KV], str(tmp_path / "kill.log"))
+    engine_pid = _engine_pid(proc.proc.pid)
+    proc.proc.kill()
+    proc.stop()
+    deadline = time.monotonic() + 5
+    while _alive(engine_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(engine_pid)

@@ -13,6 +13,7 @@ Detokenization and stop strings stay here, in the engine, with its own tokenizer
 produces is exactly the offline LLM's, stop strings end the sequence in the same step that made them (no
 extra tokens decoded, no KV held longer), and the HTTP process only appends text it is given.
 """
+import gc
 import os
 import signal
 import threading
@@ -42,6 +43,7 @@ def run_engine_core(engine_args: dict, conn: Connection, parent_pid: int) -> Non
         traceback.print_exc()
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    gc.freeze()  # the model and the engine's long-lived state: never worth a collector's pass
     conn.send(("ready", engine.config, engine.model_config.vocab_size, stats))
     try:
         EngineCore(engine, conn).run()
