@@ -99,6 +99,8 @@ class IncrementalDetokenizer:
     def _held_back(self) -> int:
         """Length of the longest end of the text that is the beginning of a stop string: it is not shown
         until the next tokens tell whether the stop string completes."""
+        if not self.stop:
+            return 0
         for n in range(min(len(self.output_text), max(map(len, self.stop), default=1) - 1), 0, -1):
             tail = self.output_text[-n:]
             if any(stop_str.startswith(tail) for stop_str in self.stop):

@@ -239,9 +239,12 @@ class LLMEngine:
 
     def _make_output(self, request: _Request) -> RequestOutput:
         completions = []
+        finished = True
         for i, seq in enumerate(request.seqs):
             text = request.texts[i]
-            if seq.is_finished and seq.finish_reason != "abort":
+            seq_finished = seq.status is SequenceStatus.FINISHED
+            finished = finished and seq_finished
+            if seq_finished and seq.finish_reason != "abort":
                 text += self._final_text(request, seq)
                 request.texts[i] = text
             sent_chars, sent_tokens = request.sent[i]
@@ -253,7 +256,6 @@ class LLMEngine:
                 index=i, text=text, token_ids=token_ids, cumulative_logprob=cumulative, logprobs=logprobs,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                 delta_text=text[sent_chars:], delta_token_ids=token_ids[sent_tokens:]))
-        finished = request.finished
         if finished:
             request.metrics.finished_time = time.time()
         return RequestOutput(
