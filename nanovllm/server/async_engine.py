@@ -58,11 +58,12 @@ class AsyncEngine:
         self.accepting = True  # False once shutdown begins
         self.num_pending = 0  # engine requests submitted and not yet finished
         self._streams: dict[str, _Stream] = {}
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # for the sender thread
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # lists of commands, for the sender thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn = None
         self._stopping = False
+        self._loading: asyncio.Task | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -77,12 +78,13 @@ class AsyncEngine:
         threading.Thread(target=self._send_commands, name="nanovllm-engine-sender", daemon=True).start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stops the engine process (after the drain): asks, then terminates, then kills."""
+        """Stops the engine process (after the drain): asks it to, and kills it if it has not within
+        `timeout` s."""
         self.accepting = False
         self._stopping = True
         if self._process is None:
             return
-        self._commands.put(SHUTDOWN)
+        self._commands.put([SHUTDOWN])
         self._process.join(timeout)
         if self._process.is_alive():
             logger.warning("the engine process did not stop in %.0f s; killing it", timeout)
@@ -164,11 +166,9 @@ class AsyncEngine:
         """The sender thread: one pipe message per batch of commands queued meanwhile."""
         while True:
             batch = self._commands.get()
-            batch = [SHUTDOWN] if batch is SHUTDOWN else list(batch)
             try:
                 while True:
-                    more = self._commands.get_nowait()
-                    batch += [SHUTDOWN] if more is SHUTDOWN else more
+                    batch = batch + self._commands.get_nowait()
             except queue.Empty:
                 pass
             try:

@@ -2,7 +2,7 @@
 
 On the signal, uvicorn stops accepting connections while the engine stops accepting requests (503 on
 connections kept alive); in-flight requests get `drain_timeout` seconds to finish, then are aborted (their
-streams end with finish_reason "abort"); the engine thread stops and the process exits 0.
+streams end with finish_reason "abort"); the engine process stops, then this one exits 0.
 """
 import asyncio
 import contextlib

@@ -1,9 +1,9 @@
 """Prometheus metrics under vLLM's names, so existing dashboards and `vllm bench` tooling read them as is.
 
 Gauges and the engine's own counters (preemptions, prefix-cache lookups) are read from the latest
-`LLMEngine.stats()` snapshot at scrape time; per-request latencies and token counts are observed by the
-engine thread from each step's outputs, per completion (a request with n=3 counts three, as vLLM v1's
-child requests do).
+`LLMEngine.stats()` snapshot (sent by the engine process with every step) at scrape time; per-request
+latencies and token counts are observed from each step's outputs as the HTTP process receives them, per
+completion (a request with n=3 counts three, as vLLM v1's child requests do).
 """
 import time
 from dataclasses import dataclass
@@ -73,7 +73,7 @@ class ServerMetrics:
     def _counter(self, name: str, doc: str) -> Counter:
         return Counter(name, doc, list(self.labels), registry=self.registry).labels(**self.labels)
 
-    # ---- called from the engine thread ----------------------------------------------------------
+    # ---- called by async_engine, for each message from the engine process -------------------------
     def set_baseline(self, stats: dict) -> None:
         """Engine counters after warm-up: the warm-up request is not user traffic."""
         self._baseline = {k: stats.get(k, 0) for k in _ENGINE_COUNTERS}
