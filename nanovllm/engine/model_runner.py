@@ -200,7 +200,9 @@ class ModelRunner:
             input_ids = torch.zeros(num_seqs * seq_len, dtype=torch.int64, device=self.device)
             positions = torch.arange(seq_len, device=self.device).repeat(num_seqs)
             hidden = self.model(input_ids, positions)  # (T, hidden); no KV cache yet: attention is cache-less
-            self.model.compute_logits(hidden[:_LOGITS_CHUNK]).float().log_softmax(-1)
+            logits = self.model.compute_logits(hidden[:_LOGITS_CHUNK])  # None on a TP worker (rank 0 gathers)
+            if logits is not None:
+                logits.float().log_softmax(-1)
         finally:
             reset_context()
         torch.cuda.synchronize(self.device)
