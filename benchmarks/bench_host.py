@@ -7,7 +7,8 @@ schedule / runner / postprocess (the rest of step: appending tokens, stop checks
 outputs), and of the step's wall time. Two engines: token ids only (skip_tokenizer_init) and with a
 tokenizer; each with streaming requests (an output per step) and with stream=False requests (what
 `LLM.generate` adds: an output only when finished).
-Writes benchmarks/results/host-cpu.json. `--profile` prints a cProfile of the timed steps.
+Writes benchmarks/results/host-cpu.json. `--profile` prints a cProfile of the timed steps; `--baseline` keeps
+another commit's run beside this one.
 """
 import argparse
 import cProfile
@@ -106,6 +107,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", default=os.path.join(RESULTS, "host-cpu.json"))
+    parser.add_argument("--baseline", help="a JSON this script wrote for other code (e.g. an older commit, "
+                        "run with PYTHONPATH at its nanovllm), copied into the report for comparison")
+    parser.add_argument("--label", default="", help="what code this is (e.g. a commit), kept in the report")
     args = parser.parse_args()
     assert args.steps < args.max_tokens - 8, "every seq must still be running during the timed steps"
     torch.set_num_threads(1)
@@ -127,7 +131,10 @@ def main() -> None:
                       f"{row['postprocess_us']:6.1f}  (CPU us; wall {row['step_wall_us']:7.1f} us)")
     report = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
               "num_seqs": args.num_seqs, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
-              "steps": args.steps, "results": results}
+              "steps": args.steps, "label": args.label, "results": results}
+    if args.baseline:
+        with open(args.baseline) as f:
+            report["baseline"] = json.load(f)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
