@@ -1,6 +1,7 @@
 """Streaming internals without a server process: output coalescing, SSE framing, the bench client's parser."""
 import asyncio
 import json
+import multiprocessing
 
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.async_engine import AsyncEngine, EngineRequest
@@ -15,7 +16,7 @@ def _step(delta_text: str, delta_ids: list[int], finished: bool = False) -> tupl
     return "r", finished, 0, metrics, None, [completion]
 
 
-def test_outputs_queued_while_the_consumer_was_busy_arrive_as_one():
+def test_steps_queued_while_the_server_was_busy_arrive_as_one_output():
     async def run():
         engine = AsyncEngine({})  # never started: the test plays the engine process's messages
         engine.ready = True
@@ -24,8 +25,12 @@ def test_outputs_queued_while_the_consumer_was_busy_arrive_as_one():
         await asyncio.sleep(0)
         add = engine._commands.get_nowait()
         assert add == [("add", "r", [1, 2], SamplingParams(max_tokens=3), add[0][4])]
-        for packed in (_step("a", [5]), _step("b", [6]), _step("c", [7], finished=True)):
-            engine._on_step(0.0, [packed], [], [], {})
+        engine._conn, engine_end = multiprocessing.Pipe()
+        engine_end.send(("step", 0.0, [_step("a", [5])], [], [], {}))
+        engine._on_readable()  # one step: one output, queued for the busy consumer
+        for packed in (_step("b", [6]), _step("c", [7], finished=True)):
+            engine_end.send(("step", 0.0, [packed], [], [], {}))
+        engine._on_readable()  # two steps waiting: joined into one output, merged with the queued one
         _, out = await first
         rest = [o async for o in gen]
         return out, rest

@@ -179,23 +179,33 @@ class AsyncEngine:
                 return
 
     def _on_readable(self) -> None:
+        """Handles every message waiting. Step messages that queued up while the event loop was busy are
+        handled as one step, so rebuilding outputs and metrics costs less per step the further behind we
+        are, instead of keeping us behind."""
+        steps: list[list] = []
         try:
             while self._conn.poll():
-                self._handle(self._conn.recv())
+                kind, *body = self._conn.recv()
+                if kind == "step":
+                    steps.append(body)
+                    continue
+                self._flush_steps(steps)
+                if kind == "ready":
+                    self._on_ready(*body)
+                else:  # "failed" (loading) or "dead" (a step raised)
+                    self._fail(body[0])
         except (EOFError, OSError):
+            self._flush_steps(steps)
             self._close_pipe()
             if not self._stopping:
                 self._process.join(1.0)
                 self._fail(f"the engine process exited (exit code {self._process.exitcode})")
+        self._flush_steps(steps)
 
-    def _handle(self, message: tuple) -> None:
-        kind, *body = message
-        if kind == "step":
-            self._on_step(*body)
-        elif kind == "ready":
-            self._on_ready(*body)
-        else:  # "failed" (loading) or "dead" (a step raised)
-            self._fail(body[0])
+    def _flush_steps(self, steps: list[list]) -> None:
+        if steps:
+            self._on_step(*_join_steps(steps))
+            steps.clear()
 
     def _on_ready(self, config, vocab_size: int, stats: dict) -> None:
         async def load_frontend() -> None:
@@ -258,6 +268,30 @@ class AsyncEngine:
         if self._conn is not None and not self._conn.closed:
             self._loop.remove_reader(self._conn.fileno())
             self._conn.close()
+
+
+def _join_steps(steps: list[list]) -> list:
+    """Several step messages as one: each request's deltas joined in order, the latest stats and time."""
+    if len(steps) == 1:
+        return steps[0]
+    joined: dict[str, tuple] = {}
+    for _, packed, _, _, _ in steps:
+        for p in packed:
+            earlier = joined.get(p[0])
+            joined[p[0]] = p if earlier is None else _join_deltas(earlier, p)
+    aborted = [rid for step in steps for rid in step[2]]
+    errors = [error for step in steps for error in step[3]]
+    return [steps[-1][0], list(joined.values()), aborted, errors, steps[-1][4]]
+
+
+def _join_deltas(earlier: tuple, later: tuple) -> tuple:
+    rid, finished, num_cached_tokens, metrics, prompt_logprobs, deltas = later
+    completions = [(text + more_text, ids + more_ids, None if logprobs is None else logprobs + more_logprobs,
+                    cumulative, reason, stop_reason)
+                   for (text, ids, logprobs, *_), (more_text, more_ids, more_logprobs, cumulative, reason,
+                                                   stop_reason) in zip(earlier[5], deltas)]
+    prompt_logprobs = earlier[4] if earlier[4] is not None else prompt_logprobs
+    return rid, finished, num_cached_tokens, metrics, prompt_logprobs, completions
 
 
 def _empty_completions(params: SamplingParams) -> list[CompletionOutput]:
