@@ -75,6 +75,9 @@ class AsyncEngine:
         self._process.start()
         child_conn.close()  # else the engine's death would never show here as EOF
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        # uvloop's add_reader (libuv) makes the fd non-blocking; recv must read whole messages, and the
+        # sender thread must wait on a full pipe rather than fail.
+        os.set_blocking(self._conn.fileno(), True)
         threading.Thread(target=self._send_commands, name="nanovllm-engine-sender", daemon=True).start()
 
     def stop(self, timeout: float = 10.0) -> None:
