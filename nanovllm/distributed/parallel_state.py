@@ -49,10 +49,15 @@ def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: 
     _TP_RANK, _TP_SIZE = rank, world_size
 
 
-def destroy_tensor_parallel() -> None:
+def destroy_tensor_parallel(abort: bool = False) -> None:
+    """Leaves the group. Every live rank must take part (NCCL's teardown flushes collectively); after a
+    failure, `abort` tears NCCL's communicators down without waiting for peers that are gone."""
     global _TP_RANK, _TP_SIZE
     if dist.is_initialized():
-        dist.destroy_process_group()
+        if abort and dist.get_backend() == "nccl":
+            dist.distributed_c10d._abort_process_group()  # also forgets the group, like destroy
+        else:
+            dist.destroy_process_group()
     _TP_RANK, _TP_SIZE = 0, 1
 
 

@@ -33,6 +33,7 @@ from nanovllm.distributed.commands import (
     recv_logits,
     send_exit,
 )
+from nanovllm.distributed.parallel_state import destroy_tensor_parallel
 from nanovllm.utils.context import reset_context, set_context
 
 TP_TIMEOUT_S = 300.0  # longest wait in one collective before it raises: bounds a hang on a stuck peer
@@ -104,6 +105,9 @@ class WorkerGroup:
         if not self.broken and not self.dead() and dist.is_initialized():
             try:
                 send_exit(self.device)
+                # Together with the workers, which leave on EXIT: NCCL's teardown flushes collectively, so
+                # a rank that left alone would wait for a peer that is gone.
+                destroy_tensor_parallel()
                 for process in self.processes:
                     process.join(timeout=5)
             except Exception:  # a worker died just now: the loop below cleans up

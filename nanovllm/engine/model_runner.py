@@ -121,9 +121,9 @@ class ModelRunner:
     def close(self) -> None:
         """Stops the workers (rank 0) and leaves the tensor-parallel group; a no-op without TP."""
         if self.workers is not None:
-            self.workers.close()
+            self.workers.close()  # with healthy workers, this also leaves the group, together with them
         if self.in_tp_group:  # not another engine's group
-            destroy_tensor_parallel()
+            destroy_tensor_parallel(abort=self.workers is not None)  # still in it: the group is broken
             self.in_tp_group = False
 
     def _tune_fused_output(self) -> None:
