@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call on 2 GPUs for every GPU figure of issues 4, 5, 7 and 8, under one deadline.
+#   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2; the 8B architecture, then the 4B if time allows)
+#   phase 2, in parallel:  GPU 0: bench_latency (fused on/off end to end), bench_throughput, bench_fused_o_proj
+#                          GPU 1: the GPU tests, then gpu_serve.sh (offline engine vs `nanovllm serve`)
+# The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
+# serving) may feel. Results, logs and the Triton cache land in $OUT.
+# Carry: .whl (pytest, gguf and the serving wheels), .gpuserve (make_serve_model.py), .triton_cache.
+#   bash benchmarks/gpu_all.sh
+set -o pipefail
+OUT=${OUT:-/tmp/gpu_out}
+DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
+LOGS=$OUT/logs
+mkdir -p "$LOGS"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/kernels/*.whl .whl/serve/*.whl >/dev/null 2>&1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$LOGS/env.txt" 2>&1
+step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the deadline), logs to $LOGS/NAME.log
+    local name=$1 limit=$2 left=$((DEADLINE - SECONDS))
+    shift 2
+    ((left < limit)) && limit=$left
+    ((limit > 10)) || { echo "== $name: skipped, no time left" | tee -a "$LOGS/steps.txt"; return; }
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    echo "== $name: exit $? after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
+}
+step tp "${TP_S:-250}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --archs qwen3-8b qwen3-4b
+(
+    export CUDA_VISIBLE_DEVICES=0
+    step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
+    step throughput 100 python3 benchmarks/bench_throughput.py --out-dir "$OUT"
+    step fused_bench 150 python3 benchmarks/bench_fused_o_proj.py --out-dir "$OUT"
+) &
+(
+    export CUDA_VISIBLE_DEVICES=1 NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
+    step tests 190 python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py
+    OUT=$OUT/serve SKIP_THROUGHPUT=1 step serve 150 bash benchmarks/gpu_serve.sh
+) &
+wait
+cp "$LOGS/steps.txt" "$OUT/steps.txt"
+for f in "$LOGS"/*.log; do echo "#### $f"; grep -v "^frame #" "$f" | tail -25 | cut -c1-300; done > "$OUT/tails.txt"
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+tar cJf "$OUT/triton_cache.tar.xz" .triton_cache 2>/dev/null
+[ "$(stat -c %s "$OUT/triton_cache.tar.xz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$OUT/triton_cache.tar.xz"
+cat "$OUT/steps.txt"; ls -R "$OUT" | head -40
