@@ -254,3 +254,44 @@ def test_elementwise_kernels_gpu():
     torch.testing.assert_close(normed, add_rmsnorm_ref(x, want_res, weight, 1e-6)[0], **tols(torch.bfloat16))
     x = torch.randn(8192, 2 * 3072, device=DEVICE, dtype=torch.bfloat16)
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **tols(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_kernel_draws_softmax_over_temperature_and_argmax_at_zero(dtype):
+    """Gumbel-max in one pass: rows at temperature T draw from softmax(logits / T) (chi-square against the
+    exact distribution), temperature-0 rows take the argmax, and a new seed gives new draws."""
+    from nanovllm.kernels.sample import sample
+    rows, vocab, temperature = (20000 if CUDA else 250), 5, 2.5  # 5: a partial tile (the interpreter is slow)
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    row = torch.randn(vocab, generator=gen, device=DEVICE).to(dtype)
+    logits = row[None].expand(rows, vocab).contiguous()
+    temps = torch.full((rows,), temperature, device=DEVICE)
+    temps[:5] = 0
+    seed = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    out = torch.full((rows,), -1, dtype=torch.int64, device=DEVICE)
+    sample(logits, temps, seed, out)
+    assert (out[:5] == row.float().argmax()).all()
+    counts = torch.bincount(out[5:], minlength=vocab).double()
+    expected = torch.softmax(row.double() / temperature, dim=-1) * (rows - 5)
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 23.5, chi2  # 4 degrees of freedom: exceeded with probability 1e-4 by a correct sampler
+    again = torch.empty_like(out)
+    sample(logits, temps, seed + 1, again)
+    assert (again[:5] == out[:5]).all() and (again[5:] != out[5:]).float().mean() > 0.5
+
+
+def test_sample_kernel_argmax_across_tiles():
+    """A vocabulary wider than one tile (2048): the best score is found in whichever tile holds it, and the
+    first of equal maxima wins, as in torch.argmax."""
+    from nanovllm.kernels.sample import sample
+    vocab = 4500
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    logits[0, 10] = logits[1, 3000] = logits[2, 4499] = 50.0
+    logits[3, [700, 2500]] = 50.0  # a tie across tiles
+    logits[4, 2048] = 50.0
+    temps = torch.zeros(6, device=DEVICE)
+    temps[5] = 1e-3  # a near-zero temperature samples the argmax too
+    logits[5, 3333] = 50.0
+    out = torch.empty(6, dtype=torch.int64, device=DEVICE)
+    sample(logits, temps, torch.tensor([3], dtype=torch.int64, device=DEVICE), out)
+    assert out.tolist() == [10, 3000, 4499, 700, 2048, 3333]

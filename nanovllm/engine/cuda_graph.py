@@ -7,8 +7,8 @@ to nothing (context length 0). Block tables are padded to max_model_len's block 
 kernel's split count, chosen from shapes alone, is fixed per bucket.
 
 The graphs end with the sampler where it can live there: each bucket has a greedy graph (LM head, argmax)
-and a sampling graph that also draws temperature samples with the Sampler's exponential race (rows with
-temperature 0 keep the argmax), so such a step copies back only B token ids. Anything else (seeds,
+and a sampling graph that draws temperature samples in one Triton pass over the logits (kernels/sample.py;
+rows with temperature 0 keep the argmax), so such a step copies back only B token ids. Anything else (seeds,
 top-k/p, min-p, penalties, logprobs) replays the greedy graph and runs the Sampler on its logits.
 
 Under tensor parallelism every rank captures the same graphs, all-reduces included (NCCL collectives are
@@ -24,6 +24,7 @@ from torch import nn
 from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels.sample import sample, sample_ref
 from nanovllm.utils.context import Context, reset_context, set_context
 
 
@@ -64,6 +65,7 @@ class DecodeGraphs:
         self.context_lens = self.dev32[:max_bs]
         self.block_tables = self.dev32[max_bs:].view(max_bs, max_num_blocks)
         self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
+        self.seed = torch.randint(2**62, (1,), dtype=torch.int64).to(device)  # the sampling kernel's Philox key
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
         self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
@@ -99,12 +101,13 @@ class DecodeGraphs:
         if not sampling:
             torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
             return
-        # The Sampler's exponential race: argmax(p / q), q ~ Exp(1), picks token i with probability p_i.
-        temps = self.temperatures[:bs, None]  # (bs, 1); 0 marks a greedy row
-        probs = torch.softmax(logits.float() / torch.where(temps > 0, temps, 1.0), dim=-1)  # (bs, vocab)
-        q = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
-        torch.where(temps[:, 0] > 0, probs.div_(q).argmax(dim=-1), logits.argmax(dim=-1),
-                    out=self.next_tokens[:bs])
+        # Per-row temperature draws (0: argmax): Gumbel-max in one pass over the logits on CUDA, then a new
+        # seed for the next replay; the Sampler's exponential race in torch elsewhere (same distribution).
+        if logits.is_cuda:
+            sample(logits, self.temperatures[:bs], self.seed, self.next_tokens[:bs])
+            self.seed.add_(1)
+        else:
+            sample_ref(logits, self.temperatures[:bs], self.next_tokens[:bs])
 
     def _capture(self, model: nn.Module) -> None:
         # Warm-up and capture really run: slot -1 and context 0 keep them away from the KV cache.
