@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_all.sh
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
-DEADLINE=$((SECONDS + ${BUDGET_S:-560}))
+DEADLINE=$((SECONDS + ${BUDGET_S:-555}))
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
@@ -23,8 +23,17 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
     ((left < limit)) && limit=$left
     ((limit > 10)) || { echo "== $name: skipped, no time left" | tee -a "$LOGS/steps.txt"; return; }
     local t0=$SECONDS
-    timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
-    echo "== $name: exit $? after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
+    # Its own session, so that at the limit every process it started goes, including inner `timeout`s
+    # (which move into process groups of their own) and spawned workers.
+    setsid "$@" > "$LOGS/$name.log" 2>&1 &
+    local sid=$!
+    ( sleep "$limit"; pkill -TERM -s "$sid"; sleep 10; pkill -KILL -s "$sid" ) > /dev/null 2>&1 &
+    local watchdog=$!
+    wait "$sid"
+    local rc=$?
+    kill "$watchdog" 2> /dev/null
+    pkill -KILL -s "$sid" 2> /dev/null  # leftovers of a step that finished (a server it forgot)
+    echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
 }
 step tp "${TP_S:-250}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --archs qwen3-8b qwen3-4b
 (
