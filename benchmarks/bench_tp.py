@@ -12,6 +12,7 @@ one checkpoint that every TP size slices, so TP 1 and 2 run the same model), one
 Writes benchmarks/results/tp-<card>.json; its top-level keys are the 8B figures.
 
     python benchmarks/bench_tp.py [--out-dir benchmarks/results] [--archs qwen3-8b qwen3-4b]
+                                  [--agreement-only qwen3-4b]
 """
 import argparse
 import gc
@@ -68,7 +69,7 @@ def bs1_ms(llm: LLM) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def run_engine(folder: str, tp: int, texts: list[list[int]] | None) -> dict:
+def run_engine(folder: str, tp: int, texts: list[list[int]] | None, speed: bool = True) -> dict:
     t0 = time.perf_counter()
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
               tensor_parallel_size=tp)
@@ -77,6 +78,9 @@ def run_engine(folder: str, tp: int, texts: list[list[int]] | None) -> dict:
     print(f"tp={tp}: engine ready in {result['startup_s']:.0f} s", flush=True)
     result["tokens"], result["logprobs"] = greedy_run(llm)
     result["scored"] = scored(llm, texts or [p + t for p, t in zip(prompts(), result["tokens"])])
+    if not speed:
+        llm.close()
+        return result
     result["ms_per_token_bs1"] = bs1_ms(llm)
     print(f"tp={tp}: batch-1 step {result['ms_per_token_bs1']:.3f} ms", flush=True)
     warm_up(llm)
@@ -115,6 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--archs", nargs="+", default=["qwen3-8b", "qwen3-4b"])
+    parser.add_argument("--agreement-only", nargs="*", default=[], metavar="ARCH",
+                        help="for these archs, only the agreement (no latency or throughput)")
     args = parser.parse_args()
     card, tag = card_name()
     cards = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -122,22 +128,26 @@ def main() -> None:
               "1024], seed 0, temperature 0.6; random bf16 weights", "archs": {}}
     for arch in args.archs:
         folder = model_dir(os.path.join(CONFIGS, f"{arch}.json"))
-        one = run_engine(folder, 1, None)
+        speed = arch not in args.agreement_only
+        one = run_engine(folder, 1, None, speed)
         texts = [p + t for p, t in zip(prompts(), one["tokens"])]
-        two = run_engine(folder, 2, texts)
-        row = {"tp1_output_tok_per_s": one["output_tok_per_s"], "tp2_output_tok_per_s": two["output_tok_per_s"],
-               "tp2_speedup": two["output_tok_per_s"] / one["output_tok_per_s"],
-               "tp1_ms_per_token_bs1": one["ms_per_token_bs1"], "tp2_ms_per_token_bs1": two["ms_per_token_bs1"],
-               **compare(one, two)}
+        two = run_engine(folder, 2, texts, speed)
+        row = compare(one, two)
+        if speed:
+            row.update({"tp1_output_tok_per_s": one["output_tok_per_s"],
+                        "tp2_output_tok_per_s": two["output_tok_per_s"],
+                        "tp2_speedup": two["output_tok_per_s"] / one["output_tok_per_s"],
+                        "tp1_ms_per_token_bs1": one["ms_per_token_bs1"],
+                        "tp2_ms_per_token_bs1": two["ms_per_token_bs1"]})
         for r in (one, two):
             row[f"tp{r['tp']}_detail"] = {k: r[k] for k in ("startup_s", "num_kvcache_blocks", "output_tokens",
-                                                           "throughput")}
+                                                           "throughput") if k in r}
         result["archs"][arch] = row
         print(arch, json.dumps(row, indent=1), flush=True)
         os.makedirs(args.out_dir, exist_ok=True)
         headline = result["archs"].get("qwen3-8b", row)
         result.update({k: headline[k] for k in ("tp1_output_tok_per_s", "tp2_output_tok_per_s",
-                                                "tp1_ms_per_token_bs1", "tp2_ms_per_token_bs1")})
+                                                "tp1_ms_per_token_bs1", "tp2_ms_per_token_bs1") if k in headline})
         write_json(os.path.join(args.out_dir, f"tp-{tag}.json"), result)  # after each arch: a timeout keeps it
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call on 2 GPUs for every GPU figure of issues 4, 5, 7 and 8, under one deadline.
-#   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2; the 8B architecture, then the 4B if time allows)
+#   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2: the 8B architecture, then the 4B's agreement)
 #   phase 2, in parallel:  GPU 0: bench_latency (fused on/off end to end), bench_throughput, bench_fused_o_proj
 #                          GPU 1: the GPU tests, then gpu_serve.sh (offline engine vs `nanovllm serve`)
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
@@ -35,7 +35,8 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
     pkill -KILL -s "$sid" 2> /dev/null  # leftovers of a step that finished (a server it forgot)
     echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
 }
-step tp "${TP_S:-250}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --archs qwen3-8b qwen3-4b
+step tp "${TP_S:-240}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --archs qwen3-8b qwen3-4b \
+    --agreement-only qwen3-4b
 (
     export CUDA_VISIBLE_DEVICES=0
     step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
