@@ -9,11 +9,11 @@ from nanovllm.server.bench import _sse_events
 from nanovllm.server.serving import _event
 
 
-def _step(delta_text: str, delta_ids: list[int], finished: bool = False) -> tuple:
-    """One step's message from the engine process for request "r" (engine_core.EngineCore._pack's tuple)."""
+def _step(delta_text: str, delta_ids: list[int], finished: bool = False, rid: str = "r") -> tuple:
+    """One request's part of a step's message from the engine process (engine_core.EngineCore._pack's tuple)."""
     metrics = (1.0, 1.0, 1.0, 1.0, 1.0 if finished else None)
     completion = (delta_text, delta_ids, None, None, "length" if finished else None, None)
-    return "r", finished, 0, metrics, None, [completion]
+    return rid, finished, 0, metrics, None, [completion]
 
 
 def test_steps_queued_while_the_server_was_busy_arrive_as_one_output():
@@ -91,3 +91,75 @@ def test_joined_steps_equal_the_steps_one_by_one():
     assert [c.text for c in joined.outputs] == ["ab", "x"] and joined.outputs[1].stop_reason == 2
     assert joined.outputs[0].logprobs == lp(5) + lp(6) and joined.prompt_logprobs[1][2].logprob == -1.0
     assert _join_steps(steps)[2:] == [["q"], [("e", 400, "bad")], {}]
+
+
+_HISTOGRAMS = ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+               "request_time_per_output_token_seconds", "request_queue_time_seconds",
+               "request_prefill_time_seconds", "request_decode_time_seconds", "request_prompt_tokens",
+               "request_generation_tokens")
+
+
+def _observed(messages: list[list], streams: dict[str, int]) -> dict[str, float]:
+    """Every histogram's sum and count, and the success count, after handling `messages` as they come."""
+    from nanovllm.server.metrics import ServerMetrics
+    metrics = ServerMetrics("m")
+    engine = AsyncEngine({}, metrics)
+    for rid, num_prompt in streams.items():
+        engine._streams[rid] = _Stream(asyncio.Queue(), EngineRequest(rid, list(range(num_prompt)), SamplingParams()),
+                                       _empty_completions(SamplingParams()))
+    for message in messages:
+        engine._on_step(*message)
+    value = lambda name, **labels: metrics.registry.get_sample_value(  # noqa: E731
+        f"vllm:{name}", {**metrics.labels, **labels}) or 0.0
+    return {"success": value("request_success_total", finished_reason="length"),
+            **{f"{h}{s}": round(value(h + s), 9) for h in _HISTOGRAMS for s in ("_sum", "_count")}}
+
+
+def test_metrics_of_joined_steps_equal_the_steps_one_by_one():
+    """The server fell behind and got three steps at once: latencies are those of the steps, not of the
+    moment they arrived. "r" (arrived at 100, scheduled at 100.5) samples at 101, 102 and 104; "s" samples
+    once at 101 and finishes."""
+    from nanovllm.server.async_engine import _join_steps
+
+    def packed(rid: str, first: float, last: float, ids: list[int], finished: bool) -> tuple:
+        metrics = (100.0, 100.5, first, last, last if finished else None)
+        return rid, finished, 0, metrics, None, [("t", ids, None, None, "length" if finished else None, None)]
+
+    steps = [[101.0, [packed("r", 101.0, 101.0, [5], False), packed("s", 101.0, 101.0, [9], True)], [], [], {}],
+             [102.0, [packed("r", 101.0, 102.0, [6], False)], [], [], {}],
+             [104.0, [packed("r", 101.0, 104.0, [7], True)], [], [], {}]]
+    one_by_one = _observed(steps, {"r": 3, "s": 2})
+    assert one_by_one["time_to_first_token_seconds_sum"] == 2.0  # 1 s each
+    assert one_by_one["inter_token_latency_seconds_sum"] == 3.0  # 101 -> 104 in 2 gaps
+    assert one_by_one["e2e_request_latency_seconds_sum"] == 5.0  # r 4 s, s 1 s
+    assert _observed([_join_steps(steps)], {"r": 3, "s": 2}) == one_by_one
+    assert _observed([steps[0], _join_steps(steps[1:])], {"r": 3, "s": 2}) == one_by_one
+
+
+def test_a_request_that_finishes_as_its_client_leaves_still_counts():
+    """The client left while the step that finishes its request ran: the request ran to its end, so it counts
+    (as when the engine ran in the server's process); one aborted before finishing does not."""
+    from nanovllm.server.metrics import ServerMetrics
+
+    async def run():
+        metrics = ServerMetrics("m")
+        engine = AsyncEngine({}, metrics)
+        engine.ready = True
+        gens = {rid: engine.generate([EngineRequest(rid, [1, 2], SamplingParams(max_tokens=2))]) for rid in "ab"}
+        firsts = [asyncio.ensure_future(g.__anext__()) for g in gens.values()]
+        await asyncio.sleep(0)
+        engine._on_step(1.0, [_step("x", [5], rid="a"), _step("x", [5], rid="b")], [], [], {})
+        await asyncio.gather(*firsts)
+        for g in gens.values():  # both clients leave
+            await g.aclose()
+        commands = [c for _ in range(engine._commands.qsize()) for c in engine._commands.get_nowait()]
+        assert [c for c in commands if c[0] == "abort"] == [("abort", "a"), ("abort", "b")]
+        # One message: "a" finished in the step already running, "b" was aborted.
+        engine._on_step(2.0, [_step("y", [6], finished=True, rid="a")], ["b"], [], {})
+        value = lambda name, **labels: metrics.registry.get_sample_value(  # noqa: E731
+            f"vllm:{name}", {**metrics.labels, **labels}) or 0.0
+        return (value("request_success_total", finished_reason="length"),
+                value("e2e_request_latency_seconds_count"), value("generation_tokens_total"),
+                engine._streams, metrics._completions, engine.num_pending)
+
+    assert asyncio.run(run()) == (1.0, 1.0, 3.0, {}, {}, 0)

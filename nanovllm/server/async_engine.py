@@ -41,7 +41,9 @@ class EngineRequest:
 @dataclass
 class _Stream:
     """An engine request in flight: where its outputs go, and its output so far (deltas are added to it)."""
-    queue: asyncio.Queue  # receives (request_id, RequestOutput | Exception | _ABORTED)
+    queue: asyncio.Queue | None  # receives (request_id, RequestOutput | Exception | _ABORTED); None once
+    # its client left: the stream stays until the engine confirms the abort, so that a request finishing
+    # in a step that was already running still counts in the metrics (as before the process split)
     request: EngineRequest
     completions: list[CompletionOutput] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
@@ -154,15 +156,22 @@ class AsyncEngine:
                     yield index[request_id], item
         finally:
             self.num_pending -= len(requests)
-            aborts = [("abort", rid) for rid in pending if self._forget(rid)]
+            aborts = [("abort", rid) for rid in pending if self._detach(rid)]
             if aborts:
                 self._commands.put(aborts)
 
-    def _forget(self, request_id: str) -> bool:
-        """Stops tracking a request; True if it was still tracked (so the engine may still run it)."""
+    def _detach(self, request_id: str) -> bool:
+        """Its client is gone: deliver nothing more; True if the engine may still run it."""
+        if (s := self._streams.get(request_id)) is None:
+            return False
+        s.queue = None
+        return True
+
+    def _forget(self, request_id: str) -> None:
+        """The engine no longer runs the request (finished, aborted, failed): stop tracking it."""
         if self.metrics:
             self.metrics.forget(request_id)
-        return self._streams.pop(request_id, None) is not None
+        self._streams.pop(request_id, None)
 
     # ---- the pipe -----------------------------------------------------------------------------------
     def _send_commands(self) -> None:
@@ -234,15 +243,19 @@ class AsyncEngine:
             self.metrics.update_stats(stats)
         for output in outputs:
             s = self._streams.pop(output.request_id) if output.finished else self._streams[output.request_id]
-            s.queue.put_nowait((output.request_id, output))
+            if s.queue is not None:
+                s.queue.put_nowait((output.request_id, output))
         for rid in aborted:
-            if (s := self._streams.get(rid)) is not None:
-                self._forget(rid)
-                s.queue.put_nowait((rid, _ABORTED))
+            self._end(rid, _ABORTED)
         for rid, status, message in errors:
-            if (s := self._streams.get(rid)) is not None:
-                self._forget(rid)
-                s.queue.put_nowait((rid, APIError(status, message)))
+            self._end(rid, APIError(status, message))
+
+    def _end(self, request_id: str, item: object) -> None:
+        """The request ended without a finished output: forget it, and tell its client if still there."""
+        if (s := self._streams.get(request_id)) is not None:
+            self._forget(request_id)
+            if s.queue is not None:
+                s.queue.put_nowait((request_id, item))
 
     def _unpack(self, packed: tuple) -> RequestOutput:
         """The RequestOutput of a step, from its deltas and what the request had so far."""
@@ -263,9 +276,8 @@ class AsyncEngine:
             logger.error("the engine has failed: %s", reason)
             self.error = reason
         failure = APIError(500, "The engine failed while running this request.", type="InternalServerError")
-        for rid, s in list(self._streams.items()):
-            self._forget(rid)
-            s.queue.put_nowait((rid, failure))
+        for rid in list(self._streams):
+            self._end(rid, failure)
 
     def _close_pipe(self) -> None:
         if self._conn is not None and not self._conn.closed:

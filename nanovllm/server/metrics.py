@@ -86,6 +86,10 @@ class ServerMetrics:
         self._completions.pop(request_id, None)
 
     def observe_step(self, outputs: list[RequestOutput], now: float | None = None) -> None:
+        """`now`: when the step ran. An output may stand for several steps that reached the HTTP process
+        together (async_engine joins them): its tokens are timed by the engine's own first and last token
+        times, so latencies are those of the steps, not of their arrival together (only the spread of the
+        gaps inside a join, and iteration_tokens, which sees the join as one step, are not)."""
         now = time.time() if now is None else now  # engine timestamps are time.time()
         prompt_tokens = generation_tokens = 0  # counters move once per step: this runs for every stream
         for out in outputs:
@@ -95,10 +99,12 @@ class ServerMetrics:
             first = all(s.first_token_time is None for s in states)
             if first and any(c.delta_token_ids for c in out.outputs):  # the prompt is counted once
                 prompt_tokens += len(out.prompt_token_ids)
+            # This request's latest step (all of its completions sample in the same steps).
+            last = out.metrics.last_token_time or now
             for state, completion in zip(states, out.outputs):
-                generation_tokens += self._observe_tokens(state, len(completion.delta_token_ids), out, now)
+                generation_tokens += self._observe_tokens(state, len(completion.delta_token_ids), out, last)
                 if completion.finish_reason is not None and not state.done:
-                    self._observe_finish(state, completion.finish_reason, out, now)
+                    self._observe_finish(state, completion.finish_reason, out, last)
             if out.finished:
                 del self._completions[out.request_id]
         if prompt_tokens:
@@ -109,16 +115,20 @@ class ServerMetrics:
             self.iteration_tokens.observe(prompt_tokens + generation_tokens)
 
     def _observe_tokens(self, state: _Completion, new: int, out: RequestOutput, now: float) -> int:
+        """Observes `new` tokens, the last one sampled at `now`. Several came from steps joined into one
+        output: the engine's first-token time is exact, the gaps after it are spread evenly up to `now`."""
         if not new:
             return 0
+        gaps = new
         if state.first_token_time is None:
-            self.ttft.observe(now - out.metrics.arrival_time)
-            state.first_token_time = now
-            gaps, gap = new - 1, 0.0  # tokens sampled in one step arrive together
-        else:
-            gaps, gap = new, (now - state.last_token_time) / new
-        for _ in range(gaps):
-            self.itl.observe(gap)
+            m = out.metrics
+            state.first_token_time = state.last_token_time = m.first_token_time or now
+            self.ttft.observe(state.first_token_time - m.arrival_time)
+            gaps -= 1
+        if gaps:
+            gap = (now - state.last_token_time) / gaps
+            for _ in range(gaps):
+                self.itl.observe(gap)
         state.last_token_time = now
         state.num_tokens += new
         return new
