@@ -49,13 +49,15 @@ def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: 
     _TP_RANK, _TP_SIZE = rank, world_size
 
 
-def destroy_tensor_parallel(abort: bool = False) -> None:
-    """Leaves the group. Every live rank must take part (NCCL's teardown flushes collectively); after a
-    failure, `abort` tears NCCL's communicators down without waiting for peers that are gone."""
+def destroy_tensor_parallel() -> None:
+    """Leaves the group. NCCL communicators are aborted, not finalized: finalizing is collective and waits
+    for every peer (a dead one never comes) and, on the H100 pair, hung at close. The caller has dropped its
+    CUDA graphs, which hold captured collectives, and nothing is in flight after the synchronize."""
     global _TP_RANK, _TP_SIZE
     if dist.is_initialized():
-        if abort and dist.get_backend() == "nccl":
-            dist.distributed_c10d._abort_process_group()  # also forgets the group, like destroy
+        if dist.get_backend() == "nccl":
+            torch.cuda.synchronize()
+            dist.distributed_c10d._abort_process_group()  # also forgets the group, as destroy does
         else:
             dist.destroy_process_group()
     _TP_RANK, _TP_SIZE = 0, 1

@@ -104,9 +104,7 @@ class WorkerGroup:
         atexit.unregister(self.close)
         if not self.broken and not self.dead() and dist.is_initialized():
             try:
-                send_exit(self.device)
-                # Together with the workers, which leave on EXIT: NCCL's teardown flushes collectively, so
-                # a rank that left alone would wait for a peer that is gone.
+                send_exit(self.device)  # workers drop their graphs, leave the group and exit
                 destroy_tensor_parallel()
                 for process in self.processes:
                     process.join(timeout=5)

@@ -120,10 +120,12 @@ class ModelRunner:
 
     def close(self) -> None:
         """Stops the workers (rank 0) and leaves the tensor-parallel group; a no-op without TP."""
+        if self.in_tp_group:
+            self.graphs = None  # its graphs hold captured collectives of the group: free them first
         if self.workers is not None:
-            self.workers.close()  # with healthy workers, this also leaves the group, together with them
+            self.workers.close()  # with healthy workers, this also leaves the group
         if self.in_tp_group:  # not another engine's group
-            destroy_tensor_parallel(abort=self.workers is not None)  # still in it: the group is broken
+            destroy_tensor_parallel()
             self.in_tp_group = False
 
     def _tune_fused_output(self) -> None:
