@@ -69,7 +69,10 @@ def bs1_ms(llm: LLM) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
-def run_engine(folder: str, tp: int, texts: list[list[int]] | None, speed: bool = True) -> dict:
+def run_engine(folder: str, tp: int, texts: list[list[int]] | None, speed: bool = True,
+               before_close=lambda result: None) -> dict:
+    """One engine's agreement runs (and with `speed`, its latency and throughput); `before_close(result)`
+    runs before the engine closes, so what was measured is kept even if closing hangs."""
     t0 = time.perf_counter()
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
               tensor_parallel_size=tp)
@@ -78,9 +81,20 @@ def run_engine(folder: str, tp: int, texts: list[list[int]] | None, speed: bool 
     print(f"tp={tp}: engine ready in {result['startup_s']:.0f} s", flush=True)
     result["tokens"], result["logprobs"] = greedy_run(llm)
     result["scored"] = scored(llm, texts or [p + t for p, t in zip(prompts(), result["tokens"])])
-    if not speed:
-        llm.close()
-        return result
+    if speed:
+        measure_speed(llm, result)
+    before_close(result)
+    t0 = time.perf_counter()
+    llm.close()
+    print(f"tp={tp}: closed in {time.perf_counter() - t0:.1f} s", flush=True)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def measure_speed(llm: LLM, result: dict) -> None:
+    tp = result["tp"]
     result["ms_per_token_bs1"] = bs1_ms(llm)
     print(f"tp={tp}: batch-1 step {result['ms_per_token_bs1']:.3f} ms", flush=True)
     warm_up(llm)
@@ -90,11 +104,6 @@ def run_engine(folder: str, tp: int, texts: list[list[int]] | None, speed: bool 
     result["throughput"] = spent
     result["output_tok_per_s"] = result["output_tokens"] / spent["seconds"]
     print(f"tp={tp}: {result['output_tok_per_s']:.0f} output tok/s", flush=True)
-    llm.close()
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
 
 
 def compare(one: dict, two: dict) -> dict:
@@ -131,25 +140,27 @@ def main() -> None:
         speed = arch not in args.agreement_only
         one = run_engine(folder, 1, None, speed)
         texts = [p + t for p, t in zip(prompts(), one["tokens"])]
-        two = run_engine(folder, 2, texts, speed)
-        row = compare(one, two)
-        if speed:
-            row.update({"tp1_output_tok_per_s": one["output_tok_per_s"],
-                        "tp2_output_tok_per_s": two["output_tok_per_s"],
-                        "tp2_speedup": two["output_tok_per_s"] / one["output_tok_per_s"],
-                        "tp1_ms_per_token_bs1": one["ms_per_token_bs1"],
-                        "tp2_ms_per_token_bs1": two["ms_per_token_bs1"]})
-        for r in (one, two):
-            row[f"tp{r['tp']}_detail"] = {k: r[k] for k in ("startup_s", "num_kvcache_blocks", "output_tokens",
-                                                           "throughput") if k in r}
-        result["archs"][arch] = row
-        print(arch, json.dumps(row, indent=1), flush=True)
-        os.makedirs(args.out_dir, exist_ok=True)
-        headline = result["archs"].get("qwen3-8b", row)
-        result.update({k: headline[k] for k in ("tp1_output_tok_per_s", "tp2_output_tok_per_s",
-                                                "tp1_ms_per_token_bs1", "tp2_ms_per_token_bs1") if k in headline})
-        write_json(os.path.join(args.out_dir, f"tp-{tag}.json"), result)  # after each arch: a timeout keeps it
+        run_engine(folder, 2, texts, speed, before_close=lambda two: record(arch, one, two, result, args.out_dir, tag))
 
+
+def record(arch: str, one: dict, two: dict, result: dict, out_dir: str, tag: str) -> None:
+    """Adds arch's row (TP 2 against TP 1) to result and writes the JSON: after each arch, so a timeout
+    or a hang later keeps what was measured."""
+    row = compare(one, two)
+    if "output_tok_per_s" in one:
+        row.update({"tp1_output_tok_per_s": one["output_tok_per_s"], "tp2_output_tok_per_s": two["output_tok_per_s"],
+                    "tp2_speedup": two["output_tok_per_s"] / one["output_tok_per_s"],
+                    "tp1_ms_per_token_bs1": one["ms_per_token_bs1"], "tp2_ms_per_token_bs1": two["ms_per_token_bs1"]})
+    for r in (one, two):
+        row[f"tp{r['tp']}_detail"] = {k: r[k] for k in ("startup_s", "num_kvcache_blocks", "output_tokens",
+                                                       "throughput") if k in r}
+    result["archs"][arch] = row
+    print(arch, json.dumps(row, indent=1), flush=True)
+    headline = result["archs"].get("qwen3-8b", row)
+    result.update({k: headline[k] for k in ("tp1_output_tok_per_s", "tp2_output_tok_per_s",
+                                            "tp1_ms_per_token_bs1", "tp2_ms_per_token_bs1") if k in headline})
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, f"tp-{tag}.json"), result)
 
 if __name__ == "__main__":
     main()
