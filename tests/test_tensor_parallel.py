@@ -42,6 +42,11 @@ def worker_pids(llm: LLM) -> list[int]:
     return [p.pid for p in llm.engine.model_runner.workers.processes]
 
 
+def descendants(pid: int) -> list[int]:
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [d for kid in map(int, kids) for d in (kid, *descendants(kid))]
+
+
 def gone(pid: int) -> bool:
     """The process has exited (reaped, or a zombie of another parent)."""
     try:
@@ -195,3 +200,22 @@ def test_no_orphans_when_rank0_stops(qwen3, tmp_path, sig):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_server_with_tensor_parallelism_serves_the_offline_tokens_and_exits_cleanly(qwen3, tmp_path):
+    """`nanovllm serve --tensor-parallel-size 2`: the engine process starts its own worker, a greedy
+    completion equals the offline one-rank engine's, and SIGTERM leaves no process behind."""
+    from test_server import ServerProcess
+    params = greedy(8)
+    expected = LLM(qwen3).generate(["hello world"], params, use_tqdm=False)[0].outputs[0]
+    server = ServerProcess(["--model", qwen3, "--tensor-parallel-size", "2", "--max-model-len", "256"],
+                           str(tmp_path / "server.log"))
+    children = descendants(server.proc.pid)  # the engine process, its TP worker, multiprocessing's tracker
+    try:
+        out = server.client().completions.create(model=qwen3, prompt="hello world", max_tokens=8, temperature=0)
+        assert out.choices[0].text == expected.text
+        assert out.usage.completion_tokens == len(expected.token_ids)
+    finally:
+        rc = server.stop()
+    assert rc == 0 and "Traceback" not in server.log(), server.log()[-3000:]
+    assert len(children) >= 2 and wait_gone(children)
