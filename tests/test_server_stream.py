@@ -163,3 +163,35 @@ def test_a_request_that_finishes_as_its_client_leaves_still_counts():
                 engine._streams, metrics._completions, engine.num_pending)
 
     assert asyncio.run(run()) == (1.0, 1.0, 3.0, {}, {}, 0)
+
+
+def test_plain_events_are_the_bytes_of_the_generic_path():
+    """The templated events of text-only streams equal json.dumps of the chunk, whatever the text, index and
+    finish: chat and completions, n=2, non-ASCII and line-breaking text, stop strings and stop token ids."""
+    from nanovllm.engine.output import CompletionOutput, RequestOutput
+    from nanovllm.server.protocol import ChatCompletionRequest, CompletionRequest
+    from nanovllm.server.serving import Job, _chunk, _delta_choice, _is_plain, _PlainEvents, _StreamState
+
+    steps = [[("é\u2028\"\\", None, None), ("", None, None)],
+             [("b", "stop", "\n"), ("\x00c", None, None)],
+             [("", None, None), ("", "stop", 2)],
+             [("late", "length", None), ("", "length", None)]]  # both already finished: nothing goes out
+    for chat in (False, True):
+        req = (ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], n=2, stream=True) if chat
+               else CompletionRequest(prompt="x", n=2, stream=True))
+        job = Job("cmpl-1", chat, req, "m\u00e9")
+        assert _is_plain(job)
+        plain, generic, fast, slow = _PlainEvents(job), _StreamState(), set(), []
+        events = []
+        for prompt in (0, 1):
+            for step in steps:
+                output = RequestOutput("r", None, [1], None, [
+                    CompletionOutput(k, "", [], finish_reason=reason, stop_reason=stop, delta_text=text,
+                                     delta_token_ids=[7] if text else [])
+                    for k, (text, reason, stop) in enumerate(step)], False)
+                choices = [ch for c in output.outputs
+                           if (ch := _delta_choice(job, generic, prompt, output, c, None)) is not None]
+                slow.append(_event(_chunk(job, choices)) if choices else None)
+                events.append(plain.event(prompt, output, fast))
+        assert events == slow and sum(e is not None for e in events) == 6
+        assert json.loads(events[0][6:])["choices"][0]["index"] == 0
