@@ -4,7 +4,8 @@
 #   phase 2, in parallel:  GPU 0: bench_latency (fused on/off end to end), bench_throughput, bench_fused_o_proj
 #                          GPU 1: the GPU tests, then gpu_serve.sh (offline engine vs `nanovllm serve`)
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
-# serving) may feel. Results, logs and the Triton cache land in $OUT.
+# serving) may feel. Results and logs land in $OUT/results.tgz (the tool returns at most 8 files), beside
+# steps.txt and the Triton cache.
 # Carry: .whl (pytest, gguf and the serving wheels), .gpuserve (make_serve_model.py), .triton_cache.
 #   bash benchmarks/gpu_all.sh
 set -o pipefail
@@ -51,7 +52,11 @@ step tp "${TP_S:-240}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --archs q
 wait
 cp "$LOGS/steps.txt" "$OUT/steps.txt"
 for f in "$LOGS"/*.log; do echo "#### $f"; grep -v "^frame #" "$f" | tail -25 | cut -c1-300; done > "$OUT/tails.txt"
-tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+# The device tool returns at most 8 files from $OUT: all but the two summaries go back in one archive.
+ls -R "$OUT" > "$OUT/manifest.txt"
+tar czf /tmp/results.tgz -C "$OUT" --exclude=./steps.txt --exclude=./tails.txt .
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name steps.txt ! -name tails.txt -exec rm -rf {} +
+mv /tmp/results.tgz "$OUT/"
 tar cJf "$OUT/triton_cache.tar.xz" .triton_cache 2>/dev/null
 [ "$(stat -c %s "$OUT/triton_cache.tar.xz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$OUT/triton_cache.tar.xz"
-cat "$OUT/steps.txt"; ls -R "$OUT" | head -40
+cat "$OUT/steps.txt"; ls -la "$OUT"
