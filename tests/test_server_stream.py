@@ -4,8 +4,9 @@ import json
 import multiprocessing
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.server.async_engine import AsyncEngine, EngineRequest, _empty_completions, _Stream
+from nanovllm.server.async_engine import AsyncEngine, EngineRequest, _Channel, _empty_completions, _Stream
 from nanovllm.server.bench import _sse_events
+from nanovllm.server.protocol import APIError
 from nanovllm.server.serving import _event
 
 
@@ -76,12 +77,12 @@ def test_joined_steps_equal_the_steps_one_by_one():
 
     def final(messages: list[list]):
         engine = AsyncEngine({})
-        engine._streams["r"] = _Stream(asyncio.Queue(), EngineRequest("r", [1, 2], SamplingParams(n=2, logprobs=1)),
+        channel = _Channel()
+        engine._streams["r"] = _Stream(channel, EngineRequest("r", [1, 2], SamplingParams(n=2, logprobs=1)),
                                        _empty_completions(SamplingParams(n=2, logprobs=1)))
-        queue = engine._streams["r"].queue
         for message in messages:
             engine._on_step(*message)
-        return [queue.get_nowait()[1] for _ in range(queue.qsize())][-1]
+        return channel.ready["r"]
 
     joined, one_by_one = final([_join_steps(steps)]), final(steps)
     whole = lambda c: (c.text, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason, c.stop_reason)  # noqa: E731
@@ -105,7 +106,7 @@ def _observed(messages: list[list], streams: dict[str, int]) -> dict[str, float]
     metrics = ServerMetrics("m")
     engine = AsyncEngine({}, metrics)
     for rid, num_prompt in streams.items():
-        engine._streams[rid] = _Stream(asyncio.Queue(), EngineRequest(rid, list(range(num_prompt)), SamplingParams()),
+        engine._streams[rid] = _Stream(_Channel(), EngineRequest(rid, list(range(num_prompt)), SamplingParams()),
                                        _empty_completions(SamplingParams()))
     for message in messages:
         engine._on_step(*message)
@@ -195,3 +196,28 @@ def test_plain_events_are_the_bytes_of_the_generic_path():
                 events.append(plain.event(prompt, output, fast))
         assert events == slow and sum(e is not None for e in events) == 6
         assert json.loads(events[0][6:])["choices"][0]["index"] == 0
+
+
+def test_an_abort_or_an_error_after_an_untaken_output():
+    """The server aborts a request (shutdown) whose last step's output its client has not taken yet: one
+    final output, with that step's text and finish_reason "abort". An error ends the stream with the error."""
+    async def run(end):
+        engine = AsyncEngine({})
+        engine.ready = True
+        gen = engine.generate([EngineRequest("r", [1, 2], SamplingParams(max_tokens=9))])
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0)
+        engine._on_step(0.0, [_step("a", [5])], [], [], {})
+        _, out = await first
+        engine._on_step(0.0, [_step("b", [6])], [], [], {})  # not taken before the end comes
+        engine._on_step(0.0, [], *end, {})
+        try:
+            return [o async for _, o in gen]
+        except Exception as e:  # noqa: BLE001 - the test looks at what was raised
+            return e
+
+    [out] = asyncio.run(run((["r"], [])))
+    c = out.outputs[0]
+    assert out.finished and (c.text, c.delta_text, c.delta_token_ids, c.finish_reason) == ("ab", "b", [6], "abort")
+    error = asyncio.run(run(([], [("r", 400, "bad")])))
+    assert isinstance(error, APIError) and (error.status, error.message) == (400, "bad")

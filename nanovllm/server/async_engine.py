@@ -4,7 +4,7 @@ The engine process loads the model, warms it up, then loops: run the commands se
 one message per step with every request's deltas. Here, commands go out through a sender thread (a full
 pipe must never block the event loop: the engine could be blocked sending to us at the same moment), and
 a reader on the pipe's fd, run by the event loop itself, rebuilds each request's RequestOutput from its
-deltas and puts it on the request's asyncio queue. A request that fails to add fails alone; an engine
+deltas and hands it to the waiting HTTP request (its _Channel). A request that fails to add fails alone; an engine
 process that fails or dies fails every request in flight with a 500, and /health says 503 from then on.
 """
 import asyncio
@@ -28,8 +28,6 @@ from nanovllm.server.protocol import APIError
 
 logger = logging.getLogger("nanovllm.server")
 
-_ABORTED = object()  # delivered to a request the server aborted itself (shutdown), not a disconnect
-
 
 @dataclass
 class EngineRequest:
@@ -38,15 +36,57 @@ class EngineRequest:
     params: SamplingParams
 
 
+class _Channel:
+    """The outputs waiting for one HTTP request's task: at most one per engine request, because a step that
+    arrives before the task has taken the previous one is joined into it. So a stream that fell behind sends
+    one event for several steps, and the server's work per step shrinks as the load grows instead of
+    falling further behind (vLLM coalesces the same way). Cheaper than an asyncio.Queue: one dict, and one
+    future per wait."""
+
+    def __init__(self) -> None:
+        self.ready: dict[str, RequestOutput] = {}  # request id -> its output, deltas since the last take
+        self.error: Exception | None = None
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, output: RequestOutput) -> None:
+        earlier = self.ready.get(output.request_id)
+        if earlier is not None:  # outputs are built fresh each step and read by this channel's task only
+            for before, c in zip(earlier.outputs, output.outputs):
+                c.delta_text = before.delta_text + c.delta_text
+                c.delta_token_ids = before.delta_token_ids + c.delta_token_ids
+        self.ready[output.request_id] = output
+        self._wake()
+
+    def fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    async def take(self) -> dict[str, RequestOutput]:
+        """Waits for outputs; returns them all (in the order their requests first got one), or raises."""
+        while not self.ready and self.error is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if self.error is not None:
+            raise self.error
+        ready, self.ready = self.ready, {}
+        return ready
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 @dataclass
 class _Stream:
     """An engine request in flight: where its outputs go, and its output so far (deltas are added to it)."""
-    queue: asyncio.Queue | None  # receives (request_id, RequestOutput | Exception | _ABORTED); None once
-    # its client left: the stream stays until the engine confirms the abort, so that a request finishing
-    # in a step that was already running still counts in the metrics (as before the process split)
+    channel: _Channel | None  # None once its client left: the stream stays until the engine confirms the
+    # abort, so that a request finishing in a step that was already running still counts in the metrics
+    # (as before the process split)
     request: EngineRequest
     completions: list[CompletionOutput] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    last: RequestOutput | None = None  # the latest output built
 
 
 class AsyncEngine:
@@ -124,36 +164,20 @@ class AsyncEngine:
         disconnect, cancellation, an error) aborts the unfinished ones, which frees their KV blocks."""
         if self.error is not None:  # admission (check_accepting) happened before the response started
             raise APIError(500, "The engine has failed; restart the server.", type="InternalServerError")
-        stream: asyncio.Queue = asyncio.Queue()
+        channel = _Channel()
         index = {r.request_id: i for i, r in enumerate(requests)}
         pending = set(index)
-        last: dict[str, RequestOutput] = {}
         arrival = time.time()
         self.num_pending += len(requests)
         try:
             for r in requests:
-                self._streams[r.request_id] = _Stream(stream, r, _empty_completions(r.params))
+                self._streams[r.request_id] = _Stream(channel, r, _empty_completions(r.params))
             self._commands.put([("add", r.request_id, r.prompt_token_ids, r.params, arrival) for r in requests])
             while pending:
-                # Everything queued since the last turn, one merged output per request: a stream that fell
-                # behind sends one event for several steps, so the server's work per step shrinks as the
-                # load grows instead of falling further behind (vLLM coalesces the same way).
-                batch = [await stream.get()]
-                while not stream.empty():
-                    batch.append(stream.get_nowait())
-                queued: dict[str, list[RequestOutput]] = {}
-                for request_id, item in batch:
-                    if isinstance(item, Exception):
-                        raise item
-                    if item is _ABORTED:
-                        earlier = queued.get(request_id)
-                        item = _aborted(earlier[-1] if earlier else last.get(request_id), requests[index[request_id]])
-                    queued.setdefault(request_id, []).append(item)
-                for request_id, items in queued.items():
-                    item = last[request_id] = _merge(items) if len(items) > 1 else items[0]
-                    if item.finished:
+                for request_id, output in (await channel.take()).items():
+                    if output.finished:
                         pending.discard(request_id)
-                    yield index[request_id], item
+                    yield index[request_id], output
         finally:
             self.num_pending -= len(requests)
             aborts = [("abort", rid) for rid in pending if self._detach(rid)]
@@ -164,7 +188,7 @@ class AsyncEngine:
         """Its client is gone: deliver nothing more; True if the engine may still run it."""
         if (s := self._streams.get(request_id)) is None:
             return False
-        s.queue = None
+        s.channel = None
         return True
 
     def _forget(self, request_id: str) -> None:
@@ -243,19 +267,24 @@ class AsyncEngine:
             self.metrics.update_stats(stats)
         for output in outputs:
             s = self._streams.pop(output.request_id) if output.finished else self._streams[output.request_id]
-            if s.queue is not None:
-                s.queue.put_nowait((output.request_id, output))
+            if s.channel is not None:
+                s.channel.put(output)
         for rid in aborted:
-            self._end(rid, _ABORTED)
+            self._end(rid)
         for rid, status, message in errors:
             self._end(rid, APIError(status, message))
 
-    def _end(self, request_id: str, item: object) -> None:
-        """The request ended without a finished output: forget it, and tell its client if still there."""
+    def _end(self, request_id: str, error: Exception | None = None) -> None:
+        """The request ended without a finished output (aborted by the server if no `error`): forget it,
+        and tell its client if still there."""
         if (s := self._streams.get(request_id)) is not None:
             self._forget(request_id)
-            if s.queue is not None:
-                s.queue.put_nowait((request_id, item))
+            if s.channel is None:
+                return
+            if error is not None:
+                s.channel.fail(error)
+            else:
+                s.channel.put(_aborted(s.last, s.request))
 
     def _unpack(self, packed: tuple) -> RequestOutput:
         """The RequestOutput of a step, from its deltas and what the request had so far."""
@@ -267,8 +296,9 @@ class AsyncEngine:
             CompletionOutput(c.index, c.text + text, c.token_ids + ids, cumulative,
                              None if logprobs is None else c.logprobs + logprobs, reason, stop_reason, text, ids)
             for c, (text, ids, logprobs, cumulative, reason, stop_reason) in zip(s.completions, deltas)]
-        return RequestOutput(rid, None, s.request.prompt_token_ids, s.prompt_logprobs, s.completions, finished,
-                             num_cached_tokens, RequestMetrics(*metrics))
+        s.last = RequestOutput(rid, None, s.request.prompt_token_ids, s.prompt_logprobs, s.completions, finished,
+                               num_cached_tokens, RequestMetrics(*metrics))
+        return s.last
 
     def _fail(self, reason: str) -> None:
         """The engine is gone (or never came up): every request in flight gets a 500."""
@@ -325,12 +355,3 @@ def _aborted(last: RequestOutput | None, request: EngineRequest) -> RequestOutpu
                                    finish_reason=c.finish_reason or "abort") for c in last.outputs]
     return dataclasses.replace(last, outputs=outputs, finished=True)
 
-
-def _merge(outputs: list[RequestOutput]) -> RequestOutput:
-    """The last output with the deltas of all, as if those steps had been one. Outputs are built fresh each
-    step and delivered to one consumer only, so the last one is updated in place."""
-    merged = outputs[-1]
-    for i, c in enumerate(merged.outputs):
-        c.delta_text = "".join(o.outputs[i].delta_text for o in outputs)
-        c.delta_token_ids = [t for o in outputs for t in o.outputs[i].delta_token_ids]
-    return merged
