@@ -9,6 +9,7 @@ from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nanovllm.engine.prompt import prompt_token_ids
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
@@ -89,27 +90,7 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------------------
     def process_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Tokenizes and validates a prompt; raises ValueError with a clear message. Thread-safe."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("The prompt is empty.")
-            if self.tokenizer is None:
-                raise ValueError("This engine has no tokenizer (skip_tokenizer_init): give token ids.")
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                       for t in prompt):
-            token_ids = list(prompt)
-        else:
-            raise ValueError("A prompt must be a string or a list of token ids.")
-        if not token_ids:
-            raise ValueError("The prompt is empty.")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of range [0, {vocab}).")
-        limit = self.config.max_model_len
-        if len(token_ids) >= limit:
-            raise ValueError(f"This model's maximum context length is {limit} tokens. However, your prompt "
-                             f"contains {len(token_ids)} input tokens, leaving no room to generate.")
+        token_ids = prompt_token_ids(prompt, self.tokenizer, self.model_config.vocab_size, self.config)
         self.scheduler.check_prompt(len(token_ids))
         if not isinstance(params, SamplingParams):
             raise ValueError("sampling_params must be a SamplingParams.")

@@ -5,6 +5,7 @@ round trip to the engine process; the engine validates again when it adds the re
 still fails there comes back as that request's 400.
 """
 from nanovllm.config import Config
+from nanovllm.engine.prompt import prompt_token_ids
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.default_model import resolve_model_path
 from nanovllm.utils.tokenizer import Tokenizer, load_tokenizer
@@ -20,26 +21,4 @@ class Frontend:
 
     def process_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Token ids of a prompt the engine can run; ValueError (the engine's messages) otherwise."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("The prompt is empty.")
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                       for t in prompt):
-            token_ids = list(prompt)
-        else:
-            raise ValueError("A prompt must be a string or a list of token ids.")
-        if not token_ids:
-            raise ValueError("The prompt is empty.")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of range [0, {self.vocab_size}).")
-        limit = self.config.max_model_len
-        if len(token_ids) >= limit:
-            raise ValueError(f"This model's maximum context length is {limit} tokens. However, your prompt "
-                             f"contains {len(token_ids)} input tokens, leaving no room to generate.")
-        if not self.config.enable_chunked_prefill and len(token_ids) > self.config.max_num_batched_tokens:
-            raise ValueError(f"The prompt ({len(token_ids)} tokens) is longer than max_num_batched_tokens "
-                             f"({self.config.max_num_batched_tokens}) and chunked prefill is off: enable it "
-                             "or raise max_num_batched_tokens.")
-        return token_ids
+        return prompt_token_ids(prompt, self.tokenizer, self.vocab_size, self.config)
