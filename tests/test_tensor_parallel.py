@@ -47,6 +47,15 @@ def descendants(pid: int) -> list[int]:
     return [d for kid in map(int, kids) for d in (kid, *descendants(kid))]
 
 
+def assert_same_greedy(outputs, expected) -> None:
+    """The same greedy tokens, and the sampled tokens' logprobs within 1e-4."""
+    for ours, ref in zip(outputs, expected, strict=True):
+        tokens = ref.outputs[0].token_ids
+        assert ours.outputs[0].token_ids == tokens
+        lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, tokens)] for o in (ours, ref)]
+        torch.testing.assert_close(torch.tensor(lps[0]), torch.tensor(lps[1]), atol=1e-4, rtol=0)
+
+
 def gone(pid: int) -> bool:
     """The process has exited (reaped, or a zombie of another parent)."""
     try:
@@ -78,11 +87,8 @@ def test_tp2_matches_tp1(arch, qwen3, tmp_path_factory):
         pids = worker_pids(llm)
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
         assert get_tp_size() == 2
+    assert_same_greedy(outputs, expected)
     for ours, ref in zip(outputs, expected):
-        tokens = ref.outputs[0].token_ids
-        assert ours.outputs[0].token_ids == tokens
-        lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, tokens)] for o in (ours, ref)]
-        torch.testing.assert_close(torch.tensor(lps[0]), torch.tensor(lps[1]), atol=1e-4, rtol=0)
         plps = [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])] for o in (ours, ref)]
         torch.testing.assert_close(torch.tensor(plps[0]), torch.tensor(plps[1]), atol=1e-4, rtol=0)
     # close() stopped and reaped the workers and left the group: a one-rank engine works again.
@@ -100,11 +106,7 @@ def test_tp2_decode_through_the_graph_protocol_matches_eager_tp1(qwen3, monkeypa
     with LLM(qwen3, tensor_parallel_size=2) as llm:
         assert llm.engine.model_runner.graphs is not None
         outputs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
-    for ours, ref in zip(outputs, expected):
-        tokens = ref.outputs[0].token_ids
-        assert ours.outputs[0].token_ids == tokens
-        lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, tokens)] for o in (ours, ref)]
-        torch.testing.assert_close(torch.tensor(lps[0]), torch.tensor(lps[1]), atol=1e-4, rtol=0)
+    assert_same_greedy(outputs, expected)
 
 
 def test_tp2_with_dummy_weights_and_the_fused_output_matches_tp1(qwen3):
@@ -115,11 +117,7 @@ def test_tp2_with_dummy_weights_and_the_fused_output_matches_tp1(qwen3):
     with LLM(qwen3, load_format="dummy", tensor_parallel_size=2, use_fused_output=True) as llm:
         assert all(m.fuses_residual for m in llm.engine.model_runner.model.modules() if hasattr(m, "fuses_residual"))
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-    for ours, ref in zip(outputs, expected):
-        tokens = ref.outputs[0].token_ids
-        assert ours.outputs[0].token_ids == tokens
-        lps = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, tokens)] for o in (ours, ref)]
-        torch.testing.assert_close(torch.tensor(lps[0]), torch.tensor(lps[1]), atol=1e-4, rtol=0)
+    assert_same_greedy(outputs, expected)
 
 
 def test_killed_worker_raises_a_clear_error(qwen3):
