@@ -142,6 +142,12 @@ class ServerProcess:
         with open(self.log_path) as f:
             return f.read()
 
+    def stop_cleanly(self) -> None:
+        """Stops the server and checks it exited as SIGTERM asks: status 0, no traceback in its log."""
+        rc = self.stop()
+        log = self.log()
+        assert rc == 0 and "Traceback" not in log, (rc, log[-4000:])
+
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -170,14 +176,18 @@ def server(tiny_model_dir, tmp_path_factory):
     proc = ServerProcess(["--model", tiny_model_dir, "--served-model-name", "tiny", *TINY_ARGS],
                          str(tmp_path_factory.mktemp("log") / "server.log"), api_key=API_KEY)
     yield proc
-    rc = proc.stop()
-    assert rc == 0 and "Traceback" not in proc.log(), (rc, proc.log()[-4000:])
+    proc.stop_cleanly()
+
+
+def offline_llm(model_dir: str):
+    """The offline engine the tiny servers are compared with (their max_model_len and KV budget)."""
+    from nanovllm import LLM
+    return LLM(model_dir, max_model_len=256, kv_cache_memory_gb=0.25)
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    from nanovllm import LLM
-    return LLM(tiny_model_dir, max_model_len=256, kv_cache_memory_gb=0.25)
+    return offline_llm(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

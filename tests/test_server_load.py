@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from test_server import REPO_ROOT, ServerProcess, greedy_batch, load, make_tiny_model_dir, prompts
+from test_server import REPO_ROOT, ServerProcess, greedy_batch, load, make_tiny_model_dir, offline_llm, prompts
 
 SMALL_KV = ["--max-model-len", "256", "--block-size", "16", "--num-kvcache-blocks", "12"]
 
@@ -26,14 +26,12 @@ def small_kv_server(tiny_model_dir, tmp_path_factory):
     log = str(tmp_path_factory.mktemp("log") / "kv.log")
     proc = ServerProcess(["--model", tiny_model_dir, *SMALL_KV], log)
     yield proc
-    rc = proc.stop()
-    assert rc == 0 and "Traceback" not in proc.log(), (rc, proc.log()[-4000:])
+    proc.stop_cleanly()
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    from nanovllm import LLM
-    return LLM(tiny_model_dir, max_model_len=256, kv_cache_memory_gb=0.25)
+    return offline_llm(tiny_model_dir)
 
 
 def test_preemption_under_a_small_kv_cache(small_kv_server, llm):
