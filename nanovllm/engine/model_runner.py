@@ -17,6 +17,7 @@ from nanovllm.distributed.worker import TP_TIMEOUT_S, WorkerGroup
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.linear import RowParallelLinear
 from nanovllm.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from nanovllm.models import load_model, set_use_triton
 from nanovllm.utils.context import get_context, make_context, reset_context, set_context
@@ -98,7 +99,7 @@ class ModelRunner:
         self.eos_token_ids: list[int] = []  # set by the engine; masked while min_tokens is not reached
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
-        if use_fused and self.device.type == "cuda" and rank == 0:  # other ranks project without the add
+        if self.device.type == "cuda":  # on and off alike: o_proj and down_proj use its kernels
             self._tune_fused_output()
 
     def _join_tensor_parallel(self, model_path: str, store: dist.Store | None) -> None:
@@ -129,11 +130,11 @@ class ModelRunner:
             self.in_tp_group = False
 
     def _tune_fused_output(self) -> None:
-        """Times the fused projection + residual kernels (o_proj, down_proj) once per shape and M bucket,
-        before any capture or timing."""
+        """Times the fused projection (+ residual) kernels of the row-parallel layers (o_proj, down_proj)
+        once per shape and M bucket, before any capture or timing."""
         from nanovllm.kernels.fused_attention_output import warmup
-        shapes = {(*m.residual_proj.weight.shape, m.residual_proj.bias is not None)
-                  for m in self.model.modules() if getattr(m, "fuses_residual", False)}
+        shapes = {(*m.weight.shape, m.bias is not None)
+                  for m in self.model.modules() if isinstance(m, RowParallelLinear)}
         max_m = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         for n, k, has_bias in shapes:
             warmup(n, k, self.dtype, self.device, max_m=max_m, has_bias=has_bias)

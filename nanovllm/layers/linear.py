@@ -122,17 +122,24 @@ class RowParallelLinear(LinearBase):
         copy_weight(param.data, loaded_weight.chunk(self.tp_size, dim=1)[self.tp_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)  # (T, out), partial under TP
-        return all_reduce(y)
+        return all_reduce(self._project(x, self.bias if self.tp_rank == 0 else None))  # (T, out)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """x W^T (+ b) + residual, with the add fused into the projection (the fused output path). Under
         TP rank 0 adds the residual (and bias) to its partial sum and the others project alone: the
         all-reduce then counts the residual once, as it does the bias."""
         if self.tp_rank != 0:
-            return all_reduce(F.linear(x, self.weight))  # (T, out), partial
+            return all_reduce(self._project(x, None))  # (T, out), partial
+        return all_reduce(self._project(x, self.bias, residual))
+
+    def _project(self, x: torch.Tensor, bias: torch.Tensor | None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """On CUDA both paths go through the fused kernel's dispatcher, with and without the residual: the
+        same tuned kernel computes the product either way, so use_fused_output on and off round the
+        same product and give the same bits (the unfused add then happens in the next add_rmsnorm)."""
         if not x.is_cuda:  # the unfused projection and add, bit for bit (torch.addmm rounds differently)
-            return all_reduce(F.linear(x, self.weight, self.bias) + residual)
+            y = F.linear(x, self.weight, bias)
+            return y if residual is None else y + residual
         # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
         from nanovllm.kernels.fused_attention_output import fused_o_proj_add_residual
-        return all_reduce(fused_o_proj_add_residual(x, self.weight, residual, bias=self.bias))
+        return fused_o_proj_add_residual(x, self.weight, residual, bias=bias)
