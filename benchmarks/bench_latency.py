@@ -5,7 +5,7 @@ Each batch: B prompts of PROMPT_LEN random tokens are prefilled, then DECODE_STE
 (wall clock around LLMEngine.step, so the host work of scheduling, input prep and output building counts).
 Floor = (weight bytes + the KV bytes a step reads) / the device-to-device copy bandwidth measured here.
 Writes latency-<card>.json (+ .png) and e2e_fused-<card>.json (batch-1 and batch-8 step time with
-use_fused_output on and off, issue 8).
+use_fused_output on, off with the same projection kernel, and off with cuBLAS projections; issue 8).
 
     python benchmarks/bench_latency.py [--out-dir benchmarks/results]
     python benchmarks/bench_latency.py --plot benchmarks/results/latency-h100.json   # redraw the PNG
@@ -24,6 +24,7 @@ from collections import Counter
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.layers import linear
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3-0.6b.json")
 BATCHES = [1, 8, 64, 256]
@@ -321,18 +322,25 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"latency-{tag}.json")
     write_json(path, result)
-    fused_rows = [{**{k: r[k] for k in ("batch", "ms_per_step", "gpu_ms_per_step")}, "use_fused_output": True}
+    fused_rows = [{**{k: r[k] for k in ("batch", "ms_per_step", "gpu_ms_per_step")}, "use_fused_output": True,
+                   "projection": "dispatcher"}
                   for r in rows if r["batch"] in (1, 8)]
     del llm
     free_cuda()
-    llm = make_engine(folder, use_fused_output=False)
-    for batch in (1, 8):
-        r = time_decode(llm, batch)
-        fused_rows.append({"batch": batch, "ms_per_step": r["ms_per_step"], "gpu_ms_per_step": r["gpu_ms_per_step"],
-                           "use_fused_output": False})
-        print(json.dumps(fused_rows[-1]), flush=True)
-    del llm
-    free_cuda()
+    # Off: the same tuned projection kernel, the add left to the next add_rmsnorm (greedy-identical to on);
+    # then off with cuBLAS F.linear for o_proj and down_proj, the plain unfused path of a matmul and an add.
+    for variant, cublas in (("dispatcher", False), ("cublas", True)):
+        linear.ROW_PARALLEL_DISPATCHER = not cublas
+        llm = make_engine(folder, use_fused_output=False)
+        for batch in (1, 8):
+            r = time_decode(llm, batch)
+            fused_rows.append({"batch": batch, "ms_per_step": r["ms_per_step"],
+                               "gpu_ms_per_step": r["gpu_ms_per_step"], "use_fused_output": False,
+                               "projection": variant})
+            print(json.dumps(fused_rows[-1]), flush=True)
+        del llm
+        free_cuda()
+    linear.ROW_PARALLEL_DISPATCHER = True
     write_json(os.path.join(args.out_dir, f"e2e_fused-{tag}.json"),
                {"card": card, "model": result["model"], "rows": fused_rows})
     try:

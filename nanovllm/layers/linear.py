@@ -13,6 +13,10 @@ from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
 
+# On CUDA the row-parallel projections (o_proj, down_proj) go through the fused kernel's dispatcher, fused
+# output path on or off. Benchmarks set this False to time the unfused path as plain cuBLAS F.linear.
+ROW_PARALLEL_DISPATCHER = True
+
 
 def copy_weight(param_slice: torch.Tensor, loaded_weight: torch.Tensor) -> None:
     """Copies a checkpoint tensor into (a slice of) a parameter; a shape mismatch is a user error
@@ -137,7 +141,8 @@ class RowParallelLinear(LinearBase):
         """On CUDA both paths go through the fused kernel's dispatcher, with and without the residual: the
         same tuned kernel computes the product either way, so use_fused_output on and off round the
         same product and give the same bits (the unfused add then happens in the next add_rmsnorm)."""
-        if not x.is_cuda:  # the unfused projection and add, bit for bit (torch.addmm rounds differently)
+        if not x.is_cuda or (residual is None and not ROW_PARALLEL_DISPATCHER):
+            # The unfused projection and add, bit for bit (torch.addmm rounds differently).
             y = F.linear(x, self.weight, bias)
             return y if residual is None else y + residual
         # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
