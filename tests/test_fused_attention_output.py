@@ -141,10 +141,49 @@ def test_every_path_rounds_the_product_then_the_sum_as_the_unfused_path(path):
     assert torch.equal(without_bias, torch.nn.functional.linear(x, weight) + residual)
 
 
+def order_sensitive_inputs(m: int, k: int, n: int, bias: bool, seed: int, device: str = "cpu"):
+    """Random bf16 inputs plus, in every row of x, a pair +c, -c (first and last column) that meets equal
+    weights: the pair cancels exactly, but fp32 partial sums near c * w lose the low bits of the other
+    products, so the bf16 product depends on the summation order (the tiling) in most elements. Only the
+    very same kernel and tiling reproduce it."""
+    x, weight, residual, b = make_inputs(m, k, n, torch.bfloat16, device, bias=bias, seed=seed)
+    x[:, 0], x[:, -1] = 2.0**18, -(2.0**18)
+    weight[:, -1] = weight[:, 0]
+    return x, weight, residual, b
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or fao.triton is None, reason="interpreter test (needs Triton)")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_path_projects_alone_to_the_product_its_fused_call_adds_to(path, bias):
+    """The unfused path runs the same configuration without a residual and adds it later (in the next
+    RMSNorm kernel): proj + residual, rounded, must give the fused output bit for bit, also where the
+    product depends on the summation order."""
+    m, config = PATHS[path]
+    x, weight, residual, b = order_sensitive_inputs(m, EXACT_K, EXACT_N, bias, seed=m + 10)
+    reversed_k = (x.float().flip(1) @ weight.float().flip(1).t()).to(torch.bfloat16)
+    assert (reversed_k != (x.float() @ weight.float().t()).to(torch.bfloat16)).float().mean() > 0.3
+    fused = launch(config, x, weight, residual, b, out=poisoned(m, EXACT_N, torch.bfloat16))
+    proj = launch(config, x, weight, None, b, out=poisoned(m, EXACT_N, torch.bfloat16))
+    assert torch.equal(proj + residual, fused)  # bf16 + bf16: the fp32 sum rounded once, as the kernel does
+    x[:, 0] = x[:, -1] = 0  # the same products without the pair: now plain random inputs
+    assert_matches_ref(launch(config, x, weight, None, b), x, weight, torch.zeros_like(residual), b)
+
+
+def test_projection_alone_falls_back_to_the_rounded_product_on_cpu():
+    x, weight, residual, b = make_inputs(5, 64, 96, torch.bfloat16, bias=True, seed=8)
+    proj = fused_o_proj_add_residual(x, weight, bias=b)
+    assert proj.dtype == torch.bfloat16 and torch.equal(proj, torch.nn.functional.linear(x, weight, b))
+    assert torch.equal(proj + residual, fused_o_proj_add_residual(x, weight, residual, b))
+    out = torch.empty(5, 96, dtype=torch.bfloat16)
+    assert fused_o_proj_add_residual(x, weight, None, b, out=out) is out and torch.equal(out, proj)
+
+
 def test_cublas_path_is_the_unfused_path_even_in_place():
     x, weight, residual, bias = integer_inputs(5, 64, 24, seed=7)
     unfused = torch.nn.functional.linear(x, weight, bias) + residual
     assert torch.equal(launch(fao._CUBLAS, x, weight, residual, bias), unfused)
+    assert torch.equal(launch(fao._CUBLAS, x, weight, None, bias), torch.nn.functional.linear(x, weight, bias))
     out = launch(fao._CUBLAS, x, weight, residual, bias, out=residual)  # the product must not clobber it
     assert out.data_ptr() == residual.data_ptr() and torch.equal(out, unfused)
 
@@ -215,6 +254,27 @@ def test_gpu_each_kernel_on_ragged_shapes(config):
         x, weight, residual, b = make_inputs(m, k, n, torch.bfloat16, device="cuda", bias=True, seed=m)
         out = launch(config, x, weight, residual, b, out=poisoned(m, n, torch.bfloat16, "cuda"))
         assert_matches_ref(out, x, weight, residual, b)
+
+
+@cuda
+@pytest.mark.parametrize("k,n", REAL_SHAPES)
+def test_gpu_projection_alone_is_the_product_the_fused_call_adds_to(k, n):
+    """Every candidate of every M bucket, and the dispatcher: round(proj + residual) == fused, bit for bit,
+    on inputs whose product depends on the summation order. A projection alone on an untuned shape tunes
+    it with a residual, under the fused call's key."""
+    x_all, weight, res_all, b = order_sensitive_inputs(256, k, n, True, seed=k - n, device="cuda")
+    for m in (1 << i for i in range(9)):
+        x, residual = x_all[:m], res_all[:m]
+        for config in fao.candidate_configs(m, n, k, torch.bfloat16):
+            try:
+                fused = launch(config, x, weight, residual)
+            except Exception:  # a tile this card cannot compile: the tuner skips it too
+                continue
+            assert torch.equal(launch(config, x, weight) + residual, fused), f"{config} at M = {m}"
+    fao._BEST.pop((x_all.device, torch.bfloat16, n, k, True, 8), None)
+    proj = fused_o_proj_add_residual(x_all[:7], weight, bias=b)  # untuned: tunes the M = 8 bucket
+    assert (x_all.device, torch.bfloat16, n, k, True, 8) in fao._BEST
+    assert torch.equal(proj + res_all[:7], fused_o_proj_add_residual(x_all[:7], weight, res_all[:7], b))
 
 
 @cuda

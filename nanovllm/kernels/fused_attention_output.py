@@ -12,7 +12,10 @@ product. Two Triton kernels:
   epilogue, programs grouped so that row tiles sharing a W tile run together and W comes from L2.
 
 `fused_o_proj_add_residual` runs the fastest of these configurations or cuBLAS (matmul, then add) for its
-(N, K, dtype, bias, M bucket), timed once in a CUDA graph outside capture and cached. A launch does no host
+(N, K, dtype, bias, M bucket), timed once in a CUDA graph outside capture and cached. Without a residual it
+runs the same configuration and stores the rounded product alone: then `proj + residual` (the add rounded
+once more, e.g. in the next RMSNorm kernel) gives the fused call's output bit for bit, which is what makes
+greedy decoding identical with the fusion on or off. A launch does no host
 sync and, given `out`, no allocation, so it captures in a CUDA graph. out may alias residual (each element
 is read by the program that writes it). Without CUDA or Triton it runs `fused_o_proj_add_residual_ref`.
 
@@ -48,16 +51,18 @@ def _jit(**kwargs):
     return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
 
 
-def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
                                   bias: torch.Tensor | None = None,
                                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain torch, fp32 math rounded as the unfused path rounds: round(round(x @ W^T + bias) + residual).
-    The CPU path and the test oracle."""
+    """Plain torch, fp32 math rounded as the unfused path rounds: round(round(x @ W^T + bias) + residual),
+    or round(x @ W^T + bias) without a residual. The CPU path and the test oracle."""
     y = x.float() @ weight.float().t()  # (M, N)
     if bias is not None:
         y += bias.float()
-    y = y.to(residual.dtype).float() + residual.float()  # the product as F.linear stores it, then the add
-    return y.to(residual.dtype) if out is None else out.copy_(y)
+    y = y.to(x.dtype)  # the product as F.linear stores it
+    if residual is not None:
+        y = (y.float() + residual.float()).to(x.dtype)  # then the add, rounded again
+    return y if out is None else out.copy_(y)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,22 +131,25 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype) -> list[Kernel
     return configs
 
 
-def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Runs one configuration (no checks, no tuning): what the dispatcher and the kernel tests call."""
+    """Runs one configuration (no checks, no tuning): what the dispatcher and the kernel tests call.
+    Without a residual it stores the rounded product that the same configuration adds the residual to."""
     (m, k), n = x.shape, weight.shape[0]
-    out = torch.empty((m, n), dtype=residual.dtype, device=residual.device) if out is None else out
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     if config.kernel == "cublas":  # what F.linear then `+ residual` run (not addmm: that rounds once)
-        if out.data_ptr() == residual.data_ptr():  # the product must not overwrite the residual
+        if residual is not None and out.data_ptr() == residual.data_ptr():  # the product must not overwrite it
             return out.add_(torch.nn.functional.linear(x, weight, bias))
         if bias is None:
             torch.mm(x, weight.t(), out=out)
         else:
             torch.addmm(bias, x, weight.t(), out=out)  # F.linear's own call for 2-D x
-        return out.add_(residual)
+        return out if residual is None else out.add_(residual)
+    has_residual = residual is not None
+    residual = residual if has_residual else out  # never read: a valid pointer for the argument
     args = (x, weight, residual, bias if bias is not None else out, out)
     strides = (*x.stride(), *weight.stride(), *residual.stride(), *out.stride())
-    meta = dict(HAS_BIAS=bias is not None, UPCAST=_INTERPRET,
+    meta = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=has_residual, UPCAST=_INTERPRET,
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 num_warps=config.num_warps, num_stages=config.num_stages)
@@ -160,7 +168,7 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
         block = min(1024, triton.next_power_of_2(n))
         _split_k_reduce_kernel[(m, triton.cdiv(n, block))](
             partials, *args[2:], m, n, *strides[4:], SPLIT_K=config.split_k, HAS_BIAS=bias is not None,
-            INTERPRET=_INTERPRET, BLOCK_N=block)
+            HAS_RESIDUAL=has_residual, INTERPRET=_INTERPRET, BLOCK_N=block)
     return out
 
 
@@ -180,7 +188,9 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return _WORKSPACES[device]
 
 
-_BEST: dict[tuple, KernelConfig] = {}  # (device, dtype, n, k, has_bias, m bucket) -> fastest config
+# (device, dtype, n, k, has_bias, m bucket) -> fastest config; no residual in the key: a projection alone
+# must run the configuration that the fused call of the same shape runs.
+_BEST: dict[tuple, KernelConfig] = {}
 TUNING_LOG: dict[tuple, dict[str, float]] = {}  # same key -> {config: µs per call}, for benchmarks and notes
 TUNING_ERRORS: dict[str, str] = {}  # config -> why it could not run
 
@@ -256,7 +266,7 @@ def warmup(n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cud
             for m in buckets}
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None,
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
            out: torch.Tensor | None) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x must be (M, K) and weight (N, K); got {tuple(x.shape)} and "
@@ -270,7 +280,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, bias: 
         raise ValueError(f"weight and x must share a dtype; got {weight.dtype} and {x.dtype}.")
 
 
-def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
                               bias: torch.Tensor | None = None,
                               out: torch.Tensor | None = None) -> torch.Tensor:
     """out (M, N) = x (M, K) @ weight (N, K)^T + bias (N,) + residual (M, N); returns out.
@@ -279,12 +289,16 @@ def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: t
     unfused path rounds (the product, then the sum). The first call of an (N, K, dtype, M bucket) outside
     CUDA-graph capture tunes it (see `warmup`); an untuned bucket met during capture runs cuBLAS matmul +
     add, which captures too.
+
+    With residual None it returns the rounded product alone, from the configuration the call with a
+    residual uses (the tuning key ignores the residual; tuning always runs with one), so
+    `round(proj + residual)` equals the fused output bit for bit.
     """
     _check(x, weight, residual, bias, out)
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return fused_o_proj_add_residual_ref(x, weight, residual, bias, out)
     if x.shape[0] == 0:
-        return residual.new_empty(residual.shape) if out is None else out
+        return x.new_empty((0, weight.shape[0])) if out is None else out
     key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, _bucket(x.shape[0]))
     config = _BEST.get(key)
     if config is None:
@@ -307,15 +321,19 @@ def _round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 @_jit()
 def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+                        stride_om, stride_on, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                        INTERPRET: tl.constexpr):
     """out[offs_m, offs_n] = round(round(acc + bias) + residual), rounding to out's dtype as the unfused
-    F.linear(x, W, bias) + residual does, so that fusing changes no bit (the product aside)."""
+    F.linear(x, W, bias) + residual does, so that fusing changes no bit (the product aside). Without a
+    residual: round(acc + bias), the very intermediate the residual would be added to."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:  # inside the GEMM epilogue, as cuBLAS adds it, before the product is rounded
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     acc = _round(acc, out_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # no-op for fp32
-    res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
-    acc += res.to(tl.float32)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
+                      other=0.0)
+        acc += res.to(tl.float32)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, _round(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -323,8 +341,8 @@ def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, s
 @_jit(do_not_specialize=["M"])  # M changes every step: one compile serves all
 def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
-                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                      SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, W_TMA: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
+                      PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, W_TMA: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K): a (BLOCK_M, BLOCK_N) tile of out over one slice
     of K. Each W tile is loaded once (evict-first: nothing reads it again) and applied to all BLOCK_M rows.
@@ -367,7 +385,7 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, M, N, 
         acc = tl.sum(acc3, axis=2)
     if SPLIT_K == 1:
         _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                            stride_om, stride_on, HAS_BIAS, UPCAST)
+                            stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, UPCAST)
     else:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
@@ -375,8 +393,8 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, M, N, 
 
 @_jit(do_not_specialize=["M"])
 def _split_k_reduce_kernel(part_ptr, res_ptr, bias_ptr, out_ptr, M, N, stride_rm, stride_rn, stride_om,
-                           stride_on, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           stride_on, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (M, cdiv(N, BLOCK_N)): sums the split-K partials in a fixed order (deterministic, unlike
     atomics), then adds bias and residual as the one-pass kernels do."""
     offs_m = tl.program_id(0) + tl.arange(0, 1)
@@ -386,13 +404,14 @@ def _split_k_reduce_kernel(part_ptr, res_ptr, bias_ptr, out_ptr, M, N, stride_rm
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
     _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS, INTERPRET)
+                        stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, INTERPRET)
 
 
 @_jit(do_not_specialize=["M"])
 def fused_o_proj_add_residual_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, M, N, K,
                                      stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn,
-                                     stride_om, stride_on, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                                     stride_om, stride_on, HAS_BIAS: tl.constexpr,
+                                     HAS_RESIDUAL: tl.constexpr, UPCAST: tl.constexpr,
                                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),): one (BLOCK_M, BLOCK_N) tile of out on tensor cores.
@@ -422,4 +441,4 @@ def fused_o_proj_add_residual_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, M
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS, UPCAST)
+                        stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, UPCAST)
