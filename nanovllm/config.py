@@ -46,6 +46,9 @@ class Config:
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks, GPU tests)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry token ids and no text
+    # Schedule and launch decode step n+1 while step n runs, its input ids taken from step n's sampled ids
+    # on the device. Only with tensor_parallel_size 1 (ignored otherwise); outputs are the same.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "tensor_parallel_size"):

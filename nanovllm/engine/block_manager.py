@@ -106,8 +106,8 @@ class BlockManager:
         """Registers seq's blocks that became full and computed since the last call."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._full_block_hashes(seq)
         end = seq.num_computed_tokens // self.block_size
+        hashes = self._full_block_hashes(seq, end)
         start = end  # blocks registered earlier (or found in the cache) carry their hash already
         while start > 0 and self.blocks[seq.block_table[start - 1]].hash is None:
             start -= 1
@@ -137,9 +137,10 @@ class BlockManager:
         one token must be computed to get logits to sample from."""
         if not self._may_hit(seq):
             return []
-        hashes = self._full_block_hashes(seq)
+        num_blocks = (seq.num_tokens - 1) // self.block_size
+        hashes = self._full_block_hashes(seq, num_blocks)
         hits: list[int] = []
-        for i in range((seq.num_tokens - 1) // self.block_size):
+        for i in range(num_blocks):
             block_id = self.hash_to_block_id.get(hashes[i])
             parent_key = self.blocks[hits[-1]].key if hits else None
             if block_id is None or not self._holds(block_id, parent_key, self._block_tokens(seq, i)):
@@ -157,10 +158,11 @@ class BlockManager:
         # Prompt logprobs need the logits of every prompt position: such seqs compute them all, as in vLLM.
         return self.enable_prefix_caching and seq.sampling_params.prompt_logprobs is None
 
-    def _full_block_hashes(self, seq: Sequence) -> list[int]:
-        """Hashes of seq's full blocks, memoized on seq (tokens are only ever appended)."""
+    def _full_block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """Hashes of seq's first num_blocks blocks (full ones), memoized on seq. Only blocks whose tokens
+        are all known are ever hashed: under async scheduling the last token may still be a placeholder."""
         hashes = seq.block_hashes
-        for i in range(len(hashes), seq.num_tokens // self.block_size):
+        for i in range(len(hashes), num_blocks):
             hashes.append(self.compute_hash(hashes[-1] if hashes else None, self._block_tokens(seq, i)))
         return hashes
 

@@ -37,6 +37,20 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
             return sizes
 
 
+class _PinnedInputs:
+    """One set of host staging buffers for a replay's inputs (pinned on CUDA). A replay's copies read them
+    after replay() has returned, so a set is rewritten only once its step is known to be done: after the
+    caller's read-back with one set, or two steps later with two (async scheduling)."""
+
+    def __init__(self, max_bs: int, max_num_blocks: int, pin: bool):
+        self.int64 = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=pin)
+        self.int32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
+        self.temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
+        self.np64, self.np32 = self.int64.numpy(), self.int32.numpy()  # views: writes go to pinned memory
+        self.np_tables = self.np32[max_bs:].reshape(max_bs, max_num_blocks)
+        self.row_tables: list[list[int] | None] = [None] * max_bs  # what each row of np_tables holds
+
+
 class DecodeGraphs:
     """Captures `model` for decode batches of up to max_num_seqs seqs and replays it for a batch of seqs.
 
@@ -47,18 +61,14 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, max_num_seqs: int, max_num_blocks: int, block_size: int,
-                 vocab_size: int, dtype: torch.dtype, device: torch.device, capture: bool = True):
+                 vocab_size: int, dtype: torch.dtype, device: torch.device, capture: bool = True,
+                 host_buffers: int = 1):
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         self.max_bs = max_bs = self.batch_sizes[-1]
         self.bucket = [next(b for b in self.batch_sizes if b >= n) for n in range(max_bs + 1)]
         self.block_size, self.max_num_blocks = block_size, max_num_blocks
-        pin = device.type == "cuda"
-        self.host64 = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=pin)
-        self.host32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
-        self.host_temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
-        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()  # views: writes go to pinned memory
-        self.np_tables = self.np32[max_bs:].reshape(max_bs, max_num_blocks)
-        self.row_tables: list[list[int] | None] = [None] * max_bs  # what each row of np_tables holds
+        self.host = [_PinnedInputs(max_bs, max_num_blocks, device.type == "cuda") for _ in range(host_buffers)]
+        self.num_replays = 0  # picks the host buffer set: replay i uses host[i % host_buffers]
         self.dev64 = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
         self.dev32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.dev64  # (max_bs,) each
@@ -128,30 +138,41 @@ class DecodeGraphs:
                 self.graphs[bs, sampling] = graph
         torch.cuda.synchronize()
 
-    def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None) -> None:
+    def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None,
+               prev_ids: torch.Tensor | None = None, src_rows: list[int] | None = None) -> None:
         """Runs one decode step of seqs (each computes its token at num_computed_tokens), sampling in the
         graph at these per-seq temperatures (0: greedy) or, without them, taking the argmax. The results
-        are in logits[:len(seqs)] and next_tokens[:len(seqs)]. No host sync."""
+        are in logits[:len(seqs)] and next_tokens[:len(seqs)]. No host sync.
+
+        With prev_ids (the previous step's sampled ids on the device, async scheduling), seq i's input id is
+        prev_ids[src_rows[i]]: the host only has a placeholder for it."""
         n, block_size = len(seqs), self.block_size
         bs = self.bucket[n]
-        ids, positions, slots = self.np64
+        host = self.host[self.num_replays % len(self.host)]
+        self.num_replays += 1
+        ids, positions, slots = host.np64
         pos = [seq.num_computed_tokens for seq in seqs]
-        ids[:n] = [seq.token_ids[p] for seq, p in zip(seqs, pos)]
+        if prev_ids is None:
+            ids[:n] = [seq.token_ids[p] for seq, p in zip(seqs, pos)]
+        else:  # the ids row carries the source rows, resolved on the device below; padding reads id 0
+            ids[:n] = src_rows
+            ids[n:bs] = 0
         positions[:n] = pos
         slots[:n] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, pos)]
         slots[n:bs] = -1
-        context_lens = self.np32[:self.max_bs]
+        context_lens = host.np32[:self.max_bs]
         context_lens[:n] = positions[:n] + 1
         context_lens[n:bs] = 0
-        self._write_block_tables(seqs)
-        # The pinned buffers are rewritten only after the next sync (the caller reads the tokens back).
-        self.dev64.copy_(self.host64, non_blocking=True)
+        self._write_block_tables(host, seqs)
+        self.dev64.copy_(host.int64, non_blocking=True)
         used = self.max_bs + bs * self.max_num_blocks
-        self.dev32[:used].copy_(self.host32[:used], non_blocking=True)
+        self.dev32[:used].copy_(host.int32[:used], non_blocking=True)
+        if prev_ids is not None:
+            self.input_ids[:n] = prev_ids[self.input_ids[:n]]  # (n,) gathered before the replay overwrites them
         if temperatures is not None:
-            self.host_temps.numpy()[:n] = temperatures
-            self.host_temps.numpy()[n:bs] = 0
-            self.temperatures.copy_(self.host_temps, non_blocking=True)
+            host.temps.numpy()[:n] = temperatures
+            host.temps.numpy()[n:bs] = 0
+            self.temperatures.copy_(host.temps, non_blocking=True)
         if self.tp_size > 1:
             send_decode(bs, self.device)
             broadcast_decode_inputs(self.dev64, self.dev32[:used])
@@ -175,12 +196,14 @@ class DecodeGraphs:
         if not self.head_in_graph:
             self._head(self.model, self.hidden[:bs], bs, sampling)
 
-    def _write_block_tables(self, seqs: list[Sequence]) -> None:
+    @staticmethod
+    def _write_block_tables(host: _PinnedInputs, seqs: list[Sequence]) -> None:
         # A row is rewritten only when its table changed (a new block, another seq, a prefix-cache swap):
         # comparing Python lists costs far less than converting them. Entries past a row's table are never
         # read (context_lens bounds the kernel).
+        row_tables, np_tables = host.row_tables, host.np_tables
         for i, seq in enumerate(seqs):
             table = seq.block_table
-            if self.row_tables[i] != table:
-                self.np_tables[i, :len(table)] = table
-                self.row_tables[i] = list(table)
+            if row_tables[i] != table:
+                np_tables[i, :len(table)] = table
+                row_tables[i] = list(table)

@@ -7,16 +7,24 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.model_runner import ModelRunner, PendingStep, StepOutput
 from nanovllm.engine.output import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nanovllm.engine.prompt import prompt_token_ids
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.default_model import resolve_model_path
 from nanovllm.utils.tokenizer import load_tokenizer
 
 _MAX_DEFAULT_CONTEXT = 8192
+
+
+@dataclass
+class _Inflight:
+    """A launched step whose sampled ids are not read back yet (async scheduling)."""
+    batch: ScheduledBatch
+    pending: PendingStep
+    scheduled_time: float
 
 
 @dataclass
@@ -82,6 +90,8 @@ class LLMEngine:
         self._token_text: dict[int, str] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
+        self._inflight: _Inflight | None = None  # async scheduling: the step launched and not read back
 
     def close(self) -> None:
         """Stops the tensor-parallel workers, if any (also done at interpreter exit). Idempotent."""
@@ -141,28 +151,65 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._inflight is not None:
+            return self._step_overlapped()
         batch = self.scheduler.schedule()
+        touched, done = self._finished_by_scheduler(batch)
+        if self.async_scheduling and self.scheduler.can_overlap(batch):
+            # Starts the pipeline: this step's ids are read back by the next step(), after it has launched
+            # the step after this one.
+            self._inflight = _Inflight(batch, self.model_runner.launch(batch), time.time())
+        elif batch.seqs:
+            scheduled_time = time.time()
+            result = self.model_runner.run(batch)
+            self.scheduler.postprocess(batch, result.sampled)
+            self._process(batch, result, scheduled_time, touched, done)
+        return self._outputs(touched, done)
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Async scheduling, with step n in flight: schedules and launches step n+1 (its decodes' input ids
+        are step n's sampled ids, gathered on the device), and only then waits for step n's ids and
+        processes them, so the host's work overlaps the GPU's. When step n+1 cannot be scheduled that way,
+        step n is drained alone and the next step() schedules as usual."""
+        prev, self._inflight = self._inflight, None
+        self.scheduler.advance(prev.batch)
+        batch = self.scheduler.schedule_overlapped()
+        if batch is not None:
+            self._inflight = _Inflight(batch, self.model_runner.launch(batch, prev.pending), time.time())
+        result = prev.pending.result()
+        self.scheduler.resolve(prev.batch, result.sampled)
+        touched: dict[str, _Request] = {}
+        done: set[str] = set()
+        self._process(prev.batch, result, prev.scheduled_time, touched, done)
+        return self._outputs(touched, done)
+
+    def _finished_by_scheduler(self, batch: ScheduledBatch) -> tuple[dict[str, _Request], set[str]]:
         touched: dict[str, _Request] = {}  # requests that progressed, in batch order
         done: set[str] = set()  # those with a seq that finished: the only ones a stream=False request needs
         for seq in batch.finished:  # finished by the scheduler itself (could never fit)
             if seq.request_id in self.requests:
                 touched[seq.request_id] = self.requests[seq.request_id]
                 done.add(seq.request_id)
-        if batch.seqs:
-            scheduled_time = time.time()
-            result = self.model_runner.run(batch)
-            self.scheduler.postprocess(batch, result.sampled)
-            now = time.time()
-            for seq in batch.seqs:
-                request = touched[seq.request_id] = self.requests[seq.request_id]
-                if request.metrics.first_scheduled_time is None:
-                    request.metrics.first_scheduled_time = scheduled_time
-                if seq.index == 0 and seq.seq_id in result.prompt_logprobs:  # n > 1 seqs share one prompt
-                    self._record_prompt_logprobs(request, result.prompt_logprobs[seq.seq_id])
-                if seq.seq_id in result.sampled:
-                    self._on_token(request, seq, result, now)
-                    if seq.status is SequenceStatus.FINISHED:
-                        done.add(seq.request_id)
+        return touched, done
+
+    def _process(self, batch: ScheduledBatch, result: StepOutput, scheduled_time: float,
+                 touched: dict[str, _Request], done: set[str]) -> None:
+        """The engine's side of a computed step: prompt logprobs, new tokens, stop checks."""
+        now = time.time()
+        for seq in batch.seqs:
+            if seq.status is SequenceStatus.FINISHED:  # async: finished or aborted while the step ran
+                continue  # its token (computed past its end) is dropped
+            request = touched[seq.request_id] = self.requests[seq.request_id]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = scheduled_time
+            if seq.index == 0 and seq.seq_id in result.prompt_logprobs:  # n > 1 seqs share one prompt
+                self._record_prompt_logprobs(request, result.prompt_logprobs[seq.seq_id])
+            if seq.seq_id in result.sampled:
+                self._on_token(request, seq, result, now)
+                if seq.status is SequenceStatus.FINISHED:
+                    done.add(seq.request_id)
+
+    def _outputs(self, touched: dict[str, _Request], done: set[str]) -> list[RequestOutput]:
         outputs = [self._make_output(r) for request_id, r in touched.items()
                    if r.stream or (request_id in done and r.finished)]
         for output in outputs:
@@ -190,8 +237,7 @@ class LLMEngine:
             request.texts[seq.index] += delta
             if stop is not None and min_done:
                 return self._finish(seq, "stop", stop)
-        max_tokens = params.max_tokens or self.config.max_model_len
-        if seq.num_completion_tokens >= max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if self.scheduler.reached_length(seq):
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:

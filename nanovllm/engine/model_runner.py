@@ -18,7 +18,7 @@ from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.linear import RowParallelLinear
-from nanovllm.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
 from nanovllm.models import load_model, set_use_triton
 from nanovllm.utils.context import get_context, make_context, reset_context, set_context
 from nanovllm.utils.loader import load_model_config
@@ -35,6 +35,38 @@ class StepOutput:
     logprobs: dict[int, tuple[float, list[int], list[float], int]]  # seq_id -> (lp, top ids, top lps, rank)
     prompt_logprobs: dict[int, list[tuple[int, float, list[int], list[float], int]]]
     # seq_id -> [(position of the predicted prompt token, its logprob, top ids, top lps, rank)]
+
+
+class PendingStep:
+    """A launched step whose sampled ids are on their way to the host (async scheduling).
+
+    `token_ids` (B,) stay on the device for the next step's input ids: valid until that step has launched
+    (a graph step's ids live in a buffer the next replay overwrites). result() waits for the copy to pinned
+    memory, not for the steps launched since, and builds the StepOutput."""
+
+    def __init__(self, seqs: list[Sequence], sampled: SamplerOutput):
+        self.seqs = seqs
+        self.token_ids = sampled.token_ids
+        self.rows = {seq.seq_id: i for i, seq in enumerate(seqs)}  # seq_id -> row of token_ids
+        # Copies now: a graph step's ids are overwritten by the next replay. On CUDA, to pinned memory without
+        # a sync (.tolist() later would wait for the whole stream, the steps launched since included).
+        self.event = torch.cuda.Event() if sampled.token_ids.is_cuda else None
+        copy = _to_pinned if self.event is not None else torch.clone
+        self.host = SamplerOutput(*(t if t is None else copy(t) for t in (
+            sampled.token_ids, sampled.logprobs, sampled.ranks, sampled.top_ids, sampled.top_logprobs)))
+        if self.event is not None:
+            self.event.record()
+
+    def result(self) -> StepOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        out = StepOutput({}, {}, {})
+        ModelRunner.collect_samples(self.seqs, self.host, out)
+        return out
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def resolve_device(config: Config, rank: int = 0) -> torch.device:
@@ -175,9 +207,11 @@ class ModelRunner:
         # tests their padding and their tensor-parallel protocol without a GPU.
         uncaptured = self.device.type == "cpu" and os.environ.get("NANOVLLM_UNCAPTURED_GRAPHS") == "1"
         if (self.device.type == "cuda" or uncaptured) and not self.config.enforce_eager:
+            # Async scheduling fills a step's pinned inputs while the step before still reads its own.
+            host_buffers = 2 if self.config.async_scheduling else 1
             self.graphs = DecodeGraphs(self.model, self.config.max_num_seqs, -(-max_model_len // bs), bs,
                                        self.model_config.vocab_size, self.dtype, self.device,
-                                       capture=not uncaptured)
+                                       capture=not uncaptured, host_buffers=host_buffers)
         return num_blocks
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
@@ -239,6 +273,35 @@ class ModelRunner:
             self._collect_prompt_logprobs(hidden, plp_rows, out)
         return out
 
+    # ---- async scheduling: a step launched now, read back later ------------------------------------
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: PendingStep | None = None) -> PendingStep:
+        """Starts a step of decodes (every seq sampled; no prompt logprobs) and returns before its ids are
+        back. With prev, the step still in flight, each seq's input id is its sampled id there: gathered on
+        the device, as the host holds only a placeholder."""
+        src_rows = None if prev is None else [prev.rows[seq.seq_id] for seq in batch.seqs]
+        prev_ids = None if prev is None else prev.token_ids
+        if self._graph_ready(batch):
+            return PendingStep(batch.seqs, self._launch_graph(batch.seqs, prev_ids, src_rows))
+        input_ids, positions, sample_rows, _ = self._prepare(batch)
+        assert len(sample_rows) == len(batch.seqs), "only steps that sample every seq launch ahead"
+        if prev_ids is not None:
+            rows = torch.tensor(src_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            input_ids = prev_ids[rows]  # (B,)
+        hidden = self.model(input_ids, positions)  # (B, hidden): one row per seq
+        reset_context()
+        return PendingStep(batch.seqs, self._sample_on_device(batch.seqs, self.compute_logits(hidden)))
+
+    def _launch_graph(self, seqs: list[Sequence], prev_ids: torch.Tensor | None,
+                      src_rows: list[int] | None) -> SamplerOutput:
+        n = len(seqs)
+        temperatures = [simple_temperature(seq) for seq in seqs]
+        if None in temperatures:  # the full Sampler, on the greedy graph's logits
+            self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows)
+            return self._sample_on_device(seqs, self.graphs.logits[:n])
+        self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
+        return SamplerOutput(self.graphs.next_tokens[:n])
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden_size) -> logits (N, V). Under TP the workers compute their vocab slices of the
         same rows, which rank 0 gathers."""
@@ -265,9 +328,15 @@ class ModelRunner:
         """logits (B, V) in the model dtype."""
         if all(simple_temperature(seq) == 0 for seq in seqs):  # greedy: one argmax, one copy
             return self._record(seqs, logits.argmax(dim=-1).tolist(), out)
+        self.collect_samples(seqs, self._sample_on_device(seqs, logits), out)
+
+    def _sample_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
+        """logits (B, V) in the model dtype -> the sampled ids (B,) (+ logprobs), left on the device."""
+        if all(simple_temperature(seq) == 0 for seq in seqs):
+            return SamplerOutput(logits.argmax(dim=-1))
         logits = logits.float()
         sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids)
-        self._collect_samples(seqs, self.sampler(logits, sampling), out)
+        return self.sampler(logits, sampling)
 
     @staticmethod
     def _record(seqs: list[Sequence], token_ids: list[int], out: StepOutput) -> None:
@@ -295,7 +364,8 @@ class ModelRunner:
         as_long = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
         return as_long(ids), as_long(pos), sample_rows, plp_rows
 
-    def _collect_samples(self, seqs: list[Sequence], result, out: StepOutput) -> None:
+    @staticmethod
+    def collect_samples(seqs: list[Sequence], result: SamplerOutput, out: StepOutput) -> None:
         token_ids = result.token_ids.tolist()
         want_lp = any(s.sampling_params.logprobs is not None for s in seqs)
         lps = result.logprobs.tolist() if want_lp else None

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclass
@@ -106,6 +106,70 @@ class Scheduler:
             # Every earlier step's full blocks are cached already: look only when this chunk filled one.
             if num_computed // block_size != (num_computed - n) // block_size:
                 self.block_manager.cache_full_blocks(seq)
+
+    def reached_length(self, seq: Sequence) -> bool:
+        """Whether seq's last token (maybe still a placeholder) is its last one: max_tokens or max_model_len.
+        The engine finishes such a seq; async scheduling does not schedule it again."""
+        max_tokens = seq.sampling_params.max_tokens or self.max_model_len
+        return seq.num_completion_tokens >= max_tokens or seq.num_tokens >= self.max_model_len
+
+    # ---- async scheduling: step n+1 is scheduled while step n runs --------------------------------------
+    # advance(batch) is postprocess without the sampled ids: each sampled seq gets a PLACEHOLDER token, whose
+    # input id the runner takes from step n's ids on the device; resolve() writes the real ids once they are
+    # back. Between two engine steps no placeholder is left, so everything else sees real tokens only.
+
+    def can_overlap(self, batch: ScheduledBatch) -> bool:
+        """Whether the next step could be scheduled before this batch's ids are back: it is all decodes
+        (every seq sampled) and the sampler reads no token history."""
+        return bool(batch.seqs) and all(
+            n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and not seq.needs_token_history
+            for seq, n in zip(batch.seqs, batch.num_new_tokens))
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """postprocess() for a launched step whose sampled ids are not known yet: sampled seqs get a
+        placeholder. Only computed tokens are hashed into the prefix cache, and those are all real."""
+        block_size = self.block_manager.block_size
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.status is SequenceStatus.FINISHED:  # finished or aborted while the step ran
+                continue
+            num_computed = seq.num_computed_tokens = seq.num_computed_tokens + n
+            if num_computed == seq.num_tokens:
+                seq.append_token(PLACEHOLDER)
+            if num_computed // block_size != (num_computed - n) // block_size:
+                self.block_manager.cache_full_blocks(seq)
+
+    def resolve(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
+        """Replaces the placeholders advance() appended with the sampled ids."""
+        for seq in batch.seqs:
+            if seq.status is not SequenceStatus.FINISHED and seq.seq_id in sampled:
+                assert seq.token_ids[-1] == PLACEHOLDER
+                seq.token_ids[-1] = sampled[seq.seq_id]
+
+    def schedule_overlapped(self) -> ScheduledBatch | None:
+        """The next step while the previous one (already advanced) still runs: a decode of every running
+        seq whose placeholder is not its last token. None when the step must wait for the previous one's ids
+        (a drain): a seq not sampled last step (prefill chunks), a seq the sampler needs the tokens of
+        (penalties), waiting seqs that could be admitted, too few free blocks (preemption), too many seqs for
+        the token budget, or nothing left to run."""
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        slots = self.block_manager.block_size
+        seqs, new_blocks = [], 0
+        for seq in self.running:
+            if (seq.token_ids[-1] != PLACEHOLDER or seq.needs_token_history
+                    or seq.num_tokens > self.max_seq_tokens):
+                return None
+            if not self.reached_length(seq):  # else the engine finishes it when its ids are back
+                seqs.append(seq)
+                new_blocks += seq.num_computed_tokens == slots * len(seq.block_table)
+        if not seqs or len(seqs) > self.max_num_batched_tokens or new_blocks > self.block_manager.num_free_blocks:
+            return None
+        batch = ScheduledBatch()
+        for seq in seqs:
+            if seq.num_computed_tokens == slots * len(seq.block_table):
+                self.block_manager.append_slots(seq, 1)
+            batch.add_decode(seq)
+        return batch
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends seq ("stop", "length" or "abort") and frees its blocks; a no-op if already finished."""

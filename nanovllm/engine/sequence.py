@@ -5,6 +5,9 @@ from itertools import count
 
 from nanovllm.sampling_params import SamplingParams
 
+# The token id of a token sampled by a step whose ids are not back on the host yet (async scheduling).
+PLACEHOLDER = -1
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -33,6 +36,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hashes of the full blocks, memoized by the BlockManager
         self.sampling_params = sampling_params
+        p = sampling_params
+        # The sampler reads the tokens themselves (not just their count) only for penalties: such a seq
+        # cannot be scheduled while its last token is still a placeholder.
+        self.needs_token_history = p.repetition_penalty != 1 or bool(p.frequency_penalty or p.presence_penalty)
         # Set by the engine:
         self.generator = None  # torch.Generator of a seeded request (kept opaque here)
         self.output_logprobs: list = []

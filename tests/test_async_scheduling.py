@@ -1,0 +1,165 @@
+"""Async scheduling (step n+1 scheduled and launched before step n's ids are back) gives what the plain
+engine gives: the same tokens, text, finish reasons and logprobs, with every block back at the end."""
+import pytest
+import torch
+from tiny_models import make_tiny_model
+from tiny_tokenizer import save_tiny_tokenizer
+
+from nanovllm import LLM, SamplingParams
+
+PROMPTS = [[5, 17, 300, 42, 9], list(range(100, 117)), [7] * 3, [(i * 37) % 990 + 3 for i in range(33)]]
+SHARED = list(range(200, 240))  # 2 full blocks of 16 shared by the prefix-hit prompts
+ENGINES = {
+    "eager": {},
+    "graphs": {"graphs": True},  # the CUDA-graph code path, uncaptured on CPU
+    "preemption": {"num_kvcache_blocks": 24, "block_size": 4, "max_num_seqs": 6},
+    "chunked": {"max_num_batched_tokens": 7},
+}
+
+
+def greedy(max_tokens=16, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = make_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3"))
+    save_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    """Greedy tokens and text of PROMPTS[0], from which the stop token, stop string and EOS are picked so
+    that they really stop a seq part-way (which async scheduling cannot know ahead)."""
+    llm = LLM(folder)
+    out = llm.generate([PROMPTS[0]], greedy(24, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    return out.token_ids, llm.tokenizer
+
+
+def workload(reference) -> tuple[list, list[SamplingParams], int]:
+    tokens, tokenizer = reference
+    eos = tokens[9]  # made an EOS id of both engines
+    stop_str = next(s for s in (tokenizer.decode([t]) for t in tokens[4:]) if s.strip())
+    seeded = dict(temperature=1.0, top_p=0.9, ignore_eos=True)
+    requests = [
+        (PROMPTS[0], greedy(20, ignore_eos=True, logprobs=2)),
+        (PROMPTS[1], SamplingParams(seed=11, max_tokens=20, logprobs=1, **seeded)),
+        (PROMPTS[2], greedy(1)),
+        (PROMPTS[3], greedy(2)),
+        (PROMPTS[1], SamplingParams(n=3, seed=5, max_tokens=14, **seeded)),
+        (PROMPTS[0], greedy(20, ignore_eos=True, stop_token_ids=[tokens[6]])),
+        (PROMPTS[0], greedy(20, ignore_eos=True, stop=[stop_str])),
+        (PROMPTS[0], greedy(20)),  # ends at the EOS
+        (PROMPTS[0], greedy(20, min_tokens=12)),  # the EOS is masked until 12 tokens
+        (SHARED + [5, 6], greedy(12, ignore_eos=True)),
+        (SHARED + [8], greedy(12, ignore_eos=True)),
+        (PROMPTS[3], greedy(10, ignore_eos=True, repetition_penalty=1.3)),  # needs the tokens: sync steps
+        (PROMPTS[3], greedy(3, ignore_eos=True, prompt_logprobs=2)),
+    ]
+    return [p for p, _ in requests], [s for _, s in requests], eos
+
+
+def make_llm(folder, eos: int, async_scheduling: bool, monkeypatch, graphs: bool = False, **engine_args) -> LLM:
+    monkeypatch.setenv("NANOVLLM_UNCAPTURED_GRAPHS", "1" if graphs else "0")
+    llm = LLM(folder, async_scheduling=async_scheduling, **engine_args)
+    llm.engine.eos_token_ids.add(eos)
+    llm.engine.model_runner.eos_token_ids.append(eos)
+    return llm
+
+
+def count_overlapped_launches(llm: LLM) -> list[int]:
+    """Counts the steps launched while the previous one was still in flight."""
+    runner, count = llm.engine.model_runner, [0]
+    launch = runner.launch
+
+    def counted(batch, prev=None):
+        count[0] += prev is not None
+        return launch(batch, prev)
+    runner.launch = counted
+    return count
+
+
+def summary(outputs) -> list:
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outputs]
+
+
+def assert_same_logprobs(a, b) -> None:
+    """Sample logprobs and prompt logprobs, equal up to fp32 rounding (a batch of other rows may round a
+    row's matmul differently)."""
+    for x, y in zip(a, b, strict=True):
+        for cx, cy in zip(x.outputs, y.outputs, strict=True):
+            assert (cx.logprobs is None) == (cy.logprobs is None)
+            for dx, dy in zip(cx.logprobs or [], cy.logprobs or [], strict=True):
+                assert_close_entries(dx, dy)
+        for px, py in zip(x.prompt_logprobs or [], y.prompt_logprobs or [], strict=True):
+            assert (px is None) == (py is None)
+            if px is not None:
+                assert_close_entries(px, py)
+
+
+def assert_close_entries(x: dict, y: dict) -> None:
+    assert x.keys() == y.keys() and [v.rank for v in x.values()] == [v.rank for v in y.values()]
+    torch.testing.assert_close([v.logprob for v in x.values()], [v.logprob for v in y.values()], atol=1e-5,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES.keys())
+def test_async_scheduling_gives_the_same_outputs(folder, reference, engine, monkeypatch):
+    prompts, params, eos = workload(reference)
+    results = {}
+    for async_scheduling in (False, True):
+        llm = make_llm(folder, eos, async_scheduling, monkeypatch, **engine)
+        overlapped = count_overlapped_launches(llm)
+        first = llm.generate(prompts, params, use_tqdm=False)
+        again = llm.generate(prompts[-4:-2], params[-4:-2], use_tqdm=False)  # prefix hits on the same engine
+        stats = llm.engine.stats()
+        assert stats["num_free_blocks"] == stats["num_blocks"], "blocks leaked"
+        if "num_kvcache_blocks" not in engine:  # else the tiny cache may have evicted them
+            assert all(o.num_cached_tokens == 32 for o in again)
+        assert overlapped[0] > (10 if async_scheduling else -1)
+        results[async_scheduling] = first + again, stats
+    (sync, sync_stats), (overlap, async_stats) = results[False], results[True]
+    assert summary(overlap) == summary(sync)
+    assert_same_logprobs(overlap, sync)
+    finish = {c.finish_reason for o in sync for c in o.outputs}
+    stop_reasons = {type(c.stop_reason) for o in sync for c in o.outputs}
+    assert finish == {"stop", "length"} and stop_reasons == {type(None), int, str}
+    assert [len(c.token_ids) for c in sync[2].outputs + sync[3].outputs] == [1, 2]
+    if "num_kvcache_blocks" in engine:
+        assert sync_stats["num_preemptions"] > 0 and async_stats["num_preemptions"] > 0
+
+
+def test_streams_and_aborts_in_flight(folder, reference, monkeypatch):
+    """Aborting requests whose step is in flight: the others' outputs are unchanged, the aborted ones get
+    nothing more, and every block comes back. Streamed deltas join to the final output."""
+    prompts, params, eos = workload(reference)
+    aborted = ("1", "9")
+    finals = {}
+    for async_scheduling in (False, True):
+        llm = make_llm(folder, eos, async_scheduling, monkeypatch)
+        engine = llm.engine
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), prompt, sp)
+        deltas, final, steps, gone = {}, {}, 0, ()
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                assert output.request_id not in gone
+                c = output.outputs[0]
+                deltas[output.request_id] = deltas.get(output.request_id, []) + c.delta_token_ids
+                if output.finished:
+                    final[output.request_id] = c.token_ids
+            steps += 1
+            # Once the repetition-penalty request (whose steps run one at a time) is done, steps overlap.
+            if not gone and "11" in final and (engine._inflight or not async_scheduling):
+                if async_scheduling:  # aborted while their step runs
+                    assert {s.request_id for s in engine._inflight.batch.seqs} >= set(aborted)
+                assert not any(r in final for r in aborted)
+                for request_id in aborted:
+                    engine.abort_request(request_id)
+                gone = aborted
+        assert all(deltas[r] == final[r] for r in final)
+        stats = engine.stats()
+        assert stats["num_free_blocks"] == stats["num_blocks"] and stats["num_running"] == 0
+        finals[async_scheduling] = final
+    assert finals[True] == finals[False] and len(finals[True]) == len(prompts) - len(aborted)
