@@ -455,6 +455,23 @@ def test_auth_content_type_and_size_guards(server):
     assert response.status_code == 413
 
 
+def test_request_head_is_bounded(server):
+    """A header of 1 MiB gets a 400 and a closed connection once 16 KiB have come (h11's bound; httptools,
+    where installed, has none of its own); 8 KiB of headers are served; so is the next request."""
+    def status_line(head: bytes, chunk: int = 4096) -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            try:
+                for i in range(0, len(head), chunk):
+                    s.sendall(head[i:i + chunk])
+            except OSError:  # the server closed the connection while the head still came
+                pass
+            return s.recv(4096).split(b"\r\n", 1)[0]
+
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n"
+    assert status_line(request % (b"a" * (1 << 20))) == b"HTTP/1.1 400 Bad Request"
+    assert status_line(request % (b"a" * 8192)) == b"HTTP/1.1 200 OK"
+
+
 # ---- metrics ------------------------------------------------------------------------------------
 def test_metrics_exact_counts(server, client):
     """vLLM's test: 10 requests of max_tokens 10 add 10 TTFTs, 90 inter-token gaps, 10 x prompt tokens."""

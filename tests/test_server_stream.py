@@ -23,7 +23,8 @@ def test_steps_queued_while_the_server_was_busy_arrive_as_one_output():
         engine.ready = True
         gen = engine.generate([EngineRequest("r", [1, 2], SamplingParams(max_tokens=3))])
         first = asyncio.ensure_future(gen.__anext__())
-        await asyncio.sleep(0)
+        for _ in range(2):  # the generator's first step, then the end of that event-loop pass
+            await asyncio.sleep(0)
         add = engine._commands.get_nowait()
         assert add == [("add", "r", [1, 2], SamplingParams(max_tokens=3), add[0][4])]
         engine._conn, engine_end = multiprocessing.Pipe()
@@ -51,15 +52,14 @@ def test_sse_events_are_one_line_whatever_the_text():
 
 
 def test_bench_parser_joins_events_split_across_reads():
-    class Response:
-        async def aiter_bytes(self):
-            for part in (b'data: {"a": 1}\n\ndata: {"b"', b': 2}\n\n', b"data: [DONE]\n\n"):
-                yield part
+    async def reads():
+        for i, part in enumerate((b'data: {"a": 1}\n\ndata: {"b"', b': 2}\n\n', b"data: [DONE]\n\n")):
+            yield part, float(i)
 
     async def run():
-        return [chunk async for chunk, _ in _sse_events(Response())]
+        return [event async for event in _sse_events(reads())]
 
-    assert asyncio.run(run()) == [{"a": 1}, {"b": 2}]
+    assert asyncio.run(run()) == [({"a": 1}, 0.0), ({"b": 2}, 1.0)]  # an event is timed by its last read
 
 
 def test_joined_steps_equal_the_steps_one_by_one():
@@ -153,6 +153,7 @@ def test_a_request_that_finishes_as_its_client_leaves_still_counts():
         await asyncio.gather(*firsts)
         for g in gens.values():  # both clients leave
             await g.aclose()
+        engine._flush_outbox()  # as at the end of this event-loop pass
         commands = [c for _ in range(engine._commands.qsize()) for c in engine._commands.get_nowait()]
         assert [c for c in commands if c[0] == "abort"] == [("abort", "a"), ("abort", "b")]
         # One message: "a" finished in the step already running, "b" was aborted.

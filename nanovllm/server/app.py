@@ -3,7 +3,6 @@
 The API key (when set) guards everything under /v1 plus /tokenize and /detokenize; /health and /metrics stay
 open so probes and scrapers need no secret (as in vLLM). CORS is off.
 """
-import asyncio
 import logging
 import secrets
 from contextlib import asynccontextmanager
@@ -80,14 +79,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         _check_model(req.model, state)
-        # Tokenizing can take a while on a big body: off the event loop, so streams keep flowing.
-        job = await asyncio.to_thread(serving.prepare_completion, req, engine.frontend, state.served_model_name)
+        job = await serving.prepare(serving.prepare_completion, req, engine.frontend, state.served_model_name)
         return await serving.respond(job, engine, request, engine.frontend.tokenizer)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         _check_model(req.model, state)
-        job = await asyncio.to_thread(serving.prepare_chat, req, engine.frontend, state.served_model_name)
+        job = await serving.prepare(serving.prepare_chat, req, engine.frontend, state.served_model_name)
         return await serving.respond(job, engine, request, engine.frontend.tokenizer)
 
     @app.post("/tokenize")

@@ -5,13 +5,13 @@ TTFT: send -> first chunk with choices. ITL: gaps between later chunks. TPOT: (e
 per request. E2E: send -> end of stream. Output lengths come from the final usage chunk.
 """
 import asyncio
-import functools
 import json
 import os
 import platform
 import random
 import ssl
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -39,7 +39,7 @@ class RequestResult:
 
 
 def run_benchmark(args) -> dict:
-    result = asyncio.run(_benchmark(args))
+    result = _run(_benchmark(args))
     _print_summary(result)
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
@@ -49,15 +49,21 @@ def run_benchmark(args) -> dict:
     return result
 
 
+def _run(coroutine):
+    """On uvloop where installed: the client's event loop must cost less per event than the server's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 async def _benchmark(args) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     url = args.url.rstrip("/")
-    # One client (one pool, one connection) per request: httpcore's pool does work quadratic in its
-    # connections on every request start and end, which made this client, not the server, the bottleneck
-    # at a few hundred streams. The TLS context is built once and shared.
-    new_client = functools.partial(httpx.AsyncClient, headers=headers, verify=ssl.create_default_context(),
-                                   timeout=httpx.Timeout(None, connect=10.0))
-    async with new_client() as client:
+    # Streams go out on a connection each (_post_stream); httpx only sends the few requests before the run.
+    tls = ssl.create_default_context()
+    async with httpx.AsyncClient(headers=headers, verify=tls, timeout=httpx.Timeout(None, connect=10.0)) as client:
         model = args.model or (await _get_json(client, f"{url}/v1/models"))["data"][0]["id"]
         prompts = await _make_prompts(client, url, model, args.num_prompts, args.input_len, args.seed)
         if args.backend == "chat":  # chat takes text; the chat template then adds a few tokens
@@ -66,17 +72,17 @@ async def _benchmark(args) -> dict:
                        for p in prompts]
         endpoint = f"{url}/v1/chat/completions" if args.backend == "chat" else f"{url}/v1/completions"
         payload = lambda p, n: _payload(args.backend, model, p, n)
-        test = await _send(client, endpoint, payload(prompts[0], 4), time.perf_counter())
+        test = await _send(endpoint, headers, payload(prompts[0], 4), time.perf_counter(), tls)
         if not test.ok:
             raise RuntimeError(f"The test request failed: {test.error}")
         rng = random.Random(args.seed)
         limit = asyncio.Semaphore(args.max_concurrency or len(prompts))
-        t0 = time.perf_counter()
+        t0, cpu0, started_at = time.perf_counter(), time.process_time(), time.time()
 
         async def one(prompt, delay: float) -> RequestResult:
             await asyncio.sleep(delay)
-            async with limit, new_client() as own:
-                return await _send(own, endpoint, payload(prompt, args.output_len), t0)
+            async with limit:
+                return await _send(endpoint, headers, payload(prompt, args.output_len), t0, tls)
 
         delays, t = [], 0.0
         for _ in prompts:
@@ -84,7 +90,11 @@ async def _benchmark(args) -> dict:
             t += 0.0 if args.request_rate == float("inf") else rng.expovariate(args.request_rate)
         results = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays)))
         duration = time.perf_counter() - t0
-    return _summarize(args, model, results, duration)
+    result = _summarize(args, model, results, duration)
+    # This client's own CPU time in the timed run, and the run's wall-clock bounds (to read a server
+    # process's CPU over the same window): is the client, not the server, the bottleneck?
+    result.update(client_cpu_s=time.process_time() - cpu0, started_at=started_at, ended_at=time.time())
+    return result
 
 
 async def _get_json(client: httpx.AsyncClient, url: str) -> dict:
@@ -121,29 +131,26 @@ def _payload(backend: str, model: str, prompt: list[int] | str, max_tokens: int)
     return {**body, "prompt": prompt}
 
 
-async def _send(client: httpx.AsyncClient, url: str, payload: dict, t0: float) -> RequestResult:
+async def _send(url: str, headers: dict, payload: dict, t0: float, tls: ssl.SSLContext) -> RequestResult:
     result = RequestResult(prompt_len=len(payload.get("prompt", [])))
+    body = json.dumps(payload).encode()
     start = last = time.perf_counter()
     try:
-        async with client.stream("POST", url, json=payload) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+        async for chunk, now in _sse_events(_post_stream(url, headers, body, tls)):
+            if "error" in chunk:
+                result.error = chunk["error"].get("message", "error")
                 return result
-            async for chunk, now in _sse_events(response):
-                if "error" in chunk:
-                    result.error = chunk["error"].get("message", "error")
-                    return result
-                if chunk.get("choices") and _chunk_text(chunk):
-                    if not result.chunk_times:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                    result.chunk_times.append(now - t0)
-                if chunk.get("usage"):
-                    result.output_len = chunk["usage"]["completion_tokens"]
-                    result.prompt_len = chunk["usage"]["prompt_tokens"]
-    except httpx.HTTPError as e:
+            if chunk.get("choices") and _chunk_text(chunk):
+                if not result.chunk_times:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+                result.chunk_times.append(now - t0)
+            if chunk.get("usage"):
+                result.output_len = chunk["usage"]["completion_tokens"]
+                result.prompt_len = chunk["usage"]["prompt_tokens"]
+    except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
         result.error = f"{type(e).__name__}: {e}"
         return result
     result.e2e = time.perf_counter() - start
@@ -153,12 +160,54 @@ async def _send(client: httpx.AsyncClient, url: str, payload: dict, t0: float) -
     return result
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[tuple[dict, float]]:
-    """(JSON payload, arrival time) of each `data:` event; split by hand on bytes, as aiter_lines' text
-    decoding and per-line iteration cost more than the JSON itself."""
+async def _post_stream(url: str, headers: dict, body: bytes, tls: ssl.SSLContext) -> AsyncIterator[tuple[bytes, float]]:
+    """POSTs `body` on a connection of its own; yields (response body bytes, arrival time) per read.
+
+    A minimal HTTP/1.1 client on asyncio streams: httpx cost ~165 us of CPU per read of a stream (its
+    transport stack and h11), more than the server spent per event, so the client, not the server, set the
+    pace at a few thousand events per second. Here a read costs a few us: find the chunk sizes, join."""
+    u = urllib.parse.urlsplit(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    reader, writer = await asyncio.open_connection(u.hostname, port, ssl=tls if u.scheme == "https" else None)
+    try:
+        lines = [f"POST {u.path} HTTP/1.1", f"Host: {u.netloc}", "Content-Type: application/json",
+                 f"Content-Length: {len(body)}", "Accept: text/event-stream", "Connection: close",
+                 *(f"{k}: {v}" for k, v in headers.items())]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        status, *fields = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        code = int(status.split()[1])
+        chunked = any(f.lower().startswith("transfer-encoding:") and "chunked" in f.lower() for f in fields)
+        if code != 200:
+            raise ValueError(f"HTTP {code}: {(await reader.read(200))!r}")
+        if not chunked:  # the whole body, up to the close
+            yield await reader.read(), time.perf_counter()
+            return
+        buffer = b""
+        while data := await reader.read(1 << 16):
+            now = time.perf_counter()
+            buffer += data
+            parts, pos = [], 0
+            while (end := buffer.find(b"\r\n", pos)) >= 0:
+                size = int(buffer[pos:end].split(b";")[0], 16)
+                if size == 0:  # the last chunk
+                    yield b"".join(parts), now
+                    return
+                if len(buffer) < end + size + 4:  # this chunk is not all here yet
+                    break
+                parts.append(buffer[end + 2:end + 2 + size])
+                pos = end + size + 4
+            buffer = buffer[pos:]
+            if parts:
+                yield b"".join(parts), now
+        raise ValueError("the stream ended before its last chunk")
+    finally:
+        writer.close()
+
+
+async def _sse_events(reads: AsyncIterator[tuple[bytes, float]]) -> AsyncIterator[tuple[dict, float]]:
+    """(JSON payload, arrival time) of each `data:` event, from (bytes, arrival time) reads of the body."""
     buffer = b""
-    async for data in response.aiter_bytes():
-        now = time.perf_counter()
+    async for data, now in reads:
         *events, buffer = (buffer + data).split(b"\n\n")
         for event in events:
             for line in event.splitlines():

@@ -6,6 +6,7 @@ streams end with finish_reason "abort"); the engine process stops, then this one
 """
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
 import threading
@@ -55,10 +56,45 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run_server(app, engine: AsyncEngine, host: str, port: int, drain_timeout: float, log_level: str = "info"
-               ) -> None:
+def run_server(app, engine: AsyncEngine, host: str, port: int, drain_timeout: float, log_level: str = "info",
+               loop: str = "auto", http: str = "auto") -> None:
+    """`loop` and `http` are uvicorn's names. "auto": uvloop and httptools where installed (`pip install
+    nanovllm[serve]`'s), the HTTP process's CPU per streamed token ~25% below asyncio and h11's."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    # uvicorn's default h11 limits bound header size (16 KiB); the app bounds the body.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+    if http in ("auto", "httptools") and importlib.util.find_spec("httptools") is not None:
+        http = _bounded_httptools()
+    # The request head is bounded to 16 KiB (h11's limit in uvicorn, or _bounded_httptools); the app bounds
+    # the body.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop=loop, http=http,
                             timeout_graceful_shutdown=drain_timeout + 5)
     _Server(config, engine, drain_timeout).run()
+
+
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers: uvicorn's h11 default
+
+
+def _bounded_httptools() -> type:
+    """uvicorn's httptools protocol, with h11's bound on a request's head: llhttp buffers a request line or
+    header of any size, so one endless header could fill this process's memory (vLLM's CVE-2025-48956)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _head: int | None = None  # bytes received since this request's head began; None once it is complete
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head = 0
+
+        def on_headers_complete(self) -> None:
+            self._head = None
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # Counts whole reads: with pipelined requests, the tail of the one before counts too.
+            if self._head is not None and not self.transport.is_closing():
+                self._head += len(data)
+                if self._head > MAX_HEAD_BYTES:
+                    self.send_400_response("Invalid HTTP request received.")  # as uvicorn's h11 answers
+
+    return BoundedHttpToolsProtocol
