@@ -6,7 +6,9 @@ of 128 tokens, 512 output tokens, ignore_eos). Medians over the timed steps of t
 schedule / runner / postprocess (the rest of step: appending tokens, stop checks, detokenization, building
 outputs), and of the step's wall time. Two engines: token ids only (skip_tokenizer_init) and with a
 tokenizer; each with streaming requests (an output per step) and with stream=False requests (what
-`LLM.generate` adds: an output only when finished).
+`LLM.generate` adds: an output only when finished); each with and without async scheduling (where the step
+also launches the next one before processing its own ids: "schedule" is then schedule_overlapped, and the
+runner stand-in's launch and read-back; on a GPU this whole host time overlaps the step's GPU time).
 Writes benchmarks/results/host-cpu.json. `--profile` prints a cProfile of the timed steps; `--baseline` keeps
 another commit's run beside this one.
 """
@@ -52,6 +54,14 @@ class Timer:
             self.schedule_s += clock() - t
             return batch
 
+        schedule_overlapped = engine.scheduler.schedule_overlapped
+
+        def timed_schedule_overlapped():
+            t = clock()
+            batch = schedule_overlapped()
+            self.schedule_s += clock() - t
+            return batch
+
         def fake_run(batch):
             t = clock()
             sampled = {seq.seq_id: FIXED_TOKEN for seq, n in zip(batch.seqs, batch.num_new_tokens)
@@ -60,9 +70,32 @@ class Timer:
             self.runner_s += clock() - t
             return out
 
-        self.restore = lambda: (delattr(engine.scheduler, "schedule"), delattr(engine.model_runner, "run"))
-        engine.scheduler.schedule = timed_schedule  # instance attributes shadow the methods until restore()
-        engine.model_runner.run = fake_run
+        def fake_launch(batch, prev=None):
+            t = clock()
+            pending = FakePending(batch.seqs, self)
+            self.runner_s += clock() - t
+            return pending
+
+        names = ("schedule", "schedule_overlapped", "run", "launch")
+        self.restore = lambda: [delattr(engine.scheduler if name.startswith("s") else engine.model_runner, name)
+                                for name in names]
+        # Instance attributes shadow the methods until restore().
+        engine.scheduler.schedule, engine.scheduler.schedule_overlapped = timed_schedule, timed_schedule_overlapped
+        engine.model_runner.run, engine.model_runner.launch = fake_run, fake_launch
+
+
+class FakePending:
+    """The stand-in for a launched step (PendingStep): every seq samples FIXED_TOKEN."""
+
+    def __init__(self, seqs, timer: Timer):
+        self.rows = {seq.seq_id: i for i, seq in enumerate(seqs)}  # as PendingStep builds them
+        self.seqs, self.timer = seqs, timer
+
+    def result(self) -> StepOutput:
+        t = clock()
+        out = StepOutput(dict.fromkeys(self.rows, FIXED_TOKEN), {}, {})
+        self.timer.runner_s += clock() - t
+        return out
 
 
 def run_case(engine: LLMEngine, stream: bool, num_seqs: int, prompt_len: int, max_tokens: int,
@@ -117,18 +150,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_model("qwen3", tmp)
         save_tiny_tokenizer(path)
-        for tokenizer in (False, True):
+        for tokenizer, async_scheduling in [(t, a) for t in (False, True) for a in (False, True)]:
             engine = LLMEngine(path, skip_tokenizer_init=not tokenizer, load_format="dummy", device="cpu",
                                max_model_len=1024, max_num_seqs=args.num_seqs, num_kvcache_blocks=8192,
-                               enforce_eager=True)
+                               enforce_eager=True, async_scheduling=async_scheduling)
             for stream in (True, False):
                 row = run_case(engine, stream, args.num_seqs, args.prompt_len, args.max_tokens, args.steps,
                                args.profile)
-                row.update(tokenizer=tokenizer, stream=stream)
+                row.update(tokenizer=tokenizer, stream=stream, async_scheduling=async_scheduling)
                 results.append(row)
-                print(f"tokenizer={tokenizer!s:5} stream={stream!s:5}  step {row['step_us']:7.1f} us = schedule "
-                      f"{row['schedule_us']:6.1f} + runner stand-in {row['runner_us']:5.1f} + postprocess "
-                      f"{row['postprocess_us']:6.1f}  (CPU us; wall {row['step_wall_us']:7.1f} us)")
+                print(f"tokenizer={tokenizer!s:5} stream={stream!s:5} async={async_scheduling!s:5}  step "
+                      f"{row['step_us']:7.1f} us = schedule {row['schedule_us']:6.1f} + runner stand-in "
+                      f"{row['runner_us']:5.1f} + postprocess {row['postprocess_us']:6.1f}  (CPU us; wall "
+                      f"{row['step_wall_us']:7.1f} us)")
     report = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
               "num_seqs": args.num_seqs, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
               "steps": args.steps, "label": args.label, "results": results}

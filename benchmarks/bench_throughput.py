@@ -13,7 +13,11 @@ Roofline: every decode step must read the weights once and each running seq's KV
 256 seqs decoding from the start (they fit in memory), the sum over steps of those bytes over the
 measured device-copy bandwidth is the least time the workload's decoding can take (prefill not counted).
 
-    python benchmarks/bench_throughput.py [--out-dir benchmarks/results] [--skip-hf]
+With --async-scheduling (or NANOVLLM_ASYNC_SCHEDULING=1) the engine schedules and launches each decode
+step before the previous one's ids are back; the result goes to throughput-<card>-async.json, and the
+breakdown also shows the host time spent launching steps and waiting for their ids.
+
+    python benchmarks/bench_throughput.py [--out-dir benchmarks/results] [--skip-hf] [--async-scheduling]
 """
 import argparse
 import gc
@@ -33,6 +37,7 @@ from bench_latency import (
 )
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import PendingStep
 
 NUM_SEQS, MAX_INPUT_LEN, MAX_OUTPUT_LEN = 256, 1024, 1024
 HF_REQUESTS, HF_MAX_TOKENS = 16, 128
@@ -65,33 +70,59 @@ def warm_up(llm: LLM) -> None:
 
 
 def timed_generate(llm: LLM, prompts, params) -> dict:
-    """Wall time of llm.generate, and how much of it the model runner and the scheduler took."""
+    """Wall time of llm.generate, and how much of it the model runner and the scheduler took. With async
+    scheduling, runner_s also counts launches (launch_s) and the waits for a step's ids (wait_s)."""
     engine = llm.engine
     runner, scheduler = engine.model_runner, engine.scheduler
-    spent = {"runner_s": 0.0, "schedule_s": 0.0, "steps": 0, "graph_steps": 0}
-    run, schedule = runner.run, scheduler.schedule
+    spent = {"runner_s": 0.0, "schedule_s": 0.0, "steps": 0, "graph_steps": 0, "overlapped_steps": 0,
+             "launch_s": 0.0, "wait_s": 0.0}
+    run, launch, result = runner.run, runner.launch, PendingStep.result
+
+    def add(t0: float, *keys: str) -> None:
+        for key in keys:
+            spent[key] += time.perf_counter() - t0
 
     def timed_run(batch):
         t0 = time.perf_counter()
         spent["graph_steps"] += runner._graph_ready(batch)
-        out = run(batch)
-        spent["runner_s"] += time.perf_counter() - t0
         spent["steps"] += 1
+        out = run(batch)
+        add(t0, "runner_s")
         return out
 
-    def timed_schedule():
+    def timed_launch(batch, prev=None):
         t0 = time.perf_counter()
-        batch = schedule()
-        spent["schedule_s"] += time.perf_counter() - t0
-        return batch
-    runner.run, scheduler.schedule = timed_run, timed_schedule
+        spent["graph_steps"] += runner._graph_ready(batch)
+        spent["steps"] += 1
+        spent["overlapped_steps"] += prev is not None
+        out = launch(batch, prev)
+        add(t0, "runner_s", "launch_s")
+        return out
+
+    def timed_result(pending):
+        t0 = time.perf_counter()
+        out = result(pending)
+        add(t0, "runner_s", "wait_s")
+        return out
+
+    def timed_schedule(schedule):
+        def wrapper():
+            t0 = time.perf_counter()
+            batch = schedule()
+            add(t0, "schedule_s")
+            return batch
+        return wrapper
+    runner.run, runner.launch, PendingStep.result = timed_run, timed_launch, timed_result
+    scheduler.schedule = timed_schedule(scheduler.schedule)
+    scheduler.schedule_overlapped = timed_schedule(scheduler.schedule_overlapped)
     try:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         spent["seconds"] = time.perf_counter() - t0
-    finally:
-        runner.run, scheduler.schedule = run, schedule
+    finally:  # instance attributes shadowed the methods
+        del runner.run, runner.launch, scheduler.schedule, scheduler.schedule_overlapped
+        PendingStep.result = result
     assert [len(o.outputs[0].token_ids) for o in outputs] == [p.max_tokens for p in params]
     spent["other_s"] = spent["seconds"] - spent["runner_s"] - spent["schedule_s"]
     return spent
@@ -125,13 +156,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--skip-hf", action="store_true", help="leave out the transformers comparison")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        default=os.environ.get("NANOVLLM_ASYNC_SCHEDULING") == "1",
+                        help="schedule each decode step while the previous one runs (engine arg async_scheduling)")
     args = parser.parse_args()
     card, tag = card_name()
     bw = copy_bandwidth_gbps()
     folder = model_dir()
     prompts, params = workload()
     t0 = time.perf_counter()
-    llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, enforce_eager=False, max_model_len=4096)
+    llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, enforce_eager=False, max_model_len=4096,
+              async_scheduling=args.async_scheduling)
     startup = time.perf_counter() - t0
     warm_up(llm)
     spent = timed_generate(llm, prompts, params)
@@ -148,6 +183,7 @@ def main() -> None:
     hf = None if args.skip_hf else hf_throughput(folder, prompts, params)
     result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights",
               "workload": "nano-vllm bench.py: 256 reqs, in/out uniform [100, 1024], seed 0, temperature 0.6",
+              "async_scheduling": args.async_scheduling,
               "output_tokens": output_tokens, "seconds": spent["seconds"],
               "output_tok_per_s": output_tokens / spent["seconds"],
               "hf_output_tok_per_s": hf["output_tok_per_s"] if hf else None,
@@ -157,7 +193,8 @@ def main() -> None:
               "startup_s": startup, "breakdown": spent, "num_kvcache_blocks": stats["num_blocks"],
               "num_preemptions": stats["num_preemptions"], "hf": hf}
     os.makedirs(args.out_dir, exist_ok=True)
-    write_json(os.path.join(args.out_dir, f"throughput-{tag}.json"), result)
+    suffix = "-async" if args.async_scheduling else ""
+    write_json(os.path.join(args.out_dir, f"throughput-{tag}{suffix}.json"), result)
     print(json.dumps(result, indent=1))
     print(f"{card}: {result['output_tok_per_s']:.0f} output tok/s ({output_tokens} tokens in "
           f"{spent['seconds']:.2f} s), {100 * result['fraction_of_roofline']:.0f}% of the {roofline:.0f} tok/s "
