@@ -3,7 +3,7 @@
 `nanovllm serve`'s HTTP process runs as is (tokenizer, validation, AsyncEngine, metrics, SSE, uvicorn), but
 its engine process is a stand-in that emits one token per running request every `--step-ms` (a GPU engine's
 decode step; 9 ms at 256 requests is the H100's 28k tok/s). `nanovllm bench serve` loads it; the CPU time of
-the HTTP process (from /proc, over the client's timed window) and of the client (its own process_time) are
+the HTTP process (`--server-pid`: /proc, over the timed run) and of the client (its own process_time) are
 divided by the streamed tokens. Servers of each configuration run side by side and the client alternates
 between them, so a shared, noisy box treats them alike.
 
@@ -25,7 +25,6 @@ import time
 import httpx
 
 VOCAB_SIZE = 49152  # SmolLM2's, the default model's tokenizer (the HTTP process loads it)
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ---- the stand-in engine process --------------------------------------------------------------------
@@ -91,30 +90,6 @@ def serve(port: int, step_ms: float, loop: str, http: str) -> None:
 
 
 # ---- the measurement ------------------------------------------------------------------------------
-class CpuSampler:
-    """Samples a process's CPU seconds (utime + stime) every 10 ms, to read them over a window."""
-
-    def __init__(self, pid: int):
-        self.pid, self.samples, self._stop = pid, [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            self.samples.append((time.time(), (int(fields[11]) + int(fields[12])) / _TICK))
-
-    def between(self, start: float, end: float) -> float:
-        before = max((s for s in self.samples if s[0] <= start), default=self.samples[0])
-        after = min((s for s in self.samples if s[0] >= end), default=self.samples[-1])
-        return after[1] - before[1]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def start_server(config: str, port: int, step_ms: float) -> subprocess.Popen:
     loop, http = config.split("/")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -133,12 +108,13 @@ def start_server(config: str, port: int, step_ms: float) -> subprocess.Popen:
     raise TimeoutError(f"the {config} server did not start")
 
 
-def run_client(port: int, args) -> dict:
+def run_client(port: int, server_pid: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "serve.json")
         subprocess.run([sys.executable, "-m", "nanovllm", "bench", "serve", "--url", f"http://127.0.0.1:{port}",
                         "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
                         "--output-len", str(args.output_len), "--seed", "0", "--output-json", out,
+                        "--server-pid", str(server_pid),
                         *args.client_args], check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
             return json.load(f)
@@ -146,14 +122,13 @@ def run_client(port: int, args) -> dict:
 
 def measure(args) -> list[dict]:
     servers = {c: start_server(c, 8300 + i, args.step_ms) for i, c in enumerate(args.configs)}
-    samplers = {c: CpuSampler(p.pid) for c, p in servers.items()}
     rows = []
     try:
         for r in range(args.rounds):
             for i, config in enumerate(args.configs):
-                result = run_client(8300 + i, args)
+                result = run_client(8300 + i, servers[config].pid, args)
                 tokens = result["total_output_tokens"]
-                http_s = samplers[config].between(result["started_at"], result["ended_at"])
+                http_s = result["server_cpu_s"]["http"]
                 row = {"config": config, "round": r, "output_tok_per_s": result["output_throughput"],
                        "ttft_p50_ms": result["ttft_ms"]["p50"], "tokens": tokens,
                        "http_us_per_token": 1e6 * http_s / tokens,
@@ -163,8 +138,7 @@ def measure(args) -> list[dict]:
                       f"{row['ttft_p50_ms']:6.0f} ms, HTTP process {row['http_us_per_token']:5.1f} us/token, "
                       f"client {row['client_us_per_token']:5.1f} us/token", flush=True)
     finally:
-        for config, proc in servers.items():
-            samplers[config].close()
+        for proc in servers.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
     return rows

@@ -495,15 +495,17 @@ def test_metrics_exact_counts(server, client):
 
 
 # ---- nanovllm bench serve ------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["completions", "chat"])
-def test_bench_serve(server, tmp_path, backend):
+@pytest.mark.parametrize("backend,num_clients", [("completions", 1), ("chat", 1), ("completions", 2)])
+def test_bench_serve(server, tmp_path, backend, num_clients):
+    """Also with two client processes, whose results are merged, and the server's CPU seconds read."""
     from nanovllm.cli import main
     out = tmp_path / "bench.json"
     argv = ["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--backend", backend,
             "--num-prompts", "6", "--request-rate", "20", "--input-len", "24", "--output-len", "5",
-            "--output-json", str(out)]
+            "--num-clients", str(num_clients), "--server-pid", str(server.proc.pid), "--output-json", str(out)]
     assert main(argv) == 0
     r = json.loads(out.read_text())
+    assert r["client_cpu_s"] > 0 and r["server_cpu_s"]["http"] > 0 and r["server_cpu_s"]["children"] > 0
     assert (r["completed"], r["failed"], r["model"]) == (6, 0, "tiny")
     assert r["total_output_tokens"] == 6 * 5  # from the usage chunks: EOS is ignored
     if backend == "completions":

@@ -6,6 +6,7 @@ per request. E2E: send -> end of stream. Output lengths come from the final usag
 """
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -76,25 +77,98 @@ async def _benchmark(args) -> dict:
         if not test.ok:
             raise RuntimeError(f"The test request failed: {test.error}")
         rng = random.Random(args.seed)
-        limit = asyncio.Semaphore(args.max_concurrency or len(prompts))
-        t0, cpu0, started_at = time.perf_counter(), time.process_time(), time.time()
-
-        async def one(prompt, delay: float) -> RequestResult:
-            await asyncio.sleep(delay)
-            async with limit:
-                return await _send(endpoint, headers, payload(prompt, args.output_len), t0, tls)
-
-        delays, t = [], 0.0
+        delays, t = [], 0.0  # seconds after the start
         for _ in prompts:
             delays.append(t)
             t += 0.0 if args.request_rate == float("inf") else rng.expovariate(args.request_rate)
-        results = await asyncio.gather(*(one(p, d) for p, d in zip(prompts, delays)))
-        duration = time.perf_counter() - t0
-    result = _summarize(args, model, results, duration)
-    # This client's own CPU time in the timed run, and the run's wall-clock bounds (to read a server
-    # process's CPU over the same window): is the client, not the server, the bottleneck?
-    result.update(client_cpu_s=time.process_time() - cpu0, started_at=started_at, ended_at=time.time())
+        payloads = [payload(p, args.output_len) for p in prompts]
+        server_cpu0 = _server_cpu(args.server_pid)
+        started_at = time.time()
+        if args.num_clients > 1:
+            t0, results, client_cpu, end = _fire_in_processes(args.num_clients, endpoint, headers, payloads,
+                                                              delays, args.max_concurrency)
+        else:
+            t0 = time.perf_counter()
+            results, client_cpu, end = await _fire(endpoint, headers, payloads, delays, t0, args.max_concurrency)
+        ended_at, server_cpu1 = time.time(), _server_cpu(args.server_pid)
+    result = _summarize(args, model, results, end - t0)
+    # The client's own CPU seconds in the timed run (is the client, not the server, the bottleneck?), the
+    # server's processes' (with --server-pid), and the run's wall-clock bounds.
+    result.update(client_cpu_s=client_cpu, started_at=started_at, ended_at=ended_at)
+    if server_cpu0:
+        result["server_cpu_s"] = {name: server_cpu1[name] - cpu for name, cpu in server_cpu0.items()}
     return result
+
+
+async def _fire(endpoint: str, headers: dict, payloads: list[dict], delays: list[float], t0: float,
+                max_concurrency: int | None) -> tuple[list[RequestResult], float, float]:
+    """Sends each payload at t0 + its delay (perf_counter seconds); returns the results, this process's CPU
+    seconds meanwhile, and when the last stream ended."""
+    tls = ssl.create_default_context()
+    limit = asyncio.Semaphore(max_concurrency or len(payloads))
+    cpu0 = time.process_time()
+
+    async def one(payload: dict, delay: float) -> RequestResult:
+        await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
+        async with limit:
+            return await _send(endpoint, headers, payload, t0, tls)
+
+    results = await asyncio.gather(*(one(p, d) for p, d in zip(payloads, delays)))
+    return list(results), time.process_time() - cpu0, time.perf_counter()
+
+
+def _fire_in_processes(num: int, endpoint: str, headers: dict, payloads: list[dict], delays: list[float],
+                       max_concurrency: int | None) -> tuple[float, list[RequestResult], float, float]:
+    """_fire split over `num` processes (request i in process i % num, at its own time), so that one Python
+    process parsing every stream does not set the pace. They start together: perf_counter is one clock for
+    every process (CLOCK_MONOTONIC). Returns the start, the results in order, the CPU seconds of all, and the
+    end. --max-concurrency is shared out evenly."""
+    context = multiprocessing.get_context("spawn")
+    share = -(-max_concurrency // num) if max_concurrency else None
+    workers = []
+    for i in range(num):
+        conn, child = context.Pipe()
+        process = context.Process(target=_client_process, daemon=True,
+                                  args=(child, endpoint, headers, payloads[i::num], delays[i::num], share))
+        process.start()
+        workers.append((process, conn))
+    for _, conn in workers:  # each has imported and is waiting for the start
+        conn.recv()
+    t0 = time.perf_counter()
+    for _, conn in workers:
+        conn.send(t0)
+    parts = [conn.recv() for _, conn in workers]
+    for process, _ in workers:
+        process.join()
+    results: list = [None] * len(payloads)
+    for i, (part, _, _) in enumerate(parts):
+        results[i::num] = part
+    return t0, results, sum(cpu for _, cpu, _ in parts), max(end for _, _, end in parts)
+
+
+def _client_process(conn, endpoint: str, headers: dict, payloads: list[dict], delays: list[float],
+                    max_concurrency: int | None) -> None:
+    conn.send("ready")
+    t0 = conn.recv()
+    conn.send(_run(_fire(endpoint, headers, payloads, delays, t0, max_concurrency)))
+
+
+def _server_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) so far of process `pid` ("http": the server's HTTP process) and of all its
+    children together ("children": the engine process, and multiprocessing's idle resource tracker), read
+    from /proc: the server must run on this machine."""
+    if pid is None:
+        return {}
+    tick, out = os.sysconf("SC_CLK_TCK"), {"http": 0.0, "children": 0.0}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+        except OSError:  # gone meanwhile
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            out["http" if int(entry) == pid else "children"] += (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 async def _get_json(client: httpx.AsyncClient, url: str) -> dict:
@@ -229,8 +303,8 @@ def _summarize(args, model: str, results: list[RequestResult], duration: float) 
     return {
         "backend": args.backend, "url": args.url, "model": model, "num_prompts": args.num_prompts,
         "request_rate": args.request_rate if args.request_rate != float("inf") else "inf",
-        "max_concurrency": args.max_concurrency, "input_len": args.input_len, "output_len": args.output_len,
-        "seed": args.seed, "label": args.label, "client_hardware": _hardware(),
+        "max_concurrency": args.max_concurrency, "num_clients": args.num_clients, "input_len": args.input_len,
+        "output_len": args.output_len, "seed": args.seed, "label": args.label, "client_hardware": _hardware(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": duration, "completed": len(ok), "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],

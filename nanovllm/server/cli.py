@@ -48,6 +48,10 @@ def add_bench_parser(subparsers) -> argparse._SubParsersAction:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None, help="Write the results here as JSON.")
     p.add_argument("--label", default=None, help="A note saved with the results (e.g. the hardware).")
+    p.add_argument("--num-clients", type=int, default=1, help="Client processes sharing the requests (a "
+                   "Python client parses a few tens of thousands of events per second; the results are merged).")
+    p.add_argument("--server-pid", type=int, default=None, help="Also report the CPU seconds of this local "
+                   "process (the server's HTTP process) and of its children over the timed run.")
     p.set_defaults(func=run_bench)
     return sub
 
