@@ -10,6 +10,12 @@ Per row (K -> N, M tokens): median microseconds per call of each variant, and th
 the bytes it must move (W, x, residual read once, out written once). For M <= 16 it also times what a
 decoder layer runs up to the MLP: the fused kernel then the RMSNorm kernel, against the unfused path
 (matmul, then the add + RMSNorm kernel of nanovllm/kernels/add_rmsnorm.py).
+
+Programmatic dependent launch (PDL) lets a kernel start while the one before it finishes. In the plain
+columns each fused call follows another fused call, which lets the next one launch at its start; in a
+decoder layer it follows the attention kernel, which does not. So each row also times every variant after
+a producer: a plain torch kernel that writes this call's x, as attention would (`prod_*` columns; the
+producer alone is `prod_us`), and the fastest configuration without PDL (`fused_nopdl_*`).
 """
 import argparse
 import json
@@ -30,6 +36,11 @@ def time_graph(fn, slots: int) -> float:
     """Median µs per call of fn(slot) replayed in one CUDA graph that cycles through the slots."""
     from nanovllm.kernels.fused_attention_output import time_in_graph
     return time_in_graph(fn, slots, calls=60, replays=15)
+
+
+def best_without_pdl(fao, key) -> str:
+    times = fao.TUNING_LOG[key]
+    return min((c for c in times if "-pdl" not in c), key=times.get)
 
 
 def time_eager(fn, calls: int = 200) -> float:
@@ -86,12 +97,43 @@ def bench_shape(k: int, n: int, dtype: torch.dtype, fao, norms) -> list[dict]:
             lambda i: fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]), slots)
         moved = (n * k + 2 * m * n + m * k) * dtype.itemsize
         row["fused_gbps"] = moved / row["fused_us"] / 1e3
-        row["fused_config"] = str(fao._BEST[(xs[0].device, dtype, n, k, False, m)])
+        key = (xs[0].device, dtype, n, k, False, m)
+        config = fao._BEST[key]
+        row["fused_config"] = str(config)
+        bench_pdl(row, fao, key, config, xs, ws, res, outs, tmps, slots)
         if m <= 16 and norms is not None:
             bench_layer(row, fao, norms, xs, ws, res, outs, tmps, g, slots)
         rows.append(row)
         print({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}, flush=True)
     return rows
+
+
+def bench_pdl(row, fao, key, config, xs, ws, res, outs, tmps, slots) -> None:
+    """The fastest configuration without PDL, and every op after a producer kernel (see the docstring);
+    for a gemv choice also that tiling with and without PDL."""
+    from dataclasses import replace
+    nopdl = next(c for c in fao.candidate_configs(row["m"], row["n"], row["k"], xs[0].dtype, pdl=True)
+                 if str(c) == best_without_pdl(fao, key))
+    row["fused_nopdl_config"] = str(nopdl)
+    row["fused_nopdl_us"] = time_graph(lambda i: fao.launch(nopdl, xs[i], ws[i], res[i], out=outs[i]), slots)
+    src = torch.randn_like(xs[0])
+
+    def produce(i):  # writes x as the attention kernel would: a plain launch, no PDL trigger
+        torch.mul(src, 1.0, out=xs[i])
+    ops = dict(
+        mm_add=lambda i: torch.add(torch.matmul(xs[i], ws[i].t(), out=tmps[i]), res[i], out=outs[i]),
+        fused=lambda i: fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]),
+        fused_nopdl=lambda i: fao.launch(nopdl, xs[i], ws[i], res[i], out=outs[i]))
+    row["prod_us"] = time_graph(produce, slots)
+    for name, op in ops.items():
+        row[f"prod_{name}_us"] = time_graph(lambda i, op=op: (produce(i), op(i)), slots)
+    if config.kernel == "gemv":
+        row["variants_us"] = {}
+        for c in (replace(config, pdl=False), replace(config, pdl=True)):
+            row["variants_us"][str(c)] = time_graph(
+                lambda i, c=c: fao.launch(c, xs[i], ws[i], res[i], out=outs[i]), slots)
+            row["variants_us"]["after producer: " + str(c)] = time_graph(
+                lambda i, c=c: (produce(i), fao.launch(c, xs[i], ws[i], res[i], out=outs[i])), slots)
 
 
 def bench_layer(row, fao, norms, xs, ws, res, outs, tmps, g, slots) -> None:
@@ -140,14 +182,20 @@ def plot(result: dict, path: Path) -> None:
 def print_table(result: dict) -> None:
     bw = result["copy_bw_gbps"]
     print(f"\n{result['card']}: copy bandwidth {bw:.0f} GB/s; µs per call in CUDA graphs, inputs from HBM")
+    print("nopdl: the fastest configuration without PDL; after prod.: each op after a producer kernel, minus")
+    print("the producer alone (fused / mm+add), as in a decoder layer where attention comes first")
     print(f"{'K->N':>10} {'M':>4} {'mm':>7} {'mm+add':>7} {'addmm':>7} {'fused':>7} {'ratio':>6} {'%bw':>5}"
-          f" {'f+norm':>6} {'mm+an':>6} {'differ':>7}  config")
+          f" {'nopdl':>6} {'ratio':>6} {'after prod.':>11} {'f+norm':>6} {'mm+an':>6} {'differ':>7}  config")
     for r in result["rows"]:
         extra = "".join(f" {r.get(key, float('nan')):6.2f}" for key in
                         ("fused_then_rmsnorm_us", "mm_then_add_rmsnorm_us"))
+        nopdl = r.get("fused_nopdl_us", float("nan"))
+        after = ((r["prod_fused_us"] - r["prod_us"]) / (r["prod_mm_add_us"] - r["prod_us"])
+                 if "prod_us" in r else float("nan"))
         print(f"{r['k']:>5}->{r['n']:<4} {r['m']:>4} {r['mm_us']:7.2f} {r['mm_add_us']:7.2f}"
               f" {r['addmm_us']:7.2f}"
               f" {r['fused_us']:7.2f} {r['fused_us'] / r['mm_add_us']:6.3f} {100 * r['fused_gbps'] / bw:5.1f}"
+              f" {nopdl:6.2f} {nopdl / r['mm_add_us']:6.3f} {after:11.3f}"
               f"{extra} {r.get('differs', float('nan')):7.1e}  {r['fused_config']}")
 
 

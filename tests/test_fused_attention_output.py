@@ -3,6 +3,8 @@
 On the CPU the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set by conftest.py) on odd,
 small shapes with large tiles; on a GPU every real shape and M in 1..256 go through the tuned dispatcher.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -107,12 +109,14 @@ def integer_inputs(m: int, k: int, n: int, seed: int = 0):
 
 
 def dispatcher_paths(k: int, n: int) -> dict[str, tuple[int, KernelConfig]]:
-    """For each path the dispatcher can pick (cuBLAS; gemv on CUDA or tensor cores, with or without TMA and
-    split-K; gemm), the candidate over all M buckets that is quickest to interpret, with its M."""
+    """For each path the dispatcher can pick (cuBLAS; gemv on CUDA or tensor cores, with or without TMA,
+    split-K and PDL; gemm), the candidate over all M buckets that is quickest to interpret, with its M.
+    (The interpreter runs PDL configurations without griddepcontrol: their peeled first step.)"""
     paths = {}
     for m in (1 << i for i in range(9)):
-        for c in fao.candidate_configs(m, n, k, torch.bfloat16):
-            path = f"{c.kernel}{'' if c.use_dot else '-fma'}{'-tma' if c.tma else ''}{'-sk' if c.split_k > 1 else ''}"
+        for c in fao.candidate_configs(m, n, k, torch.bfloat16, pdl=True):
+            path = (f"{c.kernel}{'' if c.use_dot else '-fma'}{'-tma' if c.tma else ''}"
+                    f"{'-sk' if c.split_k > 1 else ''}{'-pdl' if c.pdl else ''}")
             cost = -(-m // c.block_m) * -(-n // c.block_n) * c.split_k  # programs to interpret
             if path not in paths or cost < paths[path][0]:
                 paths[path] = cost, m, c
@@ -166,6 +170,8 @@ def test_every_path_projects_alone_to_the_product_its_fused_call_adds_to(path, b
     fused = launch(config, x, weight, residual, b, out=poisoned(m, EXACT_N, torch.bfloat16))
     proj = launch(config, x, weight, None, b, out=poisoned(m, EXACT_N, torch.bfloat16))
     assert torch.equal(proj + residual, fused)  # bf16 + bf16: the fp32 sum rounded once, as the kernel does
+    if config.pdl:  # its first step is peeled: the same products in the same order as without PDL
+        assert torch.equal(launch(replace(config, pdl=False), x, weight, residual, b), fused)
     x[:, 0] = x[:, -1] = 0  # the same products without the pair: now plain random inputs
     assert_matches_ref(launch(config, x, weight, None, b), x, weight, torch.zeros_like(residual), b)
 
@@ -275,6 +281,52 @@ def test_gpu_projection_alone_is_the_product_the_fused_call_adds_to(k, n):
     proj = fused_o_proj_add_residual(x_all[:7], weight, bias=b)  # untuned: tunes the M = 8 bucket
     assert (x_all.device, torch.bfloat16, n, k, True, 8) in fao._BEST
     assert torch.equal(proj + res_all[:7], fused_o_proj_add_residual(x_all[:7], weight, res_all[:7], b))
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 8, 64])
+def test_gpu_pdl_kernels_wait_for_the_kernels_before_them(m):
+    """Under PDL a gemv may start before the kernel ahead of it ends, and must read x and the residual
+    only after that kernel's writes. A chain of calls, each reading the residual the call before it
+    wrote and an x written just before by a copy (a memcpy node) or a torch kernel, eagerly and in a
+    CUDA graph, must give the bits of the same configurations launched one by one without PDL."""
+    k, n, steps = 2048, 1024, 6
+    if not fao.pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    gen = torch.Generator("cuda").manual_seed(m)
+    srcs = [torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(steps)]
+    weight = (torch.randn(n, k, generator=gen, device="cuda") * k**-0.5).to(torch.bfloat16)
+    res0 = torch.randn(m, n, generator=gen, device="cuda").to(torch.bfloat16)
+    xs, outs = [torch.empty_like(t) for t in srcs], [torch.empty_like(res0) for _ in range(steps)]
+
+    def chain(config):
+        residual = res0
+        for j in range(steps):
+            if j % 2:
+                xs[j].copy_(srcs[j])
+            else:
+                torch.mul(srcs[j], 1.0, out=xs[j])
+            residual = launch(config, xs[j], weight, residual, out=outs[j])
+
+    def poison():
+        for t in xs + outs:
+            t.fill_(float("nan"))
+    configs = [c for c in fao.candidate_configs(m, n, k, torch.bfloat16, pdl=True) if c.pdl]
+    assert configs
+    for config in configs:
+        expected = [res0]
+        for j in range(steps):
+            expected.append(launch(replace(config, pdl=False), srcs[j], weight, expected[-1]))
+        poison()
+        chain(config)  # eagerly (and compiled, outside the capture)
+        assert all(torch.equal(o, e) for o, e in zip(outs, expected[1:])), f"{config}, eager"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain(config)
+        poison()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, e) for o, e in zip(outs, expected[1:])), f"{config}, in a CUDA graph"
 
 
 @cuda
