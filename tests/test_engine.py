@@ -61,9 +61,10 @@ def test_greedy_tokens_and_logprobs_match_transformers(tiny):
     dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=64),
     dict(block_size=4, max_num_seqs=1),  # one at a time
 ], ids=["preemption", "chunked", "plain", "one-by-one"])
-def test_same_greedy_tokens_under_scheduling_pressure(qwen3, engine_args):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_same_greedy_tokens_under_scheduling_pressure(qwen3, engine_args, async_scheduling):
     folder, _, expected = qwen3
-    llm = LLM(folder, **engine_args)
+    llm = LLM(folder, async_scheduling=async_scheduling, **engine_args)
     outputs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [tokens for tokens, _ in expected]
     stats = llm.engine.stats()
@@ -111,9 +112,10 @@ def test_prompt_logprobs_match_transformers(tiny):
         assert all(t in entry for t in top)
 
 
-def test_seeded_sampling_reproduces_whatever_the_batch(qwen3):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_seeded_sampling_reproduces_whatever_the_batch(qwen3, async_scheduling):
     folder, _, _ = qwen3
-    llm = LLM(folder)
+    llm = LLM(folder, async_scheduling=async_scheduling)
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
     alone = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
     others = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
@@ -123,9 +125,10 @@ def test_seeded_sampling_reproduces_whatever_the_batch(qwen3):
     assert llm.generate([PROMPTS[0]], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
 
 
-def test_n_completions_abort_and_streaming(qwen3):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_n_completions_abort_and_streaming(qwen3, async_scheduling):
     folder, _, expected = qwen3
-    llm = LLM(folder)
+    llm = LLM(folder, async_scheduling=async_scheduling)
     out = llm.generate([PROMPTS[0]], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8,
                                                     ignore_eos=True), use_tqdm=False)[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
@@ -169,10 +172,11 @@ def test_bad_requests_fail_alone(qwen3):
     assert not engine.has_unfinished_requests()
 
 
-def test_stop_token_ids_max_tokens_and_context_limit(qwen3):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stop_token_ids_max_tokens_and_context_limit(qwen3, async_scheduling):
     folder, _, expected = qwen3
     tokens = expected[0][0]
-    llm = LLM(folder, max_model_len=len(PROMPTS[0]) + 10)
+    llm = LLM(folder, max_model_len=len(PROMPTS[0]) + 10, async_scheduling=async_scheduling)
     stop_at = tokens[5]
     first = tokens.index(stop_at)
     out = llm.generate([PROMPTS[0]], greedy(stop_token_ids=[stop_at]), use_tqdm=False)[0].outputs[0]
@@ -190,11 +194,12 @@ def test_engine_argument_errors(tmp_path):
         LLM(str(tmp_path), max_num_seqs=0)
 
 
-def test_text_is_the_same_streamed_or_not(qwen3):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_text_is_the_same_streamed_or_not(qwen3, async_scheduling):
     """generate() detokenizes a finished seq at once, stream() token by token: the same text either way, the
     decode of the output ids (less the stop token id that ended the seq)."""
     folder, _, expected = qwen3
-    llm = LLM(folder)
+    llm = LLM(folder, async_scheduling=async_scheduling)
     stop_at = expected[0][0][7]
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[3]]
     params = [greedy(), greedy(stop_token_ids=[stop_at], skip_special_tokens=False),

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -291,3 +291,130 @@ def test_blocks_filled_by_chunks_and_decodes_are_cached_as_they_fill():
     (again,) = add_all(s, [Sequence(a.token_ids, SamplingParams())])
     s.schedule()
     assert again.num_cached_tokens == (a.num_tokens - 1) // 4 * 4
+
+
+# --- Async scheduling: step n+1 is scheduled before step n's ids are back ------------------------------------
+
+def start_async(s, seqs):
+    """Prefills seqs (sync steps), then schedules their first decode and advances it as if launched."""
+    add_all(s, seqs)
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in seqs):
+        step(s)
+    batch = s.schedule()
+    assert s.can_overlap(batch)
+    s.advance(batch)
+    return batch
+
+
+def test_async_step_computes_placeholders_and_resolves_them():
+    s = make_scheduler()
+    a, b = create_seqs(num=2, prompt_len=5)
+    prev = start_async(s, [a, b])
+    assert a.token_ids[-1] == PLACEHOLDER and a.num_tokens == 7 and a.num_computed_tokens == 6
+    batch = s.schedule_overlapped()
+    assert scheduled(batch) == [(a.seq_id, 1), (b.seq_id, 1)]  # each computes its placeholder
+    s.resolve(prev, {a.seq_id: 11, b.seq_id: 12})
+    assert a.completion_token_ids == [7, 11] and b.completion_token_ids == [7, 12]
+    s.advance(batch)
+    assert a.token_ids[-2:] == [11, PLACEHOLDER] and a.num_computed_tokens == 7
+    check_invariants(s)
+
+
+def test_async_drains_for_what_needs_a_normal_step():
+    s = make_scheduler(num_blocks=6, block_size=4, max_num_seqs=3)
+    seqs = create_seqs(num=2, prompt_len=3)
+    start_async(s, seqs)  # the placeholders (token 4) need a second block each
+    free = s.block_manager.num_free_blocks
+    (waiting,) = add_all(s, create_seqs(prompt_len=3, seed=1))
+    assert s.schedule_overlapped() is None  # a new prompt to admit
+    s.waiting.clear()
+    penalized = Sequence([1, 2], SamplingParams(repetition_penalty=1.2))
+    assert penalized.needs_token_history and not seqs[0].needs_token_history
+    s.running.append(penalized)
+    assert s.schedule_overlapped() is None  # the sampler would read its placeholder
+    s.running.remove(penalized)
+    s.block_manager.free_block_ids.clear()  # no block for the placeholders' new block: preemption ahead
+    assert s.schedule_overlapped() is None
+    assert all(len(seq.block_table) == 1 for seq in seqs) and free == 4  # nothing was allocated
+
+
+def test_async_never_schedules_a_seq_past_its_last_token():
+    s = make_scheduler(max_model_len=16)
+    short = Sequence([1, 2, 3], SamplingParams(max_tokens=2))
+    long_prompt = Sequence(list(range(14)), SamplingParams())  # max_model_len: 16 tokens in all
+    other = Sequence([4, 5], SamplingParams(max_tokens=5))
+    start_async(s, [short, long_prompt, other])
+    assert s.reached_length(short) and s.reached_length(long_prompt) and not s.reached_length(other)
+    assert scheduled(s.schedule_overlapped()) == [(other.seq_id, 1)]
+    s.running = [short, long_prompt]
+    assert s.schedule_overlapped() is None  # nothing left to run: drain
+
+
+def test_async_block_filled_by_a_placeholder_is_cached_once_real():
+    s = make_scheduler(block_size=4)
+    (seq,) = create_seqs(prompt_len=2)
+    prev = start_async(s, [seq])  # token 3 (a placeholder) fills block 0
+    bm = s.block_manager
+    block = bm.blocks[seq.block_table[0]]
+    batch = s.schedule_overlapped()
+    assert block.hash is None and len(seq.block_hashes) == 0
+    s.resolve(prev, {seq.seq_id: 42})
+    s.advance(batch)  # block 0 is now computed, with the real id
+    assert block.token_ids == seq.token_ids[:4] and seq.token_ids[3] == 42
+    assert block.hash == bm.compute_hash(None, seq.token_ids[:4])
+
+
+def test_async_pipeline_makes_the_same_tokens_as_sync_steps():
+    """Sync steps and the async pipeline (advance, schedule_overlapped or drain, then resolve) on random
+    workloads with prefix sharing, preemption and chunks: the same tokens per seq, invariants after each step.
+    Each token is a function of the tokens before it, as a model's would be, and 0 is EOS."""
+    overlapped = 0
+    for seed in range(12):
+        tokens = [run_pipeline(seed, overlap=False)[0], run_pipeline(seed, overlap=True)]
+        assert tokens[0] == tokens[1][0], f"seed {seed}"
+        overlapped += tokens[1][1]
+    assert overlapped > 50
+
+
+def run_pipeline(seed: int, overlap: bool) -> tuple[list[list[int]], int]:
+    """Runs a random workload to the end; returns each seq's tokens and the number of overlapped steps."""
+    def sample(prefix):
+        return (sum(prefix) * 7 + len(prefix)) % 13
+
+    def finish_done(s, batch, sampled):
+        for seq in batch.seqs:
+            if seq.seq_id in sampled and not seq.is_finished and (seq.last_token == 0 or s.reached_length(seq)):
+                s.finish(seq, "stop")
+
+    rng = Random(seed)
+    s = make_scheduler(num_blocks=rng.randint(8, 24), block_size=2, max_model_len=32, max_num_seqs=6,
+                       max_num_batched_tokens=rng.randint(6, 16))
+    seqs = add_all(s, [Sequence([rng.randrange(3) for _ in range(rng.randint(1, 12))],
+                                SamplingParams(max_tokens=rng.randint(1, 20))) for _ in range(6)])
+    inflight, overlapped = None, 0  # (batch, its sampled ids, computed at launch as a GPU would)
+    for _ in range(500):
+        if inflight is None:
+            if s.is_finished():
+                break
+            batch = s.schedule()
+            sampled = {seq.seq_id: sample(seq.token_ids) for seq, n in zip(batch.seqs, batch.num_new_tokens)
+                       if seq.num_computed_tokens + n == seq.num_tokens}
+            if overlap and s.can_overlap(batch):
+                inflight = batch, sampled
+            else:
+                s.postprocess(batch, sampled)
+                finish_done(s, batch, sampled)
+        else:
+            prev, prev_sampled = inflight
+            s.advance(prev)
+            batch, inflight = s.schedule_overlapped(), None
+            if batch is not None:
+                overlapped += 1
+                inflight = batch, {seq.seq_id: sample(seq.token_ids[:-1] + [prev_sampled[seq.seq_id]])
+                                   for seq in batch.seqs}
+            s.resolve(prev, prev_sampled)
+            finish_done(s, prev, prev_sampled)
+        check_invariants(s)
+    assert s.is_finished() and inflight is None
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+    return [seq.completion_token_ids for seq in seqs], overlapped
