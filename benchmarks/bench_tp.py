@@ -1,18 +1,23 @@
 """Tensor parallelism on 2 GPUs: the same model at tensor_parallel_size 1 and 2, agreement and speed.
 
-For each architecture (Qwen3-8B, then Qwen3-4B; random bf16 weights, which `load_format="dummy"` draws as
-one checkpoint that every TP size slices, so TP 1 and 2 run the same model), one engine per TP size does:
-  - agreement: 8 prompts x 64 greedy tokens, with the top-20 logprobs of each step; then TP 2's tokens
-    against TP 1's (rate, first divergence, and the logprob gap in TP 1's distribution there: bf16
-    near-ties), and "logits close": both engines score the same text (TP 1's output, teacher-forced as
-    prompt logprobs) and we report the largest and mean absolute logprob difference;
-  - batch-1 decode latency: median engine step over 64 steps (bench_latency.time_decode, no bare replay);
-  - throughput: nano-vllm's workload, as benchmarks/bench_throughput.py runs it (256 requests, in/out
-    uniform in [100, 1024], temperature 0.6).
-Writes benchmarks/results/tp-<card>.json; its top-level keys are the 8B figures.
+Random weights (`load_format="dummy"` draws one checkpoint that every TP size slices, so every engine of
+an architecture runs the same model). Engines, one after another:
+  qwen3-8b bf16   tp1        CUDA graphs: agreement, decode steps at batch 1/64/256, throughput
+                  tp1_eager  enforce_eager: agreement only (the bf16 noise baseline: same weights and
+                             TP size, other kernels and reduction orders)
+                  tp2        symmetric-memory all-reduce: agreement, decode steps, throughput
+                  tp2_nccl   NANOVLLM_SYMM_MEM=0, NCCL all-reduce: agreement, decode steps, throughput
+  qwen3-4b fp32   fp32_tp1, fp32_tp2: agreement only (in fp32 the near-ties of bf16 should resolve the
+                             same way at both TP sizes, which shows the bf16 disagreement is rounding)
+Agreement: 8 prompts x 64 greedy tokens with the top-20 logprobs of each step; one engine's tokens against
+another's (rate, first divergence, and the reference's logprob gap there), and "logits close": both score
+the reference's text (teacher-forced prompt logprobs), largest and mean absolute logprob difference.
+Decode steps: median engine step with `batch` seqs decoding (prompt 128). Throughput: nano-vllm's workload,
+as benchmarks/bench_throughput.py runs it (256 requests, in/out uniform in [100, 1024], temperature 0.6).
+Writes benchmarks/results/tp-<card>.json after every engine, before it closes (a hang at close keeps what
+was measured); its top-level keys are the 8B figures.
 
-    python benchmarks/bench_tp.py [--out-dir benchmarks/results] [--archs qwen3-8b qwen3-4b]
-                                  [--agreement-only qwen3-4b]
+    python benchmarks/bench_tp.py [--out-dir benchmarks/results] [--runs tp1 tp2 ...]
 """
 import argparse
 import gc
@@ -26,10 +31,28 @@ from bench_latency import card_name, model_dir, write_json
 from bench_throughput import timed_generate, warm_up, workload
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.distributed.parallel_state import all_reduce_backend
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 NUM_PROMPTS, PROMPT_LEN, STEPS, TOP = 8, 64, 64, 20
-BS1_STEPS = 64
+DECODE_BATCHES, DECODE_PROMPT, DECODE_WARMUP, DECODE_STEPS = (1, 64, 256), 128, 8, 64
+
+# name: (architecture, engine arguments, NANOVLLM_SYMM_MEM, speed runs, whose tokens make the scored text)
+RUNS = {
+    "tp1": ("qwen3-8b", dict(tensor_parallel_size=1), "1", True, None),
+    "tp1_eager": ("qwen3-8b", dict(tensor_parallel_size=1, enforce_eager=True), "1", False, "tp1"),
+    "tp2": ("qwen3-8b", dict(tensor_parallel_size=2), "1", True, "tp1"),
+    "tp2_nccl": ("qwen3-8b", dict(tensor_parallel_size=2), "0", True, "tp1"),
+    "fp32_tp1": ("qwen3-4b", dict(tensor_parallel_size=1, dtype="float32"), "1", False, None),
+    "fp32_tp2": ("qwen3-4b", dict(tensor_parallel_size=2, dtype="float32"), "1", False, "fp32_tp1"),
+}
+# comparison: (reference run, other run)
+COMPARISONS = {
+    "tp2_vs_tp1": ("tp1", "tp2"),  # bf16, what the issue measures
+    "eager_vs_graphs": ("tp1", "tp1_eager"),  # bf16 noise of one TP size
+    "nccl_vs_symm_mem": ("tp2", "tp2_nccl"),  # two ranks: a + b rounds the same either way
+    "fp32_tp2_vs_tp1": ("fp32_tp1", "fp32_tp2"),
+}
 
 
 def prompts() -> list[list[int]]:
@@ -52,63 +75,86 @@ def scored(llm: LLM, texts: list[list[int]]) -> list[list[float]]:
     return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])] for o in outs]
 
 
-def bs1_ms(llm: LLM) -> float:
-    """Median wall time of an engine step with one seq decoding (prompt 128 tokens)."""
-    engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=BS1_STEPS + 9, ignore_eos=True)
-    engine.add_request("bs1", list(range(100, 228)), params)
-    for _ in range(9):  # prefill, then warm steps
+def decode_step_ms(llm: LLM, batch: int) -> dict:
+    """Median wall time of an engine step, and of the model runner inside it, with `batch` seqs decoding."""
+    engine, runner = llm.engine, llm.engine.model_runner
+    rng = random.Random(batch)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=DECODE_WARMUP + DECODE_STEPS + 2)
+    for i in range(batch):  # distinct prompts: no prefix-cache hits
+        engine.add_request(f"d{batch}-{i}", [rng.randrange(100, 900) for _ in range(DECODE_PROMPT)], params)
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                          for s in engine.scheduler.running):
+        engine.step()  # prefill
+    for _ in range(DECODE_WARMUP):
         engine.step()
-    times = []
-    for _ in range(BS1_STEPS):
+    step_times, runner_times, run = [], [], runner.run
+
+    def timed_run(b):
         t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
+        out = run(b)
+        runner_times.append(time.perf_counter() - t0)
+        return out
+    runner.run = timed_run
+    try:
+        for _ in range(DECODE_STEPS):
+            t0 = time.perf_counter()
+            engine.step()
+            step_times.append(time.perf_counter() - t0)
+    finally:
+        runner.run = run
     while engine.has_unfinished_requests():
         engine.step()
-    return 1e3 * sorted(times)[len(times) // 2]
+    return {"batch": batch, "ms_per_step": median_ms(step_times), "runner_ms_per_step": median_ms(runner_times)}
 
 
-def run_engine(folder: str, tp: int, texts: list[list[int]] | None, speed: bool = True,
-               before_close=lambda result: None) -> dict:
-    """One engine's agreement runs (and with `speed`, its latency and throughput); `before_close(result)`
-    runs before the engine closes, so what was measured is kept even if closing hangs."""
-    t0 = time.perf_counter()
-    llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
-              tensor_parallel_size=tp)
-    result = {"tp": tp, "startup_s": time.perf_counter() - t0,
-              "num_kvcache_blocks": llm.engine.stats()["num_blocks"]}
-    print(f"tp={tp}: engine ready in {result['startup_s']:.0f} s", flush=True)
-    result["tokens"], result["logprobs"] = greedy_run(llm)
-    result["scored"] = scored(llm, texts or [p + t for p, t in zip(prompts(), result["tokens"])])
-    if speed:
-        measure_speed(llm, result)
-    before_close(result)
-    t0 = time.perf_counter()
-    llm.close()
-    print(f"tp={tp}: closed in {time.perf_counter() - t0:.1f} s", flush=True)
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
+def median_ms(seconds: list[float]) -> float:
+    return 1e3 * sorted(seconds)[len(seconds) // 2]
 
 
 def measure_speed(llm: LLM, result: dict) -> None:
-    tp = result["tp"]
-    result["ms_per_token_bs1"] = bs1_ms(llm)
-    print(f"tp={tp}: batch-1 step {result['ms_per_token_bs1']:.3f} ms", flush=True)
+    name = result["name"]
+    result["decode"] = [decode_step_ms(llm, batch) for batch in DECODE_BATCHES]
+    result["ms_per_token_bs1"] = result["decode"][0]["ms_per_step"]
+    print(f"{name}: decode steps " + ", ".join(f"bs{d['batch']} {d['ms_per_step']:.3f} ms"
+                                              for d in result["decode"]), flush=True)
     warm_up(llm)
     reqs, params = workload()
     spent = timed_generate(llm, reqs, params)
     result["output_tokens"] = sum(p.max_tokens for p in params)
     result["throughput"] = spent
     result["output_tok_per_s"] = result["output_tokens"] / spent["seconds"]
-    print(f"tp={tp}: {result['output_tok_per_s']:.0f} output tok/s", flush=True)
+    print(f"{name}: {result['output_tok_per_s']:.0f} output tok/s", flush=True)
+
+
+def run_engine(name: str, folders: dict[str, str], runs: dict[str, dict], before_close) -> None:
+    """Runs one engine of RUNS into runs[name]; `before_close()` runs before the engine closes."""
+    arch, engine_args, symm_mem, speed, reference = RUNS[name]
+    os.environ["NANOVLLM_SYMM_MEM"] = symm_mem  # read at group init; the workers inherit it
+    t0 = time.perf_counter()
+    llm = LLM(folders[arch], load_format="dummy", skip_tokenizer_init=True, max_model_len=4096, **engine_args)
+    result = runs[name] = {"name": name, "arch": arch, **engine_args, "all_reduce": all_reduce_backend(),
+                           "startup_s": time.perf_counter() - t0,
+                           "num_kvcache_blocks": llm.engine.stats()["num_blocks"]}
+    print(f"{name}: engine ready in {result['startup_s']:.0f} s, all-reduce: {result['all_reduce']}", flush=True)
+    try:
+        result["tokens"], result["logprobs"] = greedy_run(llm)
+        ref_tokens = runs[reference]["tokens"] if reference in runs else result["tokens"]
+        result["scored"] = scored(llm, [p + t for p, t in zip(prompts(), ref_tokens)])
+        if speed:
+            measure_speed(llm, result)
+        before_close()
+    finally:  # also after a failure: a TP engine left open would refuse the next one
+        t0 = time.perf_counter()
+        llm.close()
+        print(f"{name}: closed in {time.perf_counter() - t0:.1f} s", flush=True)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def compare(one: dict, two: dict) -> dict:
-    """TP 2 against TP 1: greedy agreement (with TP 1's logprob gap at each first divergence) and the
-    logprob differences on the same teacher-forced text."""
+    """`two` against the reference `one`: greedy agreement (with one's logprob gap at each first divergence)
+    and the logprob differences on the same teacher-forced text."""
     equal = total = 0
     firsts, gaps = [], []
     for a, b, lps in zip(two["tokens"], one["tokens"], one["logprobs"]):
@@ -124,43 +170,60 @@ def compare(one: dict, two: dict) -> dict:
             "max_abs_logprob_diff": max(diffs), "mean_abs_logprob_diff": sum(diffs) / len(diffs)}
 
 
+def summary(runs: dict[str, dict], card: str, cards: list[str]) -> dict:
+    """The JSON: each run's figures, each comparison whose two runs are done, and the headline keys."""
+    detail_keys = ("arch", "tensor_parallel_size", "dtype", "enforce_eager", "all_reduce", "startup_s",
+                   "num_kvcache_blocks", "decode", "ms_per_token_bs1", "output_tokens", "throughput",
+                   "output_tok_per_s")
+    result = {"card": card, "cards": cards,
+              "workload": "nano-vllm bench.py: 256 reqs, in/out uniform [100, 1024], seed 0, temperature 0.6; "
+                          "random weights (bf16 unless a run says dtype float32)",
+              "runs": {name: {k: r[k] for k in detail_keys if k in r} for name, r in runs.items()},
+              "comparisons": {name: compare(runs[a], runs[b]) for name, (a, b) in COMPARISONS.items()
+                              if "scored" in runs.get(a, {}) and "scored" in runs.get(b, {})}}
+    headline = {"tp1_output_tok_per_s": ("tp1", "output_tok_per_s"),
+                "tp2_output_tok_per_s": ("tp2", "output_tok_per_s"),
+                "tp2_nccl_output_tok_per_s": ("tp2_nccl", "output_tok_per_s"),
+                "tp1_ms_per_token_bs1": ("tp1", "ms_per_token_bs1"),
+                "tp2_ms_per_token_bs1": ("tp2", "ms_per_token_bs1"),
+                "tp2_nccl_ms_per_token_bs1": ("tp2_nccl", "ms_per_token_bs1")}
+    for key, (run, field) in headline.items():
+        if field in runs.get(run, {}):
+            result[key] = runs[run][field]
+    for tp2 in ("tp2", "tp2_nccl"):
+        if f"{tp2}_output_tok_per_s" in result and "tp1_output_tok_per_s" in result:
+            result[f"{tp2}_speedup"] = result[f"{tp2}_output_tok_per_s"] / result["tp1_output_tok_per_s"]
+    for name, row in result["comparisons"].items():
+        result[f"{name}_greedy_agreement"] = row["greedy_agreement"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--archs", nargs="+", default=["qwen3-8b", "qwen3-4b"])
-    parser.add_argument("--agreement-only", nargs="*", default=[], metavar="ARCH",
-                        help="for these archs, only the agreement (no latency or throughput)")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = parser.parse_args()
     card, tag = card_name()
     cards = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    result = {"card": card, "cards": cards, "workload": "nano-vllm bench.py: 256 reqs, in/out uniform [100, "
-              "1024], seed 0, temperature 0.6; random bf16 weights", "archs": {}}
-    for arch in args.archs:
-        folder = model_dir(os.path.join(CONFIGS, f"{arch}.json"))
-        speed = arch not in args.agreement_only
-        one = run_engine(folder, 1, None, speed)
-        texts = [p + t for p, t in zip(prompts(), one["tokens"])]
-        run_engine(folder, 2, texts, speed, before_close=lambda two: record(arch, one, two, result, args.out_dir, tag))
+    folders = {arch: model_dir(os.path.join(CONFIGS, f"{arch}.json")) for arch in {RUNS[r][0] for r in args.runs}}
+    runs: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"tp-{tag}.json")
 
+    def write() -> None:
+        result = {**summary(runs, card, cards), "errors": errors}
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, indent=1), flush=True)
+        write_json(path, result)
+    for name in args.runs:
+        try:
+            run_engine(name, folders, runs, write)
+        except Exception as e:  # keep going: the other runs and comparisons still tell something
+            errors[name] = repr(e)[:500]
+            print(f"{name}: failed: {e!r}", flush=True)
+            write()
+    print(json.dumps(summary(runs, card, cards)["comparisons"]), flush=True)
 
-def record(arch: str, one: dict, two: dict, result: dict, out_dir: str, tag: str) -> None:
-    """Adds arch's row (TP 2 against TP 1) to result and writes the JSON: after each arch, so a timeout
-    or a hang later keeps what was measured."""
-    row = compare(one, two)
-    if "output_tok_per_s" in one:
-        row.update({"tp1_output_tok_per_s": one["output_tok_per_s"], "tp2_output_tok_per_s": two["output_tok_per_s"],
-                    "tp2_speedup": two["output_tok_per_s"] / one["output_tok_per_s"],
-                    "tp1_ms_per_token_bs1": one["ms_per_token_bs1"], "tp2_ms_per_token_bs1": two["ms_per_token_bs1"]})
-    for r in (one, two):
-        row[f"tp{r['tp']}_detail"] = {k: r[k] for k in ("startup_s", "num_kvcache_blocks", "output_tokens",
-                                                       "throughput") if k in r}
-    result["archs"][arch] = row
-    print(arch, json.dumps(row, indent=1), flush=True)
-    headline = result["archs"].get("qwen3-8b", row)
-    result.update({k: headline[k] for k in ("tp1_output_tok_per_s", "tp2_output_tok_per_s",
-                                            "tp1_ms_per_token_bs1", "tp2_ms_per_token_bs1") if k in headline})
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, f"tp-{tag}.json"), result)
 
 if __name__ == "__main__":
     main()

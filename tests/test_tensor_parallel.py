@@ -19,7 +19,7 @@ from tiny_tokenizer import save_tiny_tokenizer
 import nanovllm
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import ModelConfig
-from nanovllm.distributed.parallel_state import check_tp_size, get_tp_size
+from nanovllm.distributed.parallel_state import all_reduce_backend, check_tp_size, get_tp_size
 
 PROMPTS = [[5, 17, 300, 42, 9], list(range(100, 117)), [7] * 3, [(i * 37) % 990 + 3 for i in range(33)]]
 ARCHS = {"qwen3": ({}, {}),
@@ -86,14 +86,14 @@ def test_tp2_matches_tp1(arch, qwen3, tmp_path_factory):
     with LLM(folder, tensor_parallel_size=2, **engine_args) as llm:
         pids = worker_pids(llm)
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-        assert get_tp_size() == 2
+        assert get_tp_size() == 2 and all_reduce_backend() == "gloo"  # symmetric memory is CUDA only
     assert_same_greedy(outputs, expected)
     for ours, ref in zip(outputs, expected):
         plps = [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])] for o in (ours, ref)]
         torch.testing.assert_close(torch.tensor(plps[0]), torch.tensor(plps[1]), atol=1e-4, rtol=0)
     # close() stopped and reaped the workers and left the group: a one-rank engine works again.
     assert multiprocessing.active_children() == [] and all(gone(pid) for pid in pids)
-    assert get_tp_size() == 1
+    assert get_tp_size() == 1 and all_reduce_backend() == "none"
 
 
 def test_tp2_decode_through_the_graph_protocol_matches_eager_tp1(qwen3, monkeypatch):

@@ -3,7 +3,9 @@
 Layers read `get_tp_rank()` / `get_tp_size()` when they are built, so the group must exist before the model
 is: rank 0 (the engine's process) and every worker call `init_tensor_parallel` first. Without it the size
 is 1 and every collective here is a no-op, so a single-process model never touches torch.distributed.
+On CUDA the all-reduce goes through a symmetric-memory buffer when the message fits (all_reduce.py).
 """
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,8 +14,10 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import ModelConfig
+from nanovllm.distributed.all_reduce import SymmMemAllReduce, symm_mem_requested, symm_mem_supported
 
 _TP_RANK, _TP_SIZE = 0, 1
+_SYMM_MEM: SymmMemAllReduce | None = None  # CUDA groups: the all-reduce's persistent buffer
 
 
 def get_tp_rank() -> int:
@@ -47,16 +51,39 @@ def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: 
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
     _TP_RANK, _TP_SIZE = rank, world_size
+    if backend == "nccl" and symm_mem_requested() and symm_mem_supported(world_size, device):
+        _init_symm_mem(device)
+
+
+def _init_symm_mem(device: torch.device) -> None:
+    """Every rank uses the buffer, or none does: a rank that could not set it up falls back to NCCL, and
+    the others must too, or their all-reduces would never meet."""
+    global _SYMM_MEM
+    try:
+        symm_mem = SymmMemAllReduce(dist.group.WORLD.group_name, device)
+    except RuntimeError as e:
+        symm_mem = None
+        warnings.warn(f"symmetric-memory all-reduce unavailable, using NCCL: {e}", stacklevel=2)
+    if min_over_ranks(int(symm_mem is not None), device):
+        _SYMM_MEM = symm_mem
+
+
+def all_reduce_backend() -> str:
+    """What all_reduce uses: "symm_mem" (then NCCL for what does not fit), "nccl", "gloo" or "none"."""
+    if _TP_SIZE == 1:
+        return "none"
+    return "symm_mem" if _SYMM_MEM is not None else dist.get_backend()
 
 
 def destroy_tensor_parallel() -> None:
     """Leaves the group. NCCL communicators are aborted, not finalized: finalizing is collective and waits
     for every peer (a dead one never comes) and, on the H100 pair, hung at close. The caller has dropped its
     CUDA graphs, which hold captured collectives, and nothing is in flight after the synchronize."""
-    global _TP_RANK, _TP_SIZE
+    global _TP_RANK, _TP_SIZE, _SYMM_MEM
     if dist.is_initialized():
         if dist.get_backend() == "nccl":
             torch.cuda.synchronize()
+            _SYMM_MEM = None  # frees the buffer (a local unmap, no collective) while the group still exists
             dist.distributed_c10d._abort_process_group()  # also forgets the group, as destroy does
         else:
             dist.destroy_process_group()
@@ -66,6 +93,8 @@ def destroy_tensor_parallel() -> None:
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sums x over the ranks, in place; every rank gets the same bits."""
     if _TP_SIZE > 1:
+        if _SYMM_MEM is not None and _SYMM_MEM.fits(x):
+            return _SYMM_MEM(x)
         dist.all_reduce(x)
     return x
 
