@@ -7,8 +7,8 @@ an architecture runs the same model). Engines, one after another:
                              TP size, other kernels and reduction orders)
                   tp2        symmetric-memory all-reduce: agreement, decode steps, throughput
                   tp2_nccl   NANOVLLM_SYMM_MEM=0, NCCL all-reduce: agreement, decode steps, throughput
-  qwen3-4b fp32   fp32_tp1, fp32_tp2: agreement only (in fp32 the near-ties of bf16 should resolve the
-                             same way at both TP sizes, which shows the bf16 disagreement is rounding)
+  qwen3-4b fp32   fp32_tp1, fp32_tp2 (NCCL): agreement only (in fp32 the near-ties of bf16 should resolve
+                             the same way at both TP sizes, which shows the bf16 disagreement is rounding)
 Agreement: 8 prompts x 64 greedy tokens with the top-20 logprobs of each step; one engine's tokens against
 another's (rate, first divergence, and the reference's logprob gap there), and "logits close": both score
 the reference's text (teacher-forced prompt logprobs), largest and mean absolute logprob difference.
@@ -44,7 +44,9 @@ RUNS = {
     "tp2": ("qwen3-8b", dict(tensor_parallel_size=2), "1", True, "tp1"),
     "tp2_nccl": ("qwen3-8b", dict(tensor_parallel_size=2), "0", True, "tp1"),
     "fp32_tp1": ("qwen3-4b", dict(tensor_parallel_size=1, dtype="float32"), "1", False, None),
-    "fp32_tp2": ("qwen3-4b", dict(tensor_parallel_size=2, dtype="float32"), "1", False, "fp32_tp1"),
+    # NCCL: at 2 ranks both all-reduces round a + b once (nccl_vs_symm_mem checks it), and one
+    # symmetric-memory group per process keeps the bench clear of torch's rendezvous caching.
+    "fp32_tp2": ("qwen3-4b", dict(tensor_parallel_size=2, dtype="float32"), "0", False, "fp32_tp1"),
 }
 # comparison: (reference run, other run)
 COMPARISONS = {
