@@ -36,7 +36,7 @@ def stand_in_core(args: dict, conn, parent_pid: int) -> None:
     from nanovllm.config import Config
     stats = {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "num_preemptions": 0,
              "prefix_queries": 0, "prefix_hits": 0}
-    conn.send(("ready", Config(model="", max_model_len=args["max_model_len"]), VOCAB_SIZE, stats))
+    conn.send(("ready", Config(model=args["model"], max_model_len=args["max_model_len"]), VOCAB_SIZE, stats))
     running: dict[str, list] = {}  # request id -> [tokens left, arrival time, first token time]
     period, next_step = args["step_ms"] / 1000, time.perf_counter()
     while True:
@@ -76,7 +76,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def serve(port: int, step_ms: float, loop: str, http: str) -> None:
+def serve(port: int, model: str, step_ms: float, loop: str, http: str) -> None:
     """`nanovllm serve`'s HTTP process with the stand-in engine."""
     from nanovllm.server import async_engine
     from nanovllm.server.app import ServerState, create_app
@@ -84,17 +84,18 @@ def serve(port: int, step_ms: float, loop: str, http: str) -> None:
     from nanovllm.server.metrics import ServerMetrics
     async_engine.run_engine_core = stand_in_core  # what AsyncEngine.start spawns
     sys.setswitchinterval(0.0005)  # as run_serve
-    engine = async_engine.AsyncEngine({"step_ms": step_ms, "max_model_len": 2048}, ServerMetrics("stand-in"))
+    engine_args = {"model": model, "step_ms": step_ms, "max_model_len": 2048}
+    engine = async_engine.AsyncEngine(engine_args, ServerMetrics("stand-in"))
     run_server(create_app(ServerState(engine, "stand-in", "stand-in")), engine, "127.0.0.1", port, 2.0,
                "warning", loop=loop, http=http)
 
 
 # ---- the measurement ------------------------------------------------------------------------------
-def start_server(config: str, port: int, step_ms: float) -> subprocess.Popen:
+def start_server(config: str, port: int, model: str, step_ms: float) -> subprocess.Popen:
     loop, http = config.split("/")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(step_ms),
-                             "--loop", loop, "--http", http], env=env)
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--model", model,
+                             "--step-ms", str(step_ms), "--loop", loop, "--http", http], env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -121,7 +122,7 @@ def run_client(port: int, server_pid: int, args) -> dict:
 
 
 def measure(args) -> list[dict]:
-    servers = {c: start_server(c, 8300 + i, args.step_ms) for i, c in enumerate(args.configs)}
+    servers = {c: start_server(c, 8300 + i, args.model, args.step_ms) for i, c in enumerate(args.configs)}
     rows = []
     try:
         for r in range(args.rounds):
@@ -156,6 +157,8 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=None, help="loop/http pairs (uvicorn's names); "
                    "default: asyncio/h11, and uvloop/httptools where installed")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--model", default="", help="Whose tokenizer the HTTP process loads, with a vocabulary of "
+                   f"{VOCAB_SIZE} (default: the default model, SmolLM2).")
     p.add_argument("--step-ms", type=float, default=9.0, help="The stand-in engine's step time.")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=32)
@@ -168,7 +171,7 @@ def main() -> None:
     p.add_argument("--http", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve is not None:
-        serve(args.serve, args.step_ms, args.loop, args.http)
+        serve(args.serve, args.model, args.step_ms, args.loop, args.http)
         return
     args.configs = args.configs or installed_configs()
     rows = measure(args)
