@@ -27,7 +27,7 @@ import random
 import time
 
 import torch
-from bench_latency import card_name, model_dir, write_json
+from bench_latency import card_name, cuda_kernels, model_dir, short, write_json
 from bench_throughput import timed_generate, warm_up, workload
 
 from nanovllm import LLM, SamplingParams
@@ -36,6 +36,7 @@ from nanovllm.distributed.parallel_state import all_reduce_backend
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 NUM_PROMPTS, PROMPT_LEN, STEPS, TOP = 8, 64, 64, 20
 DECODE_BATCHES, DECODE_PROMPT, DECODE_WARMUP, DECODE_STEPS = (1, 64, 256), 128, 8, 64
+PROFILE_STEPS, PROFILE_TOP = 8, 12  # batch 1: rank 0's kernels over a few steps, by name
 
 # name: (architecture, engine arguments, NANOVLLM_SYMM_MEM, speed runs, whose tokens make the scored text)
 RUNS = {
@@ -81,7 +82,8 @@ def decode_step_ms(llm: LLM, batch: int) -> dict:
     """Median wall time of an engine step, and of the model runner inside it, with `batch` seqs decoding."""
     engine, runner = llm.engine, llm.engine.model_runner
     rng = random.Random(batch)
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=DECODE_WARMUP + DECODE_STEPS + 2)
+    params = SamplingParams(temperature=0, ignore_eos=True,
+                            max_tokens=DECODE_WARMUP + DECODE_STEPS + PROFILE_STEPS + 2)
     for i in range(batch):  # distinct prompts: no prefix-cache hits
         engine.add_request(f"d{batch}-{i}", [rng.randrange(100, 900) for _ in range(DECODE_PROMPT)], params)
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
@@ -104,9 +106,29 @@ def decode_step_ms(llm: LLM, batch: int) -> dict:
             step_times.append(time.perf_counter() - t0)
     finally:
         runner.run = run
+    result = {"batch": batch, "ms_per_step": median_ms(step_times), "runner_ms_per_step": median_ms(runner_times)}
+    if batch == 1:
+        result["rank0_kernels"] = kernel_profile(engine)
     while engine.has_unfinished_requests():
         engine.step()
-    return {"batch": batch, "ms_per_step": median_ms(step_times), "runner_ms_per_step": median_ms(runner_times)}
+    return result
+
+
+def kernel_profile(engine) -> dict:
+    """Rank 0's GPU time per step by kernel (µs, the top PROFILE_TOP), and their total, over PROFILE_STEPS
+    engine steps. Under TP a collective's time includes waiting for the other rank to arrive."""
+    def steps() -> None:
+        for _ in range(PROFILE_STEPS):
+            engine.step()
+    t0 = time.perf_counter()
+    kernels = cuda_kernels(steps)
+    wall_ms = 1e3 * (time.perf_counter() - t0) / PROFILE_STEPS
+    by_name: dict[str, float] = {}
+    for name, us in kernels:
+        by_name[short(name)] = by_name.get(short(name), 0.0) + us / PROFILE_STEPS
+    top = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:PROFILE_TOP])
+    return {"kernel_us_per_step": sum(by_name.values()), "kernels_per_step": len(kernels) / PROFILE_STEPS,
+            "profiled_wall_ms_per_step": wall_ms, "top_us_per_step": top}
 
 
 def median_ms(seconds: list[float]) -> float:

@@ -31,8 +31,11 @@ def symm_mem_requested() -> bool:
 
 
 def symm_mem_supported(world_size: int, device: torch.device) -> bool:
-    """CUDA ranks, one GPU each (rank r on cuda:r), that can all read each other's memory."""
+    """CUDA ranks, one GPU each (rank r on cuda:r), that can all read each other's memory, and a torch that
+    has the two kernels."""
     if device.type != "cuda" or world_size not in WORLD_SIZES:
+        return False
+    if not all(hasattr(torch.ops.symm_mem, op) for op in ("one_shot_all_reduce_copy_out", "two_shot_all_reduce_out")):
         return False
     return all(torch.cuda.can_device_access_peer(device.index, peer)
                for peer in range(world_size) if peer != device.index)
