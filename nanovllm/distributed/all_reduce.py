@@ -4,9 +4,10 @@ Every rank maps one persistent buffer of every other rank (a rendezvous at init)
 kernel that reads the peers' buffers over NVLink and syncs through signal pads: no NCCL protocol, no
 proxy. On 2 x H100 inside CUDA graphs (benchmarks/results/allreduce-h100.json) NCCL took 9.6 us at 8 KB
 and 30.6 us at 2 MB (batch 1 and 256 of a 4096-wide model in bf16), torch's two-shot kernel 7.5 and
-13.8 us. A message is copied into the buffer, reduced, and the sum lands back in the caller's tensor:
-one fused kernel (one-shot: each rank reads all of every peer's part) for small messages, a copy plus the
-two-shot kernel (each rank reduces 1/tp of the message, then all gather it) above ONE_SHOT_MAX_BYTES.
+13.8 us. A message is copied into the buffer, reduced, and the sum lands back in the caller's tensor: up
+to ONE_SHOT_MAX_BYTES one kernel that copies in and sums (one-shot: each rank reads the whole message of
+every peer), above it a copy and the two-shot kernel (each rank sums 1/tp of the message, then every rank
+gathers the sums).
 
 Only peer-to-peer kernels are used, never NVLink multicast (multimem): the buffer is created without a
 multicast object. Messages that do not fit (over the buffer, another dtype, odd sizes) take NCCL.
