@@ -121,6 +121,7 @@ def run_case(engine: LLMEngine, stream: bool, num_seqs: int, prompt_len: int, ma
             profiler.disable()
         parts.append((total, timer.schedule_s, timer.runner_s, wall))
     assert engine.scheduler.num_running == num_seqs, "no seq may finish while timed"
+    assert (engine._inflight is not None) == engine.async_scheduling, "async: every timed step overlaps"
     while engine.has_unfinished_requests():
         engine.step()
     timer.restore()
