@@ -8,6 +8,8 @@
 # CPU per streamed token on this host's CPU with a stand-in engine, asyncio + h11 against uvloop + httptools.
 # Writes $OUT/serve-<card>.json (the keys of benchmarks/results/serve-h100.json, plus CPU seconds of the
 # timed run: HTTP process, engine process, client).
+# Both engines may take the same extra settings, e.g. once the CLI has the flag:
+#   SERVE_FLAGS=--async-scheduling OFFLINE_KWARGS='{"async_scheduling": true}' bash benchmarks/gpu_serve.sh
 # Needs, carried (all git-ignored, made on the CPU machine):
 #   .gpuserve/qwen3-0.6b   python benchmarks/make_serve_model.py
 #   .whl/serve             pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
@@ -24,13 +26,13 @@ PYTHONPATH=/tmp/site python3 -c "import fastapi, uvicorn, gguf, uvloop, httptool
         .whl/serve/*.whl .whl/kernels/gguf-*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
 MODEL=.gpuserve/qwen3-0.6b N=${N:-256} IN=${IN:-256} OUTLEN=${OUTLEN:-256} CLIENTS=${CLIENTS:-4}
-ENGINE="--model $MODEL --load-format dummy --max-model-len 2048"
+ENGINE="--model $MODEL --load-format dummy --max-model-len 2048 ${SERVE_FLAGS:-}"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee "$OUT/card.txt"
-timeout 150 python3 - "$MODEL" "$N" "$IN" "$OUTLEN" <<'PY' 2>&1 | tee "$OUT/offline.log"
+timeout 150 python3 - "$MODEL" "$N" "$IN" "$OUTLEN" "${OFFLINE_KWARGS:-{\}}" <<'PY' 2>&1 | tee "$OUT/offline.log"
 import json, random, sys, time
 from nanovllm import LLM, SamplingParams
-model, n, in_len, out_len = sys.argv[1], *map(int, sys.argv[2:])
-llm = LLM(model, load_format="dummy", max_model_len=2048)
+model, n, in_len, out_len, kwargs = sys.argv[1], *map(int, sys.argv[2:5]), json.loads(sys.argv[5])
+llm = LLM(model, load_format="dummy", max_model_len=2048, **kwargs)
 rng = random.Random(0)
 prompts = [[rng.randrange(1000, 40000) for _ in range(in_len)] for _ in range(n)]
 params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
@@ -66,7 +68,7 @@ for pid in $SERVER $(ps -o pid= --ppid $SERVER); do
 done | tee "$OUT/server_cpu.txt"
 kill -TERM $SERVER; wait $SERVER; echo "server exit $?" >> "$OUT/server.log"
 python3 - "$OUT" <<'PY' || echo "could not write serve-<card>.json"
-import json, re, sys, time
+import json, os, re, sys, time
 out = sys.argv[1]
 card = open(f"{out}/card.txt").read().strip()
 offline = json.loads([line for line in open(f"{out}/offline.log") if line.startswith("{")][-1])
@@ -86,6 +88,8 @@ row = {
     **{k: ms(r[k]) for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")},
     **offline, "server_vs_offline": r["output_throughput"] / offline["offline_output_tok_per_s"],
     "cpu_seconds_whole_lifetime": {"http_process": lifetime[0], "engine_process": max(lifetime[1:], default=0)},
+    "engine_settings": {"serve_flags": os.environ.get("SERVE_FLAGS", ""),
+                        "offline_kwargs": os.environ.get("OFFLINE_KWARGS", "{}")},
     "num_clients": r["num_clients"],
     "cpu_seconds_timed_run": {"http_process": r["server_cpu_s"]["http"],
                               "engine_process": r["server_cpu_s"]["children"], "client": r["client_cpu_s"]},
