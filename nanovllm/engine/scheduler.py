@@ -117,6 +117,9 @@ class Scheduler:
     # advance(batch) is postprocess without the sampled ids: each sampled seq gets a PLACEHOLDER token, whose
     # input id the runner takes from step n's ids on the device; resolve() writes the real ids once they are
     # back. Between two engine steps no placeholder is left, so everything else sees real tokens only.
+    # A seq that finishes (or is aborted) while a step holding it runs is freed at once, not after that step:
+    # the step writes its KV only into the seq's unhashed tail block, and any later user of a freed block
+    # runs after it on the one CUDA stream.
 
     def can_overlap(self, batch: ScheduledBatch) -> bool:
         """Whether the next step could be scheduled before this batch's ids are back: it is all decodes
