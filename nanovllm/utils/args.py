@@ -24,6 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="Prefill each prompt in one step instead of in chunks.")
     g.add_argument("--enforce-eager", action="store_true", help="Do not capture CUDA graphs.")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="Schedule and launch each decode step while the previous one runs on the GPU.")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="Weights and activations dtype (auto: float32 on CPU, bfloat16 on GPU).")
     g.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available).")
@@ -37,7 +39,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kvcache_blocks",
             "kv_cache_memory_gb", "gpu_memory_utilization", "enable_prefix_caching", "enable_chunked_prefill",
-            "enforce_eager", "dtype", "device", "use_fused_output", "tensor_parallel_size", "load_format"]
+            "enforce_eager", "dtype", "device", "use_fused_output", "tensor_parallel_size", "load_format",
+            "async_scheduling"]
     return {"model": args.model, **{k: getattr(args, k) for k in keys}}
 
 
