@@ -13,9 +13,10 @@ decoder layer runs up to the MLP: the fused kernel then the RMSNorm kernel, agai
 
 Programmatic dependent launch (PDL) lets a kernel start while the one before it finishes. In the plain
 columns each fused call follows another fused call, which lets the next one launch at its start; in a
-decoder layer it follows the attention kernel, which does not. So each row also times every variant after
-a producer: a plain torch kernel that writes this call's x, as attention would (`prod_*` columns; the
-producer alone is `prod_us`), and the fastest configuration without PDL (`fused_nopdl_*`).
+decoder layer it follows the attention kernel, which does not (yet). So each row also times each op after
+a producer kernel that writes this call's x, as attention would: one that does not let the next kernel
+launch early (`prod_*` columns; the producer alone is `prod_us`) and one that does, at its start
+(`prodtrig_*`, alone `prodtrig_us`); and the fastest configuration without PDL (`fused_nopdl_*`).
 """
 import argparse
 import json
@@ -25,6 +26,14 @@ import time
 from pathlib import Path
 
 import torch
+
+try:  # only the GPU benchmark needs Triton; --plot runs anywhere
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents
+    jit = triton.jit
+except ImportError:
+    jit = lambda fn: fn  # noqa: E731
 
 SHAPES = [(896, 896), (2048, 1024), (2048, 2048), (4096, 2560), (4096, 4096)]  # (K, N) of real o_proj
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -36,6 +45,16 @@ def time_graph(fn, slots: int) -> float:
     """Median µs per call of fn(slot) replayed in one CUDA graph that cycles through the slots."""
     from nanovllm.kernels.fused_attention_output import time_in_graph
     return time_in_graph(fn, slots, calls=60, replays=15)
+
+
+@jit
+def copy_kernel(src_ptr, dst_ptr, n, TRIGGER: tl.constexpr, BLOCK: tl.constexpr):
+    """The producer: dst = src, as the attention kernel writes the fused op's x. TRIGGER: lets the next
+    kernel launch at once (griddepcontrol.launch_dependents), as a PDL-aware attention kernel would."""
+    if TRIGGER:
+        gdc_launch_dependents()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
 
 
 def best_without_pdl(fao, key) -> str:
@@ -118,22 +137,27 @@ def bench_pdl(row, fao, key, config, xs, ws, res, outs, tmps, slots) -> None:
     row["fused_nopdl_us"] = time_graph(lambda i: fao.launch(nopdl, xs[i], ws[i], res[i], out=outs[i]), slots)
     src = torch.randn_like(xs[0])
 
-    def produce(i):  # writes x as the attention kernel would: a plain launch, no PDL trigger
-        torch.mul(src, 1.0, out=xs[i])
+    def producer(trigger: bool):
+        return lambda i: copy_kernel[(triton.cdiv(src.numel(), 1024),)](src, xs[i], src.numel(), trigger, 1024)
     ops = dict(
         mm_add=lambda i: torch.add(torch.matmul(xs[i], ws[i].t(), out=tmps[i]), res[i], out=outs[i]),
         fused=lambda i: fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]),
         fused_nopdl=lambda i: fao.launch(nopdl, xs[i], ws[i], res[i], out=outs[i]))
-    row["prod_us"] = time_graph(produce, slots)
-    for name, op in ops.items():
-        row[f"prod_{name}_us"] = time_graph(lambda i, op=op: (produce(i), op(i)), slots)
-    if config.kernel == "gemv":
+    produce_plain = producer(False)
+    for prefix, produce in (("prod", produce_plain), ("prodtrig", producer(True))):
+        row[f"{prefix}_us"] = time_graph(produce, slots)
+        for name, op in ops.items():
+            row[f"{prefix}_{name}_us"] = time_graph(lambda i, op=op, produce=produce: (produce(i), op(i)), slots)
+    if config.kernel == "gemv":  # the chosen tiling with and without PDL, alone and after a producer
         row["variants_us"] = {}
         for c in (replace(config, pdl=False), replace(config, pdl=True)):
-            row["variants_us"][str(c)] = time_graph(
-                lambda i, c=c: fao.launch(c, xs[i], ws[i], res[i], out=outs[i]), slots)
-            row["variants_us"]["after producer: " + str(c)] = time_graph(
-                lambda i, c=c: (produce(i), fao.launch(c, xs[i], ws[i], res[i], out=outs[i])), slots)
+            try:
+                row["variants_us"][str(c)] = time_graph(
+                    lambda i, c=c: fao.launch(c, xs[i], ws[i], res[i], out=outs[i]), slots)
+                row["variants_us"]["after producer: " + str(c)] = time_graph(
+                    lambda i, c=c: (produce_plain(i), fao.launch(c, xs[i], ws[i], res[i], out=outs[i])), slots)
+            except Exception as e:  # e.g. the other variant needs more shared memory than the card has
+                row["variants_us"][str(c)] = f"{type(e).__name__}: {e}"[:200]
 
 
 def bench_layer(row, fao, norms, xs, ws, res, outs, tmps, g, slots) -> None:
@@ -182,20 +206,20 @@ def plot(result: dict, path: Path) -> None:
 def print_table(result: dict) -> None:
     bw = result["copy_bw_gbps"]
     print(f"\n{result['card']}: copy bandwidth {bw:.0f} GB/s; µs per call in CUDA graphs, inputs from HBM")
-    print("nopdl: the fastest configuration without PDL; after prod.: each op after a producer kernel, minus")
-    print("the producer alone (fused / mm+add), as in a decoder layer where attention comes first")
+    print("nopdl: the fastest configuration without PDL; after prod. / trig.: (fused - producer) / (mm+add -")
+    print("producer), each after a kernel that writes x (as attention does) without / with the PDL trigger")
     print(f"{'K->N':>10} {'M':>4} {'mm':>7} {'mm+add':>7} {'addmm':>7} {'fused':>7} {'ratio':>6} {'%bw':>5}"
-          f" {'nopdl':>6} {'ratio':>6} {'after prod.':>11} {'f+norm':>6} {'mm+an':>6} {'differ':>7}  config")
+          f" {'nopdl':>6} {'ratio':>6} {'prod.':>6} {'trig.':>6} {'f+norm':>6} {'mm+an':>6} {'differ':>7}  config")
     for r in result["rows"]:
         extra = "".join(f" {r.get(key, float('nan')):6.2f}" for key in
                         ("fused_then_rmsnorm_us", "mm_then_add_rmsnorm_us"))
         nopdl = r.get("fused_nopdl_us", float("nan"))
-        after = ((r["prod_fused_us"] - r["prod_us"]) / (r["prod_mm_add_us"] - r["prod_us"])
-                 if "prod_us" in r else float("nan"))
+        after = [(r[f"{p}_fused_us"] - r[f"{p}_us"]) / (r[f"{p}_mm_add_us"] - r[f"{p}_us"])
+                 if f"{p}_us" in r else float("nan") for p in ("prod", "prodtrig")]
         print(f"{r['k']:>5}->{r['n']:<4} {r['m']:>4} {r['mm_us']:7.2f} {r['mm_add_us']:7.2f}"
               f" {r['addmm_us']:7.2f}"
               f" {r['fused_us']:7.2f} {r['fused_us'] / r['mm_add_us']:6.3f} {100 * r['fused_gbps'] / bw:5.1f}"
-              f" {nopdl:6.2f} {nopdl / r['mm_add_us']:6.3f} {after:11.3f}"
+              f" {nopdl:6.2f} {nopdl / r['mm_add_us']:6.3f} {after[0]:6.3f} {after[1]:6.3f}"
               f"{extra} {r.get('differs', float('nan')):7.1e}  {r['fused_config']}")
 
 

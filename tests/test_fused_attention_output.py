@@ -290,6 +290,7 @@ def test_gpu_pdl_kernels_wait_for_the_kernels_before_them(m):
     only after that kernel's writes. A chain of calls, each reading the residual the call before it
     wrote and an x written just before by a copy (a memcpy node) or a torch kernel, eagerly and in a
     CUDA graph, must give the bits of the same configurations launched one by one without PDL."""
+    from triton.runtime.errors import OutOfResources
     k, n, steps = 2048, 1024, 6
     if not fao.pdl_supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs sm_90")
@@ -314,11 +315,14 @@ def test_gpu_pdl_kernels_wait_for_the_kernels_before_them(m):
     configs = [c for c in fao.candidate_configs(m, n, k, torch.bfloat16, pdl=True) if c.pdl]
     assert configs
     for config in configs:
-        expected = [res0]
-        for j in range(steps):
-            expected.append(launch(replace(config, pdl=False), srcs[j], weight, expected[-1]))
-        poison()
-        chain(config)  # eagerly (and compiled, outside the capture)
+        try:
+            expected = [res0]
+            for j in range(steps):
+                expected.append(launch(replace(config, pdl=False), srcs[j], weight, expected[-1]))
+            poison()
+            chain(config)  # eagerly (and compiled, outside the capture)
+        except OutOfResources:  # a tile over this card's shared memory (either variant): the tuner skips it
+            continue
         assert all(torch.equal(o, e) for o, e in zip(outs, expected[1:])), f"{config}, eager"
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

@@ -185,9 +185,10 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper (sm_90) or newer, and a Triton that has griddepcontrol."""
-    return (gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    """Programmatic dependent launch: Hopper (sm_90) or newer, a Triton that has griddepcontrol, and not
+    switched off with NANOVLLM_FUSED_PDL=0 (it pays when the kernel before lets it launch early)."""
+    return (gdc_wait is not None and os.environ.get("NANOVLLM_FUSED_PDL", "1") != "0"
+            and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def _tma_ok(weight: torch.Tensor) -> bool:
