@@ -21,6 +21,7 @@ launch early (`prod_*` columns; the producer alone is `prod_us`) and one that do
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -231,6 +232,9 @@ def main() -> None:
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
         return
+    # The dispatcher's PDL candidates are opt-in; "fused" is the dispatcher with them, "fused_nopdl" without
+    # (the best of the other candidates, from the same tuning: what it picks by default).
+    os.environ.setdefault("NANOVLLM_FUSED_PDL", "1")
     from nanovllm.kernels import fused_attention_output as fao
     try:
         from nanovllm.kernels import add_rmsnorm as norms

@@ -185,10 +185,16 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper (sm_90) or newer, a Triton that has griddepcontrol, and not
-    switched off with NANOVLLM_FUSED_PDL=0 (it pays when the kernel before lets it launch early)."""
-    return (gdc_wait is not None and os.environ.get("NANOVLLM_FUSED_PDL", "1") != "0"
-            and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
+    """Programmatic dependent launch: Hopper (sm_90) or newer, and a Triton that has griddepcontrol."""
+    return (gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def _pdl_enabled(device: torch.device) -> bool:
+    """PDL candidates are opt-in (NANOVLLM_FUSED_PDL=1): the tuner times each candidate after another call
+    of itself, which launches it early, and there PDL wins; after a kernel that does not (attention,
+    RMSNorm today) the same tiling with PDL was 0.1-0.7 µs slower on the H100 (docs/fused-attention-output.md)."""
+    return os.environ.get("NANOVLLM_FUSED_PDL") == "1" and pdl_supported(device)
 
 
 def _tma_ok(weight: torch.Tensor) -> bool:
@@ -259,7 +265,7 @@ def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bo
     bias = torch.randn(n, generator=gen, device=device).to(dtype) if has_bias else None
     ref = fused_o_proj_add_residual_ref(xs[0], ws[0], res[0], bias).float()
     times = {}
-    for config in candidate_configs(m, n, k, dtype, pdl=pdl_supported(device)):
+    for config in candidate_configs(m, n, k, dtype, pdl=_pdl_enabled(device)):
         try:
             times[config] = time_in_graph(lambda i, c=config: launch(c, xs[i], ws[i], res[i], bias, outs[i]),
                                            slots, calls=64, replays=7)
