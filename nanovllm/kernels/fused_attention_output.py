@@ -15,9 +15,10 @@ product. Two Triton kernels:
 (N, K, dtype, bias, M bucket), timed once in a CUDA graph outside capture and cached. Without a residual it
 runs the same configuration and stores the rounded product alone: then `proj + residual` (the add rounded
 once more, e.g. in the next RMSNorm kernel) gives the fused call's output bit for bit, which is what makes
-greedy decoding identical with the fusion on or off. A launch does no host
-sync and, given `out`, no allocation, so it captures in a CUDA graph. out may alias residual (each element
-is read by the program that writes it). Without CUDA or Triton it runs `fused_o_proj_add_residual_ref`.
+greedy decoding identical with the fusion on or off. A launch does no host sync and, given `out`, no
+allocation, so it captures in a CUDA graph. out may alias residual (each element is read by the program
+that writes it). Without CUDA or Triton it runs `fused_o_proj_add_residual_ref`. With NANOVLLM_FUSED_PDL=1
+on Hopper the tuner also tries each gemv tiling with programmatic dependent launch (see KernelConfig).
 
 Rounding follows the unfused path, F.linear(x, W, bias) then `+ residual`: the product (with its bias) is
 rounded to the output dtype, then the sum is rounded again. One rounding would be more accurate, but greedy
@@ -192,8 +193,9 @@ def pdl_supported(device: torch.device) -> bool:
 
 def _pdl_enabled(device: torch.device) -> bool:
     """PDL candidates are opt-in (NANOVLLM_FUSED_PDL=1): the tuner times each candidate after another call
-    of itself, which launches it early, and there PDL wins; after a kernel that does not (attention,
-    RMSNorm today) the same tiling with PDL was 0.1-0.7 µs slower on the H100 (docs/fused-attention-output.md)."""
+    of itself, which lets it launch early, and there PDL wins; after a kernel that does not (attention,
+    RMSNorm today) the same tiling with PDL was slower in 28 of 33 cases on the H100, by up to 1.2 µs
+    (docs/fused-attention-output.md)."""
     return os.environ.get("NANOVLLM_FUSED_PDL") == "1" and pdl_supported(device)
 
 
