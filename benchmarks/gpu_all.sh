@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One device call on 2 GPUs for every GPU figure of issues 4, 5, 7 and 8, under one deadline.
-#   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2: the 8B architecture, then the 4B's agreement)
-#   phase 2, in parallel:  GPU 0: bench_latency (fused on/off end to end), bench_throughput, bench_fused_o_proj
+#   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2 on the 8B architecture, symmetric-memory
+#                          all-reduce then NCCL; the 4B's fp32 agreement)
+#   phase 2, in parallel:  GPU 0: bench_throughput (sync, then async scheduling), bench_latency (fused on/off
+#                          end to end)
 #                          GPU 1: the GPU tests, then gpu_serve.sh (offline engine vs `nanovllm serve`)
+# (bench_fused_o_proj runs in its own call: benchmarks/gpu_fused.sh.)
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
 # serving) may feel. Results and logs land in $OUT/results.tgz (the tool returns at most 8 files), beside
 # steps.txt and the Triton cache.
@@ -36,17 +39,18 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
     pkill -KILL -s "$sid" 2> /dev/null  # leftovers of a step that finished (a server it forgot)
     echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
 }
-step tp "${TP_S:-240}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --archs qwen3-8b qwen3-4b \
-    --agreement-only qwen3-4b
+step tp "${TP_S:-220}" python3 benchmarks/bench_tp.py --out-dir "$OUT" \
+    --runs tp1 tp2 fp32_tp1 fp32_tp2 tp2_nccl
 (
     export CUDA_VISIBLE_DEVICES=0
+    step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"
+    step throughput_async 70 python3 benchmarks/bench_throughput.py --skip-hf --async-scheduling --out-dir "$OUT"
     step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
-    step throughput 100 python3 benchmarks/bench_throughput.py --out-dir "$OUT"
-    step fused_bench 150 python3 benchmarks/bench_fused_o_proj.py --out-dir "$OUT"
 ) &
 (
     export CUDA_VISIBLE_DEVICES=1 NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
-    step tests 190 python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py
+    step tests 190 python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py \
+        tests/test_async_scheduling.py::test_async_scheduling_on_cuda_graphs
     OUT=$OUT/serve SKIP_THROUGHPUT=1 step serve 150 bash benchmarks/gpu_serve.sh
 ) &
 wait

@@ -165,7 +165,7 @@ class ModelRunner:
         """Times the fused projection (+ residual) kernels of the row-parallel layers (o_proj, down_proj)
         once per shape and M bucket, before any capture or timing."""
         from nanovllm.kernels.fused_attention_output import warmup
-        shapes = {(*m.weight.shape, m.bias is not None)
+        shapes = {(*m.weight.shape, m.bias is not None and m.tp_rank == 0)  # only rank 0 adds the bias
                   for m in self.model.modules() if isinstance(m, RowParallelLinear)}
         max_m = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         for n, k, has_bias in shapes:
