@@ -132,18 +132,33 @@ class EngineCore:
         self.started.discard(request_id)
 
     def _pack(self, output: RequestOutput) -> tuple | None:
-        """What is new in `output`, as plain tuples; None when nothing is (a prefill chunk)."""
-        if not output.finished and not any(c.delta_token_ids for c in output.outputs):
+        """What is new in `output`, as plain tuples; None when nothing is (a prefill chunk). Runs for every
+        request every step (256 at a time), in the engine's loop: kept to plain loads and one tuple each."""
+        finished, outputs = output.finished, output.outputs
+        if not finished and not _has_new_tokens(outputs):
             return None
         rid = output.request_id
-        prompt_logprobs = output.prompt_logprobs if rid not in self.started else None
-        self.started.add(rid)
-        if output.finished:
+        prompt_logprobs = None
+        if rid not in self.started:
+            prompt_logprobs = output.prompt_logprobs
+            self.started.add(rid)
+        if finished:
             self._forget(rid)
         m = output.metrics
         metrics = (m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time,
                    m.finished_time)
-        completions = [(c.delta_text, c.delta_token_ids,
-                        c.logprobs[len(c.logprobs) - len(c.delta_token_ids):] if c.logprobs is not None else None,
-                        c.cumulative_logprob, c.finish_reason, c.stop_reason) for c in output.outputs]
-        return rid, output.finished, output.num_cached_tokens, metrics, prompt_logprobs, completions
+        completions = []
+        for c in outputs:
+            logprobs = c.logprobs
+            if logprobs is not None:
+                logprobs = logprobs[len(logprobs) - len(c.delta_token_ids):]
+            completions.append((c.delta_text, c.delta_token_ids, logprobs, c.cumulative_logprob, c.finish_reason,
+                                c.stop_reason))
+        return rid, finished, output.num_cached_tokens, metrics, prompt_logprobs, completions
+
+
+def _has_new_tokens(outputs: list) -> bool:
+    for c in outputs:
+        if c.delta_token_ids:
+            return True
+    return False
