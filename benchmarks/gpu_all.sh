@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One device call on 2 GPUs for every GPU figure of issues 4, 5, 7 and 8, under one deadline.
-#   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2 on the 8B architecture, symmetric-memory
-#                          all-reduce then NCCL; the 4B's fp32 agreement)
-#   phase 2, in parallel:  GPU 0: bench_throughput (sync, then async scheduling), bench_latency (fused on/off
-#                          end to end)
-#                          GPU 1: the GPU tests, then gpu_serve.sh (offline engine vs `nanovllm serve`)
+#   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2 on the 8B architecture with the symmetric-
+#                          memory all-reduce; the 4B's fp32 agreement; bash benchmarks/gpu_tp.sh runs more)
+#   phase 2, in parallel:  GPU 0: bench_throughput (sync, then async scheduling), then gpu_serve.sh (offline
+#                          engine vs `nanovllm serve`, both with async scheduling)
+#                          GPU 1: the GPU tests, then bench_latency (fused on/off end to end)
 # (bench_fused_o_proj runs in its own call: benchmarks/gpu_fused.sh.)
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
 # serving) may feel. Results and logs land in $OUT/results.tgz (the tool returns at most 8 files), beside
@@ -13,7 +13,7 @@
 #   bash benchmarks/gpu_all.sh
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
-DEADLINE=$((SECONDS + ${BUDGET_S:-555}))
+DEADLINE=$((SECONDS + ${BUDGET_S:-565}))
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
@@ -39,19 +39,19 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
     pkill -KILL -s "$sid" 2> /dev/null  # leftovers of a step that finished (a server it forgot)
     echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
 }
-step tp "${TP_S:-220}" python3 benchmarks/bench_tp.py --out-dir "$OUT" \
-    --runs tp1 tp2 fp32_tp1 fp32_tp2 tp2_nccl
+step tp "${TP_S:-180}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --runs tp1 tp2 fp32_tp1 fp32_tp2
 (
     export CUDA_VISIBLE_DEVICES=0
     step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"
     step throughput_async 70 python3 benchmarks/bench_throughput.py --skip-hf --async-scheduling --out-dir "$OUT"
-    step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
+    OUT=$OUT/serve SKIP_THROUGHPUT=1 SKIP_HTTP=1 SERVE_FLAGS=--async-scheduling \
+        OFFLINE_KWARGS='{"async_scheduling": true}' step serve 180 bash benchmarks/gpu_serve.sh
 ) &
 (
     export CUDA_VISIBLE_DEVICES=1 NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
     step tests 190 python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py \
         tests/test_async_scheduling.py::test_async_scheduling_on_cuda_graphs
-    OUT=$OUT/serve SKIP_THROUGHPUT=1 step serve 150 bash benchmarks/gpu_serve.sh
+    step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
 ) &
 wait
 cp "$LOGS/steps.txt" "$OUT/steps.txt"
