@@ -38,16 +38,18 @@ NUM_PROMPTS, PROMPT_LEN, STEPS, TOP = 8, 64, 64, 20
 DECODE_BATCHES, DECODE_PROMPT, DECODE_WARMUP, DECODE_STEPS = (1, 64, 256), 128, 8, 64
 PROFILE_STEPS, PROFILE_TOP = 8, 12  # batch 1: rank 0's kernels over a few steps, by name
 
+# Agreement-only engines: 8 seqs, so start-up tunes and captures only what 8 x 64-token prompts need.
+SMALL = dict(max_num_seqs=NUM_PROMPTS, max_num_batched_tokens=NUM_PROMPTS * PROMPT_LEN)
 # name: (architecture, engine arguments, NANOVLLM_SYMM_MEM, speed runs, whose tokens make the scored text)
 RUNS = {
     "tp1": ("qwen3-8b", dict(tensor_parallel_size=1), "1", True, None),
     "tp1_eager": ("qwen3-8b", dict(tensor_parallel_size=1, enforce_eager=True), "1", False, "tp1"),
     "tp2": ("qwen3-8b", dict(tensor_parallel_size=2), "1", True, "tp1"),
     "tp2_nccl": ("qwen3-8b", dict(tensor_parallel_size=2), "0", True, "tp1"),
-    "fp32_tp1": ("qwen3-4b", dict(tensor_parallel_size=1, dtype="float32"), "1", False, None),
+    "fp32_tp1": ("qwen3-4b", dict(tensor_parallel_size=1, dtype="float32", **SMALL), "1", False, None),
     # NCCL: at 2 ranks both all-reduces round a + b once (nccl_vs_symm_mem checks it), and one
     # symmetric-memory group per process keeps the bench clear of torch's rendezvous caching.
-    "fp32_tp2": ("qwen3-4b", dict(tensor_parallel_size=2, dtype="float32"), "0", False, "fp32_tp1"),
+    "fp32_tp2": ("qwen3-4b", dict(tensor_parallel_size=2, dtype="float32", **SMALL), "0", False, "fp32_tp1"),
 }
 # comparison: (reference run, other run)
 COMPARISONS = {

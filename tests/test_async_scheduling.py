@@ -1,5 +1,7 @@
 """Async scheduling (step n+1 scheduled and launched before step n's ids are back) gives what the plain
 engine gives: the same tokens, text, finish reasons and logprobs, with every block back at the end."""
+import gc
+
 import pytest
 import torch
 from tiny_models import make_tiny_model
@@ -187,14 +189,16 @@ def test_async_scheduling_on_cuda_graphs(tmp_path):
     results = []
     for async_scheduling in (False, True):
         llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, max_model_len=512,
-                  max_num_seqs=16, async_scheduling=async_scheduling)
+                  max_num_seqs=16, num_kvcache_blocks=256, async_scheduling=async_scheduling)
         overlapped = count_overlapped_launches(llm)
         outputs = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.engine.stats()
         assert stats["num_free_blocks"] == stats["num_blocks"]
         assert overlapped[0] > (30 if async_scheduling else -1)
         results.append(outputs)
+        llm.close()
         del llm
+        gc.collect()  # the engine's KV cache goes before the next one sizes its own
         torch.cuda.empty_cache()
     sync, overlap = results
     assert [len(o.outputs[0].token_ids) for o in overlap] == [p.max_tokens for p in params]
