@@ -13,11 +13,12 @@ Roofline: every decode step must read the weights once and each running seq's KV
 256 seqs decoding from the start (they fit in memory), the sum over steps of those bytes over the
 measured device-copy bandwidth is the least time the workload's decoding can take (prefill not counted).
 
-With --async-scheduling (or NANOVLLM_ASYNC_SCHEDULING=1) the engine schedules and launches each decode
-step before the previous one's ids are back; the result goes to throughput-<card>-async.json, and the
-breakdown also shows the host time spent launching steps and waiting for their ids.
+The engine runs as it does by default on CUDA: async scheduling on (each decode step is scheduled and
+launched before the previous one's ids are back; the breakdown shows the host time spent launching steps
+and waiting for their ids). --no-async-scheduling (or NANOVLLM_ASYNC_SCHEDULING=0) runs the plain
+synchronous loop instead and writes throughput-<card>-sync.json.
 
-    python benchmarks/bench_throughput.py [--out-dir benchmarks/results] [--skip-hf] [--async-scheduling]
+    python benchmarks/bench_throughput.py [--out-dir benchmarks/results] [--skip-hf] [--no-async-scheduling]
 """
 import argparse
 import gc
@@ -156,9 +157,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--skip-hf", action="store_true", help="leave out the transformers comparison")
-    parser.add_argument("--async-scheduling", action="store_true",
-                        default=os.environ.get("NANOVLLM_ASYNC_SCHEDULING") == "1",
-                        help="schedule each decode step while the previous one runs (engine arg async_scheduling)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=os.environ.get("NANOVLLM_ASYNC_SCHEDULING") != "0",
+                        help="schedule each decode step while the previous one runs (engine arg "
+                             "async_scheduling, on by default on CUDA); --no-async-scheduling writes "
+                             "throughput-<card>-sync.json")
     args = parser.parse_args()
     card, tag = card_name()
     bw = copy_bandwidth_gbps()
@@ -193,7 +196,7 @@ def main() -> None:
               "startup_s": startup, "breakdown": spent, "num_kvcache_blocks": stats["num_blocks"],
               "num_preemptions": stats["num_preemptions"], "hf": hf}
     os.makedirs(args.out_dir, exist_ok=True)
-    suffix = "-async" if args.async_scheduling else ""
+    suffix = "" if args.async_scheduling else "-sync"
     write_json(os.path.join(args.out_dir, f"throughput-{tag}{suffix}.json"), result)
     print(json.dumps(result, indent=1))
     print(f"{card}: {result['output_tok_per_s']:.0f} output tok/s ({output_tokens} tokens in "

@@ -2,8 +2,8 @@
 # One device call on 2 GPUs for every GPU figure of issues 4, 5, 7 and 8, under one deadline.
 #   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2 on the 8B architecture with the symmetric-
 #                          memory all-reduce; the 4B's fp32 agreement; bash benchmarks/gpu_tp.sh runs more)
-#   phase 2, in parallel:  GPU 0: bench_throughput (sync, then async scheduling), then gpu_serve.sh (offline
-#                          engine vs `nanovllm serve`, both with async scheduling)
+#   phase 2, in parallel:  GPU 0: bench_throughput (async scheduling, the default; then the sync loop), then
+#                          gpu_serve.sh (offline engine vs `nanovllm serve`)
 #                          GPU 1: the GPU tests, then bench_latency (fused on/off end to end)
 # (bench_fused_o_proj runs in its own call: benchmarks/gpu_fused.sh.)
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
@@ -42,10 +42,9 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
 step tp "${TP_S:-180}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --runs tp1 tp2 fp32_tp1 fp32_tp2
 (
     export CUDA_VISIBLE_DEVICES=0
-    step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"
-    step throughput_async 70 python3 benchmarks/bench_throughput.py --skip-hf --async-scheduling --out-dir "$OUT"
-    OUT=$OUT/serve SKIP_THROUGHPUT=1 SKIP_HTTP=1 SERVE_FLAGS=--async-scheduling \
-        OFFLINE_KWARGS='{"async_scheduling": true}' step serve 180 bash benchmarks/gpu_serve.sh
+    step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"  # async scheduling: the default
+    step throughput_sync 70 python3 benchmarks/bench_throughput.py --skip-hf --no-async-scheduling --out-dir "$OUT"
+    OUT=$OUT/serve SKIP_THROUGHPUT=1 SKIP_HTTP=1 step serve 180 bash benchmarks/gpu_serve.sh
 ) &
 (
     export CUDA_VISIBLE_DEVICES=1 NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json

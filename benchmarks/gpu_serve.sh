@@ -9,7 +9,7 @@
 # Writes $OUT/serve-<card>.json (the keys of benchmarks/results/serve-h100.json, plus CPU seconds of the
 # timed run: HTTP process, engine process, client).
 # Both engines may take the same extra settings, e.g. once the CLI has the flag:
-#   SERVE_FLAGS=--async-scheduling OFFLINE_KWARGS='{"async_scheduling": true}' bash benchmarks/gpu_serve.sh
+#   SERVE_FLAGS=--no-async-scheduling OFFLINE_KWARGS='{"async_scheduling": false}' bash benchmarks/gpu_serve.sh
 # Needs, carried (all git-ignored, made on the CPU machine):
 #   .gpuserve/qwen3-0.6b   python benchmarks/make_serve_model.py
 #   .whl/serve             pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp

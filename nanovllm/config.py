@@ -48,7 +48,7 @@ class Config:
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry token ids and no text
     # Schedule and launch decode step n+1 while step n runs, its input ids taken from step n's sampled ids
     # on the device. Only with tensor_parallel_size 1 (ignored otherwise); outputs are the same.
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None  # None: on for CUDA, off for CPU (no GPU to overlap with)
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size", "tensor_parallel_size"):

@@ -1,5 +1,6 @@
 """Async scheduling (step n+1 scheduled and launched before step n's ids are back) gives what the plain
 engine gives: the same tokens, text, finish reasons and logprobs, with every block back at the end."""
+import argparse
 import gc
 
 import pytest
@@ -207,3 +208,15 @@ def test_async_scheduling_on_cuda_graphs(tmp_path):
         assert [d.keys() for d in x.logprobs] == [d.keys() for d in y.logprobs]
         assert [[v.logprob for v in d.values()] for d in x.logprobs] == \
             [[v.logprob for v in d.values()] for d in y.logprobs]
+
+
+def test_async_scheduling_default_follows_the_device(folder):
+    """None (the default) means on for CUDA at tensor parallel size 1, off on the CPU; the CLI has both flags."""
+    from nanovllm.utils.args import add_engine_args
+    llm = LLM(folder, dtype="float32")
+    assert llm.engine.async_scheduling is (llm.engine.model_runner.device.type == "cuda")
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args([]).async_scheduling is None
+    assert parser.parse_args(["--no-async-scheduling"]).async_scheduling is False
+    assert parser.parse_args(["--async-scheduling"]).async_scheduling is True

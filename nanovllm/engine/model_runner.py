@@ -119,6 +119,8 @@ class ModelRunner:
         use_fused = config.use_fused_output
         if use_fused is None:
             use_fused = self.device.type == "cuda"
+        if config.async_scheduling is None:  # the engine reads it back once this runner exists
+            config.async_scheduling = self.device.type == "cuda" and config.tensor_parallel_size == 1
         try:
             self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused,
                                                        config.load_format)

@@ -24,8 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
                    help="Prefill each prompt in one step instead of in chunks.")
     g.add_argument("--enforce-eager", action="store_true", help="Do not capture CUDA graphs.")
-    g.add_argument("--async-scheduling", action="store_true",
-                   help="Schedule and launch each decode step while the previous one runs on the GPU.")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="Schedule and launch each decode step while the previous one runs on the GPU "
+                        "(default: on for CUDA with tensor parallel size 1).")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="Weights and activations dtype (auto: float32 on CPU, bfloat16 on GPU).")
     g.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available).")
