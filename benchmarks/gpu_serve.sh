@@ -110,4 +110,4 @@ PY
 ls -la "$OUT"
 # The device tool returns at most 8 files: the logs and the runs' own JSONs go into one archive.
 (cd "$OUT" && tar czf serve_logs.tgz --remove-files card.txt offline.log server.log server_cpu.txt bench*.log \
-    bench-*.json bench.json $([ -e bench_http.log ] && echo bench_http.log))
+    bench-*.json bench.json)  # bench*.log includes bench_http.log when it ran
