@@ -235,6 +235,7 @@ def main() -> None:
     # The dispatcher's PDL candidates are opt-in; "fused" is the dispatcher with them, "fused_nopdl" without
     # (the best of the other candidates, from the same tuning: what it picks by default).
     os.environ.setdefault("NANOVLLM_FUSED_PDL", "1")
+    os.environ["NANOVLLM_CACHE_DIR"] = ""  # time every candidate here (their timings are reported), never recall
     from nanovllm.kernels import fused_attention_output as fao
     try:
         from nanovllm.kernels import add_rmsnorm as norms

@@ -3,6 +3,7 @@
 On the CPU the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set by conftest.py) on odd,
 small shapes with large tiles; on a GPU every real shape and M in 1..256 go through the tuned dispatcher.
 """
+import json
 from dataclasses import replace
 
 import pytest
@@ -353,3 +354,30 @@ def test_gpu_captures_in_a_cuda_graph_and_is_deterministic():
     residual.copy_(residual1)
     graph.replay()
     assert torch.equal(out, first)  # bit-identical: no atomics, fixed reduction order
+
+
+def test_tuning_choices_persist_for_later_processes(tmp_path, monkeypatch):
+    """A choice timed once is written to the tuning file and recalled (not re-timed) once the in-memory
+    table is gone, as in a new process; other keys are timed; a corrupt file is ignored; an empty
+    NANOVLLM_CACHE_DIR keeps choices in memory only."""
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fao, "_BEST", {})
+    chosen = fao.KernelConfig("gemv", 16, 32, 256, 2, True, 4, 4)
+    timed = []
+    monkeypatch.setattr(fao, "_time_candidates", lambda *key: timed.append(key) or chosen)
+    key = (torch.device("cpu"), torch.bfloat16, 96, 200, False, 4)
+    assert fao._tune(*key) == chosen and len(timed) == 1
+    fao._BEST.clear()  # a new process
+    assert fao._tune(*key) == chosen and fao._BEST[key] == chosen and len(timed) == 1
+    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, True, 4)  # with a bias: another key
+    assert len(timed) == 2
+    assert len(json.loads((tmp_path / "fused_o_proj_tuning.json").read_text())) == 2
+    (tmp_path / "fused_o_proj_tuning.json").write_text("{not json")
+    fao._BEST.clear()
+    assert fao._tune(*key) == chosen and len(timed) == 3
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", "")
+    fao._BEST.clear()
+    fao._tune(*key)
+    fao._BEST.clear()
+    fao._tune(*key)
+    assert len(timed) == 5

@@ -12,7 +12,8 @@ product. Two Triton kernels:
   epilogue, programs grouped so that row tiles sharing a W tile run together and W comes from L2.
 
 `fused_o_proj_add_residual` runs the fastest of these configurations or cuBLAS (matmul, then add) for its
-(N, K, dtype, bias, M bucket), timed once in a CUDA graph outside capture and cached. Without a residual it
+(N, K, dtype, bias, M bucket), timed once in a CUDA graph outside capture and cached, in memory and in a
+file that later processes on the same card and software read instead of timing again. Without a residual it
 runs the same configuration and stores the rounded product alone: then `proj + residual` (the add rounded
 once more, e.g. in the next RMSNorm kernel) gives the fused call's output bit for bit, which is what makes
 greedy decoding identical with the fusion on or off. A launch does no host sync and, given `out`, no
@@ -27,10 +28,12 @@ kernel.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
-from dataclasses import dataclass, replace
+import tempfile
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -218,6 +221,7 @@ def _workspace(device: torch.device) -> torch.Tensor:
 # (device, dtype, n, k, has_bias, m bucket) -> fastest config; no residual in the key: a projection alone
 # must run the configuration that the fused call of the same shape runs.
 _BEST: dict[tuple, KernelConfig] = {}
+_TUNING_VERSION = 1  # bump when the candidate tilings or the kernels change: older choices are then ignored
 TUNING_LOG: dict[tuple, dict[str, float]] = {}  # same key -> {config: µs per call}, for benchmarks and notes
 TUNING_ERRORS: dict[str, str] = {}  # config -> why it could not run
 
@@ -252,7 +256,70 @@ def time_in_graph(fn, slots: int, calls: int = 32, replays: int = 5) -> float:
     return statistics.median(times[1:])
 
 
+def _tuning_file() -> str | None:
+    """Where tuning choices persist across processes, so an engine starts without re-timing and every
+    process of a machine runs the same configurations: $NANOVLLM_CACHE_DIR (default ~/.cache/nanovllm);
+    an empty value keeps them in memory only (the benchmark does: it reports the timings)."""
+    root = os.environ.get("NANOVLLM_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "nanovllm"))
+    return os.path.join(root, "fused_o_proj_tuning.json") if root else None
+
+
+def _disk_key(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int) -> str:
+    """The choice depends on the card and the software that compiled and timed it, not on a device index."""
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    versions = (_TUNING_VERSION, torch.__version__, triton.__version__ if triton else None, _pdl_enabled(device))
+    return json.dumps([card, *versions, str(dtype), n, k, has_bias, m])
+
+
+def _read_tuning(path: str) -> dict[str, dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: tune again
+        return {}
+
+
+def _remember(disk_key: str, config: KernelConfig) -> None:
+    """Adds one choice to the tuning file: read, update, then an atomic rename, so processes tuning at the
+    same time (tensor-parallel ranks) lose at most each other's newest entries, never the file."""
+    path = _tuning_file()
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        table = _read_tuning(path)
+        table[disk_key] = asdict(config)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=0)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: tuning still works, per process
+        pass
+
+
+def _recalled(disk_key: str) -> KernelConfig | None:
+    path = _tuning_file()
+    entry = _read_tuning(path).get(disk_key) if path else None
+    try:
+        return KernelConfig(**entry) if entry else None
+    except TypeError:  # written by another version of KernelConfig
+        return None
+
+
 def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int) -> KernelConfig:
+    """The configuration for this key: the one an earlier process chose on this card (the tuning file), or
+    else the fastest of the candidates, timed now (`_time_candidates`) and remembered."""
+    key, disk_key = (device, dtype, n, k, has_bias, m), _disk_key(device, dtype, n, k, has_bias, m)
+    best = _recalled(disk_key)
+    if best is None:
+        best = _time_candidates(device, dtype, n, k, has_bias, m)
+        _remember(disk_key, best)
+    _BEST[key] = best
+    return best
+
+
+def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool,
+                     m: int) -> KernelConfig:
     """Times every candidate in a CUDA graph on random inputs of M = m rows, rotated over enough copies to
     miss L2, and keeps the fastest of those whose output matches the reference."""
     _workspace(device)  # allocated here, never during a capture
@@ -277,8 +344,7 @@ def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bo
             times[config] = float("inf")
             TUNING_ERRORS[str(config)] = f"{type(e).__name__}: {e}"[:300]
     best = min(times, key=times.get)
-    key = (device, dtype, n, k, has_bias, m)
-    _BEST[key], TUNING_LOG[key] = best, {str(c): t for c, t in times.items()}
+    TUNING_LOG[(device, dtype, n, k, has_bias, m)] = {str(c): t for c, t in times.items()}
     return best
 
 
