@@ -145,6 +145,7 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
         del self.requests[request_id]
+        self._drop_idle_inflight()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -181,7 +182,18 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         done: set[str] = set()
         self._process(prev.batch, result, prev.scheduled_time, touched, done)
+        self._drop_idle_inflight()
         return self._outputs(touched, done)
+
+    def _drop_idle_inflight(self) -> None:
+        """Ends the step in flight once every seq in it has finished (stopped at the step before, or
+        aborted): nothing reads its ids, and left in flight it would outlive the requests
+        (has_unfinished_requests() is False) and hold up the next one for a step. Waited for, not dropped:
+        the graphs' host buffers of a launch are rewritten two launches on."""
+        inflight = self._inflight
+        if inflight is not None and all(seq.is_finished for seq in inflight.batch.seqs):
+            inflight.pending.result()
+            self._inflight = None
 
     def _finished_by_scheduler(self, batch: ScheduledBatch) -> tuple[dict[str, _Request], set[str]]:
         touched: dict[str, _Request] = {}  # requests that progressed, in batch order
