@@ -35,8 +35,9 @@ def vocab(tmp_path_factory):
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)
     common = [t for t, _ in Counter(t for o in outs for t in set(o.outputs[0].token_ids)).most_common(12)]
     texts = [o.outputs[0].text for o in outs]
-    grams = Counter(g for t in texts for g in {t[i:i + n] for n in (1, 2) for i in range(len(t) - n + 1)})
-    stop_strs = [g for g, c in grams.most_common() if 2 <= c <= 5 and g.strip() and "\ufffd" not in g][:12]
+    grams = Counter(g for t in texts for g in dict.fromkeys(t[i:i + n] for n in (1, 2) for i in range(len(t) - n + 1)))
+    # Sorted, not in set order: that changes with the process's string hash seed, and so would the workload.
+    stop_strs = sorted(g for g, c in grams.items() if 2 <= c <= 5 and g.strip() and "\ufffd" not in g)
     return folder, common[2], common[3:], stop_strs
 
 
@@ -245,3 +246,29 @@ def test_engine_is_usable_after_a_step_raises(vocab, async_scheduling, monkeypat
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
     stats = llm.engine.stats()
     assert stats["num_free_blocks"] == stats["num_blocks"] and llm.engine._inflight is None
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_blocks_filled_by_decodes_are_shared_as_in_sync(vocab, graphs, monkeypatch):
+    """Under async scheduling a decode block fills with a placeholder and is hashed once the real id is
+    back. A prompt that repeats a running seq's prompt and output must hit exactly the blocks it hits
+    without async scheduling, and make the same tokens."""
+    prompt = [5, 17, 300, 42, 9]
+    results = []
+    for async_scheduling in (False, True):
+        engine = make_llm(vocab, async_scheduling, graphs, monkeypatch, block_size=4,
+                          num_kvcache_blocks=64).engine
+        engine.add_request("a", prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        engine.add_request("b", prompt, SamplingParams(n=2, temperature=0.9, seed=4, max_tokens=40,
+                                                       ignore_eos=True))
+        finals, step = {}, 0
+        while engine.has_unfinished_requests():
+            if step == 25:  # a's first 17 tokens end a block at prompt + 15; b's second seq's 19 mid-block
+                for rid, seq, n in (("c", engine.requests["a"].seqs[0], 17), ("d", engine.requests["b"].seqs[1], 19)):
+                    engine.add_request(rid, prompt + seq.completion_token_ids[:n],
+                                       SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+            step += 1
+        results.append({rid: (o.num_cached_tokens, [c.token_ids for c in o.outputs]) for rid, o in finals.items()})
+    sync, overlap = results
+    assert overlap == sync and sync["c"][0] == sync["d"][0] == 20
