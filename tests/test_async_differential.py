@@ -169,20 +169,22 @@ def assert_close_logprobs(x: list | None, y: list | None) -> None:
 
 
 def assert_same_runs(sync: Run, overlap: Run) -> None:
-    assert sync.finals.keys() == overlap.finals.keys()
-    for rid, s in sync.finals.items():
-        o = overlap.finals[rid]
+    assert sync.finals.keys() | sync.aborted.keys() == overlap.finals.keys() | overlap.aborted.keys()
+    for rid in sync.finals.keys() & overlap.finals.keys():
+        s, o = sync.finals[rid], overlap.finals[rid]
         assert [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] == \
             [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in s.outputs], rid
         for co, cs in zip(o.outputs, s.outputs):
             assert_close_logprobs(co.logprobs, cs.logprobs)
         assert_close_logprobs(o.prompt_logprobs, s.prompt_logprobs)
-    # Aborted once the first seq had k tokens, in both runs; its siblings (maybe preempted at other steps)
-    # made prefixes of the same tokens.
-    assert sync.aborted.keys() == overlap.aborted.keys()
-    for rid, seqs in sync.aborted.items():
-        assert len(overlap.aborted[rid][0]) == len(seqs[0])
-        for a, b in zip(seqs, overlap.aborted[rid]):
+    # Aborted once the first seq had k tokens. With n = 1 that is the same step in both runs. With n > 1 the
+    # siblings, preempted or admitted at other steps, may be further along in one run: there the others may
+    # have finished before the first reached k. Either way both runs made prefixes of the same tokens.
+    for rid in sync.aborted.keys() | overlap.aborted.keys():
+        runs = [r.aborted.get(rid) or [c.token_ids for c in r.finals[rid].outputs] for r in (sync, overlap)]
+        if len(runs[0]) == 1 or rid in sync.aborted.keys() & overlap.aborted.keys():
+            assert len(runs[0][0]) == len(runs[1][0]), rid
+        for a, b in zip(*runs, strict=True):
             n = min(len(a), len(b))
             assert a[:n] == b[:n], rid
 
