@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from factories import create_seqs, make_scheduler, step
 from tiny_models import make_tiny_model
 from tiny_tokenizer import save_tiny_tokenizer
 
@@ -19,6 +20,9 @@ ENGINES = {  # small caches (preemption), small budgets (chunked prefill), a sho
     "preempt": dict(num_kvcache_blocks=20, block_size=4, max_num_seqs=6),
     "chunked": dict(max_num_batched_tokens=9, block_size=8, max_num_seqs=5),
     "short": dict(max_model_len=56, block_size=4, num_kvcache_blocks=40, max_num_seqs=8),
+    "whole": dict(enable_chunked_prefill=False, enable_prefix_caching=False, max_num_batched_tokens=48,
+                  block_size=4, num_kvcache_blocks=26),  # prompts wait until they fit whole
+    "budget": dict(max_num_batched_tokens=4, max_num_seqs=8, block_size=4, num_kvcache_blocks=30),
 }
 
 
@@ -197,10 +201,24 @@ def test_random_schedules_give_the_same_outputs(vocab, engine, graphs, seed, mon
     runs = {}
     for async_scheduling in (False, True):
         llm = make_llm(vocab, async_scheduling, graphs, monkeypatch, **engine)
+        overlapped = count_overlapped_launches(llm)
         runs[async_scheduling] = run = play(llm, schedule)
         check_streams(run, schedule)
         check_usage(run, schedule)
+        assert (overlapped[0] > 0) == async_scheduling
     assert_same_runs(runs[False], runs[True])
+
+
+def count_overlapped_launches(llm: LLM) -> list[int]:
+    """Counts the steps launched while the step before was still in flight."""
+    runner, count = llm.engine.model_runner, [0]
+    launch = runner.launch
+
+    def counted(batch, prev=None):
+        count[0] += prev is not None
+        return launch(batch, prev)
+    runner.launch = counted
+    return count
 
 
 def test_no_step_is_left_in_flight_once_every_request_has_ended(vocab, monkeypatch):
@@ -274,3 +292,25 @@ def test_blocks_filled_by_decodes_are_shared_as_in_sync(vocab, graphs, monkeypat
         results.append({rid: (o.num_cached_tokens, [c.token_ids for c in o.outputs]) for rid, o in finals.items()})
     sync, overlap = results
     assert overlap == sync and sync["c"][0] == sync["d"][0] == 20
+
+
+def test_a_waiting_seq_without_room_does_not_stop_the_pipeline():
+    """Under load the queue is rarely empty: a head that a normal step could not admit (no blocks) must not
+    drain the pipeline every step (it did: no step overlapped while a prompt waited for memory)."""
+    s = make_scheduler(num_blocks=5, block_size=4, max_num_seqs=8)
+    running = create_seqs(num=2, prompt_len=5)  # 2 blocks each, placeholders included: 1 block left
+    for seq in running:
+        s.add(seq)
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in running):
+        step(s)
+    batch = s.schedule()
+    assert s.can_overlap(batch)
+    s.advance(batch)
+    (fits,) = create_seqs(prompt_len=3, seed=1)
+    s.add(fits)
+    assert s.schedule_overlapped() is None  # a normal step would admit it: drain
+    s.waiting.clear()
+    (too_big,) = create_seqs(prompt_len=6, seed=2)  # needs 2 blocks
+    s.add(too_big)
+    overlapped = s.schedule_overlapped()
+    assert overlapped is not None and overlapped.seqs == running

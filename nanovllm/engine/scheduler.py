@@ -152,10 +152,8 @@ class Scheduler:
         """The next step while the previous one (already advanced) still runs: a decode of every running
         seq whose placeholder is not its last token. None when the step must wait for the previous one's ids
         (a drain): a seq not sampled last step (prefill chunks), a seq the sampler needs the tokens of
-        (penalties), waiting seqs that could be admitted, too few free blocks (preemption), too many seqs for
+        (penalties), a waiting seq that could be admitted, too few free blocks (preemption), too many seqs for
         the token budget, or nothing left to run."""
-        if self.waiting and len(self.running) < self.max_num_seqs:
-            return None
         slots = self.block_manager.block_size
         seqs, new_blocks = [], 0
         for seq in self.running:
@@ -167,12 +165,23 @@ class Scheduler:
                 new_blocks += seq.num_computed_tokens == slots * len(seq.block_table)
         if not seqs or len(seqs) > self.max_num_batched_tokens or new_blocks > self.block_manager.num_free_blocks:
             return None
+        if self.waiting and self._may_admit(self.waiting[0], len(seqs)):
+            return None
         batch = ScheduledBatch()
         for seq in seqs:
             if seq.num_computed_tokens == slots * len(seq.block_table):
                 self.block_manager.append_slots(seq, 1)
             batch.add_decode(seq)
         return batch
+
+    def _may_admit(self, seq: Sequence, num_decodes: int) -> bool:
+        """Whether a normal step after these decodes would admit (or finish) the waiting head seq, as
+        _schedule_waiting decides. A head that waits for blocks or a slot does not stop the pipeline: under
+        load the queue is rarely empty. (One that only step n's finishes let in is admitted a step later.)"""
+        budget = self.max_num_batched_tokens - num_decodes
+        return self._beyond_limits(seq) or (
+            budget > 0 and num_decodes < self.max_num_seqs and self._fits_budget(seq, budget)
+            and self.block_manager.can_allocate(seq))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends seq ("stop", "length" or "abort") and frees its blocks; a no-op if already finished."""
