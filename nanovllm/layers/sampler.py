@@ -20,6 +20,7 @@ class SamplingBatch:
     seeded_rows: list[tuple[int, torch.Generator]]  # random rows that draw from their own generator
     any_unseeded: bool  # some random row draws from torch's default generator
     top_ks: Tensor | None = None  # (B,) int64; vocab_size where off
+    max_top_k: int | None = None  # the largest top_k asked, known on the host (no device read to find it)
     top_ps: Tensor | None = None  # (B,) float32
     min_ps: Tensor | None = None  # (B,) float32
     repetition_penalties: Tensor | None = None  # (B,) float32
@@ -37,7 +38,9 @@ class SamplingBatch:
         params = [seq.sampling_params for seq in seqs]
 
         def tensor(values, dtype=torch.float32) -> Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            # non_blocking: a blocking copy would wait for every kernel queued before it, among them the
+            # step an async-scheduled engine has in flight.
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         greedy = [p.greedy for p in params]
         seeded = [(i, s.generator) for i, s in enumerate(seqs) if not greedy[i] and s.generator is not None]
@@ -46,6 +49,7 @@ class SamplingBatch:
                     any_unseeded=len(seeded) < greedy.count(False))
         if any(p.top_k > 0 for p in params):
             batch.top_ks = tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
+            batch.max_top_k = max(p.top_k for p in params if p.top_k > 0)
         if any(p.top_p < 1 for p in params):
             batch.top_ps = tensor([p.top_p for p in params])
         if any(p.min_p > 0 for p in params):
@@ -76,7 +80,7 @@ def _pad(rows: list[list[int]], pad_id: int, device) -> Tensor:
     out = np.full((len(rows), max(1, max(map(len, rows)))), pad_id, dtype=np.int64)
     for i, ids in enumerate(rows):
         out[i, :len(ids)] = ids
-    return torch.from_numpy(out).to(device)
+    return torch.from_numpy(out).to(device, non_blocking=True)
 
 
 def _min_tokens_mask(seqs: list, eos_token_ids: list[int], vocab_size: int,
@@ -93,8 +97,8 @@ def _min_tokens_mask(seqs: list, eos_token_ids: list[int], vocab_size: int,
             ids += stop_ids
     if not rows:
         return None
-    return (torch.tensor(rows, dtype=torch.int64, device=device),
-            torch.tensor(ids, dtype=torch.int64, device=device))
+    return (torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+            torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True))
 
 
 @dataclass(slots=True)
@@ -128,7 +132,7 @@ class Sampler:
         if batch.all_greedy:
             return logits  # the filters below never change the argmax
         logits.div_(batch.temperatures[:, None])
-        logits = apply_top_k_top_p(logits, batch.top_ks, batch.top_ps)
+        logits = apply_top_k_top_p(logits, batch.top_ks, batch.top_ps, batch.max_top_k)
         if batch.min_ps is not None:
             logits = apply_min_p(logits, batch.min_ps)
         return logits
@@ -169,11 +173,12 @@ def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
     return logits
 
 
-def apply_top_k_top_p(logits: Tensor, k: Tensor | None, p: Tensor | None) -> Tensor:
+def apply_top_k_top_p(logits: Tensor, k: Tensor | None, p: Tensor | None, max_k: int | None = None) -> Tensor:
     """Masks to -inf what top-k (ties at the k-th value kept) and top-p (smallest set whose mass reaches p)
-    remove, with the same tie rules as transformers' TopKLogitsWarper and TopPLogitsWarper."""
+    remove, with the same tie rules as transformers' TopKLogitsWarper and TopPLogitsWarper. max_k: the
+    largest k below the vocabulary size, if the caller knows it (else it is read from the device)."""
     if p is None:
-        return logits if k is None else _apply_top_k_only(logits, k)
+        return logits if k is None else _apply_top_k_only(logits, k, max_k)
     V = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1)  # ascending, (B, V)
     if k is not None:
@@ -186,12 +191,13 @@ def apply_top_k_top_p(logits: Tensor, k: Tensor | None, p: Tensor | None) -> Ten
     return logits.scatter_(1, order, sorted_logits)
 
 
-def _apply_top_k_only(logits: Tensor, k: Tensor) -> Tensor:
+def _apply_top_k_only(logits: Tensor, k: Tensor, max_k: int | None = None) -> Tensor:
     # topk over the largest k asked is much cheaper than a full sort of the vocabulary.
     V = logits.shape[1]
     off = k >= V
     k = k.masked_fill(off, 1)
-    top_values = logits.topk(int(k.max()), dim=-1).values  # (B, max_k), descending
+    max_k = int(k.max()) if max_k is None else min(max_k, V)
+    top_values = logits.topk(max_k, dim=-1).values  # (B, max_k), descending
     kth_value = top_values.gather(1, (k - 1)[:, None]).masked_fill_(off[:, None], -float("inf"))  # (B, 1)
     return logits.masked_fill_(logits < kth_value, -float("inf"))
 
