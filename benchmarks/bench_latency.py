@@ -71,9 +71,32 @@ def kv_bytes_per_token(cfg) -> int:
 
 
 def make_engine(folder: str, **kwargs) -> LLM:
+    """The engine whose steps are timed: the synchronous loop (async scheduling off), so a step's wall time
+    holds its own host work and `runner.run` is what it calls."""
     blocks = max(BATCHES) * -(-(PROMPT_LEN + WARMUP_STEPS + DECODE_STEPS + 2) // 16) + 64
     return LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_num_seqs=max(BATCHES),
-               max_model_len=1024, num_kvcache_blocks=blocks, **kwargs)
+               max_model_len=1024, num_kvcache_blocks=blocks, async_scheduling=False, **kwargs)
+
+
+def timed_steps(engine, steps: int) -> tuple[list[float], list[float]]:
+    """Wall seconds of `steps` engine steps, and of the model runner's `run` inside each."""
+    runner = engine.model_runner
+    step_times, runner_times, run = [], [], runner.run
+
+    def timed_run(b):
+        t0 = time.perf_counter()
+        out = run(b)
+        runner_times.append(time.perf_counter() - t0)
+        return out
+    runner.run = timed_run
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            step_times.append(time.perf_counter() - t0)
+    finally:
+        runner.run = run
+    return step_times, runner_times
 
 
 def time_decode(llm: LLM, batch: int, seed: int = 0) -> dict:
@@ -91,22 +114,7 @@ def time_decode(llm: LLM, batch: int, seed: int = 0) -> dict:
         engine.step()  # prefill (and first tokens)
     for _ in range(WARMUP_STEPS):
         engine.step()
-    runner_times, step_times = [], []
-    run = runner.run
-
-    def timed_run(b):
-        t0 = time.perf_counter()
-        out = run(b)
-        runner_times.append(time.perf_counter() - t0)
-        return out
-    runner.run = timed_run
-    try:
-        for _ in range(DECODE_STEPS):
-            t0 = time.perf_counter()
-            engine.step()
-            step_times.append(time.perf_counter() - t0)
-    finally:
-        runner.run = run
+    step_times, runner_times = timed_steps(engine, DECODE_STEPS)
     context = PROMPT_LEN + WARMUP_STEPS + DECODE_STEPS // 2  # mean KV length over the timed steps
     gpu_ms = replay_ms(runner, batch)
     by_kernel = replay_by_kernel(runner, batch) if runner.graphs is not None else None

@@ -27,7 +27,7 @@ import random
 import time
 
 import torch
-from bench_latency import card_name, cuda_kernels, model_dir, short, write_json
+from bench_latency import card_name, cuda_kernels, model_dir, short, timed_steps, write_json
 from bench_throughput import timed_generate, warm_up, workload
 
 from nanovllm import LLM, SamplingParams
@@ -82,7 +82,7 @@ def scored(llm: LLM, texts: list[list[int]]) -> list[list[float]]:
 
 def decode_step_ms(llm: LLM, batch: int) -> dict:
     """Median wall time of an engine step, and of the model runner inside it, with `batch` seqs decoding."""
-    engine, runner = llm.engine, llm.engine.model_runner
+    engine = llm.engine
     rng = random.Random(batch)
     params = SamplingParams(temperature=0, ignore_eos=True,
                             max_tokens=DECODE_WARMUP + DECODE_STEPS + PROFILE_STEPS + 2)
@@ -93,21 +93,7 @@ def decode_step_ms(llm: LLM, batch: int) -> dict:
         engine.step()  # prefill
     for _ in range(DECODE_WARMUP):
         engine.step()
-    step_times, runner_times, run = [], [], runner.run
-
-    def timed_run(b):
-        t0 = time.perf_counter()
-        out = run(b)
-        runner_times.append(time.perf_counter() - t0)
-        return out
-    runner.run = timed_run
-    try:
-        for _ in range(DECODE_STEPS):
-            t0 = time.perf_counter()
-            engine.step()
-            step_times.append(time.perf_counter() - t0)
-    finally:
-        runner.run = run
+    step_times, runner_times = timed_steps(engine, DECODE_STEPS)
     result = {"batch": batch, "ms_per_step": median_ms(step_times), "runner_ms_per_step": median_ms(runner_times)}
     if batch == 1:
         result["rank0_kernels"] = kernel_profile(engine)
@@ -157,7 +143,9 @@ def run_engine(name: str, folders: dict[str, str], runs: dict[str, dict], before
     arch, engine_args, symm_mem, speed, reference = RUNS[name]
     os.environ["NANOVLLM_SYMM_MEM"] = symm_mem  # read at group init; the workers inherit it
     t0 = time.perf_counter()
-    llm = LLM(folders[arch], load_format="dummy", skip_tokenizer_init=True, max_model_len=4096, **engine_args)
+    # Async scheduling is tp=1 only: both sizes run the synchronous loop, so they compare like with like.
+    llm = LLM(folders[arch], load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
+              async_scheduling=False, **engine_args)
     result = runs[name] = {"name": name, "arch": arch, **engine_args, "all_reduce": all_reduce_backend(),
                            "startup_s": time.perf_counter() - t0,
                            "num_kvcache_blocks": llm.engine.stats()["num_blocks"]}

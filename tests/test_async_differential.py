@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from factories import create_seqs, make_scheduler, step
+from test_async_scheduling import count_overlapped_launches
 from tiny_models import make_tiny_model
 from tiny_tokenizer import save_tiny_tokenizer
 
@@ -207,18 +208,6 @@ def test_random_schedules_give_the_same_outputs(vocab, engine, graphs, seed, mon
         check_usage(run, schedule)
         assert (overlapped[0] > 0) == async_scheduling
     assert_same_runs(runs[False], runs[True])
-
-
-def count_overlapped_launches(llm: LLM) -> list[int]:
-    """Counts the steps launched while the step before was still in flight."""
-    runner, count = llm.engine.model_runner, [0]
-    launch = runner.launch
-
-    def counted(batch, prev=None):
-        count[0] += prev is not None
-        return launch(batch, prev)
-    runner.launch = counted
-    return count
 
 
 def test_no_step_is_left_in_flight_once_every_request_has_ended(vocab, monkeypatch):
