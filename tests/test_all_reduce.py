@@ -48,8 +48,8 @@ def test_symm_mem_needs_cuda_ranks_of_a_supported_count(monkeypatch):
     assert not ar.symm_mem_supported(4, torch.device("cuda", 1))  # rank 1 cannot read rank 2's memory
 
 
-@pytest.mark.parametrize("value, expected", [(None, True), ("1", True), ("0", False)])
-def test_nanovllm_symm_mem_env_turns_it_off(monkeypatch, value, expected):
+@pytest.mark.parametrize("value, expected", [(None, False), ("1", True), ("0", False)])
+def test_nanovllm_symm_mem_env_turns_it_on(monkeypatch, value, expected):
     if value is None:
         monkeypatch.delenv("NANOVLLM_SYMM_MEM", raising=False)
     else:

@@ -3,7 +3,8 @@
 Layers read `get_tp_rank()` / `get_tp_size()` when they are built, so the group must exist before the model
 is: rank 0 (the engine's process) and every worker call `init_tensor_parallel` first. Without it the size
 is 1 and every collective here is a no-op, so a single-process model never touches torch.distributed.
-On CUDA the all-reduce goes through a symmetric-memory buffer when the message fits (all_reduce.py).
+With NANOVLLM_SYMM_MEM=1 the CUDA all-reduce goes through a symmetric-memory buffer when the message fits
+(all_reduce.py).
 """
 import warnings
 from collections.abc import Iterator
