@@ -9,7 +9,8 @@
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
 # serving) may feel. Results and logs land in $OUT/results.tgz (the tool returns at most 8 files), beside
 # steps.txt and the Triton cache.
-# Carry: .whl (pytest, gguf and the serving wheels), .gpuserve (make_serve_model.py), .triton_cache.
+# Carry: .whl (pytest, gguf and the serving wheels), .gpuserve (make_serve_model.py), .triton_cache (compiled
+# kernels, and in .triton_cache/nanovllm the fused kernel's tuning choices, so engines start without timing).
 #   bash benchmarks/gpu_all.sh
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
@@ -18,7 +19,7 @@ LOGS=$OUT/logs
 mkdir -p "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/kernels/*.whl .whl/serve/*.whl >/dev/null 2>&1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache NANOVLLM_CACHE_DIR=$PWD/.triton_cache/nanovllm
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$LOGS/env.txt" 2>&1
 step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the deadline), logs to $LOGS/NAME.log

@@ -9,7 +9,7 @@ set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache NANOVLLM_CACHE_DIR=$PWD/.triton_cache/nanovllm NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
 if ls .whl/kernels/*.whl >/dev/null 2>&1; then  # pytest and its needs travel as wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/kernels/*.whl && export PYTHONPATH=/tmp/site

@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 PYTHONPATH=/tmp/site python3 -c "import fastapi, uvicorn, gguf, uvloop, httptools" 2>/dev/null ||  # gpu_all.sh did
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
         .whl/serve/*.whl .whl/kernels/gguf-*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache NANOVLLM_CACHE_DIR=$PWD/.triton_cache/nanovllm
 MODEL=.gpuserve/qwen3-0.6b N=${N:-256} IN=${IN:-256} OUTLEN=${OUTLEN:-256} CLIENTS=${CLIENTS:-4}
 ENGINE="--model $MODEL --load-format dummy --max-model-len 2048 ${SERVE_FLAGS:-}"
 nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tee "$OUT/card.txt"
