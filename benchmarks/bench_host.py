@@ -46,21 +46,13 @@ class Timer:
 
     def __init__(self, engine: LLMEngine):
         self.schedule_s = self.runner_s = 0.0
-        schedule = engine.scheduler.schedule
-
-        def timed_schedule():
-            t = clock()
-            batch = schedule()
-            self.schedule_s += clock() - t
-            return batch
-
-        schedule_overlapped = engine.scheduler.schedule_overlapped
-
-        def timed_schedule_overlapped():
-            t = clock()
-            batch = schedule_overlapped()
-            self.schedule_s += clock() - t
-            return batch
+        def timed(schedule):
+            def timed_schedule():
+                t = clock()
+                batch = schedule()
+                self.schedule_s += clock() - t
+                return batch
+            return timed_schedule
 
         def fake_run(batch):
             t = clock()
@@ -80,7 +72,8 @@ class Timer:
         self.restore = lambda: [delattr(engine.scheduler if name.startswith("s") else engine.model_runner, name)
                                 for name in names]
         # Instance attributes shadow the methods until restore().
-        engine.scheduler.schedule, engine.scheduler.schedule_overlapped = timed_schedule, timed_schedule_overlapped
+        engine.scheduler.schedule = timed(engine.scheduler.schedule)
+        engine.scheduler.schedule_overlapped = timed(engine.scheduler.schedule_overlapped)
         engine.model_runner.run, engine.model_runner.launch = fake_run, fake_launch
 
 
