@@ -93,16 +93,16 @@ class Scheduler:
         self._schedule_waiting(batch)
         return batch
 
-    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
-        """Records the computed tokens, appends each sampled token (sampled: seq_id -> token id) and caches
-        the blocks that became full."""
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int] | None) -> None:
+        """Records the computed tokens, appends each sampled token (sampled: seq_id -> token id; None: the
+        ids are not back yet, see advance) and caches the blocks that became full."""
         block_size = self.block_manager.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.status is SequenceStatus.FINISHED:  # aborted since schedule()
                 continue
             num_computed = seq.num_computed_tokens = seq.num_computed_tokens + n
             if num_computed == seq.num_tokens:
-                seq.append_token(sampled[seq.seq_id])
+                seq.append_token(PLACEHOLDER if sampled is None else sampled[seq.seq_id])
             # Every earlier step's full blocks are cached already: look only when this chunk filled one.
             if num_computed // block_size != (num_computed - n) // block_size:
                 self.block_manager.cache_full_blocks(seq)
@@ -131,15 +131,7 @@ class Scheduler:
     def advance(self, batch: ScheduledBatch) -> None:
         """postprocess() for a launched step whose sampled ids are not known yet: sampled seqs get a
         placeholder. Only computed tokens are hashed into the prefix cache, and those are all real."""
-        block_size = self.block_manager.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.status is SequenceStatus.FINISHED:  # finished or aborted while the step ran
-                continue
-            num_computed = seq.num_computed_tokens = seq.num_computed_tokens + n
-            if num_computed == seq.num_tokens:
-                seq.append_token(PLACEHOLDER)
-            if num_computed // block_size != (num_computed - n) // block_size:
-                self.block_manager.cache_full_blocks(seq)
+        self.postprocess(batch, None)
 
     def resolve(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
         """Replaces the placeholders advance() appended with the sampled ids."""
