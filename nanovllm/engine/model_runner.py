@@ -328,13 +328,11 @@ class ModelRunner:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         """logits (B, V) in the model dtype."""
-        if all(simple_temperature(seq) == 0 for seq in seqs):  # greedy: one argmax, one copy
-            return self._record(seqs, logits.argmax(dim=-1).tolist(), out)
         self.collect_samples(seqs, self._sample_on_device(seqs, logits), out)
 
     def _sample_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
         """logits (B, V) in the model dtype -> the sampled ids (B,) (+ logprobs), left on the device."""
-        if all(simple_temperature(seq) == 0 for seq in seqs):
+        if all(simple_temperature(seq) == 0 for seq in seqs):  # greedy: one argmax
             return SamplerOutput(logits.argmax(dim=-1))
         logits = logits.float()
         sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids)
