@@ -259,7 +259,7 @@ class ModelRunner:
     def _run(self, batch: ScheduledBatch) -> StepOutput:
         out = StepOutput({}, {}, {})
         if self._graph_ready(batch):
-            self._run_graph(batch.seqs, out)
+            self.collect_samples(batch.seqs, self._replay(batch.seqs), out)
             return out
         input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
         if self.workers is not None:
@@ -270,7 +270,7 @@ class ModelRunner:
         if sampled_seqs:
             rows = torch.tensor([r for _, r in sample_rows], device=self.device)
             logits = self.compute_logits(hidden[rows])  # (B, V)
-            self._sample(sampled_seqs, logits, out)
+            self.collect_samples(sampled_seqs, self._sample_on_device(sampled_seqs, logits), out)
         if plp_rows:
             self._collect_prompt_logprobs(hidden, plp_rows, out)
         return out
@@ -284,7 +284,7 @@ class ModelRunner:
         src_rows = None if prev is None else [prev.rows[seq.seq_id] for seq in batch.seqs]
         prev_ids = None if prev is None else prev.token_ids
         if self._graph_ready(batch):
-            return PendingStep(batch.seqs, self._launch_graph(batch.seqs, prev_ids, src_rows))
+            return PendingStep(batch.seqs, self._replay(batch.seqs, prev_ids, src_rows))
         input_ids, positions, sample_rows, _ = self._prepare(batch)
         assert len(sample_rows) == len(batch.seqs), "only steps that sample every seq launch ahead"
         if prev_ids is not None:
@@ -294,8 +294,10 @@ class ModelRunner:
         reset_context()
         return PendingStep(batch.seqs, self._sample_on_device(batch.seqs, self.compute_logits(hidden)))
 
-    def _launch_graph(self, seqs: list[Sequence], prev_ids: torch.Tensor | None,
-                      src_rows: list[int] | None) -> SamplerOutput:
+    def _replay(self, seqs: list[Sequence], prev_ids: torch.Tensor | None = None,
+                src_rows: list[int] | None = None) -> SamplerOutput:
+        """One decode step of seqs from the captured graphs; the sampled ids (B,) stay on the device. With
+        prev_ids, seq i's input id is prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
         n = len(seqs)
         temperatures = [simple_temperature(seq) for seq in seqs]
         if None in temperatures:  # the full Sampler, on the greedy graph's logits
@@ -317,19 +319,6 @@ class ModelRunner:
                 and all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
                         for seq, n in zip(batch.seqs, batch.num_new_tokens)))
 
-    def _run_graph(self, seqs: list[Sequence], out: StepOutput) -> None:
-        n = len(seqs)
-        temperatures = [simple_temperature(seq) for seq in seqs]
-        if None in temperatures:  # the full Sampler, on the greedy graph's logits
-            self.graphs.replay(seqs)
-            return self._sample(seqs, self.graphs.logits[:n], out)
-        self.graphs.replay(seqs, temperatures if any(temperatures) else None)
-        self._record(seqs, self.graphs.next_tokens[:n].tolist(), out)
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
-        """logits (B, V) in the model dtype."""
-        self.collect_samples(seqs, self._sample_on_device(seqs, logits), out)
-
     def _sample_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
         """logits (B, V) in the model dtype -> the sampled ids (B,) (+ logprobs), left on the device."""
         if all(simple_temperature(seq) == 0 for seq in seqs):  # greedy: one argmax
@@ -337,10 +326,6 @@ class ModelRunner:
         logits = logits.float()
         sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids)
         return self.sampler(logits, sampling)
-
-    @staticmethod
-    def _record(seqs: list[Sequence], token_ids: list[int], out: StepOutput) -> None:
-        out.sampled.update((seq.seq_id, token) for seq, token in zip(seqs, token_ids))
 
     def _prepare(self, batch: ScheduledBatch):
         ids, pos, q_lens, ctx_lens, tables = [], [], [], [], []
