@@ -3,6 +3,7 @@
 Random weights (`load_format="dummy"` draws one checkpoint that every TP size slices, so every engine of
 an architecture runs the same model). Engines, one after another:
   qwen3-8b bf16   tp1        CUDA graphs: agreement, decode steps at batch 1/64/256, throughput
+                  tp1_async  the same with async scheduling (the tp=1 default; the others run the sync loop)
                   tp1_eager  enforce_eager: agreement only (the bf16 noise baseline: same weights and
                              TP size, other kernels and reduction orders)
                   tp2        symmetric-memory all-reduce: agreement, decode steps, throughput
@@ -36,13 +37,14 @@ from nanovllm.distributed.parallel_state import all_reduce_backend
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 NUM_PROMPTS, PROMPT_LEN, STEPS, TOP = 8, 64, 64, 20
 DECODE_BATCHES, DECODE_PROMPT, DECODE_WARMUP, DECODE_STEPS = (1, 64, 256), 128, 8, 64
-PROFILE_STEPS, PROFILE_TOP = 8, 12  # batch 1: rank 0's kernels over a few steps, by name
+PROFILE_BATCHES, PROFILE_STEPS, PROFILE_TOP = (1, 256), 8, 12  # rank 0's kernels over a few steps, by name
 
 # Agreement-only engines: 8 seqs, so start-up tunes and captures only what 8 x 64-token prompts need.
 SMALL = dict(max_num_seqs=NUM_PROMPTS, max_num_batched_tokens=NUM_PROMPTS * PROMPT_LEN)
 # name: (architecture, engine arguments, NANOVLLM_SYMM_MEM, speed runs, whose tokens make the scored text)
 RUNS = {
     "tp1": ("qwen3-8b", dict(tensor_parallel_size=1), "1", True, None),
+    "tp1_async": ("qwen3-8b", dict(tensor_parallel_size=1, async_scheduling=True), "1", True, "tp1"),
     "tp1_eager": ("qwen3-8b", dict(tensor_parallel_size=1, enforce_eager=True), "1", False, "tp1"),
     "tp2": ("qwen3-8b", dict(tensor_parallel_size=2), "1", True, "tp1"),
     "tp2_nccl": ("qwen3-8b", dict(tensor_parallel_size=2), "0", True, "tp1"),
@@ -95,7 +97,7 @@ def decode_step_ms(llm: LLM, batch: int) -> dict:
         engine.step()
     step_times, runner_times = timed_steps(engine, DECODE_STEPS)
     result = {"batch": batch, "ms_per_step": median_ms(step_times), "runner_ms_per_step": median_ms(runner_times)}
-    if batch == 1:
+    if batch in PROFILE_BATCHES:
         result["rank0_kernels"] = kernel_profile(engine)
     while engine.has_unfinished_requests():
         engine.step()
@@ -145,7 +147,7 @@ def run_engine(name: str, folders: dict[str, str], runs: dict[str, dict], before
     t0 = time.perf_counter()
     # Async scheduling is tp=1 only: both sizes run the synchronous loop, so they compare like with like.
     llm = LLM(folders[arch], load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
-              async_scheduling=False, **engine_args)
+              **{"async_scheduling": False, **engine_args})
     result = runs[name] = {"name": name, "arch": arch, **engine_args, "all_reduce": all_reduce_backend(),
                            "startup_s": time.perf_counter() - t0,
                            "num_kvcache_blocks": llm.engine.stats()["num_blocks"]}

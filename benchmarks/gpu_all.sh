@@ -12,9 +12,11 @@
 # Carry: .whl (pytest, gguf and the serving wheels), .gpuserve (make_serve_model.py), .triton_cache (compiled
 # kernels, and in .triton_cache/nanovllm the fused kernel's tuning choices, so engines start without timing).
 #   bash benchmarks/gpu_all.sh
+#   STEPS="tp profile tests" TP_RUNS="tp1 tp2" TP_S=270 bash benchmarks/gpu_all.sh   # some steps only
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
 DEADLINE=$((SECONDS + ${BUDGET_S:-565}))
+STEPS=${STEPS:-tp throughput throughput_sync serve tests latency}  # which steps run (profile, pressure: on request)
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
@@ -40,18 +42,22 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
     pkill -KILL -s "$sid" 2> /dev/null  # leftovers of a step that finished (a server it forgot)
     echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
 }
-step tp "${TP_S:-180}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --runs tp1 tp2 fp32_tp1 fp32_tp2
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+want tp && step tp "${TP_S:-180}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --runs ${TP_RUNS:-tp1 tp2 fp32_tp1 fp32_tp2}
 (
     export CUDA_VISIBLE_DEVICES=0
-    step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"  # async scheduling: the default
-    step throughput_sync 70 python3 benchmarks/bench_throughput.py --skip-hf --no-async-scheduling --out-dir "$OUT"
-    OUT=$OUT/serve SKIP_THROUGHPUT=1 SKIP_HTTP=1 step serve 180 bash benchmarks/gpu_serve.sh
+    want throughput && step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"  # async: the default
+    want throughput_sync && step throughput_sync 70 python3 benchmarks/bench_throughput.py --skip-hf \
+        --no-async-scheduling --out-dir "$OUT"
+    want profile && step profile 100 python3 benchmarks/profile_throughput.py --out-dir "$OUT"
+    want pressure && step pressure 150 python3 benchmarks/bench_async_pressure.py --out-dir "$OUT"
+    want serve && OUT=$OUT/serve SKIP_THROUGHPUT=1 SKIP_HTTP=1 step serve 180 bash benchmarks/gpu_serve.sh
 ) &
 (
     export CUDA_VISIBLE_DEVICES=1 NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
-    step tests 190 python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py \
+    want tests && step tests 190 python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py \
         tests/test_async_scheduling.py::test_async_scheduling_on_cuda_graphs
-    step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
+    want latency && step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
 ) &
 wait
 cp "$LOGS/steps.txt" "$OUT/steps.txt"
