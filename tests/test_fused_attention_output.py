@@ -16,6 +16,7 @@ from nanovllm.kernels.fused_attention_output import (
     fused_o_proj_add_residual_ref,
     launch,
 )
+from nanovllm.kernels.pdl import pdl_enabled
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
        torch.float16: dict(rtol=1e-2, atol=1e-2)}
@@ -278,9 +279,10 @@ def test_gpu_projection_alone_is_the_product_the_fused_call_adds_to(k, n):
             except Exception:  # a tile this card cannot compile: the tuner skips it too
                 continue
             assert torch.equal(launch(config, x, weight) + residual, fused), f"{config} at M = {m}"
-    fao._BEST.pop((x_all.device, torch.bfloat16, n, k, True, 8), None)
+    key = (x_all.device, torch.bfloat16, n, k, True, 8, pdl_enabled(x_all.device))
+    fao._BEST.pop(key, None)
     proj = fused_o_proj_add_residual(x_all[:7], weight, bias=b)  # untuned: tunes the M = 8 bucket
-    assert (x_all.device, torch.bfloat16, n, k, True, 8) in fao._BEST
+    assert key in fao._BEST
     assert torch.equal(proj + res_all[:7], fused_o_proj_add_residual(x_all[:7], weight, res_all[:7], b))
 
 
@@ -358,26 +360,27 @@ def test_gpu_captures_in_a_cuda_graph_and_is_deterministic():
 
 def test_tuning_choices_persist_for_later_processes(tmp_path, monkeypatch):
     """A choice timed once is written to the tuning file and recalled (not re-timed) once the in-memory
-    table is gone, as in a new process; other keys are timed; a corrupt file is ignored; an empty
-    NANOVLLM_CACHE_DIR keeps choices in memory only."""
+    table is gone, as in a new process; other keys (a bias, PDL candidates allowed) are timed; a corrupt
+    file is ignored; an empty NANOVLLM_CACHE_DIR keeps choices in memory only."""
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(fao, "_BEST", {})
     chosen = fao.KernelConfig("gemv", 16, 32, 256, 2, True, 4, 4)
     timed = []
     monkeypatch.setattr(fao, "_time_candidates", lambda *key: timed.append(key) or chosen)
-    key = (torch.device("cpu"), torch.bfloat16, 96, 200, False, 4)
+    key = (torch.device("cpu"), torch.bfloat16, 96, 200, False, 4, False)
     assert fao._tune(*key) == chosen and len(timed) == 1
     fao._BEST.clear()  # a new process
     assert fao._tune(*key) == chosen and fao._BEST[key] == chosen and len(timed) == 1
-    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, True, 4)  # with a bias: another key
-    assert len(timed) == 2
-    assert len(json.loads((tmp_path / "fused_o_proj_tuning.json").read_text())) == 2
+    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, True, 4, False)  # with a bias: another key
+    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, False, 4, True)  # PDL allowed: another key
+    assert len(timed) == 3
+    assert len(json.loads((tmp_path / "fused_o_proj_tuning.json").read_text())) == 3
     (tmp_path / "fused_o_proj_tuning.json").write_text("{not json")
     fao._BEST.clear()
-    assert fao._tune(*key) == chosen and len(timed) == 3
+    assert fao._tune(*key) == chosen and len(timed) == 4
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", "")
     fao._BEST.clear()
     fao._tune(*key)
     fao._BEST.clear()
     fao._tune(*key)
-    assert len(timed) == 5
+    assert len(timed) == 6

@@ -295,3 +295,104 @@ def test_sample_kernel_argmax_across_tiles():
     out = torch.empty(6, dtype=torch.int64, device=DEVICE)
     sample(logits, temps, torch.tensor([3], dtype=torch.int64, device=DEVICE), out)
     assert out.tolist() == [10, 3000, 4499, 700, 2048, 3333]
+
+
+# ---- programmatic dependent launch (nanovllm/kernels/pdl.py) ----
+
+def test_pdl_switch(monkeypatch):
+    """PDL where the device supports it, unless NANOVLLM_PDL=0; never on CPU or under the interpreter."""
+    from nanovllm.kernels import pdl
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("NANOVLLM_PDL", raising=False)
+    assert not pdl.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setattr(pdl, "pdl_supported", lambda device: device.type == "cuda")
+    monkeypatch.setattr(pdl, "_INTERPRET", False)
+    assert pdl.pdl_enabled(cuda) and not pdl.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("NANOVLLM_PDL", "0")
+    assert not pdl.pdl_enabled(cuda)
+    monkeypatch.setenv("NANOVLLM_PDL", "1")
+    assert pdl.pdl_enabled(cuda)
+    monkeypatch.setattr(pdl, "_INTERPRET", True)
+    assert not pdl.pdl_enabled(cuda)
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: records the keyword arguments of each launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(kwargs)
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_decode_kernels_launch_with_pdl_as_the_switch_says(monkeypatch, enabled):
+    """Every kernel of a decode step (RMSNorm, RoPE + store, attention and its reduce, SiLU-and-mul) is
+    compiled for PDL (its PDL flag) and launched with it exactly when pdl_enabled says so."""
+    from nanovllm.kernels import add_rmsnorm as norm_mod
+    from nanovllm.kernels import paged_attention as attn_mod
+    from nanovllm.kernels import rope_kv_store as rope_mod
+    from nanovllm.kernels import silu_and_mul as silu_mod
+    kernels = {(norm_mod, "_rmsnorm_kernel"), (rope_mod, "_rope_kv_store_kernel"), (silu_mod, "_silu_and_mul_kernel"),
+               (attn_mod, "_decode_kernel"), (attn_mod, "_decode_reduce_kernel")}
+    recorders = {}
+    for mod, name in kernels:
+        recorders[name] = _LaunchRecorder()
+        monkeypatch.setattr(mod, name, recorders[name])
+        monkeypatch.setattr(mod, "pdl_enabled", lambda device: enabled)
+    x = torch.randn(2, 64)
+    rmsnorm(x, torch.ones(64), 1e-6)
+    add_rmsnorm(x, x.clone(), torch.ones(64), 1e-6)
+    silu_and_mul(x)
+    (q, k, v), positions, cos_sin, caches, slots, norms = rope_inputs(3, 4, 2, 64, torch.float32)
+    rope_and_store_kv(q, k, v, positions, cos_sin, *caches, slots, *norms)
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1, 1], [100, 7], 4, 2, 64, 16, torch.float32)
+    paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125, num_kv_splits=2)
+    for name, recorder in recorders.items():
+        assert recorder.launches, name
+        assert all(kw["PDL"] is enabled and kw["launch_pdl"] is enabled for kw in recorder.launches), name
+
+
+@gpu_only
+def test_gpu_pdl_chain_in_a_cuda_graph_matches_without_pdl(monkeypatch):
+    """RMSNorm -> RoPE + KV store -> decode attention (split) -> SiLU-and-mul -> add + RMSNorm, each reading
+    what the kernel just before it wrote, captured in a CUDA graph with PDL: after new inputs are copied in,
+    a replay gives the bits of the same kernels run eagerly without PDL."""
+    from nanovllm.kernels.pdl import pdl_enabled
+    if not pdl_enabled(torch.device(DEVICE)):
+        pytest.skip("programmatic dependent launch needs sm_90 (and NANOVLLM_PDL unset)")
+    heads, kv_heads, dim, batch = 16, 8, 128, 8
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * batch, [1000 + 37 * i for i in range(batch)],
+                                                       heads, kv_heads, dim, 16, torch.bfloat16)
+    _, positions, cos_sin, _, _, norms = rope_inputs(batch, heads, kv_heads, dim, torch.bfloat16)
+    slots = (tables[:, 0].long() * 16 + 3)  # one fresh slot per seq, inside its context
+    width = (heads + 2 * kv_heads) * dim
+    x, residual = torch.randn(2, batch, width, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.rand(width, device=DEVICE, dtype=torch.bfloat16)
+
+    def step():
+        h = rmsnorm(x, w, 1e-6)
+        q, k, v = h.view(batch, -1, dim).split([heads, kv_heads, kv_heads], dim=1)
+        rope_and_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots, *norms)
+        o = paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, dim ** -0.5, num_kv_splits=4)
+        a = silu_and_mul(o.view(batch, -1))  # (batch, heads * dim / 2)
+        return add_rmsnorm(a, residual[:, :a.shape[1]], w[:a.shape[1]], 1e-6)[0], k_cache.clone()
+
+    state = [t.clone() for t in (x, residual, k_cache, v_cache)]
+    step()  # compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, kc = step()
+    new_x = torch.randn_like(x)
+    for t, s in zip((x, residual, k_cache, v_cache), state):
+        t.copy_(s)
+    x.copy_(new_x)
+    graph.replay()
+    got = (out.clone(), kc.clone(), residual.clone())
+    for t, s in zip((x, residual, k_cache, v_cache), state):
+        t.copy_(s)
+    x.copy_(new_x)
+    monkeypatch.setenv("NANOVLLM_PDL", "0")
+    want_out, want_kc = step()
+    assert torch.equal(got[0], want_out) and torch.equal(got[1], want_kc) and torch.equal(got[2], residual)

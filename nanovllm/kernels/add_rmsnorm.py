@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
+
 try:
     import triton
     import triton.language as tl
@@ -46,21 +48,26 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     r2d = residual.view(-1, n) if residual is not None else x2d
     out = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
     if x2d.shape[0]:
-        block_n = triton.next_power_of_2(n)
+        block_n, pdl = triton.next_power_of_2(n), pdl_enabled(x.device)
         _rmsnorm_kernel[(x2d.shape[0],)](
             x2d, r2d, weight, out, x2d.stride(0), r2d.stride(0), out.stride(0), n, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=min(16, max(1, block_n // 512)),
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, PDL=pdl,
+            num_warps=min(16, max(1, block_n // 512)), launch_pdl=pdl,
         )
     return out.view(x.shape)
 
 
 @_jit
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (rows,): one row of BLOCK_N >= n columns."""
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Grid (rows,): one row of BLOCK_N >= n columns. With PDL the norm weight is loaded before the wait
+    (nanovllm/kernels/pdl.py)."""
+    launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < n
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    wait_previous(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         x += tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
@@ -68,5 +75,4 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_r
         tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
         x = x.to(tl.float32)  # normalize the rounded sum, as the unfused path does
     rstd = tl.rsqrt(tl.sum(x * x, 0) / n + eps)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)

@@ -18,8 +18,9 @@ runs the same configuration and stores the rounded product alone: then `proj + r
 once more, e.g. in the next RMSNorm kernel) gives the fused call's output bit for bit, which is what makes
 greedy decoding identical with the fusion on or off. A launch does no host sync and, given `out`, no
 allocation, so it captures in a CUDA graph. out may alias residual (each element is read by the program
-that writes it). Without CUDA or Triton it runs `fused_o_proj_add_residual_ref`. With NANOVLLM_FUSED_PDL=1
-on Hopper the tuner also tries each gemv tiling with programmatic dependent launch (see KernelConfig).
+that writes it). Without CUDA or Triton it runs `fused_o_proj_add_residual_ref`. On Hopper the tuner also
+tries each gemv tiling with programmatic dependent launch (see KernelConfig and nanovllm/kernels/pdl.py;
+NANOVLLM_PDL=0 turns it off), as the decode step's other Triton kernels launch with it.
 
 Rounding follows the unfused path, F.linear(x, W, bias) then `+ residual`: the product (with its bias) is
 rounded to the output dtype, then the sum is rounded again. One rounding would be more accurate, but greedy
@@ -36,6 +37,8 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 
 import torch
+
+from nanovllm.kernels.pdl import pdl_enabled, pdl_supported  # noqa: F401 (pdl_supported: re-exported)
 
 try:
     import triton
@@ -176,7 +179,7 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
         args = (x, TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k]),
                 *args[2:])
     partials = _workspace(x.device) if config.split_k > 1 else out
-    pdl = config.pdl and not _INTERPRET  # the interpreter runs kernels one by one, without griddepcontrol
+    pdl = config.pdl and pdl_enabled(x.device)  # not in the interpreter: it has no griddepcontrol
     tiled_gemv_kernel[(num_m, num_n, config.split_k)](
         *args, partials, m, n, k, *strides, SPLIT_K=config.split_k, USE_DOT=config.use_dot,
         W_TMA=config.tma and _tma_ok(weight), PDL=config.pdl, launch_pdl=pdl, **meta)
@@ -186,20 +189,6 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
             partials, *args[2:], m, n, *strides[4:], SPLIT_K=config.split_k, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=has_residual, INTERPRET=_INTERPRET, PDL=config.pdl, BLOCK_N=block, launch_pdl=pdl)
     return out
-
-
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper (sm_90) or newer, and a Triton that has griddepcontrol."""
-    return (gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (9, 0))
-
-
-def _pdl_enabled(device: torch.device) -> bool:
-    """PDL candidates are opt-in (NANOVLLM_FUSED_PDL=1): the tuner times each candidate after another call
-    of itself, which lets it launch early, and there PDL wins; after a kernel that does not (attention,
-    RMSNorm today) the same tiling with PDL was slower in 28 of 33 cases on the H100, by up to 1.2 µs
-    (docs/fused-attention-output.md)."""
-    return os.environ.get("NANOVLLM_FUSED_PDL") == "1" and pdl_supported(device)
 
 
 def _tma_ok(weight: torch.Tensor) -> bool:
@@ -218,8 +207,9 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return _WORKSPACES[device]
 
 
-# (device, dtype, n, k, has_bias, m bucket) -> fastest config; no residual in the key: a projection alone
-# must run the configuration that the fused call of the same shape runs.
+# (device, dtype, n, k, has_bias, m bucket, pdl) -> fastest config; no residual in the key: a projection
+# alone must run the configuration that the fused call of the same shape runs. pdl: PDL candidates were
+# allowed (pdl_enabled), so NANOVLLM_PDL=0 picks among the others even after a tuning with them.
 _BEST: dict[tuple, KernelConfig] = {}
 _TUNING_VERSION = 1  # bump when the candidate tilings or the kernels change: older choices are then ignored
 TUNING_LOG: dict[tuple, dict[str, float]] = {}  # same key -> {config: µs per call}, for benchmarks and notes
@@ -264,10 +254,11 @@ def _tuning_file() -> str | None:
     return os.path.join(root, "fused_o_proj_tuning.json") if root else None
 
 
-def _disk_key(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int) -> str:
+def _disk_key(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int,
+              pdl: bool) -> str:
     """The choice depends on the card and the software that compiled and timed it, not on a device index."""
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    versions = (_TUNING_VERSION, torch.__version__, triton.__version__ if triton else None, _pdl_enabled(device))
+    versions = (_TUNING_VERSION, torch.__version__, triton.__version__ if triton else None, pdl)
     return json.dumps([card, *versions, str(dtype), n, k, has_bias, m])
 
 
@@ -306,20 +297,22 @@ def _recalled(disk_key: str) -> KernelConfig | None:
         return None
 
 
-def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int) -> KernelConfig:
+def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int,
+          pdl: bool) -> KernelConfig:
     """The configuration for this key: the one an earlier process chose on this card (the tuning file), or
     else the fastest of the candidates, timed now (`_time_candidates`) and remembered."""
-    key, disk_key = (device, dtype, n, k, has_bias, m), _disk_key(device, dtype, n, k, has_bias, m)
+    key = (device, dtype, n, k, has_bias, m, pdl)
+    disk_key = _disk_key(*key)
     best = _recalled(disk_key)
     if best is None:
-        best = _time_candidates(device, dtype, n, k, has_bias, m)
+        best = _time_candidates(*key)
         _remember(disk_key, best)
     _BEST[key] = best
     return best
 
 
-def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool,
-                     m: int) -> KernelConfig:
+def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int,
+                     pdl: bool) -> KernelConfig:
     """Times every candidate in a CUDA graph on random inputs of M = m rows, rotated over enough copies to
     miss L2, and keeps the fastest of those whose output matches the reference."""
     _workspace(device)  # allocated here, never during a capture
@@ -334,7 +327,7 @@ def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, h
     bias = torch.randn(n, generator=gen, device=device).to(dtype) if has_bias else None
     ref = fused_o_proj_add_residual_ref(xs[0], ws[0], res[0], bias).float()
     times = {}
-    for config in candidate_configs(m, n, k, dtype, pdl=_pdl_enabled(device)):
+    for config in candidate_configs(m, n, k, dtype, pdl=pdl):
         try:
             times[config] = time_in_graph(lambda i, c=config: launch(c, xs[i], ws[i], res[i], bias, outs[i]),
                                            slots, calls=64, replays=7)
@@ -344,7 +337,7 @@ def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, h
             times[config] = float("inf")
             TUNING_ERRORS[str(config)] = f"{type(e).__name__}: {e}"[:300]
     best = min(times, key=times.get)
-    TUNING_LOG[(device, dtype, n, k, has_bias, m)] = {str(c): t for c, t in times.items()}
+    TUNING_LOG[(device, dtype, n, k, has_bias, m, pdl)] = {str(c): t for c, t in times.items()}
     return best
 
 
@@ -354,8 +347,8 @@ def warmup(n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cud
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    buckets = [1 << i for i in range(_bucket(max_m).bit_length())]
-    return {m: _BEST.get((device, dtype, n, k, has_bias, m)) or _tune(device, dtype, n, k, has_bias, m)
+    buckets, pdl = [1 << i for i in range(_bucket(max_m).bit_length())], pdl_enabled(device)
+    return {m: _BEST.get((device, dtype, n, k, has_bias, m, pdl)) or _tune(device, dtype, n, k, has_bias, m, pdl)
             for m in buckets}
 
 
@@ -392,7 +385,8 @@ def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: t
         return fused_o_proj_add_residual_ref(x, weight, residual, bias, out)
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0])) if out is None else out
-    key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, _bucket(x.shape[0]))
+    key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, _bucket(x.shape[0]),
+           pdl_enabled(x.device))
     config = _BEST.get(key)
     if config is None:
         config = _CUBLAS if torch.cuda.is_current_stream_capturing() else _tune(*key)

@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
+
 try:
     import triton
     import triton.language as tl
@@ -99,6 +101,7 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         dst, dst_strides = partial, (partial.stride(0), partial.stride(1), partial.stride(2))
     else:
         lse, dst, dst_strides = out, out, (out.stride(0), out.stride(1), 0)  # lse unused with one split
+    pdl = pdl_enabled(q.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, dst, lse, scale * LOG2E,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
@@ -106,14 +109,14 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=block_n or (64 if q.is_cuda else 16), UPCAST=not q.is_cuda, PRECISION=_dot_precision(q),
-        num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             partial, lse, out, cu_seqlens_q, partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl,
         )
 
 
@@ -170,8 +173,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
                    stride_dt, stride_dh, stride_ds, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (B, Hkv, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys."""
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Grid (B, Hkv, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys.
+    With PDL the seq's row and length (step inputs) are read before the wait (nanovllm/kernels/pdl.py)."""
+    launch_dependents(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     token = tl.load(cu_seqlens_q_ptr + seq)
     ctx_len = tl.load(context_lens_ptr + seq)
@@ -182,6 +187,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
     g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
+    wait_previous(PDL)  # q and the KV cache come from the RoPE + store kernel
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
     if UPCAST:
@@ -213,11 +219,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
 @_jit
 def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, stride_pb, stride_ph, stride_ps,
                           stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PDL: tl.constexpr):
     """Grid (B, H): merges the splits' partial outputs, weighting each by its share of the softmax mass."""
+    launch_dependents(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
     s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < HEAD_DIM
+    token = tl.load(cu_seqlens_q_ptr + seq)  # a step input
+    wait_previous(PDL)
     lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # (BLOCK_S,), 0 for empty splits
@@ -225,7 +235,6 @@ def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, strid
                       + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (S, BLOCK_D)
     total = tl.sum(weight, 0)
     result = tl.sum(partial * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    token = tl.load(cu_seqlens_q_ptr + seq)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty),
              mask=d_mask)
 

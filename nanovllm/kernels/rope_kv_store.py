@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
+
 try:
     import triton
     import triton.language as tl
@@ -66,6 +68,7 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
     store = k_cache.numel() > 0
     has_norm = q_norm_weight is not None
     assert has_norm == (k_norm_weight is not None), "q and k norms come together (Qwen3)"
+    pdl = pdl_enabled(q.device)
     _rope_kv_store_kernel[(num_tokens,)](
         # Empty caches may have a null data pointer, which Triton refuses: pass k in their place.
         q, k, v, positions, cos_sin_cache, k_cache if store else k, v_cache if store else v, slot_mapping,
@@ -75,15 +78,26 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         PAGE_SIZE=k_cache.shape[1] if store else 1,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE=store,
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE=store, PDL=pdl,
+        launch_pdl=pdl,
     )
     return q, k
 
 
 @_jit
-def _norm_rope_heads(x_ptr, stride_h, norm_ptr, cos, sin, eps, NUM: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _halves(ptr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The two halves (BLOCK_HALF,) of a (HEAD_DIM,) row, in fp32: cos | sin, or a norm weight."""
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask = offs_d < HEAD_DIM // 2
+    first = tl.load(ptr + offs_d, mask=mask, other=0.0).to(tl.float32)
+    return first, tl.load(ptr + HEAD_DIM // 2 + offs_d, mask=mask, other=0.0).to(tl.float32)
+
+
+@_jit
+def _norm_rope_heads(x_ptr, stride_h, w1, w2, cos, sin, eps, NUM: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Normalizes and rotates NUM heads of one token in place; returns the rotated halves (fp32), mask."""
+    """Normalizes (norm weight halves w1, w2) and rotates NUM heads of one token in place; returns the
+    rotated halves (fp32), mask."""
     offs_h, offs_d = tl.arange(0, BLOCK), tl.arange(0, BLOCK_HALF)
     mask = (offs_h < NUM)[:, None] & (offs_d < HEAD_DIM // 2)[None, :]
     ptrs = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]  # first halves; + HEAD_DIM // 2 for second
@@ -91,10 +105,7 @@ def _norm_rope_heads(x_ptr, stride_h, norm_ptr, cos, sin, eps, NUM: tl.constexpr
     x2 = tl.load(ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
-        d_mask = offs_d < HEAD_DIM // 2
-        w1 = tl.load(norm_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(norm_ptr + HEAD_DIM // 2 + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
-        x1, x2 = x1 * rstd * w1, x2 * rstd * w2
+        x1, x2 = x1 * rstd * w1[None, :], x2 * rstd * w2[None, :]
     r1 = x1 * cos[None, :] - x2 * sin[None, :]
     r2 = x2 * cos[None, :] + x1 * sin[None, :]
     tl.store(ptrs, r1.to(x_ptr.dtype.element_ty), mask=mask)
@@ -109,19 +120,27 @@ def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cac
                           stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                           NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                           PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                          BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr):
-    """Grid (T,): all heads of one token."""
+                          BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
+                          PDL: tl.constexpr):
+    """Grid (T,): all heads of one token. With PDL, cos/sin of the token's position, the norm weights and
+    its slot are loaded before the wait: the step's inputs and weights (nanovllm/kernels/pdl.py)."""
+    launch_dependents(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_HALF)
-    cs_ptr = cos_sin_ptr + tl.load(positions_ptr + token) * stride_cs + offs_d
-    cos = tl.load(cs_ptr, mask=offs_d < HEAD_DIM // 2, other=0.0).to(tl.float32)  # (BLOCK_HALF,)
-    sin = tl.load(cs_ptr + HEAD_DIM // 2, mask=offs_d < HEAD_DIM // 2, other=0.0).to(tl.float32)
-    _norm_rope_heads(q_ptr + token * stride_qt, stride_qh, q_norm_ptr, cos, sin, eps,
-                     NUM_HEADS, HEAD_DIM, BLOCK_H, BLOCK_HALF, HAS_NORM)
-    k1, k2, mask = _norm_rope_heads(k_ptr + token * stride_kt, stride_kh, k_norm_ptr, cos, sin, eps,
-                                    NUM_KV_HEADS, HEAD_DIM, BLOCK_HKV, BLOCK_HALF, HAS_NORM)
+    cos, sin = _halves(cos_sin_ptr + tl.load(positions_ptr + token) * stride_cs, HEAD_DIM, BLOCK_HALF)
+    if HAS_NORM:
+        qw1, qw2 = _halves(q_norm_ptr, HEAD_DIM, BLOCK_HALF)
+        kw1, kw2 = _halves(k_norm_ptr, HEAD_DIM, BLOCK_HALF)
+    else:  # unused: the norm pointers are then q and k, which must not be read before the wait
+        qw1, qw2, kw1, kw2 = cos, sin, cos, sin
     if STORE:
         slot = tl.load(slot_mapping_ptr + token)
+    wait_previous(PDL)
+    _norm_rope_heads(q_ptr + token * stride_qt, stride_qh, qw1, qw2, cos, sin, eps,
+                     NUM_HEADS, HEAD_DIM, BLOCK_H, BLOCK_HALF, HAS_NORM)
+    k1, k2, mask = _norm_rope_heads(k_ptr + token * stride_kt, stride_kh, kw1, kw2, cos, sin, eps,
+                                    NUM_KV_HEADS, HEAD_DIM, BLOCK_HKV, BLOCK_HALF, HAS_NORM)
+    if STORE:
         if slot >= 0:
             offs_h = tl.arange(0, BLOCK_HKV)[:, None]
             kc_ptrs = (k_cache_ptr + (slot // PAGE_SIZE) * stride_kcb + (slot % PAGE_SIZE) * stride_kcs

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
+
 try:
     import triton
     import triton.language as tl
@@ -25,14 +27,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(num_tokens, two_i // 2, dtype=x.dtype, device=x.device)
     if num_tokens:
         block = min(1024, triton.next_power_of_2(two_i // 2))
-        grid = (num_tokens, triton.cdiv(two_i // 2, block))
-        _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), two_i // 2, BLOCK=block)
+        grid, pdl = (num_tokens, triton.cdiv(two_i // 2, block)), pdl_enabled(x.device)
+        _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), two_i // 2, BLOCK=block, PDL=pdl,
+                                   launch_pdl=pdl)
     return out
 
 
 @_jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
-    """Grid (T, cdiv(I, BLOCK))."""
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Grid (T, cdiv(I, BLOCK)). With PDL it launches under the gate_up projection's tail; all it reads is
+    that projection's output (nanovllm/kernels/pdl.py)."""
+    launch_dependents(PDL)
+    wait_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter

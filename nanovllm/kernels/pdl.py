@@ -1,0 +1,66 @@
+"""Programmatic dependent launch (PDL, Hopper or newer) for the Triton kernels of a decode step.
+
+A kernel launched with PDL (`launch_pdl=True`) may be scheduled onto the GPU while the kernel ahead of it in
+the stream is still running: as soon as every program of that kernel has executed `launch_dependents()` or
+exited. Its launch latency and prologue (pointer math, loads of weights) then hide under the previous
+kernel's tail instead of adding ~1-3 µs per kernel. The contract every kernel here keeps:
+
+1. `launch_dependents(PDL)` first: it only lets the *next* kernel be scheduled; that kernel's own wait still
+   holds it until this one has finished and its writes are visible, so triggering early is always correct.
+2. Before `wait_previous(PDL)` read only what no kernel of the forward writes: weights, and the step's
+   inputs (positions, slot mapping, block tables, lengths), which are copied in before the forward starts.
+   Write nothing.
+3. `wait_previous(PDL)` in every program, before any other read or write: it returns once the kernel ahead
+   has completed. As that kernel waited for the one before it, completion is transitive, so this also
+   covers inputs written several kernels back (the residual stream, the KV cache) and kernels that were
+   not launched with PDL (cuBLAS): after those the wait returns at once.
+
+CUDA-graph capture keeps the programmatic edges (CUDA 12.3+), so the decode graphs replay with them.
+NANOVLLM_PDL=0 turns PDL off everywhere; the interpreter has no griddepcontrol, so it is off there too.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton never launch a kernel
+    triton = tl = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """The device can launch with PDL: Hopper (sm_90) or newer, and a Triton with griddepcontrol."""
+    return (gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL: where supported, unless NANOVLLM_PDL=0 (read per call, so
+    a benchmark can compare both in one process)."""
+    return os.environ.get("NANOVLLM_PDL", "1") != "0" and not _INTERPRET and pdl_supported(device)
+
+
+@_jit
+def launch_dependents(PDL: tl.constexpr):
+    """Lets the next kernel in the stream be scheduled now (its wait still orders it after this one)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@_jit
+def wait_previous(PDL: tl.constexpr):
+    """Returns once the kernel ahead in the stream has completed and its writes are visible."""
+    if PDL:
+        gdc_wait()
