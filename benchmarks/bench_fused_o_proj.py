@@ -13,10 +13,11 @@ decoder layer runs up to the MLP: the fused kernel then the RMSNorm kernel, agai
 
 Programmatic dependent launch (PDL) lets a kernel start while the one before it finishes. In the plain
 columns each fused call follows another fused call, which lets the next one launch at its start; in a
-decoder layer it follows the attention kernel, which does not (yet). So each row also times each op after
+decoder layer it follows the attention kernel (o_proj) or SiLU-and-mul (down_proj). So each row also times each op after
 a producer kernel that writes this call's x, as attention would: one that does not let the next kernel
 launch early (`prod_*` columns; the producer alone is `prod_us`) and one that does, at its start
-(`prodtrig_*`, alone `prodtrig_us`); and the fastest configuration without PDL (`fused_nopdl_*`).
+(`prodtrig_*`, alone `prodtrig_us`), as the decode attention and SiLU-and-mul kernels now do with PDL
+(nanovllm/kernels/pdl.py); and the fastest configuration without PDL (`fused_nopdl_*`).
 """
 import argparse
 import json
@@ -117,7 +118,7 @@ def bench_shape(k: int, n: int, dtype: torch.dtype, fao, norms) -> list[dict]:
             lambda i: fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]), slots)
         moved = (n * k + 2 * m * n + m * k) * dtype.itemsize
         row["fused_gbps"] = moved / row["fused_us"] / 1e3
-        key = (xs[0].device, dtype, n, k, False, m)
+        key = (xs[0].device, dtype, n, k, False, m, fao.pdl_enabled(xs[0].device))
         config = fao._BEST[key]
         row["fused_config"] = str(config)
         bench_pdl(row, fao, key, config, xs, ws, res, outs, tmps, slots)
@@ -232,9 +233,8 @@ def main() -> None:
     if args.plot:
         plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
         return
-    # The dispatcher's PDL candidates are opt-in; "fused" is the dispatcher with them, "fused_nopdl" without
-    # (the best of the other candidates, from the same tuning: what it picks by default).
-    os.environ.setdefault("NANOVLLM_FUSED_PDL", "1")
+    # "fused" is the dispatcher with its PDL candidates (the default on Hopper unless NANOVLLM_PDL=0),
+    # "fused_nopdl" the best of the other candidates from the same tuning.
     os.environ["NANOVLLM_CACHE_DIR"] = ""  # time every candidate here (their timings are reported), never recall
     from nanovllm.kernels import fused_attention_output as fao
     try:

@@ -1,0 +1,106 @@
+"""Decode-step GPU time with programmatic dependent launch (PDL) off and on (issue 4).
+
+Qwen3-0.6B architecture with random bf16 weights, CUDA graphs, the engine built as bench_latency builds it
+(max_model_len 1024, so the same attention split count). One engine per setting, both kept alive:
+NANOVLLM_PDL=0 (no kernel launched with PDL, the fused GEMV tuned without its PDL candidates), then the
+default (PDL through the decode step's Triton kernels, nanovllm/kernels/pdl.py). For batch 1 and 8 each
+engine prefills B prompts and decodes (wall time per engine step), then the bare replay of the batch's
+greedy graph is timed with CUDA events, alternating the settings over several rounds so that clock drift
+hits both alike, and its kernels are listed with the torch profiler (µs per replay by kernel; with PDL a
+kernel's time includes the wait for the one before it, so compare the totals, not single kernels).
+Writes pdl-<card>.json.
+
+    python benchmarks/bench_pdl.py [--out-dir benchmarks/results] [--rounds 5]
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+from bench_latency import (
+    card_name,
+    copy_bandwidth_gbps,
+    cuda_kernels,
+    kv_bytes_per_token,
+    make_engine,
+    model_dir,
+    replay_by_kernel,
+    replay_ms,
+    time_decode,
+    weight_bytes,
+)
+
+SETTINGS = {"off": "0", "on": "1"}  # NANOVLLM_PDL
+BATCHES = (1, 8)
+
+
+def build(folder: str, setting: str):
+    """An engine whose kernels, tuning and graphs all saw NANOVLLM_PDL=SETTINGS[setting]."""
+    os.environ["NANOVLLM_PDL"] = SETTINGS[setting]
+    t0 = time.time()
+    llm = make_engine(folder)
+    print(f"PDL {setting}: engine ready in {time.time() - t0:.1f} s", flush=True)
+    return llm
+
+
+def chosen_configs(setting: str) -> dict[str, str]:
+    """The fused GEMV configuration per (K -> N, M bucket <= 8) the tuning under this setting picked."""
+    from nanovllm.kernels import fused_attention_output as fao
+    return {f"{k}->{n} m={m}": str(c) for (_, _, n, k, _, m, pdl), c in fao._BEST.items()
+            if pdl == (setting == "on") and m <= 8}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    card, tag = card_name()
+    bw = copy_bandwidth_gbps()
+    print(f"{card}: device copy {bw:.0f} GB/s (read + write)", flush=True)
+    folder = model_dir()
+    engines, rows = {}, []
+    for setting in SETTINGS:
+        llm = engines[setting] = build(folder, setting)
+        runner = llm.engine.model_runner
+        for batch in BATCHES:
+            row = time_decode(llm, batch)
+            row.update(pdl=setting, kernels_per_replay=len(cuda_kernels(
+                runner.graphs.graphs[runner.graphs.bucket[batch], False].replay)))
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "replay_us_by_kernel"}), flush=True)
+    for row in rows:  # the replays again, settings alternating
+        row["gpu_ms_rounds"] = []
+    for _ in range(args.rounds):
+        for row in rows:
+            row["gpu_ms_rounds"].append(replay_ms(engines[row["pdl"]].engine.model_runner, row["batch"]))
+    for row in rows:
+        row["gpu_ms_median"] = statistics.median(row["gpu_ms_rounds"])
+        row["replay_us_by_kernel"] = replay_by_kernel(engines[row["pdl"]].engine.model_runner, row["batch"])
+    runner = engines["on"].engine.model_runner
+    cfg = runner.model_config
+    wbytes = weight_bytes(runner.model, cfg.tie_word_embeddings)
+    context = {r["batch"]: r["mean_context"] for r in rows}
+    floor = {b: (wbytes + b * context[b] * kv_bytes_per_token(cfg)) / (bw * 1e9) * 1e3 for b in BATCHES}
+    result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights", "copy_bw_gbps": bw,
+              "floor_ms": floor, "rows": rows,
+              "fused_configs": {s: chosen_configs(s) for s in SETTINGS}}
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"pdl-{tag}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{card}: bare graph replay, ms per decode step (median of {args.rounds} rounds)")
+    for b in BATCHES:
+        off, on = (next(r for r in rows if r["batch"] == b and r["pdl"] == s) for s in ("off", "on"))
+        print(f"batch {b}: PDL off {off['gpu_ms_median']:.4f}  on {on['gpu_ms_median']:.4f}  "
+              f"({on['gpu_ms_median'] / off['gpu_ms_median']:.3f}x; floor {floor[b]:.3f}; "
+              f"engine step {off['ms_per_step']:.3f} -> {on['ms_per_step']:.3f} ms)")
+        for name in list(on["replay_us_by_kernel"])[:12]:
+            print(f"    {name:<40} off {off['replay_us_by_kernel'].get(name, 0.0):8.1f}  "
+                  f"on {on['replay_us_by_kernel'][name]:8.1f} µs")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
