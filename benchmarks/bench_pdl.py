@@ -2,8 +2,9 @@
 
 Qwen3-0.6B architecture with random bf16 weights, CUDA graphs, the engine built as bench_latency builds it
 (max_model_len 1024, so the same attention split count). One engine per setting, both kept alive:
-NANOVLLM_PDL=0 (no kernel launched with PDL, the fused GEMV tuned without its PDL candidates), then the
-default (PDL through the decode step's Triton kernels, nanovllm/kernels/pdl.py). For batch 1 and 8 each
+NANOVLLM_PDL=0 (no kernel launched with PDL, the fused GEMV tuned without its PDL candidates); PDL through
+the decode step's Triton kernels (nanovllm/kernels/pdl.py) with qkv_proj and gate_up_proj on cuBLAS; and
+with those two through the dispatcher's projection-only mode (linear.COLUMN_PARALLEL_DISPATCHER). For batch 1 and 8 each
 engine prefills B prompts and decodes (wall time per engine step), then the bare replay of the batch's
 greedy graph is timed with CUDA events, alternating the settings over several rounds so that clock drift
 hits both alike, and its kernels are listed with the torch profiler (µs per replay by kernel; with PDL a
@@ -31,24 +32,28 @@ from bench_latency import (
     weight_bytes,
 )
 
-SETTINGS = {"off": "0", "on": "1"}  # NANOVLLM_PDL
+from nanovllm.layers import linear
+
+# name -> (NANOVLLM_PDL, linear.COLUMN_PARALLEL_DISPATCHER): qkv_proj and gate_up_proj on cuBLAS, or
+# through the dispatcher's projection-only mode (cuBLAS or a gemv, whichever its tuning found faster).
+SETTINGS = {"off": ("0", False), "on": ("1", False), "on+proj": ("1", True)}
 BATCHES = (1, 8)
 
 
 def build(folder: str, setting: str):
-    """An engine whose kernels, tuning and graphs all saw NANOVLLM_PDL=SETTINGS[setting]."""
-    os.environ["NANOVLLM_PDL"] = SETTINGS[setting]
+    """An engine whose kernels, tuning and graphs all saw this setting."""
+    os.environ["NANOVLLM_PDL"], linear.COLUMN_PARALLEL_DISPATCHER = SETTINGS[setting]
     t0 = time.time()
     llm = make_engine(folder)
     print(f"PDL {setting}: engine ready in {time.time() - t0:.1f} s", flush=True)
     return llm
 
 
-def chosen_configs(setting: str) -> dict[str, str]:
-    """The fused GEMV configuration per (K -> N, M bucket <= 8) the tuning under this setting picked."""
+def chosen_configs(pdl: bool) -> dict[str, str]:
+    """The dispatcher's choice per (K -> N, M bucket <= 8, fused or projection alone) with or without PDL."""
     from nanovllm.kernels import fused_attention_output as fao
-    return {f"{k}->{n} m={m}": str(c) for (_, _, n, k, _, m, pdl), c in fao._BEST.items()
-            if pdl == (setting == "on") and m <= 8}
+    return {f"{k}->{n} m={m}{'' if fused else ' proj'}": str(c)
+            for (_, _, n, k, _, m, p, fused), c in fao._BEST.items() if p == pdl and m <= 8}
 
 
 def main() -> None:
@@ -85,20 +90,21 @@ def main() -> None:
     floor = {b: (wbytes + b * context[b] * kv_bytes_per_token(cfg)) / (bw * 1e9) * 1e3 for b in BATCHES}
     result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights", "copy_bw_gbps": bw,
               "floor_ms": floor, "rows": rows,
-              "fused_configs": {s: chosen_configs(s) for s in SETTINGS}}
+              "configs": {"off": chosen_configs(False), "on": chosen_configs(True)}}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"pdl-{tag}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\n{card}: bare graph replay, ms per decode step (median of {args.rounds} rounds)")
     for b in BATCHES:
-        off, on = (next(r for r in rows if r["batch"] == b and r["pdl"] == s) for s in ("off", "on"))
-        print(f"batch {b}: PDL off {off['gpu_ms_median']:.4f}  on {on['gpu_ms_median']:.4f}  "
-              f"({on['gpu_ms_median'] / off['gpu_ms_median']:.3f}x; floor {floor[b]:.3f}; "
-              f"engine step {off['ms_per_step']:.3f} -> {on['ms_per_step']:.3f} ms)")
-        for name in list(on["replay_us_by_kernel"])[:12]:
-            print(f"    {name:<40} off {off['replay_us_by_kernel'].get(name, 0.0):8.1f}  "
-                  f"on {on['replay_us_by_kernel'][name]:8.1f} µs")
+        by = {s: next(r for r in rows if r["batch"] == b and r["pdl"] == s) for s in SETTINGS}
+        print(f"batch {b} (floor {floor[b]:.3f} ms): " + "  ".join(
+            f"{s} {r['gpu_ms_median']:.4f} ({r['gpu_ms_median'] / by['off']['gpu_ms_median']:.3f}x, "
+            f"step {r['ms_per_step']:.3f})" for s, r in by.items()))
+        names = sorted({n for r in by.values() for n in list(r["replay_us_by_kernel"])[:8]})
+        for name in names:
+            print(f"    {name:<40}" + "".join(f" {s} {r['replay_us_by_kernel'].get(name, 0.0):7.1f}"
+                                          for s, r in by.items()) + " µs")
     print("wrote", path)
 
 

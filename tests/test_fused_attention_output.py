@@ -15,6 +15,7 @@ from nanovllm.kernels.fused_attention_output import (
     fused_o_proj_add_residual,
     fused_o_proj_add_residual_ref,
     launch,
+    project,
 )
 from nanovllm.kernels.pdl import pdl_enabled
 
@@ -197,6 +198,13 @@ def test_cublas_path_is_the_unfused_path_even_in_place():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+def test_project_is_the_linear_layer_on_cpu():
+    x, weight, _, b = make_inputs(5, 64, 96, torch.bfloat16, bias=True, seed=9)
+    assert torch.equal(project(x, weight, b), torch.nn.functional.linear(x, weight, b))
+    with pytest.raises(ValueError, match="bias"):
+        project(x, weight, b[:5])
+
+
 def test_public_function_falls_back_to_reference_on_cpu():
     x, weight, residual, b = make_inputs(3, 64, 96, torch.float32, bias=True)
     out = torch.empty(3, 96)
@@ -279,7 +287,7 @@ def test_gpu_projection_alone_is_the_product_the_fused_call_adds_to(k, n):
             except Exception:  # a tile this card cannot compile: the tuner skips it too
                 continue
             assert torch.equal(launch(config, x, weight) + residual, fused), f"{config} at M = {m}"
-    key = (x_all.device, torch.bfloat16, n, k, True, 8, pdl_enabled(x_all.device))
+    key = (x_all.device, torch.bfloat16, n, k, True, 8, pdl_enabled(x_all.device), True)
     fao._BEST.pop(key, None)
     proj = fused_o_proj_add_residual(x_all[:7], weight, bias=b)  # untuned: tunes the M = 8 bucket
     assert key in fao._BEST
@@ -337,6 +345,27 @@ def test_gpu_pdl_kernels_wait_for_the_kernels_before_them(m):
 
 
 @cuda
+@pytest.mark.parametrize("k,n", [(1024, 4096), (1024, 6144)])  # Qwen3-0.6B's qkv_proj, gate_up_proj
+def test_gpu_project_tunes_without_a_residual_and_captures(k, n):
+    """`project` (the column-parallel projections) tunes its own key, timed without a residual, matches
+    F.linear to bf16 rounding at every M, and replays in a CUDA graph to the bits it gave eagerly."""
+    gen = torch.Generator("cuda").manual_seed(n)
+    weight = (torch.randn(n, k, generator=gen, device="cuda") * k**-0.5).to(torch.bfloat16)
+    for m in (1, 3, 8, 64):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+        got = project(x, weight)
+        assert (x.device, torch.bfloat16, n, k, False, fao._bucket(m), pdl_enabled(x.device), False) in fao._BEST
+        ref = torch.nn.functional.linear(x, weight).float()
+        assert (got.float() - ref).norm() <= 1e-2 * ref.norm()
+        out = torch.empty_like(got)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            project(x, weight, out=out)
+        graph.replay()
+        assert torch.equal(out, got)
+
+
+@cuda
 def test_gpu_captures_in_a_cuda_graph_and_is_deterministic():
     k, n = 2048, 1024
     fao.warmup(n, k, torch.bfloat16, max_m=8)
@@ -360,27 +389,28 @@ def test_gpu_captures_in_a_cuda_graph_and_is_deterministic():
 
 def test_tuning_choices_persist_for_later_processes(tmp_path, monkeypatch):
     """A choice timed once is written to the tuning file and recalled (not re-timed) once the in-memory
-    table is gone, as in a new process; other keys (a bias, PDL candidates allowed) are timed; a corrupt
-    file is ignored; an empty NANOVLLM_CACHE_DIR keeps choices in memory only."""
+    table is gone, as in a new process; other keys (a bias, PDL candidates allowed, a projection alone) are
+    timed; a corrupt file is ignored; an empty NANOVLLM_CACHE_DIR keeps choices in memory only."""
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(fao, "_BEST", {})
     chosen = fao.KernelConfig("gemv", 16, 32, 256, 2, True, 4, 4)
     timed = []
     monkeypatch.setattr(fao, "_time_candidates", lambda *key: timed.append(key) or chosen)
-    key = (torch.device("cpu"), torch.bfloat16, 96, 200, False, 4, False)
+    key = (torch.device("cpu"), torch.bfloat16, 96, 200, False, 4, False, True)
     assert fao._tune(*key) == chosen and len(timed) == 1
     fao._BEST.clear()  # a new process
     assert fao._tune(*key) == chosen and fao._BEST[key] == chosen and len(timed) == 1
-    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, True, 4, False)  # with a bias: another key
-    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, False, 4, True)  # PDL allowed: another key
-    assert len(timed) == 3
-    assert len(json.loads((tmp_path / "fused_o_proj_tuning.json").read_text())) == 3
+    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, True, 4, False, True)  # with a bias
+    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, False, 4, True, True)  # PDL allowed
+    fao._tune(torch.device("cpu"), torch.bfloat16, 96, 200, False, 4, False, False)  # for `project`
+    assert len(timed) == 4 and timed[-1][-1] is False
+    assert len(json.loads((tmp_path / "fused_o_proj_tuning.json").read_text())) == 4
     (tmp_path / "fused_o_proj_tuning.json").write_text("{not json")
     fao._BEST.clear()
-    assert fao._tune(*key) == chosen and len(timed) == 4
+    assert fao._tune(*key) == chosen and len(timed) == 5
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", "")
     fao._BEST.clear()
     fao._tune(*key)
     fao._BEST.clear()
     fao._tune(*key)
-    assert len(timed) == 6
+    assert len(timed) == 7

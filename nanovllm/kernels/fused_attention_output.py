@@ -207,9 +207,10 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return _WORKSPACES[device]
 
 
-# (device, dtype, n, k, has_bias, m bucket, pdl) -> fastest config; no residual in the key: a projection
-# alone must run the configuration that the fused call of the same shape runs. pdl: PDL candidates were
-# allowed (pdl_enabled), so NANOVLLM_PDL=0 picks among the others even after a tuning with them.
+# (device, dtype, n, k, has_bias, m bucket, pdl, fused) -> fastest config. pdl: PDL candidates were allowed
+# (pdl_enabled), so NANOVLLM_PDL=0 picks among the others even after a tuning with them. fused: timed with a
+# residual, for fused_o_proj_add_residual, whose projection alone (residual=None) must run the configuration
+# of its fused call (so the key has no residual); else timed without, for `project`.
 _BEST: dict[tuple, KernelConfig] = {}
 _TUNING_VERSION = 1  # bump when the candidate tilings or the kernels change: older choices are then ignored
 TUNING_LOG: dict[tuple, dict[str, float]] = {}  # same key -> {config: µs per call}, for benchmarks and notes
@@ -255,11 +256,11 @@ def _tuning_file() -> str | None:
 
 
 def _disk_key(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int,
-              pdl: bool) -> str:
+              pdl: bool, fused: bool) -> str:
     """The choice depends on the card and the software that compiled and timed it, not on a device index."""
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     versions = (_TUNING_VERSION, torch.__version__, triton.__version__ if triton else None, pdl)
-    return json.dumps([card, *versions, str(dtype), n, k, has_bias, m])
+    return json.dumps([card, *versions, str(dtype), n, k, has_bias, m, *([] if fused else ["projection"])])
 
 
 def _read_tuning(path: str) -> dict[str, dict]:
@@ -297,11 +298,11 @@ def _recalled(disk_key: str) -> KernelConfig | None:
         return None
 
 
-def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int,
-          pdl: bool) -> KernelConfig:
+def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int, pdl: bool,
+          fused: bool = True) -> KernelConfig:
     """The configuration for this key: the one an earlier process chose on this card (the tuning file), or
     else the fastest of the candidates, timed now (`_time_candidates`) and remembered."""
-    key = (device, dtype, n, k, has_bias, m, pdl)
+    key = (device, dtype, n, k, has_bias, m, pdl, fused)
     disk_key = _disk_key(*key)
     best = _recalled(disk_key)
     if best is None:
@@ -312,9 +313,10 @@ def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bo
 
 
 def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int,
-                     pdl: bool) -> KernelConfig:
+                     pdl: bool, fused: bool = True) -> KernelConfig:
     """Times every candidate in a CUDA graph on random inputs of M = m rows, rotated over enough copies to
-    miss L2, and keeps the fastest of those whose output matches the reference."""
+    miss L2, and keeps the fastest of those whose output matches the reference. Not fused: without a
+    residual (then the cuBLAS candidate is the matmul alone)."""
     _workspace(device)  # allocated here, never during a capture
     gen = torch.Generator(device).manual_seed(0)
     # Enough copies of the inputs to overflow L2 2.5 times, which also caps the memory a large M takes.
@@ -323,7 +325,7 @@ def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, h
 
     def rand(*shape, scale=1.0):
         return [(torch.randn(*shape, generator=gen, device=device) * scale).to(dtype) for _ in range(slots)]
-    xs, ws, res, outs = rand(m, k), rand(n, k, scale=k**-0.5), rand(m, n), rand(m, n)
+    xs, ws, res, outs = rand(m, k), rand(n, k, scale=k**-0.5), rand(m, n) if fused else [None] * slots, rand(m, n)
     bias = torch.randn(n, generator=gen, device=device).to(dtype) if has_bias else None
     ref = fused_o_proj_add_residual_ref(xs[0], ws[0], res[0], bias).float()
     times = {}
@@ -337,19 +339,20 @@ def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, h
             times[config] = float("inf")
             TUNING_ERRORS[str(config)] = f"{type(e).__name__}: {e}"[:300]
     best = min(times, key=times.get)
-    TUNING_LOG[(device, dtype, n, k, has_bias, m, pdl)] = {str(c): t for c, t in times.items()}
+    TUNING_LOG[(device, dtype, n, k, has_bias, m, pdl, fused)] = {str(c): t for c, t in times.items()}
     return best
 
 
 def warmup(n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cuda", max_m: int = 256,
-           has_bias: bool = False) -> dict[int, KernelConfig]:
-    """Tunes every M bucket up to max_m for an (N, K) weight; call it before CUDA-graph capture."""
+           has_bias: bool = False, fused: bool = True) -> dict[int, KernelConfig]:
+    """Tunes every M bucket up to max_m for an (N, K) weight, for fused_o_proj_add_residual (fused) or
+    for `project`; call it before CUDA-graph capture."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     buckets, pdl = [1 << i for i in range(_bucket(max_m).bit_length())], pdl_enabled(device)
-    return {m: _BEST.get((device, dtype, n, k, has_bias, m, pdl)) or _tune(device, dtype, n, k, has_bias, m, pdl)
-            for m in buckets}
+    return {m: _BEST.get((device, dtype, n, k, has_bias, m, pdl, fused))
+            or _tune(device, dtype, n, k, has_bias, m, pdl, fused) for m in buckets}
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
@@ -380,13 +383,28 @@ def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: t
     residual uses (the tuning key ignores the residual; tuning always runs with one), so
     `round(proj + residual)` equals the fused output bit for bit.
     """
+    return _dispatch(x, weight, residual, bias, out, fused=True)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """out (M, N) = x (M, K) @ weight (N, K)^T + bias (N,), rounded once, as F.linear: the fastest of cuBLAS
+    (F.linear's own call) and the gemv tilings, tuned for a projection alone (no residual), so it never
+    loses to cuBLAS by more than the tuner's noise. For the column-parallel projections of a decode step
+    (qkv_proj, gate_up_proj): a gemv launched with PDL streams its first W tile while the kernel before it
+    finishes, and lets the kernel after it launch early, which a cuBLAS kernel does not."""
+    return _dispatch(x, weight, None, bias, out, fused=False)
+
+
+def _dispatch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
+              out: torch.Tensor | None, fused: bool) -> torch.Tensor:
     _check(x, weight, residual, bias, out)
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return fused_o_proj_add_residual_ref(x, weight, residual, bias, out)
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0])) if out is None else out
     key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, _bucket(x.shape[0]),
-           pdl_enabled(x.device))
+           pdl_enabled(x.device), fused)
     config = _BEST.get(key)
     if config is None:
         config = _CUBLAS if torch.cuda.is_current_stream_capturing() else _tune(*key)

@@ -16,6 +16,11 @@ from nanovllm.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_
 # On CUDA the row-parallel projections (o_proj, down_proj) go through the fused kernel's dispatcher, fused
 # output path on or off. Benchmarks set this False to time the unfused path as plain cuBLAS F.linear.
 ROW_PARALLEL_DISPATCHER = True
+# The column-parallel ones (qkv_proj, gate_up_proj) go through its projection-only mode (`project`: cuBLAS
+# or a gemv, whichever its tuning found faster) for up to COLUMN_DISPATCHER_MAX_M tokens, decode batches:
+# a gemv there keeps the decode step's chain of early (PDL) launches unbroken. Larger M: cuBLAS, untuned.
+COLUMN_PARALLEL_DISPATCHER = True
+COLUMN_DISPATCHER_MAX_M = 64
 
 
 def copy_weight(param_slice: torch.Tensor, loaded_weight: torch.Tensor) -> None:
@@ -65,6 +70,13 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         copy_weight(param.data, loaded_weight.chunk(self.tp_size, dim=0)[self.tp_rank])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and x.shape[0] <= COLUMN_DISPATCHER_MAX_M and COLUMN_PARALLEL_DISPATCHER:
+            # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
+            from nanovllm.kernels.fused_attention_output import project
+            return project(x, self.weight, self.bias)  # (T, out)
+        return F.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
