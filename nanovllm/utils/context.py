@@ -1,6 +1,7 @@
 """The per-step attention metadata, set by the model runner and read by every Attention layer."""
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -35,21 +36,27 @@ def reset_context() -> None:
 
 def make_context(q_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
                  block_size: int, device: torch.device | str = "cpu") -> Context:
-    """Builds a Context from per-seq lengths and block tables (new tokens fill slots from context_len - q_len)."""
-    slots = []
-    for q_len, ctx_len, table in zip(q_lens, context_lens, block_tables):
-        for pos in range(ctx_len - q_len, ctx_len):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-    width = max((len(t) for t in block_tables), default=0)
-    padded = [t + [-1] * (width - len(t)) for t in block_tables]
-    cu = [0]
-    for q_len in q_lens:
-        cu.append(cu[-1] + q_len)
-    as_tensor = lambda x, dt: torch.tensor(x, dtype=dt).to(device, non_blocking=True)  # noqa: E731
+    """Builds a Context from per-seq lengths and block tables (new tokens fill slots from context_len - q_len).
+    In numpy: a prefill step has thousands of tokens and a mixed one hundreds of block tables, where
+    per-token Python loops and torch.tensor over nested lists cost milliseconds per step."""
+    num_seqs = len(q_lens)
+    width = max(map(len, block_tables), default=0)
+    tables = np.full((num_seqs, width), -1, dtype=np.int32)
+    for row, table in zip(tables, block_tables):
+        row[:len(table)] = table
+    q = np.asarray(q_lens, dtype=np.int64).reshape(num_seqs)
+    ctx = np.asarray(context_lens, dtype=np.int64).reshape(num_seqs)
+    cu = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(q, out=cu[1:])
+    # Token t of seq i sits at position ctx[i] - q[i] + (t - cu[i]), in slot table[pos // bs] * bs + pos % bs.
+    seq = np.repeat(np.arange(num_seqs), q)  # (T,)
+    pos = np.arange(cu[-1]) + np.repeat(ctx - q - cu[:-1], q)  # (T,)
+    slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    as_tensor = lambda x: torch.from_numpy(x).to(device, non_blocking=True)  # noqa: E731
     return Context(
         q_lens=list(q_lens), context_lens=list(context_lens),
-        cu_seqlens_q=as_tensor(cu, torch.int32), context_lens_t=as_tensor(context_lens, torch.int32),
-        slot_mapping=as_tensor(slots, torch.int64), block_tables=as_tensor(padded, torch.int32),
+        cu_seqlens_q=as_tensor(cu), context_lens_t=as_tensor(ctx.astype(np.int32)),
+        slot_mapping=as_tensor(slots), block_tables=as_tensor(tables),
         max_q_len=max(q_lens, default=0), max_context_len=max(context_lens, default=0),
         is_decode=all(q == 1 for q in q_lens),
     )
