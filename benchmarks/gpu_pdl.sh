@@ -34,8 +34,8 @@ step() {  # step NAME SECONDS COMMAND...
     echo "$name: exit $? after $((SECONDS - t0)) s" | tee -a "$LOGS/steps.txt"
 }
 PYTEST=(python3 -m pytest -q -p no:cacheprovider --durations=5)
-step kernels 60 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_fused_attention_output.py \
-    -k "${KERNEL_TESTS:-pdl or decode_cuda_graph or decode_gpu or elementwise or project}"
+step kernels 75 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_fused_attention_output.py \
+    -k "${KERNEL_TESTS:-pdl or decode_cuda_graph or decode_gpu or elementwise or project_tunes}"
 step bench 140 python3 benchmarks/bench_pdl.py --out-dir "$OUT/results"
 step model 60 env NANOVLLM_GPU_REPORT="$OUT/results/gpu_tests.json" "${PYTEST[@]}" -s tests/test_gpu.py \
     -k "${GPU_TESTS:-fused_output_on_and_off or fused_residual}"

@@ -17,10 +17,13 @@ from nanovllm.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_
 # output path on or off. Benchmarks set this False to time the unfused path as plain cuBLAS F.linear.
 ROW_PARALLEL_DISPATCHER = True
 # The column-parallel ones (qkv_proj, gate_up_proj) go through its projection-only mode (`project`: cuBLAS
-# or a gemv, whichever its tuning found faster) for up to COLUMN_DISPATCHER_MAX_M tokens, decode batches:
-# a gemv there keeps the decode step's chain of early (PDL) launches unbroken. Larger M: cuBLAS, untuned.
+# or a gemv, whichever its tuning found faster) for up to COLUMN_DISPATCHER_MAX_M tokens: a gemv launched
+# with PDL keeps the decode step's chain of early launches unbroken, which a cuBLAS kernel breaks. On the
+# H100 that took batch 1's decode step from 0.996 to 0.896 ms of GPU, but batch 8's from 1.311 to 1.361
+# (the tuner, timing each kernel after itself, picked tensor-core gemv tilings that lose inside the step;
+# benchmarks/results/pdl-h100.json), so only M = 1 takes it. Larger M: cuBLAS, untuned.
 COLUMN_PARALLEL_DISPATCHER = True
-COLUMN_DISPATCHER_MAX_M = 64
+COLUMN_DISPATCHER_MAX_M = 1
 
 
 def copy_weight(param_slice: torch.Tensor, loaded_weight: torch.Tensor) -> None:
