@@ -2,51 +2,87 @@
 
 Decode: our Triton flash-decoding kernel vs torch SDPA over KV gathered from the same paged cache (what a
 torch path must do) and vs SDPA over already-contiguous KV (a dense kernel with no paging cost), with
-achieved GB/s (KV bytes read / time) beside the measured copy bandwidth. Prefill: TFLOP/s vs dense causal
-SDPA. Each timed graph replays calls over several distinct block tables so the KV comes from HBM, not L2.
-Usage: python benchmarks/bench_attention.py [out_dir]   (writes attention-<card>.json)
+achieved GB/s (KV bytes read / time) beside the measured copy bandwidth. Varied context lengths (uniform in
+[100, 2048], and nano-vllm's workload as its seqs finish: batch 256, 145, 52) time the slices-per-seq kernel
+(the default before the chunked one) beside the chunked kernel's split lengths and grid sizes, in GB/s over
+the keys actually read. Prefill: TFLOP/s vs dense causal SDPA. Each timed graph replays calls over several
+distinct block tables so the KV comes from HBM, not L2.
+Usage: python benchmarks/bench_attention.py [out_dir [section ...]]   (writes attention-<card>.json)
+Sections: decode decode_varied decode_splits decode_tiles prefill (default: all).
 """
 import json
 import math
 import os
+import random
 import sys
 
 import torch
 import torch.nn.functional as F
 import triton
+from bench_latency import card_name
+from bench_throughput import workload
 
-from nanovllm.kernels.paged_attention import _decode, _default_num_kv_splits, _prefill
+from nanovllm.kernels.paged_attention import (
+    _decode,
+    _decode_chunks,
+    _default_decode_splits,
+    _prefill,
+    paged_attention_ref,
+)
 
 H, HKV, D, BS = 16, 8, 128, 16
+DEVICE = "cuda"
+MAX_MODEL_LEN = 4096  # bench_throughput's: the decode graphs' block-table width
 L2_BYTES = 50e6
 torch.manual_seed(0)
 
 
-def bench(fn) -> float:
+def bench(fn, rep: int = 100) -> float:
     """Median ms of one fn() call, timed over CUDA-graph replays."""
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def copy_bandwidth() -> tuple[float, float]:
     """Bytes/s of a 1 GiB device copy (read + write) and of a 2 GiB read (torch.sum): the two ceilings."""
-    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    x = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     copy = 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-3)
-    z = torch.randn(2**30, dtype=torch.bfloat16, device="cuda")
+    z = torch.randn(2**30, dtype=torch.bfloat16, device=DEVICE)
     return copy, z.numel() * 2 / (bench(lambda: z.sum()) * 1e-3)
 
 
-def decode_setup(batch: int, ctx: int):
-    kv_bytes = batch * ctx * HKV * D * 2 * 2  # K and V, bf16
+def decode_setup(ctx_lens: list[int], width: int):
+    """q and paged caches for one decode query per seq; tables (copies, B, width) scatter each copy's pages
+    at random, padded with -1 past each seq's pages."""
+    batch = len(ctx_lens)
+    kv_bytes = sum(ctx_lens) * HKV * D * 2 * 2  # K and V, bf16
     copies = max(2, min(64, math.ceil(4 * L2_BYTES / kv_bytes)))
-    blocks_per_seq = ctx // BS
-    k_cache = torch.randn(copies * batch * blocks_per_seq, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
+    pages = [math.ceil(c / BS) for c in ctx_lens]
+    k_cache = torch.randn(copies * sum(pages), BS, HKV, D, device=DEVICE, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(k_cache.shape[0], device="cuda").view(copies, batch, blocks_per_seq).int()
-    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
-    cu = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
-    ctx_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    return q, k_cache, v_cache, tables, cu, ctx_lens, kv_bytes
+    perm = torch.randperm(k_cache.shape[0], device=DEVICE).int().split(pages * copies)
+    tables = torch.full((copies * batch, width), -1, dtype=torch.int32, device=DEVICE)
+    for row, ids in enumerate(perm):
+        tables[row, :len(ids)] = ids
+    q = torch.randn(batch, H, D, device=DEVICE, dtype=torch.bfloat16)
+    cu = torch.arange(batch + 1, device=DEVICE, dtype=torch.int32)
+    ctx = torch.tensor(ctx_lens, device=DEVICE, dtype=torch.int32)
+    return q, k_cache, v_cache, tables.view(copies, batch, width), cu, ctx, kv_bytes
+
+
+def run_decode(q, k_cache, v_cache, table, cu, ctx, out, num_kv_splits=None, kv_split_len=None, **variant):
+    if kv_split_len:
+        _decode_chunks(q, k_cache, v_cache, table, cu, ctx, D ** -0.5, out, kv_split_len, **variant)
+    else:
+        _decode(q, k_cache, v_cache, table, cu, ctx, D ** -0.5, out, num_kv_splits, **variant)
+
+
+def with_default_splits(batch: int, width_keys: int, variant: dict) -> dict:
+    """The variant, with paged_attention's default split choice where it names none."""
+    if variant.get("num_kv_splits") or variant.get("kv_split_len"):
+        return variant
+    splits, split_len = _default_decode_splits(batch, HKV, width_keys, torch.device(DEVICE))
+    return dict(variant, num_kv_splits=splits, kv_split_len=split_len)
 
 
 def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -56,14 +92,15 @@ def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 def time_decode(batch: int, ctx: int, baselines: bool = True, **variant) -> dict:
-    q, k_cache, v_cache, tables, cu, ctx_lens, kv_bytes = decode_setup(batch, ctx)
+    """Every seq at ctx keys, tables exactly ctx keys wide; SDPA over gathered and dense KV beside ours."""
+    q, k_cache, v_cache, tables, cu, ctx_lens, kv_bytes = decode_setup([ctx] * batch, ctx // BS)
     out = torch.empty_like(q)
-    splits = variant.pop("num_kv_splits", None) or _default_num_kv_splits(batch, HKV, ctx, q.device)
+    variant = with_default_splits(batch, ctx, variant)
     gather = lambda cache, t: cache[t].view(batch, ctx, HKV, D).transpose(1, 2)  # noqa: E731
 
     def ours():
         for table in tables:
-            _decode(q, k_cache, v_cache, table, cu, ctx_lens, D ** -0.5, out, splits, **variant)
+            run_decode(q, k_cache, v_cache, table, cu, ctx_lens, out, **variant)
 
     def sdpa_gathered():
         for table in tables:
@@ -78,25 +115,61 @@ def time_decode(batch: int, ctx: int, baselines: bool = True, **variant) -> dict
 
     # Correctness at this shape first (the last table's output is what ours() leaves in out).
     ours()
-    want = sdpa_decode(q, *dense[-1])
-    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
-    if not err < 1e-2:
-        print(f"MISMATCH batch={batch} ctx={ctx} splits={splits} {variant}: rel err {err:.2e}")
+    err = rel_err(out, sdpa_decode(q, *dense[-1]), batch, ctx, variant)
     fns = [("ours", ours)]
     if baselines:
         fns += [("sdpa_gathered", sdpa_gathered), ("sdpa_dense", sdpa_dense)]
     ms = {name: bench(fn) / len(tables) for name, fn in fns}
-    return dict(batch=batch, ctx=ctx, splits=splits, **variant, kv_bytes=kv_bytes, rel_err=err,
+    return dict(batch=batch, ctx=ctx, **variant, kv_bytes=kv_bytes, rel_err=err,
                 **{f"{k}_us": v * 1e3 for k, v in ms.items()}, ours_gbps=kv_bytes / (ms["ours"] * 1e-3) / 1e9)
 
 
+def time_decode_varied(name: str, ctx_lens: list[int], **variant) -> dict:
+    """Seqs of unequal lengths in tables MAX_MODEL_LEN keys wide (as the decode graphs have them)."""
+    batch = len(ctx_lens)
+    q, k_cache, v_cache, tables, cu, ctx, kv_bytes = decode_setup(ctx_lens, MAX_MODEL_LEN // BS)
+    out = torch.empty_like(q)
+
+    def ours():
+        for table in tables:
+            run_decode(q, k_cache, v_cache, table, cu, ctx, out, **variant)
+
+    ours()
+    want = paged_attention_ref(q, k_cache, v_cache, tables[-1], cu, ctx, 1, D ** -0.5)
+    err = rel_err(out, want, batch, name, variant)
+    ms = bench(ours, rep=50) / len(tables)
+    return dict(dist=name, batch=batch, ctx=round(sum(ctx_lens) / batch), ctx_max=max(ctx_lens), **variant,
+                kv_bytes=kv_bytes, rel_err=err, ours_us=ms * 1e3, ours_gbps=kv_bytes / (ms * 1e-3) / 1e9)
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor, *what) -> float:
+    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    if not err < 1e-2:
+        print(f"MISMATCH {what}: rel err {err:.2e}")
+    return err
+
+
+def varied_lengths() -> dict[str, list[int]]:
+    """Context lengths per named distribution: uniform in [100, 2048], and bench_throughput's workload
+    (prompts and outputs uniform in [100, 1024]) at the decode step where 256, 145 and 52 seqs still run
+    (145 and 52: what the H200 profile saw at steps ~400 and ~800)."""
+    rng = random.Random(1)
+    dists = {f"uniform-{b}": [rng.randint(100, 2048) for _ in range(b)] for b in (52, 145, 256)}
+    prompts, params = workload()
+    by_output = sorted(zip((p.max_tokens for p in params), map(len, prompts)), reverse=True)
+    for b in (256, 145, 52):
+        step = by_output[b][0] if b < len(by_output) else 0  # the b longest outputs still run at this step
+        dists[f"workload-{b}@{step}"] = [prompt + step + 1 for _, prompt in by_output[:b]]
+    return dists
+
+
 def time_prefill(batch: int, q_len: int, ctx: int, **variant) -> dict:
-    q = torch.randn(batch * q_len, H, D, device="cuda", dtype=torch.bfloat16)
-    k_cache = torch.randn(batch * ctx // BS, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch * q_len, H, D, device=DEVICE, dtype=torch.bfloat16)
+    k_cache = torch.randn(batch * ctx // BS, BS, HKV, D, device=DEVICE, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(k_cache.shape[0], device="cuda").view(batch, ctx // BS).int()
-    cu = torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32)
-    ctx_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    tables = torch.randperm(k_cache.shape[0], device=DEVICE).view(batch, ctx // BS).int()
+    cu = torch.arange(0, batch * q_len + 1, q_len, device=DEVICE, dtype=torch.int32)
+    ctx_lens = torch.full((batch,), ctx, device=DEVICE, dtype=torch.int32)
     out = torch.empty_like(q)
     ours_ms = bench(lambda: _prefill(q, k_cache, v_cache, tables, cu, ctx_lens, D ** -0.5, out, **variant))
     # Causal pairs: each query sees its prefix of cached keys plus the chunk's keys up to itself.
@@ -106,48 +179,91 @@ def time_prefill(batch: int, q_len: int, ctx: int, **variant) -> dict:
                ours_tflops=flops / ours_ms / 1e9)
     if q_len == ctx and not variant:  # dense causal SDPA as the yardstick for fresh prompts
         qd = q.view(batch, q_len, H, D).transpose(1, 2)
-        kd = torch.randn(batch, H, ctx, D, device="cuda", dtype=torch.bfloat16)  # KV heads pre-expanded
+        kd = torch.randn(batch, H, ctx, D, device=DEVICE, dtype=torch.bfloat16)  # KV heads pre-expanded
         sdpa_ms = bench(lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True))
         row.update(sdpa_dense_us=sdpa_ms * 1e3, sdpa_tflops=flops / sdpa_ms / 1e9)
     return row
 
 
 def decode_row(r: dict, read_bw: float) -> dict:
-    print(f"{r['batch']:>4} {r['ctx']:>5} {r['splits']:>3} {r.get('block_n') or 64:>4} "
+    split = f"L{r['kv_split_len']}x{r.get('programs_per_sm', 2)}" if r.get("kv_split_len") else r["num_kv_splits"]
+    print(f"{r.get('dist', ''):>18} {r['batch']:>4} {r['ctx']:>5} {split:>6} {r.get('block_n') or 64:>4} "
           f"{r.get('num_warps', 4):>2} {r.get('num_stages', 3):>2} {r['ours_us']:>8.1f} "
           f"{r.get('sdpa_gathered_us', 0):>9.1f} {r.get('sdpa_dense_us', 0):>7.1f} {r['ours_gbps']:>6.0f} "
-          f"{100 * r['ours_gbps'] * 1e9 / read_bw:>5.0f}%")
+          f"{100 * r['ours_gbps'] * 1e9 / read_bw:>5.0f}%", flush=True)
     return r
+
+
+# Chunked-kernel variants timed on every varied distribution: (kv_split_len, programs_per_sm); tile variants
+# on two of them.
+CHUNK_VARIANTS = [(128, 2), (256, 2), (512, 2), (256, 4), (256, 1)]
+# 8 warps hold 184 registers x 256 threads: one program per SM.
+TILE_VARIANTS = [dict(block_n=32), dict(block_n=128), dict(num_warps=8, programs_per_sm=1), dict(num_stages=2)]
+
+
+def decode_varied(read_bw: float) -> list[dict]:
+    rows = []
+    for name, ctx_lens in varied_lengths().items():
+        rows.append(decode_row(time_decode_varied(name, ctx_lens, num_kv_splits=1), read_bw))  # before
+        for split_len, per_sm in CHUNK_VARIANTS:
+            rows.append(decode_row(time_decode_varied(name, ctx_lens, kv_split_len=split_len,
+                                                      programs_per_sm=per_sm), read_bw))
+        if name == "uniform-52" or name.startswith("workload-145"):
+            for tile in TILE_VARIANTS:
+                rows.append(decode_row(time_decode_varied(name, ctx_lens, kv_split_len=256, **tile), read_bw))
+    return rows
 
 
 def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
-    card = torch.cuda.get_device_name()
+    sections = sys.argv[2:] or ["decode", "decode_varied", "decode_splits", "decode_tiles", "prefill"]
+    card, tag = card_name()
     copy_bw, read_bw = copy_bandwidth()
     print(f"{card}: copy {copy_bw / 1e12:.2f} TB/s (read + write), read {read_bw / 1e12:.2f} TB/s")
-    print(f"{'B':>4} {'ctx':>5} {'S':>3} {'BN':>4} {'W':>2} {'st':>2} {'ours us':>8} {'gathered':>9} "
-          f"{'dense':>7} {'GB/s':>6} {'%read':>6}")
+    print(f"{'dist':>18} {'B':>4} {'ctx':>5} {'split':>6} {'BN':>4} {'W':>2} {'st':>2} {'ours us':>8} "
+          f"{'gathered':>9} {'dense':>7} {'GB/s':>6} {'%read':>6}")
     result = dict(card=card, copy_bandwidth_tbps=copy_bw / 1e12, read_bandwidth_tbps=read_bw / 1e12)
-    result["decode"] = [decode_row(time_decode(b, c), read_bw) for b in (1, 8, 64, 256) for c in (1024, 4096)]
-    result["decode_splits"] = [decode_row(time_decode(b, c, False, num_kv_splits=s), read_bw)
-                               for b in (1, 8) for c in (1024, 4096) for s in (1, 2, 4, 8, 16, 32)]
-    result["decode_tiles"] = [
-        decode_row(time_decode(b, c, False, block_n=n, num_warps=w, num_stages=st), read_bw)
-        for b, c in ((1, 1024), (64, 4096))
-        for n, w, st in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 1), (64, 4, 2),
-                         (64, 4, 4), (128, 8, 4))]
-    result["prefill"] = []
+    path = os.path.join(out_dir, f"attention-{tag}.json")
+    os.makedirs(out_dir, exist_ok=True)
+    for section in sections:
+        result[section] = SECTIONS[section](read_bw)
+        with open(path, "w") as f:  # after every section, so a run cut short keeps what it measured
+            json.dump(result, f, indent=1)
+
+
+def decode_default(read_bw: float) -> list[dict]:
+    rows = [decode_row(time_decode(b, c), read_bw) for b in (1, 8, 64, 256) for c in (1024, 4096)]
+    # The slices-per-seq kernel where the default is chunked now: the uniform rows' before.
+    return rows + [decode_row(time_decode(b, c, False, num_kv_splits=1), read_bw)
+                   for b in (64, 256) for c in (1024, 4096)]
+
+
+def decode_splits(read_bw: float) -> list[dict]:
+    return [decode_row(time_decode(b, c, False, num_kv_splits=s), read_bw)
+            for b in (1, 8) for c in (1024, 4096) for s in (1, 2, 4, 8, 16, 32)]
+
+
+def decode_tiles(read_bw: float) -> list[dict]:
+    return [decode_row(time_decode(b, c, False, block_n=n, num_warps=w, num_stages=st), read_bw)
+            for b, c in ((1, 1024), (64, 4096))
+            for n, w, st in ((32, 4, 3), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 1), (64, 4, 2),
+                             (64, 4, 4), (128, 8, 4))]
+
+
+def prefill(read_bw: float) -> list[dict]:
+    rows = []
     for args, variant in [((4, 2048, 2048), {}), ((8, 512, 4096), {}), ((16, 256, 256), {}),
                           ((4, 2048, 2048), dict(block_m=64, block_n=32, num_warps=4)),
                           ((4, 2048, 2048), dict(block_m=128, block_n=64, num_warps=4)),
                           ((4, 2048, 2048), dict(block_m=128, block_n=64, num_warps=8)),
                           ((4, 2048, 2048), dict(block_m=128, block_n=32, num_warps=8))]:
-        result["prefill"].append(time_prefill(*args, **variant))
-        row = result["prefill"][-1]
-        print("prefill", {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"attention-{card.replace(' ', '_')}.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        rows.append(time_prefill(*args, **variant))
+        print("prefill", {k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    return rows
+
+
+SECTIONS = dict(decode=decode_default, decode_varied=decode_varied, decode_splits=decode_splits,
+                decode_tiles=decode_tiles, prefill=prefill)
 
 
 if __name__ == "__main__":
