@@ -336,9 +336,10 @@ def main() -> None:
     del llm
     free_cuda()
     # Off: the same tuned projection kernel, the add left to the next add_rmsnorm (greedy-identical to on);
-    # then off with cuBLAS F.linear for o_proj and down_proj, the plain unfused path of a matmul and an add.
+    # then off with cuBLAS F.linear for every projection (o_proj and down_proj, and qkv_proj and gate_up_proj
+    # at one token), the plain unfused path of a matmul and an add.
     for variant, cublas in (("dispatcher", False), ("cublas", True)):
-        linear.ROW_PARALLEL_DISPATCHER = not cublas
+        linear.ROW_PARALLEL_DISPATCHER = linear.COLUMN_PARALLEL_DISPATCHER = not cublas
         llm = make_engine(folder, use_fused_output=False)
         for batch in (1, 8):
             r = time_decode(llm, batch)
@@ -348,7 +349,7 @@ def main() -> None:
             print(json.dumps(fused_rows[-1]), flush=True)
         del llm
         free_cuda()
-    linear.ROW_PARALLEL_DISPATCHER = True
+    linear.ROW_PARALLEL_DISPATCHER = linear.COLUMN_PARALLEL_DISPATCHER = True
     write_json(os.path.join(args.out_dir, f"e2e_fused-{tag}.json"),
                {"card": card, "model": result["model"], "rows": fused_rows})
     try:

@@ -3,8 +3,9 @@
 Qwen3-0.6B architecture with random bf16 weights, CUDA graphs, the engine built as bench_latency builds it
 (max_model_len 1024, so the same attention split count). One engine per setting, both kept alive:
 NANOVLLM_PDL=0 (no kernel launched with PDL, the fused GEMV tuned without its PDL candidates); PDL through
-the decode step's Triton kernels (nanovllm/kernels/pdl.py) with qkv_proj and gate_up_proj on cuBLAS; and
-with those two through the dispatcher's projection-only mode (linear.COLUMN_PARALLEL_DISPATCHER). For batch 1 and 8 each
+the decode step's Triton kernels (nanovllm/kernels/pdl.py) with qkv_proj and gate_up_proj on cuBLAS; with
+those two through the dispatcher's projection-only mode (linear.COLUMN_PARALLEL_DISPATCHER); and with the
+RMSNorm before them folded into that projection at one token (linear.FOLD_NORM). For batch 1 and 8 each
 engine prefills B prompts and decodes (wall time per engine step), then the bare replay of the batch's
 greedy graph is timed with CUDA events, alternating the settings over several rounds so that clock drift
 hits both alike, and its kernels are listed with the torch profiler (µs per replay by kernel; with PDL a
@@ -34,15 +35,17 @@ from bench_latency import (
 
 from nanovllm.layers import linear
 
-# name -> (NANOVLLM_PDL, linear.COLUMN_PARALLEL_DISPATCHER): qkv_proj and gate_up_proj on cuBLAS, or
-# through the dispatcher's projection-only mode (cuBLAS or a gemv, whichever its tuning found faster).
-SETTINGS = {"off": ("0", False), "on": ("1", False), "on+proj": ("1", True)}
+# name -> (NANOVLLM_PDL, linear.COLUMN_PARALLEL_DISPATCHER, linear.FOLD_NORM): qkv_proj and gate_up_proj
+# on cuBLAS, or through the dispatcher's projection-only mode (cuBLAS or a gemv, whichever its tuning found
+# faster), and then with the RMSNorm before them folded into that gemv (batch 1 only: one token).
+SETTINGS = {"off": ("0", False, False), "on": ("1", False, False), "on+proj": ("1", True, False),
+            "on+proj+fold": ("1", True, True)}
 BATCHES = (1, 8)
 
 
 def build(folder: str, setting: str):
     """An engine whose kernels, tuning and graphs all saw this setting."""
-    os.environ["NANOVLLM_PDL"], linear.COLUMN_PARALLEL_DISPATCHER = SETTINGS[setting]
+    os.environ["NANOVLLM_PDL"], linear.COLUMN_PARALLEL_DISPATCHER, linear.FOLD_NORM = SETTINGS[setting]
     t0 = time.time()
     llm = make_engine(folder)
     print(f"PDL {setting}: engine ready in {time.time() - t0:.1f} s", flush=True)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device call for programmatic dependent launch (nanovllm/kernels/pdl.py), each step under its own limit:
-#   kernels  the PDL kernel tests (a decode-step chain in a CUDA graph, bit for bit against PDL off; the
-#            fused GEMV's PDL chains and graph capture) and the decode kernels' GPU tests
+# One device call for programmatic dependent launch (nanovllm/kernels/pdl.py) and the RMSNorm folded into
+# qkv_proj / gate_up_proj at one token (rmsnorm_project), each step under its own limit, in this order:
 #   bench    benchmarks/bench_pdl.py: decode-step GPU time at batch 1 and 8: PDL off, on, on with
-#            qkv_proj and gate_up_proj through the dispatcher's projection-only mode
-#   model    tests/test_gpu.py -k "$GPU_TESTS": fused on/off greedy identity (graphs, PDL on)
+#            qkv_proj and gate_up_proj through the dispatcher's projection-only mode, and with the fold
+#   model    tests/test_gpu.py -k "$GPU_TESTS": fused on/off greedy identity (graphs, PDL and fold on)
+#   kernels  the fold's GPU tests (bit for bit against the norm kernel then the gemv, for each kind of
+#            gemv tiling; a chain in a CUDA graph) and the decode-step chain of PDL kernels in a graph
 #   fused    benchmarks/bench_fused_o_proj.py (issue 8's table), with whatever time is left
 # Every step's limit is cut to the time left before BUDGET_S (default 288 s). Results and logs land in
 # $OUT/pdl.tgz, beside the fused kernel's tuning file (bring it back into .triton_cache/nanovllm so the
@@ -15,7 +16,7 @@ set -o pipefail
 OUT=${OUT:-/tmp/pdl_out}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
-STEPS=${STEPS:-kernels bench model fused}
+STEPS=${STEPS:-bench model kernels fused}
 DEADLINE=$((SECONDS + ${BUDGET_S:-288}))
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/kernels/*.whl >/dev/null 2>&1
@@ -34,11 +35,11 @@ step() {  # step NAME SECONDS COMMAND...
     echo "$name: exit $? after $((SECONDS - t0)) s" | tee -a "$LOGS/steps.txt"
 }
 PYTEST=(python3 -m pytest -q -p no:cacheprovider --durations=5)
-step kernels 75 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_fused_attention_output.py \
-    -k "${KERNEL_TESTS:-pdl or decode_cuda_graph or decode_gpu or elementwise or project_tunes}"
-step bench 140 python3 benchmarks/bench_pdl.py --out-dir "$OUT/results"
-step model 60 env NANOVLLM_GPU_REPORT="$OUT/results/gpu_tests.json" "${PYTEST[@]}" -s tests/test_gpu.py \
+step bench 150 python3 benchmarks/bench_pdl.py --out-dir "$OUT/results"
+step model 50 env NANOVLLM_GPU_REPORT="$OUT/results/gpu_tests.json" "${PYTEST[@]}" -s tests/test_gpu.py \
     -k "${GPU_TESTS:-fused_output_on_and_off or fused_residual}"
+step kernels 70 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_fused_attention_output.py \
+    -k "${KERNEL_TESTS:-folded or rmsnorm_project or pdl_chain}"
 step fused 200 env NANOVLLM_CACHE_DIR= python3 benchmarks/bench_fused_o_proj.py --out-dir "$OUT/results"
 cp .triton_cache/nanovllm/fused_o_proj_tuning.json "$OUT/" 2>/dev/null
 tar czf "$OUT/pdl.tgz" -C "$OUT" logs results 2>/dev/null

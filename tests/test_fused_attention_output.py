@@ -10,12 +10,16 @@ import pytest
 import torch
 
 from nanovllm.kernels import fused_attention_output as fao
+from nanovllm.kernels.add_rmsnorm import add_rmsnorm, rmsnorm
 from nanovllm.kernels.fused_attention_output import (
+    FoldedNorm,
     KernelConfig,
     fused_o_proj_add_residual,
     fused_o_proj_add_residual_ref,
     launch,
     project,
+    rmsnorm_project,
+    rmsnorm_project_ref,
 )
 from nanovllm.kernels.pdl import pdl_enabled
 
@@ -414,3 +418,126 @@ def test_tuning_choices_persist_for_later_processes(tmp_path, monkeypatch):
     fao._BEST.clear()
     fao._tune(*key)
     assert len(timed) == 7
+
+
+# The RMSNorm folded into the projection's load of x (rmsnorm_project, one token).
+EPS = 1e-6
+
+
+def norm_inputs(k: int, n: int, device: str = "cpu", seed: int = 0):
+    """x, residual (1, K) of a residual stream's scale (so the norm changes them), norm weight (K,),
+    weight (N, K), bias (N,): bf16."""
+    gen = torch.Generator(device).manual_seed(seed)
+    randn = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen, device=device) * scale).to(torch.bfloat16)
+    return randn(1, k, scale=3), randn(1, k, scale=3), 1 + randn(k, scale=0.1), randn(n, k, scale=k**-0.5), randn(n)
+
+
+def norm_then_project(config, x, residual, norm_weight, weight, bias):
+    """What the decoder layer ran before the fold: the RMSNorm kernel (with the add), then the projection."""
+    if residual is None:
+        return launch(config, rmsnorm(x, norm_weight, EPS), weight, None, bias), x
+    normed, stream = add_rmsnorm(x, residual.clone(), norm_weight, EPS)
+    return launch(config, normed, weight, None, bias), stream
+
+
+def folded(config, x, residual, norm_weight, weight, bias):
+    (m, k), n = x.shape, weight.shape[0]
+    stream = poisoned(m, k, x.dtype, x.device) if residual is not None else None
+    norm = FoldedNorm(norm_weight, EPS, residual, stream)
+    out = launch(config, x, weight, None, bias, out=poisoned(m, n, x.dtype, x.device), norm=norm)
+    return out, x if residual is None else stream
+
+
+FOLD_CONFIGS = [KernelConfig("gemv", 1, 4, 64, use_dot=False), KernelConfig("gemv", 16, 32, 64),
+                KernelConfig("gemv", 16, 32, 64, split_k=2, pdl=True), KernelConfig("gemv", 16, 32, 64, tma=True)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or fao.triton is None, reason="interpreter test (needs Triton)")
+@pytest.mark.parametrize("add", [False, True], ids=["norm", "add+norm"])
+@pytest.mark.parametrize("config", FOLD_CONFIGS, ids=str)
+def test_folded_norm_projects_what_the_norm_kernel_stores(config, add):
+    """The fold must not change a bit: the gemv multiplies x normalized (after the residual add) and
+    rounded exactly as the RMSNorm kernel stores it, and the first program writes the whole sum. K = 200
+    is ragged against BLOCK_K = 64 and the row block (256)."""
+    x, residual, norm_weight, weight, bias = norm_inputs(200, 40, seed=5)
+    residual = residual if add else None
+    want, want_stream = norm_then_project(config, x, residual, norm_weight, weight, bias)
+    got, stream = folded(config, x, residual, norm_weight, weight, bias)
+    assert torch.equal(got, want) and torch.equal(stream, want_stream)
+    ref, ref_stream = rmsnorm_project_ref(x, norm_weight, EPS, weight, bias, residual)
+    torch.testing.assert_close(got.float(), ref.float(), **TOL[torch.bfloat16])
+    # Within one bf16 step: the interpreter truncates fp32 -> bf16 where the GPU (and torch) round.
+    torch.testing.assert_close(stream.float(), ref_stream.float(), rtol=2**-7, atol=0)
+
+
+def test_rmsnorm_project_falls_back_to_reference_off_cuda():
+    x, residual, norm_weight, weight, bias = norm_inputs(64, 48, seed=6)
+    before = residual.clone()
+    out, stream = rmsnorm_project(x, norm_weight, EPS, weight, bias, residual)
+    ref, ref_stream = rmsnorm_project_ref(x, norm_weight, EPS, weight, bias, before)
+    assert torch.equal(out, ref) and torch.equal(stream, ref_stream) and torch.equal(residual, before)
+    normed = (x.float() + before.float()).to(x.dtype).float()
+    normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + EPS) * norm_weight.float())
+    torch.testing.assert_close(out.float(), normed @ weight.float().t() + bias.float(), **TOL[torch.bfloat16])
+    with pytest.raises(ValueError, match="residual"):
+        rmsnorm_project(x, norm_weight, EPS, weight, bias, residual[:, :32])
+    with pytest.raises(ValueError, match="norm_weight"):
+        rmsnorm_project(x, norm_weight[:32], EPS, weight, bias)
+
+
+@cuda
+@pytest.mark.parametrize("k,n", [(1024, 4096), (4096, 12288)])  # Qwen3-0.6B's and 8B's qkv_proj
+def test_gpu_folded_norm_is_the_norm_kernel_then_the_gemv_bit_for_bit(k, n):
+    """On the GPU the norm kernel and the gemv reduce the sum of squares with different layouts and
+    warps; rms_rstd sums in fp64 so both get the same rstd, and the fold stays bit-exact for each kind of
+    gemv tiling the tuner may pick at M = 1 (CUDA cores, tensor cores, split-K, TMA; with PDL where the
+    card has it, as the engine runs them)."""
+    from triton.runtime.errors import OutOfResources
+    x, residual, norm_weight, weight, bias = norm_inputs(k, n, "cuda", seed=k + n)
+    kinds, pdl = {}, fao.pdl_supported(x.device)
+    for c in fao.candidate_configs(1, n, k, torch.bfloat16, pdl=pdl):
+        if c.kernel == "gemv" and c.pdl == pdl:
+            kinds.setdefault((c.use_dot, c.split_k > 1, c.tma), c)
+    for config in kinds.values():
+        for add in (None, residual):
+            try:
+                want, want_stream = norm_then_project(config, x, add, norm_weight, weight, bias)
+                got, stream = folded(config, x, add, norm_weight, weight, bias)
+            except OutOfResources:
+                continue
+            assert torch.equal(got, want) and torch.equal(stream, want_stream), f"{config}, add {add is not None}"
+
+
+@cuda
+def test_gpu_rmsnorm_project_chain_in_a_cuda_graph():
+    """A decode step's pattern: each call normalizes the stream the call before it updated (add + norm
+    folded, PDL where supported), right after a torch kernel wrote its x; eagerly and replayed in a CUDA
+    graph it must give the bits of the separate RMSNorm and projection kernels."""
+    k, steps = 2048, 4
+    x, stream0, norm_weight, weight, bias = norm_inputs(k, k, "cuda", seed=11)
+    srcs = [x * (j + 1) for j in range(steps)]
+    xs = [torch.empty_like(x) for _ in range(steps)]
+    outs = []
+
+    def chain(fold):
+        stream, outs[:] = stream0.clone(), []
+        for j in range(steps):
+            torch.mul(srcs[j], 1.0, out=xs[j])
+            if fold:
+                out, stream = rmsnorm_project(xs[j], norm_weight, EPS, weight, bias, stream)
+            else:
+                normed, stream = add_rmsnorm(xs[j], stream, norm_weight, EPS)
+                out = project(normed, weight, bias)
+            outs.append(out)
+        return [*outs, stream]
+    want = [t.clone() for t in chain(fold=False)]
+    assert fao._fold_config(x, weight, bias) is not None, "the tuner chose cuBLAS: nothing folded"
+    assert all(torch.equal(g, w) for g, w in zip(chain(fold=True), want)), "eager"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(fold=True)
+    for t in got:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(g, w) for g, w in zip(got, want)), "in a CUDA graph"

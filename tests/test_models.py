@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_models import LLAMA3_ROPE, make_tiny_hf_model, tiny_hf_config
 
+from nanovllm.kernels.fused_attention_output import rmsnorm_project_ref
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.rotary_embedding import compute_inv_freq
 from nanovllm.models import get_model, load_model
@@ -163,6 +164,37 @@ def test_fused_output_gives_identical_logits(tiny, sequences):
     for seq in sequences:
         positions = torch.arange(len(seq))
         assert torch.equal(our_logits(fused, seq, positions), our_logits(model, seq, positions))
+
+
+@pytest.mark.parametrize("use_fused_output", [False, True], ids=["unfused", "fused"])
+def test_norm_folded_into_projections_matches_hf(tiny, sequences, use_fused_output, monkeypatch):
+    """The fold's seam at one token: the decoder layers hand their norms (and the residual stream) to
+    qkv_proj and gate_up_proj, which call rmsnorm_project (its torch form here: the dispatcher's CUDA
+    condition forced true) with the right stream, fused output path on or off. Token by token through
+    a paged cache, every step one token, so every projection folds."""
+    from nanovllm.kernels import fused_attention_output as fao
+    from nanovllm.layers import linear
+    model, hf_model, path = tiny
+    if use_fused_output:
+        model, _ = load_model(path, torch.float32, "cpu", use_fused_output=True)
+    calls = []
+    monkeypatch.setattr(linear, "_dispatches", lambda x: x.dim() == 2 and x.shape[0] == 1)
+    monkeypatch.setattr(fao, "rmsnorm_project", lambda *a: calls.append(a[5] is None) or rmsnorm_project_ref(*a))
+    norms = [layer.input_layernorm for layer in model.model.layers]
+    norms += [layer.post_attention_layernorm for layer in model.model.layers]
+    for norm in norms:  # the Triton norm's rounding, which the fold reproduces (never run here: M = 1)
+        monkeypatch.setattr(norm, "use_triton", True)
+    seq, block_size = sequences[0], 4
+    expected = hf_logits(hf_model, seq)
+    with paged_kv_cache(model, num_blocks=8, block_size=block_size):
+        for pos in range(len(seq)):
+            set_context(make_context([1], [pos + 1], [[5, 2, 7]], block_size))
+            logits = our_logits(model, seq[pos:pos + 1], torch.tensor([pos]))
+            torch.testing.assert_close(logits[0], expected[pos], atol=ATOL, rtol=0, msg=lambda m: f"{pos}: {m}")
+    num_layers = len(model.model.layers)
+    assert len(calls) == 2 * num_layers * len(seq)
+    # Unfused, every norm but the first layer's input norm adds a residual; fused, none does.
+    assert sum(calls) == len(seq) * (2 * num_layers if use_fused_output else 1)
 
 
 def test_qwen3_fused_attention_class(tiny):

@@ -1,7 +1,10 @@
 """RMSNorm, and residual add fused with RMSNorm: one read of x (and the residual), one write of each output.
 
-Math is fp32 inside. The fused form updates the residual in place (residual = x + residual, cast to its
-dtype) and normalizes that stored value, so it gives what the unfused torch path gives.
+Math is fp32 inside, but for the sum of squares (`rms_rstd`). The fused form updates the residual in place
+(residual = x + residual, cast to its dtype) and normalizes that stored value, so it gives what the unfused
+torch path gives. The projection after the norm can fold it instead (fused_attention_output.rmsnorm_project,
+one token): it computes rms_rstd and the normalized row the same way, so it multiplies the very values this
+kernel would have stored.
 """
 from __future__ import annotations
 
@@ -74,5 +77,16 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_r
         x = x.to(residual_ptr.dtype.element_ty)
         tl.store(residual_ptr + row * stride_r + offs, x, mask=mask)
         x = x.to(tl.float32)  # normalize the rounded sum, as the unfused path does
-    rstd = tl.rsqrt(tl.sum(x * x, 0) / n + eps)
+    rstd = rms_rstd(x, n, eps)
     tl.store(out_ptr + row * stride_o + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def rms_rstd(x, n, eps):
+    """1 / sqrt(mean(x^2) + eps) for an fp32 row x (zero past n). The squares are summed in fp64, where each
+    is exact and the sum's relative error (~2^-53) vanishes when the mean is rounded to fp32 (unless it
+    lands within that of an fp32 rounding tie): the result does not depend on the reduction order, which
+    tl.sum takes from the kernel's layout and warps, so kernels of any shape that fold this norm get the
+    same bits as this one."""
+    x64 = x.to(tl.float64)
+    return tl.rsqrt((tl.sum(x64 * x64, 0) / n).to(tl.float32) + eps)

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from nanovllm.kernels.add_rmsnorm import add_rmsnorm, rms_rstd, rmsnorm, rmsnorm_ref
 from nanovllm.kernels.pdl import pdl_enabled, pdl_supported  # noqa: F401 (pdl_supported: re-exported)
 
 try:
@@ -149,10 +150,23 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = Fa
     return configs
 
 
+@dataclass(frozen=True, slots=True)
+class FoldedNorm:
+    """An RMSNorm folded into a gemv's load of x (one row): the gemv multiplies rmsnorm(x + add) instead of
+    x, as `_rmsnorm_kernel` would have stored it. add: the residual of an add + norm (None: the norm
+    alone); its rounded sum with x, the new residual stream, goes to `sum_out`."""
+    weight: torch.Tensor
+    eps: float
+    add: torch.Tensor | None = None
+    sum_out: torch.Tensor | None = None
+
+
 def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+           norm: FoldedNorm | None = None) -> torch.Tensor:
     """Runs one configuration (no checks, no tuning): what the dispatcher and the kernel tests call.
-    Without a residual it stores the rounded product that the same configuration adds the residual to."""
+    Without a residual it stores the rounded product that the same configuration adds the residual to.
+    With `norm` (a gemv, M = 1, x and norm.add with unit stride) it projects rmsnorm(x [+ norm.add])."""
     (m, k), n = x.shape, weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     if config.kernel == "cublas":  # what F.linear then `+ residual` run (not addmm: that rounds once)
@@ -180,15 +194,29 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
                 *args[2:])
     partials = _workspace(x.device) if config.split_k > 1 else out
     pdl = config.pdl and pdl_enabled(x.device)  # not in the interpreter: it has no griddepcontrol
+    norm_args = _norm_args(norm, x, out)
     tiled_gemv_kernel[(num_m, num_n, config.split_k)](
-        *args, partials, m, n, k, *strides, SPLIT_K=config.split_k, USE_DOT=config.use_dot,
-        W_TMA=config.tma and _tma_ok(weight), PDL=config.pdl, launch_pdl=pdl, **meta)
+        *args, partials, *norm_args, m, n, k, *strides, SPLIT_K=config.split_k, USE_DOT=config.use_dot,
+        W_TMA=config.tma and _tma_ok(weight), PDL=config.pdl, NORM=norm is not None,
+        NORM_ADD=norm is not None and norm.add is not None, BLOCK_R=triton.next_power_of_2(k) if norm else 1,
+        launch_pdl=pdl, **meta)
     if config.split_k > 1:
         block = min(1024, triton.next_power_of_2(n))
         _split_k_reduce_kernel[(m, triton.cdiv(n, block))](
             partials, *args[2:], m, n, *strides[4:], SPLIT_K=config.split_k, HAS_BIAS=bias is not None,
             HAS_RESIDUAL=has_residual, INTERPRET=_INTERPRET, PDL=config.pdl, BLOCK_N=block, launch_pdl=pdl)
     return out
+
+
+def _norm_args(norm: FoldedNorm | None, x: torch.Tensor, out: torch.Tensor) -> tuple:
+    """(norm weight, add, sum_out, eps) for tiled_gemv_kernel; unused pointers get `out`, never read."""
+    if norm is None:
+        return out, out, out, 0.0
+    assert x.shape[0] == 1 and x.stride(1) == 1, "a folded norm needs one row of unit stride"
+    if norm.add is None:
+        return norm.weight, out, out, norm.eps
+    assert norm.add.stride(1) == 1 and norm.sum_out is not None and norm.sum_out.is_contiguous()
+    return norm.weight, norm.add, norm.sum_out, norm.eps
 
 
 def _tma_ok(weight: torch.Tensor) -> bool:
@@ -396,6 +424,54 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return _dispatch(x, weight, None, bias, out, fused=False)
 
 
+def rmsnorm_project_ref(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: (rmsnorm(s) @ W^T + b, s) with s = x + residual rounded (x without a residual), each step
+    rounded as the Triton RMSNorm and `project` round it. The CPU path and the test oracle."""
+    stream = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    return fused_o_proj_add_residual_ref(rmsnorm_ref(stream, norm_weight, eps), weight, None, bias), stream
+
+
+def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(project(rmsnorm(s)), s), s the residual stream: x + residual (rounded), or x without a residual.
+
+    The RMSNorm before qkv_proj and gate_up_proj, folded into the projection at one token (x (1, K)): every
+    program of `project`'s gemv computes the row's rms itself (K is a few thousand: a few KB from L2) and
+    normalizes x as it loads it, rounded to x's dtype as the RMSNorm kernel stores it, so the product is the
+    unfolded kernels' bit for bit, and the decode step has one kernel (and one launch) fewer per norm.
+    With a residual the fold writes s to a new tensor (other programs still read residual); where it does
+    not apply (more rows, no CUDA, cuBLAS tuned fastest), add_rmsnorm updates residual in place, as
+    RMSNorm does. Either way, use the returned s.
+    """
+    _check(x, weight, None, bias, None)
+    for name, t, want in (("residual", residual, tuple(x.shape)), ("norm_weight", norm_weight, tuple(x.shape[1:]))):
+        if t is not None and (tuple(t.shape) != want or t.device != x.device):
+            raise ValueError(f"{name} must be {want} on {x.device}; got {tuple(t.shape)} on {t.device}.")
+    if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return rmsnorm_project_ref(x, norm_weight, eps, weight, bias, residual)
+    config = _fold_config(x, weight, bias) if x.shape[0] == 1 else None
+    if config is None or x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        if residual is None:
+            return project(rmsnorm(x, norm_weight, eps), weight, bias), x
+        normed, stream = add_rmsnorm(x, residual, norm_weight, eps)
+        return project(normed, weight, bias), stream
+    stream = x if residual is None else torch.empty_like(x)
+    return launch(config, x, weight, None, bias, norm=FoldedNorm(norm_weight, eps, residual, stream)), stream
+
+
+def _fold_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> KernelConfig | None:
+    """`project`'s configuration for one row, if it is a gemv (the norm folds into its x load): the same
+    choice whether the decoder layer adds the residual first (fused output off) or not (on)."""
+    key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, 1, pdl_enabled(x.device), False)
+    config = _BEST.get(key)
+    if config is None and not torch.cuda.is_current_stream_capturing():
+        config = _tune(*key)
+    return config if config is not None and config.kernel == "gemv" else None
+
+
 def _dispatch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
               out: torch.Tensor | None, fused: bool) -> torch.Tensor:
     _check(x, weight, residual, bias, out)
@@ -444,10 +520,38 @@ def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, s
 
 
 @_jit()
-def _x_tile(x_ptr, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk):
-    """The (BLOCK_M, BLOCK_K) tile of x at column k, zero past M and k_end."""
+def _x_tile(x_ptr, add_ptr, nw_ptr, rstd, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk,
+            NORM: tl.constexpr, NORM_ADD: tl.constexpr):
+    """The (BLOCK_M, BLOCK_K) tile of x at column k, zero past M and k_end. With NORM, of rmsnorm(x [+ add])
+    computed as _rmsnorm_kernel computes it (the sum rounded, then x * rstd * weight in fp32, rounded), so
+    the gemv multiplies the very values that kernel would have stored."""
     mask = (offs_m[:, None] < M) & (k + offs_k < k_end)[None, :]
-    return tl.load(x_ptr + offs_m[:, None] * stride_xm + (k + offs_k)[None, :] * stride_xk, mask=mask, other=0.0)
+    offs = offs_m[:, None] * stride_xm + (k + offs_k)[None, :] * stride_xk
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if NORM:
+        xf = x.to(tl.float32)
+        if NORM_ADD:
+            xf = (xf + tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype).to(tl.float32)
+        nw = tl.load(nw_ptr + k + offs_k, mask=k + offs_k < k_end, other=0.0).to(tl.float32)  # (BLOCK_K,)
+        x = (xf * rstd * nw[None, :]).to(x.dtype)
+    return x
+
+
+@_jit()
+def _row_rstd(x_ptr, add_ptr, sum_ptr, K, eps, NORM_ADD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """1 / rms of the row x (+ add), as _rmsnorm_kernel computes it (rms_rstd: the same bits whatever this
+    kernel's warps). Every program computes it (K <= a few thousand: a few KB from L2); with NORM_ADD the
+    first program also stores the rounded sum, the new residual stream, to sum_ptr."""
+    offs = tl.arange(0, BLOCK_R)
+    mask = offs < K
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if NORM_ADD:
+        x += tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(sum_ptr.dtype.element_ty)
+        first = tl.program_id(0) + tl.program_id(1) + tl.program_id(2) == 0
+        tl.store(sum_ptr + offs, x, mask=offs < tl.where(first, K, 0))
+        x = x.to(tl.float32)
+    return rms_rstd(x, K, eps)
 
 
 @_jit()
@@ -478,11 +582,12 @@ def _multiply_add(acc, x, w, USE_DOT: tl.constexpr, INTERPRET: tl.constexpr, PRE
 
 
 @_jit(do_not_specialize=["M"])  # M changes every step: one compile serves all
-def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, M, N, K,
+def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, nw_ptr, add_ptr, sum_ptr, eps, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
                       PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, W_TMA: tl.constexpr,
-                      PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      PDL: tl.constexpr, NORM: tl.constexpr, NORM_ADD: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K): a (BLOCK_M, BLOCK_N) tile of out over one slice
     of K. Each W tile is loaded once (evict-first: nothing reads it again) and applied to all BLOCK_M rows.
 
@@ -490,7 +595,8 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, M, N, 
     elementwise and reduce over K once at the end. With SPLIT_K > 1 the fp32 partials go to part_ptr
     (SPLIT_K, M, N) for _split_k_reduce_kernel. With W_TMA, w_ptr is a TensorDescriptor of W with
     (BLOCK_N, BLOCK_K) boxes; K slices are whole tiles, so its zero fill past K is the only mask needed.
-    With PDL (see KernelConfig) it loads its first W tile, then waits for the kernel before it.
+    With PDL (see KernelConfig) it loads its first W tile, then waits for the kernel before it. With NORM
+    (M = 1, see FoldedNorm) x is replaced by rmsnorm(x [+ add]) with weight nw_ptr, as it is loaded.
     """
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -509,11 +615,17 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, M, N, 
         if not INTERPRET:  # which has no griddepcontrol, and runs kernels one by one anyway
             gdc_launch_dependents()  # the next kernel may launch now: its W does not depend on this one
             gdc_wait()  # the kernel before has finished: its writes (x, the residual) are visible
-        x = _x_tile(x_ptr, offs_m, offs_k, k_start, k_end, M, stride_xm, stride_xk)
+    rstd = 0.0
+    if NORM:
+        rstd = _row_rstd(x_ptr, add_ptr, sum_ptr, K, eps, NORM_ADD, BLOCK_R)
+    if PDL:
+        x = _x_tile(x_ptr, add_ptr, nw_ptr, rstd, offs_m, offs_k, k_start, k_end, M, stride_xm, stride_xk,
+                    NORM, NORM_ADD)
         acc = _multiply_add(acc, x, w, USE_DOT, INTERPRET, PRECISION)
         k_loop += BLOCK_K
     for k in range(k_loop, k_end, BLOCK_K):
-        x = _x_tile(x_ptr, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk)
+        x = _x_tile(x_ptr, add_ptr, nw_ptr, rstd, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk, NORM,
+                    NORM_ADD)
         w = _w_tile(w_ptr, offs_n, offs_k, k, k_end, N, stride_wn, stride_wk, W_TMA, BLOCK_N)
         acc = _multiply_add(acc, x, w, USE_DOT, INTERPRET, PRECISION)
     if not USE_DOT:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
+from nanovllm.layers.layernorm import RMSNorm
 
 # On CUDA the row-parallel projections (o_proj, down_proj) go through the fused kernel's dispatcher, fused
 # output path on or off. Benchmarks set this False to time the unfused path as plain cuBLAS F.linear.
@@ -24,6 +25,9 @@ ROW_PARALLEL_DISPATCHER = True
 # benchmarks/results/pdl-h100.json), so only M = 1 takes it. Larger M: cuBLAS, untuned.
 COLUMN_PARALLEL_DISPATCHER = True
 COLUMN_DISPATCHER_MAX_M = 1
+# At one token the RMSNorm before them folds into that gemv's load of x (rmsnorm_project): one kernel fewer
+# per norm, the same bits. Benchmarks set this False to time the separate norm kernel.
+FOLD_NORM = True
 
 
 def copy_weight(param_slice: torch.Tensor, loaded_weight: torch.Tensor) -> None:
@@ -75,11 +79,28 @@ class ColumnParallelLinear(LinearBase):
         copy_weight(param.data, loaded_weight.chunk(self.tp_size, dim=0)[self.tp_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] <= COLUMN_DISPATCHER_MAX_M and COLUMN_PARALLEL_DISPATCHER:
+        if _dispatches(x):
             # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
             from nanovllm.kernels.fused_attention_output import project
             return project(x, self.weight, self.bias)  # (T, out)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_normed(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(s)), s), s the residual stream: x + residual, or x without a residual (what
+        `norm(x, residual)` adds). At one token on CUDA the norm is folded into the projection's kernel."""
+        if FOLD_NORM and norm.use_triton and x.shape[0] == 1 and _dispatches(x):
+            from nanovllm.kernels.fused_attention_output import rmsnorm_project
+            return rmsnorm_project(x, norm.weight, norm.eps, self.weight, self.bias, residual)
+        if residual is None:
+            return self(norm(x)), x
+        x, residual = norm(x, residual)
+        return self(x), residual
+
+
+def _dispatches(x: torch.Tensor) -> bool:
+    """Whether a column-parallel layer sends x to the fused kernel's dispatcher (`project`)."""
+    return x.is_cuda and x.dim() == 2 and x.shape[0] <= COLUMN_DISPATCHER_MAX_M and COLUMN_PARALLEL_DISPATCHER
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

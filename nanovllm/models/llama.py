@@ -13,11 +13,12 @@ from nanovllm.utils.context import get_context
 
 
 class LlamaAttention(nn.Module):
-    """qkv_proj -> (q/k RMSNorm per head, Qwen3) -> rope -> paged attention -> o_proj.
+    """input_layernorm -> qkv_proj -> (q/k RMSNorm per head, Qwen3) -> rope -> paged attention -> o_proj.
 
-    With `use_triton` and a KV cache, the norm, rope and cache store are one kernel (rope_and_store_kv).
+    With `use_triton` and a KV cache, the q/k norm, rope and cache store are one kernel (rope_and_store_kv).
+    The layer's norm comes in as an argument: at one token it folds into qkv_proj's kernel.
     """
-    fuses_residual = False
+    fuses_residual = False  # o_proj adds the residual (FusedOutputMixin)
 
     def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, qkv_bias: bool | None = None,
                  o_bias: bool | None = None, qk_norm: bool = False) -> None:
@@ -38,9 +39,9 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
         self.use_triton = False  # RoPE (+ q/k norm) fused with the KV-cache store, on CUDA
 
-    def attend(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The attention output before o_proj: (T, H*D)."""
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv_proj's output (T, (H + 2 Hkv) * D) -> the attention output before o_proj: (T, H*D)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # (T, H, D), a strided view into the qkv output
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -61,22 +62,25 @@ class LlamaAttention(nn.Module):
         rope_and_store_kv(q, k, v, positions, self.rotary_emb.cos_sin_cache, self.attn.k_cache,
                           self.attn.v_cache, get_context().slot_mapping, q_norm, k_norm, eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(self.attend(positions, hidden_states))
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, norm: RMSNorm,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream is hidden_states + residual (None: nothing to add), before and after:
+        attention reads norm(stream). Returns (o_proj(attn), stream), or with `fuses_residual`
+        (o_proj(attn) + stream, None) from one kernel."""
+        qkv, stream = self.qkv_proj.forward_normed(hidden_states, norm, residual)
+        attn = self.attend(positions, qkv)  # (T, H*D)
+        if self.fuses_residual:
+            return self.o_proj.forward_add(attn, stream), None
+        return self.o_proj(attn), stream
 
 
 class FusedOutputMixin:
-    """Makes an attention class add the residual inside o_proj, one kernel instead of a matmul and an add:
-    forward takes the residual stream and returns the new one, o_proj(attn) + residual."""
+    """Makes an attention class add the residual inside o_proj, one kernel instead of a matmul and an add."""
     fuses_residual = True
 
     @property
     def residual_proj(self) -> RowParallelLinear:
         return self.o_proj
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor) -> torch.Tensor:
-        return self.o_proj.forward_add(self.attend(positions, hidden_states), residual)
 
 
 class LlamaAttentionFused(FusedOutputMixin, LlamaAttention):
@@ -84,8 +88,8 @@ class LlamaAttentionFused(FusedOutputMixin, LlamaAttention):
 
 
 class LlamaMLP(nn.Module):
-    """gate_up_proj -> SiLU-and-mul -> down_proj. With `fuses_residual` (the fused output path) forward takes
-    the residual stream and returns down_proj(x) + residual from one kernel, as the fused o_proj does."""
+    """post_attention_layernorm -> gate_up_proj -> SiLU-and-mul -> down_proj, with the residual stream
+    carried as LlamaAttention carries it; with `fuses_residual` down_proj adds it, as the fused o_proj does."""
 
     def __init__(self, config: ModelConfig, fuses_residual: bool = False) -> None:
         super().__init__()
@@ -99,11 +103,13 @@ class LlamaMLP(nn.Module):
     def residual_proj(self) -> RowParallelLinear:
         return self.down_proj
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.act_fn(self.gate_up_proj(x))  # (T, intermediate)
-        if residual is None:
-            return self.down_proj(x)
-        return self.down_proj.forward_add(x, residual)
+    def forward(self, hidden_states: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gate_up, stream = self.gate_up_proj.forward_normed(hidden_states, norm, residual)
+        x = self.act_fn(gate_up)  # (T, intermediate)
+        if self.fuses_residual:
+            return self.down_proj.forward_add(x, stream), None
+        return self.down_proj(x), stream
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -116,19 +122,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Carries the residual stream separately: the norms add it in (nano-vllm's fused add + norm).
-        With the fused output path o_proj and down_proj add it instead, and the layer returns
-        (residual stream, None): the next norm has nothing left to add."""
-        if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        if self.self_attn.fuses_residual:
-            residual = self.self_attn(positions, hidden_states, residual)
-            return self.mlp(self.post_attention_layernorm(residual), residual), None
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        """The residual stream is hidden_states + residual, the latter carried separately (None: nothing
+        to add): each norm adds it in (nano-vllm's fused add + norm). With the fused output path o_proj and
+        down_proj add it instead, and return (residual stream, None): the next norm has nothing to add."""
+        hidden_states, residual = self.self_attn(positions, hidden_states, self.input_layernorm, residual)
+        return self.mlp(hidden_states, self.post_attention_layernorm, residual)
 
 
 class LlamaModel(nn.Module):

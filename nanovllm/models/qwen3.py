@@ -10,8 +10,8 @@ class Qwen3Attention(LlamaAttention):
 
 
 class Qwen3AttentionFused(FusedOutputMixin, Qwen3Attention):
-    """forward(positions, hidden_states, residual) -> o_proj(attn) + residual, through
-    nanovllm.kernels.fused_attention_output.fused_o_proj_add_residual (one kernel on GPU)."""
+    """o_proj(attn) + residual through nanovllm.kernels.fused_attention_output.fused_o_proj_add_residual
+    (one kernel on GPU)."""
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
