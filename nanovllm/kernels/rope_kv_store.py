@@ -1,8 +1,9 @@
 """RoPE on q and k (after Qwen3's optional per-head RMSNorm), fused with the store of k and v into the cache.
 
-One program per token reads q, k, v once and writes q and k back rotated (in place) and k, v into the cache
-at slot_mapping (layout of docs/design.md: (num_blocks, block_size, Hkv, D); slot = block * block_size +
-offset; slot -1 skips the store, as padded CUDA-graph rows do). RoPE is neox style (HF rotate_half):
+One program per head of a token (q heads, then KV heads) reads its head once and writes it back rotated (in
+place); a KV head's program also writes k and v into the cache at slot_mapping (layout of docs/design.md:
+(num_blocks, block_size, Hkv, D); slot = block * block_size + offset; slot -1 skips the store, as padded
+CUDA-graph rows do). RoPE is neox style (HF rotate_half):
 with x = [x1 | x2] and cos_sin_cache[pos] = [cos | sin] (D/2 each), out = [x1*cos - x2*sin | x2*cos + x1*sin].
 """
 from __future__ import annotations
@@ -69,17 +70,17 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
     has_norm = q_norm_weight is not None
     assert has_norm == (k_norm_weight is not None), "q and k norms come together (Qwen3)"
     pdl = pdl_enabled(q.device)
-    _rope_kv_store_kernel[(num_tokens,)](
+    # A program per head, not per token: at one token (a batch-1 decode step) a single program would walk
+    # q, then k, then v, one dependent memory round trip after another; the heads' programs run side by side.
+    _rope_kv_store_kernel[(num_tokens, num_heads + num_kv_heads)](
         # Empty caches may have a null data pointer, which Triton refuses: pass k in their place.
         q, k, v, positions, cos_sin_cache, k_cache if store else k, v_cache if store else v, slot_mapping,
         q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         *(k_cache.stride()[:3] if store else (0, 0, 0)), *(v_cache.stride()[:3] if store else (0, 0, 0)),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        PAGE_SIZE=k_cache.shape[1] if store else 1,
-        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1] if store else 1,
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE=store, PDL=pdl,
-        launch_pdl=pdl,
+        num_warps=1, launch_pdl=pdl,
     )
     return q, k
 
@@ -94,22 +95,21 @@ def _halves(ptr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
 
 
 @_jit
-def _norm_rope_heads(x_ptr, stride_h, w1, w2, cos, sin, eps, NUM: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Normalizes (norm weight halves w1, w2) and rotates NUM heads of one token in place; returns the
-    rotated halves (fp32), mask."""
-    offs_h, offs_d = tl.arange(0, BLOCK), tl.arange(0, BLOCK_HALF)
-    mask = (offs_h < NUM)[:, None] & (offs_d < HEAD_DIM // 2)[None, :]
-    ptrs = x_ptr + offs_h[:, None] * stride_h + offs_d[None, :]  # first halves; + HEAD_DIM // 2 for second
-    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK, BLOCK_HALF)
-    x2 = tl.load(ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
+def _norm_rope_head(x_ptr, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    HAS_NORM: tl.constexpr):
+    """Normalizes (norm weight halves w1, w2) and rotates one head in place; returns the rotated halves
+    (fp32) and their mask."""
+    offs_d = tl.arange(0, BLOCK_HALF)
+    mask = offs_d < HEAD_DIM // 2
+    x1 = tl.load(x_ptr + offs_d, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_HALF,)
+    x2 = tl.load(x_ptr + HEAD_DIM // 2 + offs_d, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
-        x1, x2 = x1 * rstd * w1[None, :], x2 * rstd * w2[None, :]
-    r1 = x1 * cos[None, :] - x2 * sin[None, :]
-    r2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(ptrs, r1.to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(ptrs + HEAD_DIM // 2, r2.to(x_ptr.dtype.element_ty), mask=mask)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / HEAD_DIM + eps)
+        x1, x2 = x1 * rstd * w1, x2 * rstd * w2
+    r1 = x1 * cos - x2 * sin
+    r2 = x2 * cos + x1 * sin
+    tl.store(x_ptr + offs_d, r1.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + HEAD_DIM // 2 + offs_d, r2.to(x_ptr.dtype.element_ty), mask=mask)
     return r1, r2, mask
 
 
@@ -118,39 +118,40 @@ def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cac
                           slot_mapping_ptr, q_norm_ptr, k_norm_ptr, eps,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                           stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr,
+                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                           BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
                           PDL: tl.constexpr):
-    """Grid (T,): all heads of one token. With PDL, cos/sin of the token's position, the norm weights and
-    its slot are loaded before the wait: the step's inputs and weights (nanovllm/kernels/pdl.py)."""
+    """Grid (T, H + Hkv): program (t, h) takes q head h of token t for h < H, else KV head h - H (k rotated,
+    then k and v into the cache). With PDL, cos/sin of the token's position, the norm weights and its slot
+    are loaded before the wait: the step's inputs and weights (nanovllm/kernels/pdl.py)."""
     launch_dependents(PDL)
-    token = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
+    token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cos, sin = _halves(cos_sin_ptr + tl.load(positions_ptr + token) * stride_cs, HEAD_DIM, BLOCK_HALF)
+    w1, w2 = cos, sin  # unused without a norm: the norm pointers are then q and k, unreadable before the wait
     if HAS_NORM:
-        qw1, qw2 = _halves(q_norm_ptr, HEAD_DIM, BLOCK_HALF)
-        kw1, kw2 = _halves(k_norm_ptr, HEAD_DIM, BLOCK_HALF)
-    else:  # unused: the norm pointers are then q and k, which must not be read before the wait
-        qw1, qw2, kw1, kw2 = cos, sin, cos, sin
+        w1, w2 = _halves(tl.where(head < NUM_HEADS, q_norm_ptr, k_norm_ptr), HEAD_DIM, BLOCK_HALF)
     if STORE:
         slot = tl.load(slot_mapping_ptr + token)
     wait_previous(PDL)
-    _norm_rope_heads(q_ptr + token * stride_qt, stride_qh, qw1, qw2, cos, sin, eps,
-                     NUM_HEADS, HEAD_DIM, BLOCK_H, BLOCK_HALF, HAS_NORM)
-    k1, k2, mask = _norm_rope_heads(k_ptr + token * stride_kt, stride_kh, kw1, kw2, cos, sin, eps,
-                                    NUM_KV_HEADS, HEAD_DIM, BLOCK_HKV, BLOCK_HALF, HAS_NORM)
-    if STORE:
-        if slot >= 0:
-            offs_h = tl.arange(0, BLOCK_HKV)[:, None]
-            kc_ptrs = (k_cache_ptr + (slot // PAGE_SIZE) * stride_kcb + (slot % PAGE_SIZE) * stride_kcs
-                       + offs_h * stride_kch + offs_d[None, :])
-            tl.store(kc_ptrs, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(kc_ptrs + HEAD_DIM // 2, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
-            v_ptrs = v_ptr + token * stride_vt + offs_h * stride_vh + offs_d[None, :]
-            vc_ptrs = (v_cache_ptr + (slot // PAGE_SIZE) * stride_vcb + (slot % PAGE_SIZE) * stride_vcs
-                       + offs_h * stride_vch + offs_d[None, :])
-            v1 = tl.load(v_ptrs, mask=mask)
-            v2 = tl.load(v_ptrs + HEAD_DIM // 2, mask=mask)
-            tl.store(vc_ptrs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(vc_ptrs + HEAD_DIM // 2, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if head < NUM_HEADS:
+        _norm_rope_head(q_ptr + token * stride_qt + head * stride_qh, w1, w2, cos, sin, eps, HEAD_DIM,
+                        BLOCK_HALF, HAS_NORM)
+    else:
+        kv_head = head - NUM_HEADS
+        offs_d = tl.arange(0, BLOCK_HALF)
+        if STORE:  # v first: its load then overlaps k's
+            v_ptrs = v_ptr + token * stride_vt + kv_head * stride_vh + offs_d
+            v1 = tl.load(v_ptrs, mask=offs_d < HEAD_DIM // 2)
+            v2 = tl.load(v_ptrs + HEAD_DIM // 2, mask=offs_d < HEAD_DIM // 2)
+        k1, k2, mask = _norm_rope_head(k_ptr + token * stride_kt + kv_head * stride_kh, w1, w2, cos, sin, eps,
+                                       HEAD_DIM, BLOCK_HALF, HAS_NORM)
+        if STORE:
+            if slot >= 0:
+                kc_ptrs = (k_cache_ptr + (slot // PAGE_SIZE) * stride_kcb + (slot % PAGE_SIZE) * stride_kcs
+                           + kv_head * stride_kch + offs_d)
+                tl.store(kc_ptrs, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+                tl.store(kc_ptrs + HEAD_DIM // 2, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+                vc_ptrs = (v_cache_ptr + (slot // PAGE_SIZE) * stride_vcb + (slot % PAGE_SIZE) * stride_vcs
+                           + kv_head * stride_vch + offs_d)
+                tl.store(vc_ptrs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+                tl.store(vc_ptrs + HEAD_DIM // 2, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
