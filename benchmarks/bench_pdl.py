@@ -10,7 +10,8 @@ engine prefills B prompts and decodes (wall time per engine step), then the bare
 greedy graph is timed with CUDA events, alternating the settings over several rounds so that clock drift
 hits both alike, and its kernels are listed with the torch profiler (µs per replay by kernel; with PDL a
 kernel's time includes the wait for the one before it, so compare the totals, not single kernels).
-Writes pdl-<card>.json.
+Each engine also decodes one prompt greedily at batch 1: the fold must not change a token against
+on+proj (same kernels otherwise). Writes pdl-<card>.json.
 
     python benchmarks/bench_pdl.py [--out-dir benchmarks/results] [--rounds 5]
 """
@@ -20,6 +21,7 @@ import os
 import statistics
 import time
 
+import torch
 from bench_latency import (
     card_name,
     copy_bandwidth_gbps,
@@ -33,6 +35,7 @@ from bench_latency import (
     weight_bytes,
 )
 
+from nanovllm import SamplingParams
 from nanovllm.layers import linear
 
 # name -> (NANOVLLM_PDL, linear.COLUMN_PARALLEL_DISPATCHER, linear.FOLD_NORM): qkv_proj and gate_up_proj
@@ -52,6 +55,18 @@ def build(folder: str, setting: str):
     return llm
 
 
+def greedy_tokens(llm, seed: int = 1) -> list[int]:
+    """32 greedy tokens of one random 64-token prompt, alone in the batch (its decode steps replay the
+    batch-1 graph, where the fold runs)."""
+    engine, gen = llm.engine, torch.Generator().manual_seed(seed)
+    engine.add_request("greedy", torch.randint(0, 10000, (64,), generator=gen).tolist(),
+                       SamplingParams(temperature=0, ignore_eos=True, max_tokens=32), stream=False)
+    tokens = []
+    while engine.has_unfinished_requests():
+        tokens += [o.outputs[0].token_ids for o in engine.step() if o.finished]
+    return tokens[0]
+
+
 def chosen_configs(pdl: bool) -> dict[str, str]:
     """The dispatcher's choice per (K -> N, M bucket <= 8, fused or projection alone) with or without PDL."""
     from nanovllm.kernels import fused_attention_output as fao
@@ -68,10 +83,11 @@ def main() -> None:
     bw = copy_bandwidth_gbps()
     print(f"{card}: device copy {bw:.0f} GB/s (read + write)", flush=True)
     folder = model_dir()
-    engines, rows = {}, []
+    engines, rows, tokens = {}, [], {}
     for setting in SETTINGS:
         llm = engines[setting] = build(folder, setting)
         runner = llm.engine.model_runner
+        tokens[setting] = greedy_tokens(llm)
         for batch in BATCHES:
             row = time_decode(llm, batch)
             row.update(pdl=setting, kernels_per_replay=len(cuda_kernels(
@@ -92,7 +108,8 @@ def main() -> None:
     context = {r["batch"]: r["mean_context"] for r in rows}
     floor = {b: (wbytes + b * context[b] * kv_bytes_per_token(cfg)) / (bw * 1e9) * 1e3 for b in BATCHES}
     result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights", "copy_bw_gbps": bw,
-              "floor_ms": floor, "rows": rows,
+              "floor_ms": floor, "rows": rows, "greedy_tokens": tokens,
+              "fold_changes_no_token": tokens["on+proj+fold"] == tokens["on+proj"],
               "configs": {"off": chosen_configs(False), "on": chosen_configs(True)}}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"pdl-{tag}.json")
@@ -108,6 +125,8 @@ def main() -> None:
         for name in names:
             print(f"    {name:<40}" + "".join(f" {s} {r['replay_us_by_kernel'].get(name, 0.0):7.1f}"
                                           for s, r in by.items()) + " µs")
+    print("greedy tokens at batch 1, fold against on+proj:",
+          "identical" if result["fold_changes_no_token"] else "DIFFERENT")
     print("wrote", path)
 
 
