@@ -5,7 +5,8 @@
 #            qkv_proj and gate_up_proj through the dispatcher's projection-only mode, and with the fold
 #   model    tests/test_gpu.py -k "$GPU_TESTS": fused on/off greedy identity (graphs, PDL and fold on)
 #   kernels  the fold's GPU tests (bit for bit against the norm kernel then the gemv, for each kind of
-#            gemv tiling; a chain in a CUDA graph) and the decode-step chain of PDL kernels in a graph
+#            gemv tiling; a chain in a CUDA graph), the decode-step chain of PDL kernels in a graph, and
+#            the elementwise kernels (RMSNorm, RoPE + KV store per head, SiLU-and-mul) at prefill sizes
 #   fused    benchmarks/bench_fused_o_proj.py (issue 8's table), with whatever time is left
 # Every step's limit is cut to the time left before BUDGET_S (default 288 s). Results and logs land in
 # $OUT/pdl.tgz, beside the fused kernel's tuning file (bring it back into .triton_cache/nanovllm so the
@@ -39,7 +40,7 @@ step bench 150 python3 benchmarks/bench_pdl.py --out-dir "$OUT/results"
 step model 50 env NANOVLLM_GPU_REPORT="$OUT/results/gpu_tests.json" "${PYTEST[@]}" -s tests/test_gpu.py \
     -k "${GPU_TESTS:-fused_output_on_and_off or fused_residual}"
 step kernels 70 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_fused_attention_output.py \
-    -k "${KERNEL_TESTS:-folded or rmsnorm_project or pdl_chain}"
+    -k "${KERNEL_TESTS:-folded or rmsnorm_project or pdl_chain or elementwise}"
 step fused 200 env NANOVLLM_CACHE_DIR= python3 benchmarks/bench_fused_o_proj.py --out-dir "$OUT/results"
 cp .triton_cache/nanovllm/fused_o_proj_tuning.json "$OUT/" 2>/dev/null
 tar czf "$OUT/pdl.tgz" -C "$OUT" logs results 2>/dev/null
