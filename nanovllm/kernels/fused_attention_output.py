@@ -520,21 +520,29 @@ def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, s
 
 
 @_jit()
-def _x_tile(x_ptr, add_ptr, nw_ptr, rstd, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk,
-            NORM: tl.constexpr, NORM_ADD: tl.constexpr):
-    """The (BLOCK_M, BLOCK_K) tile of x at column k, zero past M and k_end. With NORM, of rmsnorm(x [+ add])
-    computed as _rmsnorm_kernel computes it (the sum rounded, then x * rstd * weight in fp32, rounded), so
-    the gemv multiplies the very values that kernel would have stored."""
+def _x_tile(x_ptr, add_ptr, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk, NORM_ADD: tl.constexpr):
+    """The (BLOCK_M, BLOCK_K) tile of x at column k, zero past M and k_end; with NORM_ADD, of x + add
+    rounded, as the add + norm kernel stores the residual stream."""
     mask = (offs_m[:, None] < M) & (k + offs_k < k_end)[None, :]
     offs = offs_m[:, None] * stride_xm + (k + offs_k)[None, :] * stride_xk
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if NORM:
-        xf = x.to(tl.float32)
-        if NORM_ADD:
-            xf = (xf + tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype).to(tl.float32)
-        nw = tl.load(nw_ptr + k + offs_k, mask=k + offs_k < k_end, other=0.0).to(tl.float32)  # (BLOCK_K,)
-        x = (xf * rstd * nw[None, :]).to(x.dtype)
+    if NORM_ADD:
+        x = (x.to(tl.float32) + tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
     return x
+
+
+@_jit()
+def _norm_weight_tile(nw_ptr, offs_k, k, k_end):
+    """The (BLOCK_K,) slice of the folded norm's weight at column k, fp32 (a weight: loadable before the
+    PDL wait)."""
+    return tl.load(nw_ptr + k + offs_k, mask=k + offs_k < k_end, other=0.0).to(tl.float32)
+
+
+@_jit()
+def _normalize(x, nw, rstd):
+    """rmsnorm of an x tile as _rmsnorm_kernel computes it (x * rstd * weight in fp32, rounded to x's
+    dtype), so the gemv multiplies the very values that kernel would have stored."""
+    return (x.to(tl.float32) * rstd * nw[None, :]).to(x.dtype)
 
 
 @_jit()
@@ -610,22 +618,27 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, nw_ptr
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_loop = k_start
+    rstd, nw = 0.0, 0.0  # the folded norm's (NORM only)
     if PDL:  # the first step, peeled: its W tile is loaded before the wait, overlapping the kernel before
         w = _w_tile(w_ptr, offs_n, offs_k, k_start, k_end, N, stride_wn, stride_wk, W_TMA, BLOCK_N)
+        if NORM:
+            nw = _norm_weight_tile(nw_ptr, offs_k, k_start, k_end)
         if not INTERPRET:  # which has no griddepcontrol, and runs kernels one by one anyway
             gdc_launch_dependents()  # the next kernel may launch now: its W does not depend on this one
             gdc_wait()  # the kernel before has finished: its writes (x, the residual) are visible
-    rstd = 0.0
+        # Issued before the norm's row loads, so both are in flight at once (one L2 round trip, not two).
+        x = _x_tile(x_ptr, add_ptr, offs_m, offs_k, k_start, k_end, M, stride_xm, stride_xk, NORM_ADD)
     if NORM:
         rstd = _row_rstd(x_ptr, add_ptr, sum_ptr, K, eps, NORM_ADD, BLOCK_R)
     if PDL:
-        x = _x_tile(x_ptr, add_ptr, nw_ptr, rstd, offs_m, offs_k, k_start, k_end, M, stride_xm, stride_xk,
-                    NORM, NORM_ADD)
+        if NORM:
+            x = _normalize(x, nw, rstd)
         acc = _multiply_add(acc, x, w, USE_DOT, INTERPRET, PRECISION)
         k_loop += BLOCK_K
     for k in range(k_loop, k_end, BLOCK_K):
-        x = _x_tile(x_ptr, add_ptr, nw_ptr, rstd, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk, NORM,
-                    NORM_ADD)
+        x = _x_tile(x_ptr, add_ptr, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk, NORM_ADD)
+        if NORM:
+            x = _normalize(x, _norm_weight_tile(nw_ptr, offs_k, k, k_end), rstd)
         w = _w_tile(w_ptr, offs_n, offs_k, k, k_end, N, stride_wn, stride_wk, W_TMA, BLOCK_N)
         acc = _multiply_add(acc, x, w, USE_DOT, INTERPRET, PRECISION)
     if not USE_DOT:
