@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device call on 2 GPUs for every GPU figure of issues 4, 5, 7 and 8, under one deadline.
-#   phase 1, both GPUs:    bench_tp (tensor parallelism 1 vs 2 on the 8B architecture with the symmetric-
-#                          memory all-reduce; the 4B's fp32 agreement; bash benchmarks/gpu_tp.sh runs more)
-#   phase 2, in parallel:  GPU 0: bench_throughput (async scheduling, the default; then the sync loop), then
-#                          gpu_serve.sh (offline engine vs `nanovllm serve`)
-#                          GPU 1: the GPU tests, then bench_latency (fused on/off end to end)
-# (bench_fused_o_proj runs in its own call: benchmarks/gpu_fused.sh.)
+# One device call on 2 or 4 GPUs for the GPU figures of issues 4, 5, 7 and 8, under one deadline (steps are
+# chosen with STEPS; lanes below):
+#   tp            bench_tp (tensor parallelism 1 vs 2 on the 8B architecture; runs chosen with TP_RUNS)
+#   throughput    bench_throughput (async scheduling, the default); throughput_sync: the synchronous loop
+#   profile       profile_throughput (kernel time by name over windows of the same workload)
+#   pressure      bench_async_pressure; serve: gpu_serve.sh (offline engine vs `nanovllm serve`)
+#   tests         tests/test_gpu.py and the async GPU test; latency: bench_latency (fused on/off end to end)
+#   pdl           gpu_pdl.sh (PDL and the norm fold, bench_pdl; the fused kernel's table with the time left)
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
 # serving) may feel. Results and logs land in $OUT/results.tgz (the tool returns at most 8 files), beside
 # steps.txt and the Triton cache.
@@ -16,7 +17,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
 DEADLINE=$((SECONDS + ${BUDGET_S:-565}))
-STEPS=${STEPS:-tp throughput throughput_sync serve tests latency}  # which steps run (profile, pressure: on request)
+STEPS=${STEPS:-tp throughput throughput_sync serve tests latency}  # which steps run (profile, pressure, pdl: on request)
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
@@ -43,8 +44,16 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
     echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
 }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-want tp && step tp "${TP_S:-180}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --runs ${TP_RUNS:-tp1 tp2 fp32_tp1 fp32_tp2}
-(
+# Lanes: A (tensor parallelism on two GPUs, then single-GPU throughput), B (tests, latency), C (gpu_pdl.sh:
+# PDL, the fold and the fused kernel's table). With 4 GPUs they run side by side (A on 0,1, B on 2, C on 3);
+# with 2, B and C share GPU 1 after A's TP step, one after the other.
+NUM_GPUS=$(nvidia-smi -L | wc -l)
+if ((NUM_GPUS >= 4)); then GPU_B=2 GPU_C=3; else GPU_B=1 GPU_C=1; fi
+tp() {
+    want tp && CUDA_VISIBLE_DEVICES=0,1 step tp "${TP_S:-180}" python3 benchmarks/bench_tp.py --out-dir "$OUT" \
+        --runs ${TP_RUNS:-tp1 tp2 fp32_tp1 fp32_tp2}
+}
+lane_a() {
     export CUDA_VISIBLE_DEVICES=0
     want throughput && step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"  # async: the default
     want throughput_sync && step throughput_sync 70 python3 benchmarks/bench_throughput.py --skip-hf \
@@ -52,13 +61,23 @@ want tp && step tp "${TP_S:-180}" python3 benchmarks/bench_tp.py --out-dir "$OUT
     want profile && step profile 100 python3 benchmarks/profile_throughput.py --out-dir "$OUT"
     want pressure && step pressure 150 python3 benchmarks/bench_async_pressure.py --out-dir "$OUT"
     want serve && OUT=$OUT/serve SKIP_THROUGHPUT=1 SKIP_HTTP=1 step serve 180 bash benchmarks/gpu_serve.sh
-) &
-(
-    export CUDA_VISIBLE_DEVICES=1 NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
+}
+lane_b() {
+    export CUDA_VISIBLE_DEVICES=$GPU_B NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
     want tests && step tests 190 python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py \
         tests/test_async_scheduling.py::test_async_scheduling_on_cuda_graphs
     want latency && step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
-) &
+}
+lane_c() {
+    export CUDA_VISIBLE_DEVICES=$GPU_C
+    want pdl && OUT=$OUT/pdl BUDGET_S=${PDL_S:-288} step pdl "${PDL_S:-288}" bash benchmarks/gpu_pdl.sh
+}
+if ((NUM_GPUS >= 4)); then
+    (tp; lane_a) & (lane_b) & (lane_c) &
+else
+    tp  # first, alone on both GPUs
+    (lane_a) & (lane_b; lane_c) &
+fi
 wait
 cp "$LOGS/steps.txt" "$OUT/steps.txt"
 for f in "$LOGS"/*.log; do echo "#### $f"; grep -v "^frame #" "$f" | tail -25 | cut -c1-300; done > "$OUT/tails.txt"
