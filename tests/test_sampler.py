@@ -248,3 +248,28 @@ def test_compute_prompt_logprobs_in_chunks():
     torch.testing.assert_close(whole.logprobs, logits.log_softmax(dim=-1)[torch.arange(7), targets])
     logprobs, ranks, top_ids, top_logprobs = compute_prompt_logprobs(logits[:0], targets[:0], 2)
     assert logprobs.shape == ranks.shape == (0,) and top_ids.shape == top_logprobs.shape == (0, 2)
+
+
+# ---- the in-graph sampling kernel (kernels/sample.py; Triton's interpreter on CPU) ----
+
+def test_sample_kernel_draws_do_not_depend_on_the_chunking(monkeypatch):
+    """Each (row, vocabulary index) has its own Philox number, so splitting a row over more programs
+    changes no draw (so the one-chunk chi-square test in test_triton_kernels.py covers every chunking);
+    greedy rows take the argmax with ties to the lowest index, here across chunks."""
+    from nanovllm.kernels import sample as kernel
+    rows, vocab = 4, 2500  # 2500: a partial last chunk at every chunk size below
+    logits = random_logits(rows, vocab, seed=2)
+    logits[0, [300, 2200]] = 50.0  # a tie across chunks: the lower index wins
+    temps = torch.tensor([0.0, 0.7, 1.0, 2.0])
+    seed = torch.tensor([123], dtype=torch.int64)
+    draws = {}
+    for chunk in (4096, 1024, 512):
+        monkeypatch.setattr(kernel, "CHUNK", chunk)
+        workspace = kernel.sample_workspace(rows, vocab, "cpu")
+        assert workspace[0].shape == (rows, -(-vocab // chunk))
+        draws[chunk] = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64), workspace)
+    assert draws[4096][0] == 300
+    assert torch.equal(draws[4096], draws[1024]) and torch.equal(draws[4096], draws[512])
+    other = kernel.sample(logits, temps, seed + 1, torch.empty(rows, dtype=torch.int64))
+    assert other[0] == 300 and not torch.equal(other[1:], draws[512][1:])  # a new seed, new draws
+

@@ -24,7 +24,7 @@ from torch import nn
 from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
-from nanovllm.kernels.sample import sample, sample_ref
+from nanovllm.kernels.sample import sample, sample_ref, sample_workspace
 from nanovllm.utils.context import Context, reset_context, set_context
 
 
@@ -79,6 +79,7 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
         self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
+        self.sample_workspace = sample_workspace(max_bs, vocab_size, device)  # per-chunk bests of each row
         self.device = device
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampling) -> graph
         self.model = model
@@ -114,7 +115,7 @@ class DecodeGraphs:
         # Per-row temperature draws (0: argmax): Gumbel-max in one pass over the logits on CUDA, then a new
         # seed for the next replay; the Sampler's exponential race in torch elsewhere (same distribution).
         if logits.is_cuda:
-            sample(logits, self.temperatures[:bs], self.seed, self.next_tokens[:bs])
+            sample(logits, self.temperatures[:bs], self.seed, self.next_tokens[:bs], self.sample_workspace)
             self.seed.add_(1)
         else:
             sample_ref(logits, self.temperatures[:bs], self.next_tokens[:bs])
