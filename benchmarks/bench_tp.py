@@ -7,6 +7,7 @@ an architecture runs the same model). Engines, one after another:
                   tp1_eager  enforce_eager: agreement only (the bf16 noise baseline: same weights and
                              TP size, other kernels and reduction orders)
                   tp2        symmetric-memory all-reduce: agreement, decode steps, throughput
+                  tp2_async  the same with async scheduling (tp2_async_speedup: against tp1_async)
                   tp2_nccl   NANOVLLM_SYMM_MEM=0, NCCL all-reduce: agreement, decode steps, throughput
   qwen3-4b fp32   fp32_tp1, fp32_tp2 (NCCL): agreement only (in fp32 the near-ties of bf16 should resolve
                              the same way at both TP sizes, which shows the bf16 disagreement is rounding)
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import time
+import traceback
 
 import torch
 from bench_latency import card_name, cuda_kernels, model_dir, short, timed_steps, write_json
@@ -47,6 +49,7 @@ RUNS = {
     "tp1_async": ("qwen3-8b", dict(tensor_parallel_size=1, async_scheduling=True), "1", True, "tp1"),
     "tp1_eager": ("qwen3-8b", dict(tensor_parallel_size=1, enforce_eager=True), "1", False, "tp1"),
     "tp2": ("qwen3-8b", dict(tensor_parallel_size=2), "1", True, "tp1"),
+    "tp2_async": ("qwen3-8b", dict(tensor_parallel_size=2, async_scheduling=True), "1", True, "tp1"),
     "tp2_nccl": ("qwen3-8b", dict(tensor_parallel_size=2), "0", True, "tp1"),
     "fp32_tp1": ("qwen3-4b", dict(tensor_parallel_size=1, dtype="float32", **SMALL), "1", False, None),
     # NCCL: at 2 ranks both all-reduces round a + b once (nccl_vs_symm_mem checks it), and one
@@ -56,6 +59,7 @@ RUNS = {
 # comparison: (reference run, other run)
 COMPARISONS = {
     "tp2_vs_tp1": ("tp1", "tp2"),  # bf16, what the issue measures
+    "tp2_async_vs_tp1": ("tp1", "tp2_async"),  # async scheduling under TP changes no token
     "eager_vs_graphs": ("tp1", "tp1_eager"),  # bf16 noise of one TP size
     "nccl_vs_symm_mem": ("tp2", "tp2_nccl"),  # two ranks: a + b rounds the same either way
     "fp32_tp2_vs_tp1": ("fp32_tp1", "fp32_tp2"),
@@ -145,7 +149,7 @@ def run_engine(name: str, folders: dict[str, str], runs: dict[str, dict], before
     arch, engine_args, symm_mem, speed, reference = RUNS[name]
     os.environ["NANOVLLM_SYMM_MEM"] = symm_mem  # read at group init; the workers inherit it
     t0 = time.perf_counter()
-    # Async scheduling is tp=1 only: both sizes run the synchronous loop, so they compare like with like.
+    # The synchronous loop unless a run asks for async scheduling, so tp1 and tp2 compare like with like.
     llm = LLM(folders[arch], load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
               **{"async_scheduling": False, **engine_args})
     result = runs[name] = {"name": name, "arch": arch, **engine_args, "all_reduce": all_reduce_backend(),
@@ -200,6 +204,8 @@ def summary(runs: dict[str, dict], card: str, cards: list[str]) -> dict:
     headline = {"tp1_output_tok_per_s": ("tp1", "output_tok_per_s"),
                 "tp2_output_tok_per_s": ("tp2", "output_tok_per_s"),
                 "tp2_nccl_output_tok_per_s": ("tp2_nccl", "output_tok_per_s"),
+                "tp1_async_output_tok_per_s": ("tp1_async", "output_tok_per_s"),
+                "tp2_async_output_tok_per_s": ("tp2_async", "output_tok_per_s"),
                 "tp1_ms_per_token_bs1": ("tp1", "ms_per_token_bs1"),
                 "tp2_ms_per_token_bs1": ("tp2", "ms_per_token_bs1"),
                 "tp2_nccl_ms_per_token_bs1": ("tp2_nccl", "ms_per_token_bs1")}
@@ -209,6 +215,8 @@ def summary(runs: dict[str, dict], card: str, cards: list[str]) -> dict:
     for tp2 in ("tp2", "tp2_nccl"):
         if f"{tp2}_output_tok_per_s" in result and "tp1_output_tok_per_s" in result:
             result[f"{tp2}_speedup"] = result[f"{tp2}_output_tok_per_s"] / result["tp1_output_tok_per_s"]
+    if "tp2_async_output_tok_per_s" in result and "tp1_async_output_tok_per_s" in result:
+        result["tp2_async_speedup"] = result["tp2_async_output_tok_per_s"] / result["tp1_async_output_tok_per_s"]
     for name, row in result["comparisons"].items():
         result[f"{name}_greedy_agreement"] = row["greedy_agreement"]
     return result
@@ -237,7 +245,11 @@ def main() -> None:
         except Exception as e:  # keep going: the other runs and comparisons still tell something
             errors[name] = repr(e)[:500]
             print(f"{name}: failed: {e!r}", flush=True)
+            traceback.print_exc()
             write()
+        # After a failure the traceback's frames held the engine until here: free its memory for the next.
+        gc.collect()
+        torch.cuda.empty_cache()
     print(json.dumps(summary(runs, card, cards)["comparisons"]), flush=True)
 
 
