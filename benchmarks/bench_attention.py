@@ -3,10 +3,9 @@
 Decode: our Triton flash-decoding kernel vs torch SDPA over KV gathered from the same paged cache (what a
 torch path must do) and vs SDPA over already-contiguous KV (a dense kernel with no paging cost), with
 achieved GB/s (KV bytes read / time) beside the measured copy bandwidth. Varied context lengths (uniform in
-[100, 2048], and nano-vllm's workload as its seqs finish: batch 256, 145, 52) time the slices-per-seq kernel
-(the default before the chunked one) beside the chunked kernel's split lengths and grid sizes, in GB/s over
-the keys actually read. Prefill: TFLOP/s vs dense causal SDPA. Each timed graph replays calls over several
-distinct block tables so the KV comes from HBM, not L2.
+[100, 2048], and nano-vllm's workload as its seqs finish: batch 256, 145, 52) time the default beside more
+KV splits, in GB/s over the keys actually read. Prefill: TFLOP/s vs dense causal SDPA. Each timed graph
+replays calls over several distinct block tables so the KV comes from HBM, not L2.
 Usage: python benchmarks/bench_attention.py [out_dir [section ...]]   (writes attention-<card>.json)
 Sections: decode decode_varied decode_splits decode_tiles prefill (default: all).
 """
@@ -22,16 +21,9 @@ import triton
 from bench_latency import card_name
 from bench_throughput import workload
 
-from nanovllm.kernels.paged_attention import (
-    _decode,
-    _decode_chunks,
-    _default_decode_splits,
-    _prefill,
-    paged_attention_ref,
-)
+from nanovllm.kernels.paged_attention import _decode, _default_num_kv_splits, _prefill, paged_attention_ref
 
 H, HKV, D, BS = 16, 8, 128, 16
-DEVICE = "cuda"
 MAX_MODEL_LEN = 4096  # bench_throughput's: the decode graphs' block-table width
 L2_BYTES = 50e6
 torch.manual_seed(0)
@@ -44,10 +36,10 @@ def bench(fn, rep: int = 100) -> float:
 
 def copy_bandwidth() -> tuple[float, float]:
     """Bytes/s of a 1 GiB device copy (read + write) and of a 2 GiB read (torch.sum): the two ceilings."""
-    x = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     copy = 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-3)
-    z = torch.randn(2**30, dtype=torch.bfloat16, device=DEVICE)
+    z = torch.randn(2**30, dtype=torch.bfloat16, device="cuda")
     return copy, z.numel() * 2 / (bench(lambda: z.sum()) * 1e-3)
 
 
@@ -58,31 +50,20 @@ def decode_setup(ctx_lens: list[int], width: int):
     kv_bytes = sum(ctx_lens) * HKV * D * 2 * 2  # K and V, bf16
     copies = max(2, min(64, math.ceil(4 * L2_BYTES / kv_bytes)))
     pages = [math.ceil(c / BS) for c in ctx_lens]
-    k_cache = torch.randn(copies * sum(pages), BS, HKV, D, device=DEVICE, dtype=torch.bfloat16)
+    k_cache = torch.randn(copies * sum(pages), BS, HKV, D, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
-    perm = torch.randperm(k_cache.shape[0], device=DEVICE).int().split(pages * copies)
-    tables = torch.full((copies * batch, width), -1, dtype=torch.int32, device=DEVICE)
+    perm = torch.randperm(k_cache.shape[0], device="cuda").int().split(pages * copies)
+    tables = torch.full((copies * batch, width), -1, dtype=torch.int32, device="cuda")
     for row, ids in enumerate(perm):
         tables[row, :len(ids)] = ids
-    q = torch.randn(batch, H, D, device=DEVICE, dtype=torch.bfloat16)
-    cu = torch.arange(batch + 1, device=DEVICE, dtype=torch.int32)
-    ctx = torch.tensor(ctx_lens, device=DEVICE, dtype=torch.int32)
+    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
+    ctx = torch.tensor(ctx_lens, device="cuda", dtype=torch.int32)
     return q, k_cache, v_cache, tables.view(copies, batch, width), cu, ctx, kv_bytes
 
 
-def run_decode(q, k_cache, v_cache, table, cu, ctx, out, num_kv_splits=None, kv_split_len=None, **variant):
-    if kv_split_len:
-        _decode_chunks(q, k_cache, v_cache, table, cu, ctx, D ** -0.5, out, kv_split_len, **variant)
-    else:
-        _decode(q, k_cache, v_cache, table, cu, ctx, D ** -0.5, out, num_kv_splits, **variant)
-
-
-def with_default_splits(batch: int, width_keys: int, variant: dict) -> dict:
-    """The variant, with paged_attention's default split choice where it names none."""
-    if variant.get("num_kv_splits") or variant.get("kv_split_len"):
-        return variant
-    splits, split_len = _default_decode_splits(batch, HKV, width_keys, torch.device(DEVICE))
-    return dict(variant, num_kv_splits=splits, kv_split_len=split_len)
+def run_decode(q, k_cache, v_cache, table, cu, ctx, out, num_kv_splits: int, **tile) -> None:
+    _decode(q, k_cache, v_cache, table, cu, ctx, D ** -0.5, out, num_kv_splits, **tile)
 
 
 def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -95,7 +76,7 @@ def time_decode(batch: int, ctx: int, baselines: bool = True, **variant) -> dict
     """Every seq at ctx keys, tables exactly ctx keys wide; SDPA over gathered and dense KV beside ours."""
     q, k_cache, v_cache, tables, cu, ctx_lens, kv_bytes = decode_setup([ctx] * batch, ctx // BS)
     out = torch.empty_like(q)
-    variant = with_default_splits(batch, ctx, variant)
+    variant.setdefault("num_kv_splits", _default_num_kv_splits(batch, HKV, ctx, q.device))
     gather = lambda cache, t: cache[t].view(batch, ctx, HKV, D).transpose(1, 2)  # noqa: E731
 
     def ours():
@@ -129,6 +110,7 @@ def time_decode_varied(name: str, ctx_lens: list[int], **variant) -> dict:
     batch = len(ctx_lens)
     q, k_cache, v_cache, tables, cu, ctx, kv_bytes = decode_setup(ctx_lens, MAX_MODEL_LEN // BS)
     out = torch.empty_like(q)
+    variant.setdefault("num_kv_splits", _default_num_kv_splits(batch, HKV, MAX_MODEL_LEN, q.device))
 
     def ours():
         for table in tables:
@@ -164,12 +146,12 @@ def varied_lengths() -> dict[str, list[int]]:
 
 
 def time_prefill(batch: int, q_len: int, ctx: int, **variant) -> dict:
-    q = torch.randn(batch * q_len, H, D, device=DEVICE, dtype=torch.bfloat16)
-    k_cache = torch.randn(batch * ctx // BS, BS, HKV, D, device=DEVICE, dtype=torch.bfloat16)
+    q = torch.randn(batch * q_len, H, D, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(batch * ctx // BS, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(k_cache.shape[0], device=DEVICE).view(batch, ctx // BS).int()
-    cu = torch.arange(0, batch * q_len + 1, q_len, device=DEVICE, dtype=torch.int32)
-    ctx_lens = torch.full((batch,), ctx, device=DEVICE, dtype=torch.int32)
+    tables = torch.randperm(k_cache.shape[0], device="cuda").view(batch, ctx // BS).int()
+    cu = torch.arange(0, batch * q_len + 1, q_len, device="cuda", dtype=torch.int32)
+    ctx_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
     ours_ms = bench(lambda: _prefill(q, k_cache, v_cache, tables, cu, ctx_lens, D ** -0.5, out, **variant))
     # Causal pairs: each query sees its prefix of cached keys plus the chunk's keys up to itself.
@@ -179,39 +161,25 @@ def time_prefill(batch: int, q_len: int, ctx: int, **variant) -> dict:
                ours_tflops=flops / ours_ms / 1e9)
     if q_len == ctx and not variant:  # dense causal SDPA as the yardstick for fresh prompts
         qd = q.view(batch, q_len, H, D).transpose(1, 2)
-        kd = torch.randn(batch, H, ctx, D, device=DEVICE, dtype=torch.bfloat16)  # KV heads pre-expanded
+        kd = torch.randn(batch, H, ctx, D, device="cuda", dtype=torch.bfloat16)  # KV heads pre-expanded
         sdpa_ms = bench(lambda: F.scaled_dot_product_attention(qd, kd, kd, is_causal=True))
         row.update(sdpa_dense_us=sdpa_ms * 1e3, sdpa_tflops=flops / sdpa_ms / 1e9)
     return row
 
 
 def decode_row(r: dict, read_bw: float) -> dict:
-    split = f"L{r['kv_split_len']}x{r.get('programs_per_sm', 2)}" if r.get("kv_split_len") else r["num_kv_splits"]
-    print(f"{r.get('dist', ''):>18} {r['batch']:>4} {r['ctx']:>5} {split:>6} {r.get('block_n') or 64:>4} "
+    print(f"{r.get('dist', ''):>18} {r['batch']:>4} {r['ctx']:>5} {r['num_kv_splits']:>6} {r.get('block_n') or 64:>4} "
           f"{r.get('num_warps', 4):>2} {r.get('num_stages', 3):>2} {r['ours_us']:>8.1f} "
           f"{r.get('sdpa_gathered_us', 0):>9.1f} {r.get('sdpa_dense_us', 0):>7.1f} {r['ours_gbps']:>6.0f} "
           f"{100 * r['ours_gbps'] * 1e9 / read_bw:>5.0f}%", flush=True)
     return r
 
 
-# Chunked-kernel variants timed on every varied distribution: (kv_split_len, programs_per_sm); tile variants
-# on two of them.
-CHUNK_VARIANTS = [(128, 2), (256, 2), (512, 2), (256, 4), (256, 1)]
-# 8 warps hold 184 registers x 256 threads: one program per SM.
-TILE_VARIANTS = [dict(block_n=32), dict(block_n=128), dict(num_warps=8, programs_per_sm=1), dict(num_stages=2)]
-
-
 def decode_varied(read_bw: float) -> list[dict]:
-    rows = []
-    for name, ctx_lens in varied_lengths().items():
-        rows.append(decode_row(time_decode_varied(name, ctx_lens, num_kv_splits=1), read_bw))  # before
-        for split_len, per_sm in CHUNK_VARIANTS:
-            rows.append(decode_row(time_decode_varied(name, ctx_lens, kv_split_len=split_len,
-                                                      programs_per_sm=per_sm), read_bw))
-        if name == "uniform-52" or name.startswith("workload-145"):
-            for tile in TILE_VARIANTS:
-                rows.append(decode_row(time_decode_varied(name, ctx_lens, kv_split_len=256, **tile), read_bw))
-    return rows
+    # The default (one split from batch ~50 up) and more splits: shorter programs, a shorter tail.
+    return [decode_row(time_decode_varied(name, ctx_lens, **splits), read_bw)
+            for name, ctx_lens in varied_lengths().items()
+            for splits in ({}, dict(num_kv_splits=2), dict(num_kv_splits=3), dict(num_kv_splits=4))]
 
 
 def main() -> None:
@@ -232,10 +200,7 @@ def main() -> None:
 
 
 def decode_default(read_bw: float) -> list[dict]:
-    rows = [decode_row(time_decode(b, c), read_bw) for b in (1, 8, 64, 256) for c in (1024, 4096)]
-    # The slices-per-seq kernel where the default is chunked now: the uniform rows' before.
-    return rows + [decode_row(time_decode(b, c, False, num_kv_splits=1), read_bw)
-                   for b in (64, 256) for c in (1024, 4096)]
+    return [decode_row(time_decode(b, c), read_bw) for b in (1, 8, 64, 256) for c in (1024, 4096)]
 
 
 def decode_splits(read_bw: float) -> list[dict]:

@@ -88,39 +88,20 @@ def test_decode_unsplit(dtype):
     check_attention([1, 1, 1], [1, 17, 50], 4, 2, 64, 16, dtype, num_kv_splits=1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [HEADS[0], HEADS[2]])
-def test_decode_chunks(num_heads, num_kv_heads, head_dim, block_size, dtype):
-    # Chunks of 32 keys over unequal seqs: context 0 (a padded row), exactly one chunk (written straight to
-    # out), one key into a second chunk, a partial last chunk, and a short seq; the persistent grid's few
-    # programs each walk several of these (seq, chunk, KV head) items.
-    check_attention([1] * 6, [0, 32, 33, 100, 5, 64], num_heads, num_kv_heads, head_dim, block_size, dtype,
-                    kv_split_len=32)
-
-
-def test_decode_chunks_more_than_one_reduce_block():
-    # 38 chunks of 16 keys: the reduce merges them in two blocks of 32.
-    check_attention([1, 1], [600, 17], 2, 1, 64, 16, torch.float32, kv_split_len=16)
-
-
-def test_default_decode_splits(monkeypatch):
-    """Equal slices per seq while the batch can't fill the GPU; fixed-length chunks once it can."""
-    from nanovllm.kernels import paged_attention as attn_mod
-    monkeypatch.setattr(attn_mod, "_num_sms", lambda device: 132)
-    splits = lambda batch, max_kv_len: attn_mod._default_decode_splits(batch, 8, max_kv_len, None)  # noqa: E731
-    assert splits(1, 4096) == (32, None) and splits(8, 4096) == (7, None)
-    assert splits(64, 4096) == (None, attn_mod.KV_SPLIT_LEN) and splits(256, 1024) == (None, attn_mod.KV_SPLIT_LEN)
-    assert splits(256, attn_mod.KV_SPLIT_LEN) == (1, None)  # one chunk would be one slice
+@pytest.mark.parametrize("num_kv_splits", [1, 3, 8])
+def test_decode_varied_lengths(num_kv_splits):
+    # Unequal seqs in one batch with context-0 rows (graph padding) between them; 8 splits leave most of the
+    # 1-key seq's splits empty. fp32, so a key read from the wrong page or slice shows.
+    check_attention([1] * 6, [100, 0, 1, 64, 0, 37], 4, 2, 64, 16, torch.float32, num_kv_splits=num_kv_splits)
 
 
 def test_decode_padded_seq_gives_zeros():
     # CUDA-graph padding may run seqs with context 0: their rows must be finite (zeros), not NaN.
     q, k_cache, v_cache, tables, cu, ctx = paged_batch([1, 1], [5, 5], 4, 2, 64, 16, torch.float32)
     ctx[1] = 0
-    # kv_split_len 4: seq 0 is 2 chunks (reduced), seq 1 none; 16: one chunk at most, so no reduce at all.
-    for splits in ({"num_kv_splits": 1}, {"num_kv_splits": 2}, {"kv_split_len": 4}, {"kv_split_len": 16}):
+    for splits in (1, 2):
         out = paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125, out=torch.full_like(q, float("nan")),
-                              **splits)
+                              num_kv_splits=splits)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         ref = paged_attention_ref(q[:1], k_cache, v_cache, tables[:1], cu[:2], ctx[:1], 1, 0.125)
         torch.testing.assert_close(out[:1], ref)
@@ -248,13 +229,11 @@ def test_mixed_prefill_gpu(block_size):
 
 
 @gpu_only
-@pytest.mark.parametrize("splits", [{}, {"kv_split_len": 256}])
-def test_decode_cuda_graph_replay(splits):
+def test_decode_cuda_graph_replay():
     # Captured once, replayed after the lengths change in place: no host sync, no stale shapes.
     q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * 8, [4096] * 8, 16, 8, 128, 16, torch.bfloat16)
     out = torch.empty_like(q)
-    run = lambda: paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 128 ** -0.5, out=out,  # noqa: E731
-                                  **splits)
+    run = lambda: paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 128 ** -0.5, out=out)  # noqa: E731
     run()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -364,8 +343,7 @@ def test_decode_kernels_launch_with_pdl_as_the_switch_says(monkeypatch, enabled)
     from nanovllm.kernels import rope_kv_store as rope_mod
     from nanovllm.kernels import silu_and_mul as silu_mod
     kernels = {(norm_mod, "_rmsnorm_kernel"), (rope_mod, "_rope_kv_store_kernel"), (silu_mod, "_silu_and_mul_kernel"),
-               (attn_mod, "_decode_kernel"), (attn_mod, "_decode_reduce_kernel"),
-               (attn_mod, "_decode_chunks_kernel")}
+               (attn_mod, "_decode_kernel"), (attn_mod, "_decode_reduce_kernel")}
     recorders = {}
     for mod, name in kernels:
         recorders[name] = _LaunchRecorder()
@@ -379,7 +357,6 @@ def test_decode_kernels_launch_with_pdl_as_the_switch_says(monkeypatch, enabled)
     rope_and_store_kv(q, k, v, positions, cos_sin, *caches, slots, *norms)
     q, k_cache, v_cache, tables, cu, ctx = paged_batch([1, 1], [100, 7], 4, 2, 64, 16, torch.float32)
     paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125, num_kv_splits=2)
-    paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125, kv_split_len=16)
     for name, recorder in recorders.items():
         assert recorder.launches, name
         assert all(kw["PDL"] is enabled and kw["launch_pdl"] is enabled for kw in recorder.launches), name

@@ -22,8 +22,6 @@ except ImportError:  # CPU installs without Triton use paged_attention_ref
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634
-KV_SPLIT_LEN = 256  # keys per work item of the chunked decode kernel
-PROGRAMS_PER_SM = 2  # its persistent grid: the decode kernels' 255 registers x 128 threads fit 2 per SM
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -53,13 +51,11 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                     max_q_len: int, scale: float, out: torch.Tensor | None = None,
-                    num_kv_splits: int | None = None, kv_split_len: int | None = None) -> torch.Tensor:
+                    num_kv_splits: int | None = None) -> torch.Tensor:
     """Returns out (T, H, D) in q's dtype. No host sync: safe inside a CUDA graph when the shapes are fixed.
 
-    max_q_len == 1 takes a decode kernel: with num_kv_splits, each seq's keys are cut into that many equal
-    slices (a compile-time constant); with kv_split_len, into chunks of that many keys, which a persistent
-    grid shares out evenly however unequal the seqs' lengths. Both default from the shapes alone
-    (_default_decode_splits). Any other batch takes the varlen kernel.
+    max_q_len == 1 takes the decode kernel, whose KV-split count (num_kv_splits, default from the shapes
+    alone) is a compile-time constant; any other batch takes the varlen kernel.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -68,13 +64,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if num_tokens == 0:
         return out
     if max_q_len == 1:
-        if num_kv_splits is None and kv_split_len is None:
-            num_kv_splits, kv_split_len = _default_decode_splits(
-                context_lens.shape[0], num_kv_heads, block_tables.shape[1] * k_cache.shape[1], q.device)
-        if kv_split_len:
-            _decode_chunks(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, kv_split_len)
-        else:
-            _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_kv_splits)
+        if num_kv_splits is None:
+            num_kv_splits = _default_num_kv_splits(context_lens.shape[0], num_kv_heads,
+                                                   block_tables.shape[1] * k_cache.shape[1], q.device)
+        _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_kv_splits)
     else:
         _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out)
     return out
@@ -98,17 +91,6 @@ def _default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, devic
     return max(1, min(wanted, max_kv_len // 64, 32))
 
 
-def _default_decode_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device
-                           ) -> tuple[int | None, int | None]:
-    """(num_kv_splits, kv_split_len), one of them None. Equal slices while the batch alone can't fill the GPU;
-    fixed-length chunks once it can, where one program per (seq, KV head) would leave the GPU waiting on
-    the longest seqs and on a partial last wave (benchmarks/NOTES-kernels.md, varied context lengths)."""
-    num_splits = _default_num_kv_splits(batch, num_kv_heads, max_kv_len, device)
-    if num_splits > 1 or max_kv_len <= KV_SPLIT_LEN:
-        return num_splits, None
-    return None, KV_SPLIT_LEN
-
-
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits,
             block_n=None, num_warps=4, num_stages=3):
     batch, (_, num_heads, head_dim) = context_lens.shape[0], q.shape
@@ -130,42 +112,12 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     if num_splits > 1:
-        _merge_splits(partial, lse, out, cu_seqlens_q, context_lens, 0, pdl)
-
-
-def _decode_chunks(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, split_len,
-                   programs_per_sm=PROGRAMS_PER_SM, block_n=None, num_warps=4, num_stages=3):
-    batch, (_, num_heads, head_dim) = context_lens.shape[0], q.shape
-    num_kv_heads, group = k_cache.shape[2], num_heads // k_cache.shape[2]
-    # A seq of one chunk (or context 0) writes out itself; longer ones leave fp32 partials and log-sum-exps.
-    max_chunks = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], split_len)
-    partial = torch.empty(batch, num_heads, max_chunks, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, num_heads, max_chunks, dtype=torch.float32, device=q.device)
-    num_programs = min(programs_per_sm * _num_sms(q.device), batch * num_kv_heads * max_chunks)
-    pdl = pdl_enabled(q.device)
-    _decode_chunks_kernel[(num_programs,)](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, partial, lse, scale * LOG2E,
-        batch, num_programs, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), out.stride(0), out.stride(1), *partial.stride()[:3], lse.stride(0), lse.stride(1),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
-        SPLIT_LEN=split_len, BLOCK_B=triton.next_power_of_2(batch), BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n or (64 if q.is_cuda else 16),
-        UPCAST=not q.is_cuda, PRECISION=_dot_precision(q), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-        launch_pdl=pdl,
-    )
-    if max_chunks > 1:
-        _merge_splits(partial, lse, out, cu_seqlens_q, context_lens, split_len, pdl)
-
-
-def _merge_splits(partial, lse, out, cu_seqlens_q, context_lens, split_len, pdl):
-    batch, num_heads, num_splits, head_dim = partial.shape
-    _decode_reduce_kernel[(batch, num_heads)](
-        partial, lse, out, cu_seqlens_q, context_lens, partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLIT_LEN=split_len,
-        BLOCK_S=min(32, triton.next_power_of_2(num_splits)), BLOCK_D=triton.next_power_of_2(head_dim),
-        PDL=pdl, launch_pdl=pdl,
-    )
+        _decode_reduce_kernel[(batch, num_heads)](
+            partial, lse, out, cu_seqlens_q, partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl,
+        )
 
 
 def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out,
@@ -215,33 +167,6 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr
 
 
 @_jit
-def _attend_keys(q_ptr, k_cache_ptr, v_cache_ptr, table_row_ptr, token, kv_head, start, end, qk_scale,
-                 stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Query `token`'s GROUP heads of kv_head against the keys at positions [start, end): the normalized
-    output (BLOCK_G, BLOCK_D) and the log2-sum-exp (BLOCK_G,); an empty range gives zeros and -inf."""
-    offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + offs_g
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_g < GROUP)[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
-    if UPCAST:
-        q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        pos_mask = pos < end
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
-                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
-        m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    return acc / l_safe[:, None], m_i + tl.log2(l_safe)  # lse in log2 units
-
-
-@_jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
                    dst_ptr, lse_ptr, qk_scale, stride_qt, stride_qh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -257,15 +182,29 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     ctx_len = tl.load(context_lens_ptr + seq)
     split_len = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
+    end = tl.minimum(start + split_len, ctx_len)
+
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
     g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
     wait_previous(PDL)  # q and the KV cache come from the RoPE + store kernel
-    # An empty split (or a padded seq with context 0) writes zeros and lse = -inf.
-    acc, lse = _attend_keys(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, token, kv_head,
-                            start, tl.minimum(start + split_len, ctx_len), qk_scale, stride_qt, stride_qh,
-                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP, HEAD_DIM,
-                            PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table_row_ptr = block_tables_ptr + seq * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pos_mask = pos < end
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
+                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
+        m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
+
+    # An empty split (or a padded seq with context 0) leaves l_i = 0: write zeros and lse = -inf.
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if NUM_SPLITS == 1:  # straight into out (T, H, D)
         row = token
     else:  # into the partials (B, H, NUM_SPLITS, D)
@@ -273,95 +212,29 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     dst = dst_ptr + row * stride_dt + heads[:, None] * stride_dh + split * stride_ds + offs_d[None, :]
     tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     if NUM_SPLITS > 1:
+        lse = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))  # log2 units; -inf for an empty split
         tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
 
 
 @_jit
-def _decode_chunks_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
-                          out_ptr, partial_ptr, lse_ptr, qk_scale, num_seqs, num_programs, stride_qt, stride_qh,
-                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                          stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          PAGE_SIZE: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_B: tl.constexpr,
-                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Persistent grid (P,). The work items are (seq, chunk of SPLIT_LEN keys, KV head), numbered seq by seq
-    from the lengths alone; program p takes items p, p + P, p + 2P, ..., so every program gets the same
-    number of keys to within one chunk however unequal the seqs are, and no program waits on an empty
-    slice. A seq of one chunk (or none: context 0, which gets zeros) writes out itself; a longer one leaves a
-    partial output and log-sum-exp per chunk (B, H, chunks, D) for the reduce kernel."""
-    launch_dependents(PDL)
-    offs_b = tl.arange(0, BLOCK_B)
-    b_mask = offs_b < num_seqs
-    ctx_lens = tl.load(context_lens_ptr + offs_b, mask=b_mask, other=0)  # a step input
-    # Context 0 counts as one (empty) chunk, so that its row gets zeros from here too.
-    chunks = tl.where(b_mask, tl.maximum(tl.cdiv(ctx_lens, SPLIT_LEN), 1), 0)  # (BLOCK_B,)
-    chunk_ends = tl.cumsum(chunks, 0)  # one past each seq's last chunk, in the batch's numbering
-    num_items = tl.sum(chunks, 0) * NUM_KV_HEADS
-    offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-    g_mask = offs_g < GROUP
-    mask = g_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    wait_previous(PDL)  # in every program, even one without items: the wait keeps completion transitive
-    for item in range(tl.program_id(0), num_items, num_programs):
-        pair, kv_head = item // NUM_KV_HEADS, item % NUM_KV_HEADS
-        seq = tl.sum((chunk_ends <= pair).to(tl.int32), 0)
-        chunk = pair - tl.sum(tl.where(offs_b < seq, chunks, 0), 0)
-        ctx_len = tl.sum(tl.where(offs_b == seq, ctx_lens, 0), 0)
-        token = tl.load(cu_seqlens_q_ptr + seq)
-        start = chunk * SPLIT_LEN
-        acc, lse = _attend_keys(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, token,
-                                kv_head, start, tl.minimum(start + SPLIT_LEN, ctx_len), qk_scale, stride_qt,
-                                stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, GROUP,
-                                HEAD_DIM, PAGE_SIZE, BLOCK_G, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
-        heads = kv_head * GROUP + offs_g
-        if ctx_len <= SPLIT_LEN:  # the seq's only chunk: straight into out (T, H, D)
-            tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(partial_ptr + seq * stride_pb + heads[:, None] * stride_ph + chunk * stride_ps
-                     + offs_d[None, :], acc, mask=mask)
-            tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + chunk, lse, mask=g_mask)
-
-
-@_jit
-def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, stride_pb, stride_ph,
-                          stride_ps, stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Grid (B, H): merges a seq's splits, weighting each by its share of the softmax mass. The splits are
-    NUM_SPLITS equal slices or, with SPLIT_LEN > 0, the seq's cdiv(context_len, SPLIT_LEN) chunks; a seq of
-    one chunk or none was written by the decode kernel."""
+def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, stride_pb, stride_ph, stride_ps,
+                          stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PDL: tl.constexpr):
+    """Grid (B, H): merges the splits' partial outputs, weighting each by its share of the softmax mass."""
     launch_dependents(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    token = tl.load(cu_seqlens_q_ptr + seq)  # step inputs
-    if SPLIT_LEN > 0:
-        num_splits = tl.cdiv(tl.load(context_lens_ptr + seq), SPLIT_LEN)
-    else:
-        num_splits = NUM_SPLITS
+    s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < HEAD_DIM
+    token = tl.load(cu_seqlens_q_ptr + seq)  # a step input
     wait_previous(PDL)
-    if SPLIT_LEN > 0:
-        if num_splits <= 1:
-            return
-    lse_row = lse_ptr + seq * stride_lb + head * stride_lh
-    partial_row = partial_ptr + seq * stride_pb + head * stride_ph
-    lse_max = tl.max(tl.load(lse_row + offs_s, mask=offs_s < num_splits, other=float("-inf")), 0)
-    for s0 in range(BLOCK_S, num_splits, BLOCK_S):  # more splits than one block holds (long chunked seqs)
-        lse = tl.load(lse_row + s0 + offs_s, mask=s0 + offs_s < num_splits, other=float("-inf"))
-        lse_max = tl.maximum(lse_max, tl.max(lse, 0))
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    total = tl.zeros([BLOCK_S], tl.float32)
-    result = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s_mask = s0 + offs_s < num_splits
-        weight = tl.exp2(tl.load(lse_row + s0 + offs_s, mask=s_mask, other=float("-inf")) - lse_max)  # 0 if empty
-        partial = tl.load(partial_row + (s0 + offs_s)[:, None] * stride_ps + offs_d[None, :],
-                          mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
-        total += weight
-        result += partial * weight[:, None]
-    total_sum = tl.sum(total, 0)
-    result = tl.sum(result, 0) / tl.where(total_sum == 0.0, 1.0, total_sum)
+    lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # (BLOCK_S,), 0 for empty splits
+    partial = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
+                      + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (S, BLOCK_D)
+    total = tl.sum(weight, 0)
+    result = tl.sum(partial * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty),
              mask=d_mask)
 
