@@ -46,9 +46,9 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 # Lanes: A (tensor parallelism on two GPUs, then single-GPU throughput), B (tests, latency), C (gpu_pdl.sh:
 # PDL, the fold and the fused kernel's table). With 4 GPUs they run side by side (A on 0,1, B on 2, C on 3);
-# with 2, B and C share GPU 1 after A's TP step, one after the other.
+# with 2, B and C share GPU 1 after A's TP step, one after the other (or GPU_B=0 GPU_C=1 without lane A).
 NUM_GPUS=$(nvidia-smi -L | wc -l)
-if ((NUM_GPUS >= 4)); then GPU_B=2 GPU_C=3; else GPU_B=1 GPU_C=1; fi
+if ((NUM_GPUS >= 4)); then GPU_B=${GPU_B:-2} GPU_C=${GPU_C:-3}; else GPU_B=${GPU_B:-1} GPU_C=${GPU_C:-1}; fi
 tp() {
     want tp && CUDA_VISIBLE_DEVICES=0,1 step tp "${TP_S:-180}" python3 benchmarks/bench_tp.py --out-dir "$OUT" \
         --runs ${TP_RUNS:-tp1 tp2 fp32_tp1 fp32_tp2}
@@ -76,7 +76,7 @@ if ((NUM_GPUS >= 4)); then
     (tp; lane_a) & (lane_b) & (lane_c) &
 else
     tp  # first, alone on both GPUs
-    (lane_a) & (lane_b; lane_c) &
+    if ((GPU_B == GPU_C)); then (lane_a) & (lane_b; lane_c) & else (lane_a) & (lane_b) & (lane_c) & fi
 fi
 wait
 cp "$LOGS/steps.txt" "$OUT/steps.txt"
