@@ -120,8 +120,11 @@ def test_tp2_with_dummy_weights_and_the_fused_output_matches_tp1(qwen3):
     assert_same_greedy(outputs, expected)
 
 
-def test_killed_worker_raises_a_clear_error(qwen3):
-    llm = LLM(qwen3, tensor_parallel_size=2)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_killed_worker_raises_a_clear_error(qwen3, async_scheduling):
+    """Also with async scheduling, where the death may surface while rank 0 launches the next step or
+    while it waits for the one in flight."""
+    llm = LLM(qwen3, tensor_parallel_size=2, async_scheduling=async_scheduling)
     pid = worker_pids(llm)[0]
     with pytest.raises(ValueError, match="already running"):  # one group per process
         LLM(qwen3, tensor_parallel_size=2)

@@ -15,8 +15,12 @@ _HEADER_LEN = 4
 
 
 def _send_header(command: int, *sizes: int, device: torch.device) -> None:
-    header = [command, *sizes] + [0] * (_HEADER_LEN - 1 - len(sizes))
-    dist.broadcast(torch.tensor(header, dtype=torch.int64, device=device), src=0)
+    header = torch.tensor([command, *sizes] + [0] * (_HEADER_LEN - 1 - len(sizes)), dtype=torch.int64,
+                          pin_memory=device.type == "cuda")
+    # Not a blocking copy: that would wait for every kernel queued before it, among them the step an
+    # async-scheduled engine has in flight. The pinned block is reused only after the copy (torch's host
+    # allocator records it on the stream).
+    dist.broadcast(header.to(device, non_blocking=True), src=0)
 
 
 def recv_header(device: torch.device) -> list[int]:

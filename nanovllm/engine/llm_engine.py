@@ -90,7 +90,7 @@ class LLMEngine:
         self._token_text: dict[int, str] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
+        self.async_scheduling = config.async_scheduling
         self._inflight: _Inflight | None = None  # async scheduling: the step launched and not read back
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """Runs the model on a scheduled batch: owns the weights, the paged KV cache, the CUDA graphs and the sampler."""
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,14 @@ class PendingStep:
 
     `token_ids` (B,) stay on the device for the next step's input ids: valid until that step has launched
     (a graph step's ids live in a buffer the next replay overwrites). result() waits for the copy to pinned
-    memory, not for the steps launched since, and builds the StepOutput."""
+    memory, not for the steps launched since, and builds the StepOutput; under TP it waits inside the
+    worker group's guard, so a worker that died meanwhile is a clear error there too."""
 
-    def __init__(self, seqs: list[Sequence], sampled: SamplerOutput):
+    def __init__(self, seqs: list[Sequence], sampled: SamplerOutput, guard: Callable | None = None):
         self.seqs = seqs
         self.token_ids = sampled.token_ids
         self.rows = {seq.seq_id: i for i, seq in enumerate(seqs)}  # seq_id -> row of token_ids
+        self.guard = guard
         # Copies now: a graph step's ids are overwritten by the next replay. On CUDA, to pinned memory without
         # a sync (.tolist() later would wait for the whole stream, the steps launched since included).
         self.event = torch.cuda.Event() if sampled.token_ids.is_cuda else None
@@ -58,6 +61,9 @@ class PendingStep:
             self.event.record()
 
     def result(self) -> StepOutput:
+        return self._result() if self.guard is None else self.guard(self._result)
+
+    def _result(self) -> StepOutput:
         if self.event is not None:
             self.event.synchronize()
         out = StepOutput({}, {}, {})
@@ -120,7 +126,7 @@ class ModelRunner:
         if use_fused is None:
             use_fused = self.device.type == "cuda"
         if config.async_scheduling is None:  # the engine reads it back once this runner exists
-            config.async_scheduling = self.device.type == "cuda" and config.tensor_parallel_size == 1
+            config.async_scheduling = self.device.type == "cuda"
         try:
             self.model, self.model_config = load_model(model_path, self.dtype, self.device, use_fused,
                                                        config.load_format)
@@ -276,23 +282,33 @@ class ModelRunner:
         return out
 
     # ---- async scheduling: a step launched now, read back later ------------------------------------
-    @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: PendingStep | None = None) -> PendingStep:
         """Starts a step of decodes (every seq sampled; no prompt logprobs) and returns before its ids are
         back. With prev, the step still in flight, each seq's input id is its sampled id there: gathered on
-        the device, as the host holds only a placeholder."""
+        the device, as the host holds only a placeholder. Under TP the workers get the step's commands now
+        and follow on their own streams; nothing here waits for a GPU."""
+        if self.workers is not None:
+            return self.workers.guard(self._launch, batch, prev)
+        return self._launch(batch, prev)
+
+    @torch.inference_mode()
+    def _launch(self, batch: ScheduledBatch, prev: PendingStep | None) -> PendingStep:
         src_rows = None if prev is None else [prev.rows[seq.seq_id] for seq in batch.seqs]
         prev_ids = None if prev is None else prev.token_ids
+        guard = None if self.workers is None else self.workers.guard
         if self._graph_ready(batch):
-            return PendingStep(batch.seqs, self._replay(batch.seqs, prev_ids, src_rows))
+            return PendingStep(batch.seqs, self._replay(batch.seqs, prev_ids, src_rows), guard)
         input_ids, positions, sample_rows, _ = self._prepare(batch)
         assert len(sample_rows) == len(batch.seqs), "only steps that sample every seq launch ahead"
         if prev_ids is not None:
             rows = torch.tensor(src_rows, dtype=torch.int64).to(self.device, non_blocking=True)
             input_ids = prev_ids[rows]  # (B,)
+        if self.workers is not None:  # the gathered ids: broadcast after the gather, on the same stream
+            send_forward(input_ids, positions, get_context())
         hidden = self.model(input_ids, positions)  # (B, hidden): one row per seq
         reset_context()
-        return PendingStep(batch.seqs, self._sample_on_device(batch.seqs, self.compute_logits(hidden)))
+        sampled = self._sample_on_device(batch.seqs, self.compute_logits(hidden))
+        return PendingStep(batch.seqs, sampled, guard)
 
     def _replay(self, seqs: list[Sequence], prev_ids: torch.Tensor | None = None,
                 src_rows: list[int] | None = None) -> SamplerOutput:
