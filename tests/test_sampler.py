@@ -266,10 +266,29 @@ def test_sample_kernel_draws_do_not_depend_on_the_chunking(monkeypatch):
     for chunk in (4096, 1024, 512):
         monkeypatch.setattr(kernel, "CHUNK", chunk)
         workspace = kernel.sample_workspace(rows, vocab, "cpu")
-        assert workspace[0].shape == (rows, -(-vocab // chunk))
+        assert workspace.shape == (rows, 2, -(-vocab // chunk))
         draws[chunk] = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64), workspace)
     assert draws[4096][0] == 300
     assert torch.equal(draws[4096], draws[1024]) and torch.equal(draws[4096], draws[512])
     other = kernel.sample(logits, temps, seed + 1, torch.empty(rows, dtype=torch.int64))
     assert other[0] == 300 and not torch.equal(other[1:], draws[512][1:])  # a new seed, new draws
 
+
+
+def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
+    """Tensor parallelism: each rank's first pass over its slice (the last one short), then the second pass
+    over the ranks' gathered pairs, draws exactly what one pass over the whole row draws."""
+    from nanovllm.kernels import sample as kernel
+    monkeypatch.setattr(kernel, "CHUNK", 512)
+    rows, vocab, tp = 4, 2501, 2
+    width = -(-vocab // tp)  # 1251: rank 1 holds 1250 tokens and a padding column
+    logits = random_logits(rows, vocab, seed=3)
+    logits[0, [100, 1300]] = 50.0  # a greedy tie across ranks: rank 0's index wins
+    temps, seed = torch.tensor([0.0, 0.5, 1.0, 3.0]), torch.tensor([77], dtype=torch.int64)
+    workspaces = torch.stack([kernel.sample_workspace(rows, width, "cpu") for _ in range(tp)])  # (tp, B, 2, C)
+    for rank in range(tp):
+        part = logits[:, rank * width:(rank + 1) * width]
+        kernel.chunk_bests(part, temps, seed, workspaces[rank], rank * width, vocab)
+    sharded = kernel.pick_bests(workspaces, torch.empty(rows, dtype=torch.int64))
+    whole = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64))
+    assert sharded[0] == 100 and torch.equal(sharded, whole)

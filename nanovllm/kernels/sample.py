@@ -14,6 +14,10 @@ as in torch.argmax. Random numbers come from Philox (tl.rand) keyed by a seed in
 (row, vocabulary index), so a draw does not depend on the chunking, and a CUDA graph that replays the
 kernels and then bumps the seed draws fresh numbers every replay. The reference uses torch's generator
 instead, so the two agree in distribution, not in draws.
+
+Under tensor parallelism each rank runs the first pass on its slice of the logits (indices and random
+numbers of the full vocabulary) and the ranks all-gather only the per-chunk pairs (engine/cuda_graph.py):
+the second pass over all of them picks what the unsplit row would have.
 """
 from __future__ import annotations
 
@@ -39,37 +43,52 @@ def sample_ref(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tens
     return torch.where(temps[:, 0] > 0, probs.div_(q).argmax(dim=-1), logits.argmax(dim=-1), out=out)
 
 
-def sample_workspace(max_rows: int, vocab: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-chunk bests of sample(): scores (max_rows, chunks) float32 and indices (max_rows, chunks)
-    int32. Made once by a caller that replays sample() in a CUDA graph."""
-    chunks = -(-vocab // CHUNK)
-    return (torch.empty(max_rows, chunks, dtype=torch.float32, device=device),
-            torch.empty(max_rows, chunks, dtype=torch.int32, device=device))
+def sample_workspace(max_rows: int, vocab: int, device: torch.device | str) -> torch.Tensor:
+    """The per-chunk bests of sample(): (max_rows, 2, chunks) float32, row r's scores in [r, 0] and their
+    vocabulary indices (int32 bits) in [r, 1], so a tensor-parallel rank ships both in one all-gather.
+    Made once by a caller that replays sample() in a CUDA graph."""
+    return torch.empty(max_rows, 2, -(-vocab // CHUNK), dtype=torch.float32, device=device)
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, out: torch.Tensor,
-           workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           workspace: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) with unit stride on V, temperatures (B,) float32, seed (1,) int64 on the device (the
     caller advances it between draws), out (B,) int64, workspace from sample_workspace(>= B, V). No host
     sync; no allocation when the workspace is given: CUDA-graph safe."""
+    if workspace is None:
+        workspace = sample_workspace(logits.shape[0], logits.shape[1], logits.device)
+    chunk_bests(logits, temperatures, seed, workspace)
+    return pick_bests(workspace[None, :logits.shape[0]], out)
+
+
+def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, workspace: torch.Tensor,
+                vocab_offset: int = 0, full_vocab: int | None = None) -> None:
+    """The first pass: each chunk's best score and its index into workspace. Under TP logits are a rank's
+    slice of the vocabulary, starting at vocab_offset of full_vocab tokens: indices and random numbers are
+    those of the full vocabulary, so the ranks' bests together are the unsplit row's. Chunks past the
+    logits (a last rank's padding) hold -inf."""
     batch, vocab = logits.shape
-    assert logits.stride(-1) == 1 and out.dtype == torch.int64
-    if not batch:
-        return out
-    scores, ids = workspace if workspace is not None else sample_workspace(batch, vocab, logits.device)
-    chunks = -(-vocab // CHUNK)
-    assert scores.shape[1] == ids.shape[1] == chunks and scores.shape[0] >= batch
-    chunk = min(CHUNK, triton.next_power_of_2(vocab))  # a small vocabulary: one chunk, no empty tiles
-    _chunk_best_kernel[(batch, chunks)](logits, logits.stride(0), temperatures, seed, scores, ids,
-                                        scores.stride(0), vocab, CHUNK=chunk, BLOCK=min(_BLOCK, chunk))
-    _row_best_kernel[(batch,)](scores, ids, scores.stride(0), out, chunks,
-                               BLOCK=triton.next_power_of_2(chunks))
+    assert logits.stride(-1) == 1 and workspace.shape[2] >= -(-vocab // CHUNK) and workspace.shape[0] >= batch
+    if batch:
+        chunk = min(CHUNK, triton.next_power_of_2(vocab))  # a small vocabulary: one chunk, no empty tiles
+        _chunk_best_kernel[(batch, workspace.shape[2])](
+            logits, logits.stride(0), temperatures, seed, workspace, workspace.stride(0), workspace.stride(1),
+            vocab, vocab_offset, full_vocab or vocab, CHUNK=chunk, BLOCK=min(_BLOCK, chunk))
+
+
+def pick_bests(workspaces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The second pass: workspaces (R, B, 2, chunks), R ranks' first passes over consecutive slices of the
+    vocabulary (R = 1 without TP) -> out (B,) int64, each row's best index, the lowest of equal scores."""
+    ranks, batch, _, chunks = workspaces.shape
+    if batch:
+        _row_best_kernel[(batch,)](workspaces, workspaces.stride(0), workspaces.stride(1), workspaces.stride(2),
+                                   out, chunks, ranks * chunks, BLOCK=triton.next_power_of_2(ranks * chunks))
     return out
 
 
 @_jit
-def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, scores_ptr, ids_ptr, stride_ws, vocab,
-                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_ws, stride_kind, vocab,
+                       vocab_offset, full_vocab, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (B, chunks): the best score and its index in row's vocabulary [chunk * CHUNK, + CHUNK)."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     temp = tl.load(temps_ptr + row)
@@ -83,7 +102,8 @@ def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, scores_ptr, ids_
         mask = offs < vocab
         x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
         if temp > 0:  # greedy rows skip the random numbers
-            u = tl.rand(seed, row * vocab + offs)  # keyed by the global index; u = 0 gives -inf: never picked
+            # Keyed by the full vocabulary's index: u = 0 gives -inf, never picked.
+            u = tl.rand(seed, row * full_vocab + vocab_offset + offs)
             x = x * inv_temp - tl.log(-tl.log(u))
         score = tl.where(mask, x, -float("inf"))
         tile_best = tl.max(score, axis=0)
@@ -91,15 +111,18 @@ def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, scores_ptr, ids_
         better = tile_best > best  # strict: an earlier tile wins a tie
         best_idx = tl.where(better, tile_idx, best_idx)
         best = tl.where(better, tile_best, best)
-    tl.store(scores_ptr + row * stride_ws + chunk, best)
-    tl.store(ids_ptr + row * stride_ws + chunk, best_idx)
+    ws = ws_ptr + row * stride_ws + chunk
+    tl.store(ws, best)
+    tl.store((ws + stride_kind).to(tl.pointer_type(tl.int32)), vocab_offset + best_idx)
 
 
 @_jit
-def _row_best_kernel(scores_ptr, ids_ptr, stride_ws, out_ptr, chunks, BLOCK: tl.constexpr):
-    """Grid (B,): the row's best chunk (the first of equal scores) gives its token."""
+def _row_best_kernel(ws_ptr, stride_rank, stride_ws, stride_kind, out_ptr, chunks, total, BLOCK: tl.constexpr):
+    """Grid (B,): the row's best chunk over every rank (the first of equal scores) gives its token."""
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    scores = tl.load(scores_ptr + row * stride_ws + offs, mask=offs < chunks, other=-float("inf"))
-    best_chunk = tl.argmax(scores, axis=0)
-    tl.store(out_ptr + row, tl.load(ids_ptr + row * stride_ws + best_chunk).to(tl.int64))
+    offs = tl.arange(0, BLOCK)  # rank * chunks + chunk: the order of the vocabulary
+    ptrs = ws_ptr + (offs // chunks) * stride_rank + row * stride_ws + offs % chunks
+    scores = tl.load(ptrs, mask=offs < total, other=-float("inf"))
+    best = tl.argmax(scores, axis=0)
+    best_ptr = ws_ptr + (best // chunks) * stride_rank + row * stride_ws + best % chunks + stride_kind
+    tl.store(out_ptr + row, tl.load(best_ptr.to(tl.pointer_type(tl.int32))).to(tl.int64))
