@@ -70,7 +70,8 @@ lane_b() {
 }
 lane_c() {
     export CUDA_VISIBLE_DEVICES=$GPU_C
-    want pdl && OUT=$OUT/pdl BUDGET_S=${PDL_S:-288} step pdl "${PDL_S:-288}" bash benchmarks/gpu_pdl.sh
+    want pdl && OUT=$OUT/pdl BUDGET_S=${PDL_S:-288} STEPS=${PDL_STEPS:-bench model kernels fused} \
+        step pdl "${PDL_S:-288}" bash benchmarks/gpu_pdl.sh
 }
 if ((NUM_GPUS >= 4)); then
     (tp; lane_a) & (lane_b) & (lane_c) &
