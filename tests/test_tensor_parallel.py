@@ -109,6 +109,30 @@ def test_tp2_decode_through_the_graph_protocol_matches_eager_tp1(qwen3, monkeypa
     assert_same_greedy(outputs, expected)
 
 
+
+def test_tp2_samples_inside_the_graphs_without_gathering_logits(qwen3, monkeypatch):
+    """Under TP a decode graph ends with each rank's logits slice, its per-chunk bests (Gumbel-perturbed at
+    the rows' temperatures) and an all-gather of those pairs only. Plain greedy steps (the sharded argmax)
+    and near-zero temperature steps (the sharded draw) give TP 1's greedy tokens."""
+    expected = LLM(qwen3).generate(PROMPTS[:3], greedy(), use_tqdm=False)
+    monkeypatch.setenv("NANOVLLM_UNCAPTURED_GRAPHS", "1")
+    with LLM(qwen3, tensor_parallel_size=2) as llm:
+        graphs, sampling = llm.engine.model_runner.graphs, []
+        replay = graphs.replay
+
+        def counted(seqs, temperatures=None, *args, **kwargs):
+            sampling.append(temperatures is not None and not kwargs.get("logits"))
+            return replay(seqs, temperatures, *args, **kwargs)
+        graphs.replay = counted
+        plain = llm.generate(PROMPTS[:3], greedy(), use_tqdm=False)
+        steps = len(sampling)
+        cold = llm.generate(PROMPTS[:3], SamplingParams(temperature=1e-4, max_tokens=24, ignore_eos=True),
+                            use_tqdm=False)
+    assert steps >= 20 and not any(sampling[:steps]) and all(sampling[steps:])
+    for outputs in (plain, cold):
+        assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+
+
 def test_tp2_with_dummy_weights_and_the_fused_output_matches_tp1(qwen3):
     """load_format="dummy" streams one random checkpoint through the loader, so every tensor-parallel size
     slices the same model; with the fused output path rank 0 alone adds the residual before the all-reduce."""

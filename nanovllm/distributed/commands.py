@@ -78,12 +78,14 @@ def recv_logits(sizes: list[int], dtype: torch.dtype, device: torch.device) -> t
     return hidden
 
 
-def send_decode(bucket: int, device: torch.device) -> None:
-    """Replay the decode graph of this batch-size bucket; its inputs follow (broadcast_decode_inputs)."""
-    _send_header(DECODE, bucket, device=device)
+def send_decode(bucket: int, sampling: bool, gather_logits: bool, device: torch.device) -> None:
+    """Replay the decode graph of this batch-size bucket (the sampling one or the greedy one), then, with
+    gather_logits, gather the logits to rank 0; its inputs follow (broadcast_decode_inputs)."""
+    _send_header(DECODE, bucket, int(sampling), int(gather_logits), device=device)
 
 
 def broadcast_decode_inputs(*buffers: torch.Tensor) -> None:
-    """The decode graphs' static input buffers, rank 0's into every rank's (engine/cuda_graph.py)."""
+    """The decode graphs' static input buffers (temperatures too for a sampling step), rank 0's into every
+    rank's (engine/cuda_graph.py)."""
     for buffer in buffers:
         dist.broadcast(buffer, src=0)

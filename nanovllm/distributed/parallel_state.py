@@ -110,6 +110,16 @@ def gather_to_first(x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
     return torch.cat(parts, dim=dim) if _TP_RANK == 0 else None
 
 
+def all_gather(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (tp, *x.shape): every rank's x, in rank order, on every rank. x contiguous. CUDA-graph safe on
+    NCCL (one collective into out); gloo has only the list form."""
+    if x.is_cuda:
+        dist.all_gather_into_tensor(out, x)
+    else:
+        dist.all_gather(list(out.unbind(0)), x)
+    return out
+
+
 def check_tp_size(model_config: ModelConfig, tp_size: int, device: torch.device) -> None:
     """ValueError unless the heads split evenly: q heads by tp, and KV heads either by tp or, when there
     are fewer KV heads than ranks, tp by them (each KV head is then replicated on tp / num_kv_heads ranks)."""

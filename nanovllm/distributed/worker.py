@@ -157,7 +157,7 @@ def serve(runner) -> None:
             finally:
                 reset_context()
         elif command == DECODE:
-            runner.graphs.follow(sizes[0])
+            runner.graphs.follow(*sizes)
         elif command == LOGITS:
             runner.model.compute_logits(recv_logits(sizes, runner.dtype, device))  # rank 0 gathers
         else:

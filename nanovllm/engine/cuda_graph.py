@@ -11,20 +11,25 @@ and a sampling graph that draws temperature samples in one Triton pass over the 
 rows with temperature 0 keep the argmax), so such a step copies back only B token ids. Anything else (seeds,
 top-k/p, min-p, penalties, logprobs) replays the greedy graph and runs the Sampler on its logits.
 
-Under tensor parallelism every rank captures the same graphs, all-reduces included (NCCL collectives are
-captured like kernels), but only the model body: the LM head, whose slices rank 0 gathers, and the sampler
-run eagerly after the replay, as in nano-vllm. Before each replay rank 0 broadcasts the step's input buffers
-(DECODE, distributed/commands.py) and the workers replay the same bucket on them.
+Under tensor parallelism every rank captures the same graphs, collectives included (NCCL collectives are
+captured like kernels), and samples inside them without gathering the logits: each rank computes its slice
+of the vocabulary's logits and each row's best (score, index) per chunk of it (Gumbel-perturbed at the
+row's temperature, plain for greedy rows), the ranks all-gather those pairs (a few KB), and every rank picks
+the same winners (kernels/sample.py). Only a step that needs the full Sampler gathers the B x vocab logits
+to rank 0, eagerly after the replay. Before each replay rank 0 broadcasts the step's input buffers (DECODE,
+distributed/commands.py) and the workers replay the same graph on them; the sampling seed is rank 0's on
+every rank, and every replay bumps it everywhere, so the ranks' random numbers agree.
 """
 from itertools import chain, count
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
-from nanovllm.distributed.parallel_state import get_tp_rank, get_tp_size
+from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
-from nanovllm.kernels.sample import sample, sample_ref, sample_workspace
+from nanovllm.kernels.sample import chunk_bests, pick_bests, sample, sample_ref, sample_workspace
 from nanovllm.utils.context import Context, reset_context, set_context
 
 
@@ -56,7 +61,8 @@ class DecodeGraphs:
 
     Inputs travel in host-to-device copies from pinned buffers: int64 [input_ids; positions; slot_mapping],
     int32 [context_lens | block_tables] and, for the sampling graphs, float32 temperatures. Outputs:
-    `logits` (max_bs, vocab) in the model dtype and `next_tokens` (max_bs,) int64 (rank 0 only under TP).
+    `logits` (max_bs, vocab) in the model dtype (under TP: on rank 0, after a replay that gathers them) and
+    `next_tokens` (max_bs,) int64.
     """
 
     @torch.inference_mode()
@@ -83,11 +89,25 @@ class DecodeGraphs:
         self.device = device
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampling) -> graph
         self.model = model
+        self.vocab_size = vocab_size
         self.tp_size, self.rank = get_tp_size(), get_tp_rank()
-        self.head_in_graph = self.tp_size == 1  # the LM head's gather to rank 0 stays out of the graphs
-        self.hidden: torch.Tensor | None = None  # (max_bs, hidden): the graphs' output when the head is not in them
+        if self.tp_size > 1:
+            self._init_sharded_head(model, max_bs, vocab_size, dtype, device)
         if capture:
             self._capture(model)
+
+    def _init_sharded_head(self, model: nn.Module, max_bs: int, vocab_size: int, dtype: torch.dtype,
+                           device: torch.device) -> None:
+        """Buffers of the in-graph sampling over this rank's vocabulary slice, and rank 0's seed."""
+        head = model.lm_head
+        width = head.num_embeddings_per_rank
+        self.head_weight, self.vocab_start = head.weight, head.vocab_start
+        self.num_valid = min(width, vocab_size - head.vocab_start)  # the last rank's slice ends in padding
+        self.local_logits = torch.empty(max_bs, width, dtype=dtype, device=device)
+        self.greedy_temps = torch.zeros(max_bs, dtype=torch.float32, device=device)
+        self.sample_workspace = sample_workspace(max_bs, width, device)  # (max_bs, 2, chunks of the slice)
+        self.gathered = torch.empty(self.tp_size * self.sample_workspace.numel(), device=device)
+        dist.broadcast(self.seed, src=0)
 
     def context(self, bs: int) -> Context:
         # The host lists serve only the torch attention path, which graphs never run.
@@ -97,13 +117,19 @@ class DecodeGraphs:
                        max_context_len=self.max_num_blocks * self.block_size, is_decode=True)
 
     def _forward(self, model: nn.Module, bs: int, sampling: bool) -> None:
-        """What a graph holds: the model, then (one rank) the head and the sampler."""
+        """What a graph holds: the model, the head and the sampler (under TP, their sharded form)."""
         hidden = model(self.input_ids[:bs], self.positions[:bs])  # (bs, hidden)
-        if self.head_in_graph:
+        if self.tp_size == 1:
             return self._head(model, hidden, bs, sampling)
-        if self.hidden is None:  # the first call (the largest bucket's warm-up) runs outside any capture
-            self.hidden = torch.empty(self.max_bs, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        self.hidden[:bs].copy_(hidden)
+        local = torch.mm(hidden, self.head_weight.t(), out=self.local_logits[:bs])  # (bs, vocab / tp)
+        temps = self.temperatures[:bs] if sampling else self.greedy_temps[:bs]
+        workspace = self.sample_workspace[:bs]  # (bs, 2, chunks)
+        chunk_bests(local[:, :self.num_valid], temps, self.seed, workspace, self.vocab_start, self.vocab_size)
+        gathered = all_gather(workspace, self.gathered[:self.tp_size * workspace.numel()].view(
+            self.tp_size, *workspace.shape))  # (tp, bs, 2, chunks): a few KB, not the logits
+        pick_bests(gathered, self.next_tokens[:bs])
+        if sampling:
+            self.seed.add_(1)
 
     def _head(self, model: nn.Module, hidden: torch.Tensor, bs: int, sampling: bool) -> None:
         logits = model.compute_logits(hidden, out=self.logits[:bs])  # (bs, vocab); None on a TP worker
@@ -126,7 +152,7 @@ class DecodeGraphs:
         self.context_lens.zero_()
         pool = None
         for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
-            for sampling in (True, False) if self.head_in_graph else (False,):
+            for sampling in (True, False):
                 set_context(self.context(bs))
                 try:
                     self._forward(model, bs, sampling)  # compiles, picks cuBLAS algorithms outside capture
@@ -140,10 +166,12 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None,
-               prev_ids: torch.Tensor | None = None, src_rows: list[int] | None = None) -> None:
+               prev_ids: torch.Tensor | None = None, src_rows: list[int] | None = None,
+               logits: bool = False) -> None:
         """Runs one decode step of seqs (each computes its token at num_computed_tokens), sampling in the
         graph at these per-seq temperatures (0: greedy) or, without them, taking the argmax. The results
-        are in logits[:len(seqs)] and next_tokens[:len(seqs)]. No host sync.
+        are in next_tokens[:len(seqs)], and in logits[:len(seqs)] with logits=True (or at tp = 1, always).
+        No host sync.
 
         With prev_ids (the previous step's sampled ids on the device, async scheduling), seq i's input id is
         prev_ids[src_rows[i]]: the host only has a placeholder for it."""
@@ -174,28 +202,32 @@ class DecodeGraphs:
             host.temps.numpy()[:n] = temperatures
             host.temps.numpy()[n:bs] = 0
             self.temperatures.copy_(host.temps, non_blocking=True)
+        sampling = temperatures is not None
         if self.tp_size > 1:
-            send_decode(bs, self.device)
-            broadcast_decode_inputs(self.dev64, self.dev32[:used])
-        self._replay(bs, temperatures is not None)
+            send_decode(bs, sampling, logits, self.device)
+            broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
+        self._replay(bs, sampling, logits)
 
-    def follow(self, bs: int) -> None:
-        """A TP worker's side of rank 0's replay (after a DECODE header for bucket bs): the same inputs, the
-        same graph, and its share of the LM head."""
-        broadcast_decode_inputs(self.dev64, self.dev32[:self.max_bs + bs * self.max_num_blocks])
-        self._replay(bs, False)
+    def follow(self, bs: int, sampling: int, gather_logits: int) -> None:
+        """A TP worker's side of rank 0's replay (after its DECODE header): the same inputs, the same graph,
+        and its share of the logits' gather when rank 0 asks for them."""
+        used = self.max_bs + bs * self.max_num_blocks
+        broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
+        self._replay(bs, bool(sampling), bool(gather_logits))
 
-    def _replay(self, bs: int, sampling: bool) -> None:
+    def _replay(self, bs: int, sampling: bool, gather_logits: bool = False) -> None:
         if self.graphs:
-            self.graphs[bs, sampling and self.head_in_graph].replay()
+            self.graphs[bs, sampling].replay()
         else:  # not captured (tests of the padding and the TP protocol on CPU): run the same step eagerly
             set_context(self.context(bs))
             try:
                 self._forward(self.model, bs, sampling)
             finally:
                 reset_context()
-        if not self.head_in_graph:
-            self._head(self.model, self.hidden[:bs], bs, sampling)
+        if gather_logits and self.tp_size > 1:  # the full Sampler's input: every rank sends its slice
+            logits = gather_to_first(self.local_logits[:bs])  # (bs, padded vocab) on rank 0, else None
+            if logits is not None:
+                self.logits[:bs].copy_(logits[:, :self.vocab_size])
 
     @staticmethod
     def _write_block_tables(host: _PinnedInputs, seqs: list[Sequence]) -> None:

@@ -317,7 +317,7 @@ class ModelRunner:
         n = len(seqs)
         temperatures = [simple_temperature(seq) for seq in seqs]
         if None in temperatures:  # the full Sampler, on the greedy graph's logits
-            self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows)
+            self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
             return self._sample_on_device(seqs, self.graphs.logits[:n])
         self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
         return SamplerOutput(self.graphs.next_tokens[:n])
