@@ -3,7 +3,8 @@
 Random weights (`load_format="dummy"` draws one checkpoint that every TP size slices, so every engine of
 an architecture runs the same model). Engines, one after another:
   qwen3-8b bf16   tp1        CUDA graphs: agreement, decode steps at batch 1/64/256, throughput
-                  tp1_async  the same with async scheduling (the tp=1 default; the others run the sync loop)
+                  tp1_async  the same with async scheduling (the CUDA default; runs without "async" pin the
+                             synchronous loop)
                   tp1_eager  enforce_eager: agreement only (the bf16 noise baseline: same weights and
                              TP size, other kernels and reduction orders)
                   tp2        symmetric-memory all-reduce: agreement, decode steps, throughput
