@@ -170,14 +170,22 @@ class ModelRunner:
             self.in_tp_group = False
 
     def _tune_fused_output(self) -> None:
-        """Times the fused projection (+ residual) kernels of the row-parallel layers (o_proj, down_proj)
-        once per shape and M bucket, before any capture or timing."""
+        """Times the dispatcher's kernels once per shape and M bucket, before any capture or timing: the
+        row-parallel layers' projection + residual (o_proj, down_proj) up to the largest step, and the
+        column-parallel ones' projection alone (qkv_proj, gate_up_proj) where they use it."""
         from nanovllm.kernels.fused_attention_output import warmup
+        from nanovllm.layers import linear
         shapes = {(*m.weight.shape, m.bias is not None and m.tp_rank == 0)  # only rank 0 adds the bias
                   for m in self.model.modules() if isinstance(m, RowParallelLinear)}
         max_m = max(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         for n, k, has_bias in shapes:
             warmup(n, k, self.dtype, self.device, max_m=max_m, has_bias=has_bias)
+        if linear.COLUMN_PARALLEL_DISPATCHER:
+            shapes = {(*m.weight.shape, m.bias is not None)
+                      for m in self.model.modules() if isinstance(m, linear.ColumnParallelLinear)}
+            for n, k, has_bias in shapes:
+                warmup(n, k, self.dtype, self.device, max_m=linear.COLUMN_DISPATCHER_MAX_M, has_bias=has_bias,
+                       fused=False)
 
     # ---- memory -----------------------------------------------------------------------------------
     def allocate_kv_cache(self, max_model_len: int) -> int:
