@@ -320,6 +320,9 @@ def test_pdl_switch(monkeypatch):
     assert not pdl.pdl_enabled(cuda)
     monkeypatch.setenv("NANOVLLM_PDL", "1")
     assert pdl.pdl_enabled(cuda)
+    assert pdl.pdl_enabled(cuda, 1) and not pdl.pdl_enabled(cuda, 2)  # one token by default
+    monkeypatch.setenv("NANOVLLM_PDL_MAX_TOKENS", "8")
+    assert pdl.pdl_enabled(cuda, 8) and not pdl.pdl_enabled(cuda, 9)
     monkeypatch.setattr(pdl, "_INTERPRET", True)
     assert not pdl.pdl_enabled(cuda)
 
@@ -348,7 +351,7 @@ def test_decode_kernels_launch_with_pdl_as_the_switch_says(monkeypatch, enabled)
     for mod, name in kernels:
         recorders[name] = _LaunchRecorder()
         monkeypatch.setattr(mod, name, recorders[name])
-        monkeypatch.setattr(mod, "pdl_enabled", lambda device: enabled)
+        monkeypatch.setattr(mod, "pdl_enabled", lambda device, num_tokens=1: enabled)
     x = torch.randn(2, 64)
     rmsnorm(x, torch.ones(64), 1e-6)
     add_rmsnorm(x, x.clone(), torch.ones(64), 1e-6)
@@ -368,7 +371,8 @@ def test_gpu_pdl_chain_in_a_cuda_graph_matches_without_pdl(monkeypatch):
     what the kernel just before it wrote, captured in a CUDA graph with PDL: after new inputs are copied in,
     a replay gives the bits of the same kernels run eagerly without PDL."""
     from nanovllm.kernels.pdl import pdl_enabled
-    if not pdl_enabled(torch.device(DEVICE)):
+    monkeypatch.setenv("NANOVLLM_PDL_MAX_TOKENS", "8")  # PDL at batch 8 too, which the engine leaves off
+    if not pdl_enabled(torch.device(DEVICE), 8):
         pytest.skip("programmatic dependent launch needs sm_90 (and NANOVLLM_PDL unset)")
     heads, kv_heads, dim, batch = 16, 8, 128, 8
     q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * batch, [1000 + 37 * i for i in range(batch)],

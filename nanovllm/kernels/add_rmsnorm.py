@@ -51,7 +51,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     r2d = residual.view(-1, n) if residual is not None else x2d
     out = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)
     if x2d.shape[0]:
-        block_n, pdl = triton.next_power_of_2(n), pdl_enabled(x.device)
+        block_n, pdl = triton.next_power_of_2(n), pdl_enabled(x.device, x2d.shape[0])
         _rmsnorm_kernel[(x2d.shape[0],)](
             x2d, r2d, weight, out, x2d.stride(0), r2d.stride(0), out.stride(0), n, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, PDL=pdl,

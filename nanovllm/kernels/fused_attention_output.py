@@ -193,7 +193,7 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
         args = (x, TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k]),
                 *args[2:])
     partials = _workspace(x.device) if config.split_k > 1 else out
-    pdl = config.pdl and pdl_enabled(x.device)  # not in the interpreter: it has no griddepcontrol
+    pdl = config.pdl and pdl_enabled(x.device, x.shape[0])  # not in the interpreter: it has no griddepcontrol
     norm_args = _norm_args(norm, x, out)
     tiled_gemv_kernel[(num_m, num_n, config.split_k)](
         *args, partials, *norm_args, m, n, k, *strides, SPLIT_K=config.split_k, USE_DOT=config.use_dot,
@@ -378,9 +378,9 @@ def warmup(n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cud
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    buckets, pdl = [1 << i for i in range(_bucket(max_m).bit_length())], pdl_enabled(device)
-    return {m: _BEST.get((device, dtype, n, k, has_bias, m, pdl, fused))
-            or _tune(device, dtype, n, k, has_bias, m, pdl, fused) for m in buckets}
+    buckets = [1 << i for i in range(_bucket(max_m).bit_length())]
+    return {m: _BEST.get((device, dtype, n, k, has_bias, m, pdl_enabled(device, m), fused))
+            or _tune(device, dtype, n, k, has_bias, m, pdl_enabled(device, m), fused) for m in buckets}
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
@@ -479,8 +479,8 @@ def _dispatch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | No
         return fused_o_proj_add_residual_ref(x, weight, residual, bias, out)
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0])) if out is None else out
-    key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, _bucket(x.shape[0]),
-           pdl_enabled(x.device), fused)
+    m = _bucket(x.shape[0])
+    key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, m, pdl_enabled(x.device, m), fused)
     config = _BEST.get(key)
     if config is None:
         config = _CUBLAS if torch.cuda.is_current_stream_capturing() else _tune(*key)

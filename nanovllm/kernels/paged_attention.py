@@ -101,7 +101,7 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         dst, dst_strides = partial, (partial.stride(0), partial.stride(1), partial.stride(2))
     else:
         lse, dst, dst_strides = out, out, (out.stride(0), out.stride(1), 0)  # lse unused with one split
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_enabled(q.device, q.shape[0])
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, dst, lse, scale * LOG2E,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),

@@ -17,6 +17,11 @@ kernel's tail instead of adding ~1-3 µs per kernel. The contract every kernel h
 
 CUDA-graph capture keeps the programmatic edges (CUDA 12.3+), so the decode graphs replay with them.
 NANOVLLM_PDL=0 turns PDL off everywhere; the interpreter has no griddepcontrol, so it is off there too.
+
+Only for steps of up to PDL_MAX_TOKENS tokens (NANOVLLM_PDL_MAX_TOKENS, default 1): measured on an H200
+(results/pdl-h200.json), PDL took the batch-1 decode step from 0.920 to 0.799 ms but the batch-8 one from
+1.128 to 1.296 ms. A kernel that triggers first lets the next one's programs take SM slots while they wait,
+which a kernel of one wave does not miss and a kernel of several waves does.
 """
 from __future__ import annotations
 
@@ -46,10 +51,12 @@ def pdl_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL: where supported, unless NANOVLLM_PDL=0 (read per call, so
-    a benchmark can compare both in one process)."""
-    return os.environ.get("NANOVLLM_PDL", "1") != "0" and not _INTERPRET and pdl_supported(device)
+def pdl_enabled(device: torch.device, num_tokens: int = 1) -> bool:
+    """Whether kernels on `device` for a step of num_tokens tokens launch with PDL: where supported, up to
+    NANOVLLM_PDL_MAX_TOKENS tokens, unless NANOVLLM_PDL=0 (both read per call, so a benchmark can compare
+    settings in one process)."""
+    return (os.environ.get("NANOVLLM_PDL", "1") != "0" and not _INTERPRET and pdl_supported(device)
+            and num_tokens <= int(os.environ.get("NANOVLLM_PDL_MAX_TOKENS", "1")))
 
 
 @_jit

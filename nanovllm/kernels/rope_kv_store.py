@@ -69,7 +69,7 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
     store = k_cache.numel() > 0
     has_norm = q_norm_weight is not None
     assert has_norm == (k_norm_weight is not None), "q and k norms come together (Qwen3)"
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_enabled(q.device, num_tokens)
     # A program per head, not per token: at one token (a batch-1 decode step) a single program would walk
     # q, then k, then v, one dependent memory round trip after another; the heads' programs run side by side.
     _rope_kv_store_kernel[(num_tokens, num_heads + num_kv_heads)](

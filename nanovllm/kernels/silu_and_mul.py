@@ -27,7 +27,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(num_tokens, two_i // 2, dtype=x.dtype, device=x.device)
     if num_tokens:
         block = min(1024, triton.next_power_of_2(two_i // 2))
-        grid, pdl = (num_tokens, triton.cdiv(two_i // 2, block)), pdl_enabled(x.device)
+        grid, pdl = (num_tokens, triton.cdiv(two_i // 2, block)), pdl_enabled(x.device, num_tokens)
         _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), two_i // 2, BLOCK=block, PDL=pdl,
                                    launch_pdl=pdl)
     return out
