@@ -6,7 +6,8 @@
 #   profile       profile_throughput (kernel time by name over windows of the same workload)
 #   pressure      bench_async_pressure; serve: gpu_serve.sh (offline engine vs `nanovllm serve`)
 #   tests         tests/test_gpu.py and the async GPU test; latency: bench_latency (fused on/off end to end)
-#   pdl           gpu_pdl.sh (PDL and the norm fold, bench_pdl; the fused kernel's table with the time left)
+#   pdl           gpu_pdl.sh (PDL and the norm fold, bench_pdl; the fused kernel's table with the time left);
+#                 throughput_pdl_all: bench_throughput with PDL at every batch size
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
 # serving) may feel. Results and logs land in $OUT/results.tgz (the tool returns at most 8 files), beside
 # steps.txt and the Triton cache.
@@ -72,6 +73,9 @@ lane_c() {
     export CUDA_VISIBLE_DEVICES=$GPU_C
     want pdl && OUT=$OUT/pdl BUDGET_S=${PDL_S:-288} STEPS=${PDL_STEPS:-bench model kernels fused} \
         step pdl "${PDL_S:-288}" bash benchmarks/gpu_pdl.sh
+    # the throughput run again with PDL at every batch size (the engine's default is one token)
+    want throughput_pdl_all && NANOVLLM_PDL_MAX_TOKENS=100000 step throughput_pdl_all 110 \
+        python3 benchmarks/bench_throughput.py --skip-hf --out-dir "$OUT/pdl_all"
 }
 if ((NUM_GPUS >= 4)); then
     (tp; lane_a) & (lane_b) & (lane_c) &
