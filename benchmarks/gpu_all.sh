@@ -55,7 +55,7 @@ tp() {
         --runs ${TP_RUNS:-tp1 tp2 fp32_tp1 fp32_tp2}
 }
 lane_a() {
-    export CUDA_VISIBLE_DEVICES=0
+    export CUDA_VISIBLE_DEVICES=${GPU_A:-0}
     want throughput && step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"  # async: the default
     want throughput_sync && step throughput_sync 70 python3 benchmarks/bench_throughput.py --skip-hf \
         --no-async-scheduling --out-dir "$OUT"
@@ -77,7 +77,9 @@ lane_c() {
     want throughput_pdl_all && NANOVLLM_PDL_MAX_TOKENS=100000 step throughput_pdl_all 110 \
         python3 benchmarks/bench_throughput.py --skip-hf --out-dir "$OUT/pdl_all"
 }
-if ((NUM_GPUS >= 4)); then
+if ((NUM_GPUS >= 4)) && ((${GPU_A:-0} == GPU_B)); then  # lane A's steps after lane B's, beside TP
+    (tp) & (lane_b; lane_a) & (lane_c) &
+elif ((NUM_GPUS >= 4)); then
     (tp; lane_a) & (lane_b) & (lane_c) &
 else
     tp  # first, alone on both GPUs
