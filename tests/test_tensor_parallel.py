@@ -191,9 +191,10 @@ def test_bad_tensor_parallel_size(qwen3, engine_args, match):
 
 
 _SCRIPT = """
-import sys, time
+import faulthandler, signal, sys, time
 from nanovllm import LLM, SamplingParams
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a hang
     llm = LLM(sys.argv[1], tensor_parallel_size=2)
     print(*[p.pid for p in llm.engine.model_runner.workers.processes], flush=True)
     while True:
@@ -209,8 +210,9 @@ def test_no_orphans_when_rank0_stops(qwen3, tmp_path, sig):
     script.write_text(_SCRIPT)
     root = os.path.dirname(os.path.dirname(nanovllm.__file__))  # this checkout, not an installed copy
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    stderr = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen([sys.executable, str(script), qwen3], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+                            stderr=stderr, text=True, env=env, start_new_session=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 1
@@ -219,12 +221,19 @@ def test_no_orphans_when_rank0_stops(qwen3, tmp_path, sig):
             os.killpg(proc.pid, sig)
         else:
             proc.kill()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # rank 0 dumps its threads' stacks into stderr
+            time.sleep(2)
+            stderr.seek(0)
+            pytest.fail("rank 0 did not exit within 30 s of the signal; its stderr:\n" + stderr.read()[-6000:])
         assert wait_gone(pids), "a tensor-parallel worker outlived rank 0"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        stderr.close()
 
 
 def test_server_with_tensor_parallelism_serves_the_offline_tokens_and_exits_cleanly(qwen3, tmp_path):
