@@ -195,6 +195,9 @@ import faulthandler, signal, sys, time
 from nanovllm import LLM, SamplingParams
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a hang
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, even when the suite runs as a background job
+    # (which starts with SIGINT ignored, and Python then installs no handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     llm = LLM(sys.argv[1], tensor_parallel_size=2)
     print(*[p.pid for p in llm.engine.model_runner.workers.processes], flush=True)
     while True:
