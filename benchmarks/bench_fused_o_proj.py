@@ -118,7 +118,7 @@ def bench_shape(k: int, n: int, dtype: torch.dtype, fao, norms) -> list[dict]:
             lambda i: fao.fused_o_proj_add_residual(xs[i], ws[i], res[i], out=outs[i]), slots)
         moved = (n * k + 2 * m * n + m * k) * dtype.itemsize
         row["fused_gbps"] = moved / row["fused_us"] / 1e3
-        key = (xs[0].device, dtype, n, k, False, m, fao.pdl_enabled(xs[0].device, m), True)  # see fao._BEST
+        key = fao.tuning_key(xs[0].device, dtype, n, k, False, m, True)
         config = fao._BEST[key]
         row["fused_config"] = str(config)
         bench_pdl(row, fao, key, config, xs, ws, res, outs, tmps, slots)

@@ -21,7 +21,6 @@ from nanovllm.kernels.fused_attention_output import (
     rmsnorm_project,
     rmsnorm_project_ref,
 )
-from nanovllm.kernels.pdl import pdl_enabled
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
        torch.float16: dict(rtol=1e-2, atol=1e-2)}
@@ -291,7 +290,7 @@ def test_gpu_projection_alone_is_the_product_the_fused_call_adds_to(k, n):
             except Exception:  # a tile this card cannot compile: the tuner skips it too
                 continue
             assert torch.equal(launch(config, x, weight) + residual, fused), f"{config} at M = {m}"
-    key = (x_all.device, torch.bfloat16, n, k, True, 8, pdl_enabled(x_all.device, 8), True)
+    key = fao.tuning_key(x_all.device, torch.bfloat16, n, k, True, 8, True)
     fao._BEST.pop(key, None)
     proj = fused_o_proj_add_residual(x_all[:7], weight, bias=b)  # untuned: tunes the M = 8 bucket
     assert key in fao._BEST
@@ -358,8 +357,7 @@ def test_gpu_project_tunes_without_a_residual_and_captures(k, n):
     for m in (1, 3, 8, 64):
         x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
         got = project(x, weight)
-        bucket = fao._bucket(m)
-        assert (x.device, torch.bfloat16, n, k, False, bucket, pdl_enabled(x.device, bucket), False) in fao._BEST
+        assert fao.tuning_key(x.device, torch.bfloat16, n, k, False, fao._bucket(m), False) in fao._BEST
         ref = torch.nn.functional.linear(x, weight).float()
         assert (got.float() - ref).norm() <= 1e-2 * ref.norm()
         out = torch.empty_like(got)

@@ -240,6 +240,23 @@ def _workspace(device: torch.device) -> torch.Tensor:
 # residual, for fused_o_proj_add_residual, whose projection alone (residual=None) must run the configuration
 # of its fused call (so the key has no residual); else timed without, for `project`.
 _BEST: dict[tuple, KernelConfig] = {}
+
+
+def tuning_key(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bool, m: int,
+               fused: bool) -> tuple:
+    """_BEST's key for the M bucket m: PDL candidates count where steps of m tokens launch with PDL."""
+    return (device, dtype, n, k, has_bias, m, pdl_enabled(device, m), fused)
+
+
+def _best(key: tuple) -> KernelConfig | None:
+    """The tuned configuration for key, timing it first if needed, except during a CUDA-graph capture
+    (where nothing may be timed: None)."""
+    config = _BEST.get(key)
+    if config is None and not torch.cuda.is_current_stream_capturing():
+        config = _tune(*key)
+    return config
+
+
 _TUNING_VERSION = 1  # bump when the candidate tilings or the kernels change: older choices are then ignored
 TUNING_LOG: dict[tuple, dict[str, float]] = {}  # same key -> {config: µs per call}, for benchmarks and notes
 TUNING_ERRORS: dict[str, str] = {}  # config -> why it could not run
@@ -379,8 +396,7 @@ def warmup(n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cud
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     buckets = [1 << i for i in range(_bucket(max_m).bit_length())]
-    return {m: _BEST.get((device, dtype, n, k, has_bias, m, pdl_enabled(device, m), fused))
-            or _tune(device, dtype, n, k, has_bias, m, pdl_enabled(device, m), fused) for m in buckets}
+    return {m: _best(tuning_key(device, dtype, n, k, has_bias, m, fused)) for m in buckets}
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
@@ -465,10 +481,7 @@ def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
 def _fold_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> KernelConfig | None:
     """`project`'s configuration for one row, if it is a gemv (the norm folds into its x load): the same
     choice whether the decoder layer adds the residual first (fused output off) or not (on)."""
-    key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, 1, pdl_enabled(x.device), False)
-    config = _BEST.get(key)
-    if config is None and not torch.cuda.is_current_stream_capturing():
-        config = _tune(*key)
+    config = _best(tuning_key(x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, 1, False))
     return config if config is not None and config.kernel == "gemv" else None
 
 
@@ -479,12 +492,8 @@ def _dispatch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | No
         return fused_o_proj_add_residual_ref(x, weight, residual, bias, out)
     if x.shape[0] == 0:
         return x.new_empty((0, weight.shape[0])) if out is None else out
-    m = _bucket(x.shape[0])
-    key = (x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, m, pdl_enabled(x.device, m), fused)
-    config = _BEST.get(key)
-    if config is None:
-        config = _CUBLAS if torch.cuda.is_current_stream_capturing() else _tune(*key)
-    return launch(config, x, weight, residual, bias, out)
+    key = tuning_key(x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, _bucket(x.shape[0]), fused)
+    return launch(_best(key) or _CUBLAS, x, weight, residual, bias, out)  # untuned during a capture: cuBLAS
 
 
 @_jit()
