@@ -47,7 +47,7 @@ class Config:
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks, GPU tests)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry token ids and no text
     # Schedule and launch decode step n+1 while step n runs, its input ids taken from step n's sampled ids
-    # on the device. Only with tensor_parallel_size 1 (ignored otherwise); outputs are the same.
+    # on the device, at any tensor_parallel_size; outputs are the same.
     async_scheduling: bool | None = None  # None: on for CUDA, off for CPU (no GPU to overlap with)
 
     def __post_init__(self) -> None:

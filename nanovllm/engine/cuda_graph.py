@@ -85,7 +85,6 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
         self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
-        self.sample_workspace = sample_workspace(max_bs, vocab_size, device)  # per-chunk bests of each row
         self.device = device
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampling) -> graph
         self.model = model
@@ -93,6 +92,8 @@ class DecodeGraphs:
         self.tp_size, self.rank = get_tp_size(), get_tp_rank()
         if self.tp_size > 1:
             self._init_sharded_head(model, max_bs, vocab_size, dtype, device)
+        else:
+            self.sample_workspace = sample_workspace(max_bs, vocab_size, device)  # per-chunk bests of each row
         if capture:
             self._capture(model)
 

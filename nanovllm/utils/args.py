@@ -26,7 +26,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="Do not capture CUDA graphs.")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="Schedule and launch each decode step while the previous one runs on the GPU "
-                        "(default: on for CUDA with tensor parallel size 1).")
+                        "(default: on for CUDA).")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="Weights and activations dtype (auto: float32 on CPU, bfloat16 on GPU).")
     g.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available).")
