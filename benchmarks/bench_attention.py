@@ -6,9 +6,15 @@ achieved GB/s (KV bytes read / time) beside the measured copy bandwidth. Varied 
 [100, 2048], and nano-vllm's workload as its seqs finish: batch 256, 145, 52) time the default beside more
 KV splits, in GB/s over the keys actually read. Prefill: TFLOP/s vs dense causal SDPA. Each timed graph
 replays calls over several distinct block tables so the KV comes from HBM, not L2.
+decode_graph times what a decode graph of the engine launches at small batches (tables MAX_MODEL_LEN keys
+wide, so the default split count is the cap): the default beside other split counts, where the split merge
+(done by each (seq, KV head)'s last split) is the cost that grows with the count.
 Usage: python benchmarks/bench_attention.py [out_dir [section ...]]   (writes attention-<card>.json)
-Sections: decode decode_varied decode_splits decode_tiles prefill (default: all).
+Sections: decode decode_graph decode_varied decode_splits decode_tiles prefill (default: all).
+BENCH_ATTENTION_FILE=path times that copy of paged_attention.py instead (an older one from `git show`, for a
+before/after in one device call; write to another out_dir).
 """
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +27,21 @@ import triton
 from bench_latency import card_name
 from bench_throughput import workload
 
-from nanovllm.kernels.paged_attention import _decode, _default_num_kv_splits, _prefill, paged_attention_ref
+
+def _kernels():
+    """nanovllm's paged_attention module, or the copy BENCH_ATTENTION_FILE names."""
+    path = os.environ.get("BENCH_ATTENTION_FILE")
+    if not path:
+        return importlib.import_module("nanovllm.kernels.paged_attention")
+    spec = importlib.util.spec_from_file_location("paged_attention_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_attn = _kernels()
+_decode, _default_num_kv_splits, _prefill = _attn._decode, _attn._default_num_kv_splits, _attn._prefill
+paged_attention_ref = _attn.paged_attention_ref
 
 H, HKV, D, BS = 16, 8, 128, 16
 MAX_MODEL_LEN = 4096  # bench_throughput's: the decode graphs' block-table width
@@ -184,7 +204,8 @@ def decode_varied(read_bw: float) -> list[dict]:
 
 def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
-    sections = sys.argv[2:] or ["decode", "decode_varied", "decode_splits", "decode_tiles", "prefill"]
+    sections = sys.argv[2:] or ["decode", "decode_graph", "decode_varied", "decode_splits", "decode_tiles",
+                                "prefill"]
     card, tag = card_name()
     copy_bw, read_bw = copy_bandwidth()
     print(f"{card}: copy {copy_bw / 1e12:.2f} TB/s (read + write), read {read_bw / 1e12:.2f} TB/s")
@@ -201,6 +222,16 @@ def main() -> None:
 
 def decode_default(read_bw: float) -> list[dict]:
     return [decode_row(time_decode(b, c), read_bw) for b in (1, 8, 64, 256) for c in (1024, 4096)]
+
+
+def decode_graph(read_bw: float) -> list[dict]:
+    # 168 keys: bench_latency's context (128-token prompts) half-way through its timed steps. A split holds
+    # whole tiles, so at 168 keys only 3 of the default 32 splits per KV head hold keys with 64-key tiles
+    # (11 with 16-key ones): smaller tiles are the other way to spread a short context.
+    return [decode_row(time_decode_varied(f"graph-{b}x{c}", [c] * b, **variant), read_bw)
+            for b in (1, 2, 8) for c in (168, 1024)
+            for variant in ({}, dict(num_kv_splits=4), dict(num_kv_splits=8), dict(num_kv_splits=16),
+                            dict(num_kv_splits=32), dict(block_n=32), dict(block_n=16))]
 
 
 def decode_splits(read_bw: float) -> list[dict]:
@@ -227,8 +258,8 @@ def prefill(read_bw: float) -> list[dict]:
     return rows
 
 
-SECTIONS = dict(decode=decode_default, decode_varied=decode_varied, decode_splits=decode_splits,
-                decode_tiles=decode_tiles, prefill=prefill)
+SECTIONS = dict(decode=decode_default, decode_graph=decode_graph, decode_varied=decode_varied,
+                decode_splits=decode_splits, decode_tiles=decode_tiles, prefill=prefill)
 
 
 if __name__ == "__main__":
