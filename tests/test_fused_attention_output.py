@@ -88,6 +88,16 @@ class TestKernelsInterpreted:
         config = KernelConfig("gemv", 16, 64, 32, split_k=split_k, tma=tma)
         assert_matches_ref(launch(config, x, weight, residual, b), x, weight, residual, b)
 
+    def test_split_k_counters_are_reset_for_the_next_launch(self):
+        """The last program of each tile sums the partials and zeroes the tile's counter: a second launch
+        (other inputs, more tiles) is summed too, and the counters end at zero again."""
+        config = KernelConfig("gemv", 16, 16, 32, split_k=3)
+        for seed, n in ((5, 40), (6, 72)):  # 3 tiles, then 5
+            x, weight, residual, _ = make_inputs(2, 200, n, torch.float32, seed=seed)
+            assert_matches_ref(launch(config, x, weight, residual, out=poisoned(2, n, torch.float32)),
+                               x, weight, residual)
+            assert not fao._workspace(x.device)[1].any()
+
     def test_tma_config_falls_back_when_rows_are_not_16_byte_aligned(self):
         x, weight, residual, _ = make_inputs(3, 100, 64, torch.bfloat16, seed=4)  # 200-byte rows
         assert not fao._tma_ok(weight)

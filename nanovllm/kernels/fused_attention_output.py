@@ -6,8 +6,9 @@ is to read W from HBM once, read x and residual once, write out once, and never 
 product. Two Triton kernels:
 
 - `tiled_gemv_kernel` (small M): a (BLOCK_N, BLOCK_K) tile of W meets all BLOCK_M rows of x at once, so W is
-  streamed once whatever M is; small tiles make enough programs to keep HBM busy, and an optional split
-  over K is reduced by a second tiny kernel in a fixed order (deterministic, unlike atomics).
+  streamed once whatever M is; small tiles make enough programs to keep HBM busy. An optional split over K
+  is summed by whichever program of a tile finishes last (a counter tells it), in a fixed order: one
+  launch, and deterministic, unlike atomic adds of the partials.
 - `fused_o_proj_add_residual_kernel` (larger M): tensor-core GEMM tiles, residual and bias added in the
   epilogue, programs grouped so that row tiles sharing a W tile run together and W comes from L2.
 
@@ -56,6 +57,7 @@ except ImportError:
 # bf16 tensor cores).
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _WORKSPACE_NUMEL = 1 << 20  # fp32 split-K partials: split_k * M * N must fit (4 MiB per device)
+_COUNTERS_NUMEL = 1 << 16  # split-K arrival counters, one per output tile
 
 
 def _jit(**kwargs):
@@ -109,10 +111,12 @@ class KernelConfig:
 _CUBLAS = KernelConfig("cublas")
 # The gemv tilings below were each within 3 % of the fastest for some shape and M bucket on the H100
 # (benchmarks/NOTES-fused.md, run 3); those that never were are gone, to keep tuning short.
-_FMA_CONFIGS = [  # CUDA cores, M <= 16: (block_n, block_k, num_warps, num_stages, tma); many small programs
-    (1, 1024, 4, 1, False), (2, 1024, 4, 1, False), (2, 512, 4, 2, False), (4, 512, 4, 1, False),
-    (4, 512, 4, 3, False), (2, 2048, 4, 1, False), (1, 2048, 4, 1, False), (2, 1024, 4, 2, False),
-    (1, 4096, 8, 1, False), (2, 4096, 8, 1, False),
+# CUDA cores, M <= 16, many small programs: (block_n, block_k, split_k, num_warps, num_stages, tma).
+_FMA_CONFIGS = [
+    (1, 1024, 1, 4, 1, False), (2, 1024, 1, 4, 1, False), (2, 512, 1, 4, 2, False), (4, 512, 1, 4, 1, False),
+    (4, 512, 1, 4, 3, False), (2, 2048, 1, 4, 1, False), (1, 2048, 1, 4, 1, False), (2, 1024, 1, 4, 2, False),
+    (1, 4096, 1, 8, 1, False), (2, 4096, 1, 8, 1, False),
+    (2, 2048, 2, 4, 1, False), (1, 2048, 2, 4, 1, False), (4, 512, 2, 4, 1, False),  # one K tile a program
 ]
 # Tensor cores, M <= 64 in one row tile: (block_n, block_k, split_k, num_warps, num_stages, tma).
 _DOT_GEMV_CONFIGS = [
@@ -122,6 +126,9 @@ _DOT_GEMV_CONFIGS = [
     (64, 128, 4, 8, 3, False), (32, 256, 1, 8, 3, False),
     (16, 256, 1, 4, 4, True), (32, 256, 1, 4, 4, True), (64, 128, 2, 4, 4, True), (16, 256, 1, 2, 4, True),
     (32, 256, 1, 2, 4, True),
+    # Split-K in one launch (since the last program sums the partials): more programs for small N.
+    (16, 256, 4, 4, 4, False), (16, 128, 8, 4, 4, False), (16, 256, 2, 2, 4, True), (16, 256, 4, 2, 4, True),
+    (32, 256, 2, 4, 4, False), (32, 128, 4, 4, 4, False),
 ]
 _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
@@ -132,13 +139,18 @@ _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = False) -> list[KernelConfig]:
     """The configurations the tuner times for M tokens (m is a bucket: a power of two). pdl: the device
     has programmatic dependent launch (Hopper or newer); every gemv tiling is then also tried with it."""
+    def splits_fit(bm: int, bn: int, bk: int, split: int) -> bool:  # every split has a K tile, and memory
+        return split == 1 or (split * bm * n <= _WORKSPACE_NUMEL and -(-n // bn) <= _COUNTERS_NUMEL
+                              and k >= split * bk)
+
     configs = [_CUBLAS]
-    for bn, bk, warps, stages, tma in _FMA_CONFIGS if m <= 16 else []:
-        if m * bn * bk <= 64 * 32 * warps:  # the (M, BN, BK) fp32 products: at most 64 registers a thread
-            configs.append(KernelConfig("gemv", m, bn, bk, 1, False, warps, stages, tma))
+    for bn, bk, split, warps, stages, tma in _FMA_CONFIGS if m <= 16 else []:
+        # The (M, BN, BK) fp32 products: at most 64 registers a thread.
+        if m * bn * bk <= 64 * 32 * warps and splits_fit(m, bn, bk, split):
+            configs.append(KernelConfig("gemv", m, bn, bk, split, False, warps, stages, tma))
     for bn, bk, split, warps, stages, tma in _DOT_GEMV_CONFIGS if m <= 64 else []:
         bm = max(16, m)  # tl.dot needs 16 rows
-        if (bn >= bm // 2 or m <= 16) and split * bm * n <= _WORKSPACE_NUMEL and k >= split * bk:
+        if (bn >= bm // 2 or m <= 16) and k >= split * bk and splits_fit(bm, bn, bk, split):
             configs.append(KernelConfig("gemv", bm, bn, bk, split, True, warps, stages, tma))
     if pdl:
         configs += [replace(c, pdl=True) for c in configs if c.kernel == "gemv"]
@@ -192,19 +204,15 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
     if config.tma and _tma_ok(weight):  # W as a descriptor: the kernel then loads it with TMA
         args = (x, TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k]),
                 *args[2:])
-    partials = _workspace(x.device) if config.split_k > 1 else out
+    partials, counters = _workspace(x.device) if config.split_k > 1 else (out, out)
+    assert config.split_k == 1 or num_m * num_n <= counters.numel(), "more output tiles than split-K counters"
     pdl = config.pdl and pdl_enabled(x.device, x.shape[0])  # not in the interpreter: it has no griddepcontrol
     norm_args = _norm_args(norm, x, out)
     tiled_gemv_kernel[(num_m, num_n, config.split_k)](
-        *args, partials, *norm_args, m, n, k, *strides, SPLIT_K=config.split_k, USE_DOT=config.use_dot,
-        W_TMA=config.tma and _tma_ok(weight), PDL=config.pdl, NORM=norm is not None,
+        *args, partials, counters, *norm_args, m, n, k, *strides, SPLIT_K=config.split_k,
+        USE_DOT=config.use_dot, W_TMA=config.tma and _tma_ok(weight), PDL=config.pdl, NORM=norm is not None,
         NORM_ADD=norm is not None and norm.add is not None, BLOCK_R=triton.next_power_of_2(k) if norm else 1,
         launch_pdl=pdl, **meta)
-    if config.split_k > 1:
-        block = min(1024, triton.next_power_of_2(n))
-        _split_k_reduce_kernel[(m, triton.cdiv(n, block))](
-            partials, *args[2:], m, n, *strides[4:], SPLIT_K=config.split_k, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=has_residual, INTERPRET=_INTERPRET, PDL=config.pdl, BLOCK_N=block, launch_pdl=pdl)
     return out
 
 
@@ -225,13 +233,17 @@ def _tma_ok(weight: torch.Tensor) -> bool:
             and weight.data_ptr() % 16 == 0)
 
 
-_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _workspace(device: torch.device) -> torch.Tensor:
-    # Allocated at tuning time and never freed: CUDA graphs captured with it keep its address.
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K's fp32 partials and its per-tile arrival counters (zero between launches: the last program
+    of a tile resets its own). Allocated at tuning time and never freed: CUDA graphs captured with them
+    keep their addresses. Launches share them safely because a launch touches them only after the kernel
+    before it has finished (program order, or griddepcontrol.wait under PDL)."""
     if device not in _WORKSPACES:
-        _WORKSPACES[device] = torch.empty(_WORKSPACE_NUMEL, dtype=torch.float32, device=device)
+        _WORKSPACES[device] = (torch.empty(_WORKSPACE_NUMEL, dtype=torch.float32, device=device),
+                               torch.zeros(_COUNTERS_NUMEL, dtype=torch.int32, device=device))
     return _WORKSPACES[device]
 
 
@@ -257,7 +269,7 @@ def _best(key: tuple) -> KernelConfig | None:
     return config
 
 
-_TUNING_VERSION = 1  # bump when the candidate tilings or the kernels change: older choices are then ignored
+_TUNING_VERSION = 2  # bump when the candidate tilings or the kernels change: older choices are then ignored
 TUNING_LOG: dict[tuple, dict[str, float]] = {}  # same key -> {config: µs per call}, for benchmarks and notes
 TUNING_ERRORS: dict[str, str] = {}  # config -> why it could not run
 
@@ -599,7 +611,8 @@ def _multiply_add(acc, x, w, USE_DOT: tl.constexpr, INTERPRET: tl.constexpr, PRE
 
 
 @_jit(do_not_specialize=["M"])  # M changes every step: one compile serves all
-def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, nw_ptr, add_ptr, sum_ptr, eps, M, N, K,
+def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, nw_ptr, add_ptr, sum_ptr,
+                      eps, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
                       PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, W_TMA: tl.constexpr,
@@ -610,7 +623,8 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, nw_ptr
 
     USE_DOT multiplies on tensor cores (rows padded to 16); otherwise CUDA cores accumulate the products
     elementwise and reduce over K once at the end. With SPLIT_K > 1 the fp32 partials go to part_ptr
-    (SPLIT_K, M, N) for _split_k_reduce_kernel. With W_TMA, w_ptr is a TensorDescriptor of W with
+    (SPLIT_K, M, N), and the tile's last program to arrive (count_ptr: one int32 per tile) sums them in
+    split order, so the bits do not depend on which program that is. With W_TMA, w_ptr is a TensorDescriptor of W with
     (BLOCK_N, BLOCK_K) boxes; K slices are whole tiles, so its zero fill past K is the only mask needed.
     With PDL (see KernelConfig) it loads its first W tile, then waits for the kernel before it. With NORM
     (M = 1, see FoldedNorm) x is replaced by rmsnorm(x [+ add]) with weight nw_ptr, as it is loaded.
@@ -657,28 +671,19 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, nw_ptr
                             stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, INTERPRET)
     else:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
-
-
-@_jit(do_not_specialize=["M"])
-def _split_k_reduce_kernel(part_ptr, res_ptr, bias_ptr, out_ptr, M, N, stride_rm, stride_rn, stride_om,
-                           stride_on, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
-    """Grid (M, cdiv(N, BLOCK_N)): sums the split-K partials in a fixed order (deterministic, unlike
-    atomics), then adds bias and residual as the one-pass kernels do. With PDL it is launched while the
-    partials are still being written, and waits for them."""
-    if PDL and not INTERPRET:
-        gdc_launch_dependents()
-        gdc_wait()
-    offs_m = tl.program_id(0) + tl.arange(0, 1)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = offs_n[None, :] < N
-    acc = tl.zeros((1, BLOCK_N), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + (s * M + offs_m[:, None]) * N + offs_n[None, :], mask=mask, other=0.0)
-    _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, INTERPRET)
+        partials = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # split s at partials + s * M * N
+        tl.store(partials + pid_k * M * N, acc, mask=mask)
+        # The CUDA threadfence-reduction pattern: every thread's partial is stored (barrier) before one
+        # thread's release-acquire increment counts it; the program that sees SPLIT_K - 1 has all of them.
+        tl.debug_barrier()
+        count = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # in split order, whichever program came last
+                acc += tl.load(partials + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")  # not L1
+            _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
+                                stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, INTERPRET)
+            tl.store(count, 0)  # ready for the next launch
 
 
 @_jit(do_not_specialize=["M"])
