@@ -129,9 +129,8 @@ _RETIRED: list[torch.Tensor] = []  # outgrown counters, kept: graphs captured wi
 
 def _split_counters(device: torch.device, numel: int) -> torch.Tensor:
     """Persistent zeroed int32 counters, one per (seq, KV head), shared by every split launch on device.
-    Each launch leaves them at zero, so a graph captures no memset. Launches on one stream never overlap
-    on them (see the kernel); decode calls on two streams of one device at once would. Created or grown
-    outside a capture only (the engine's eager warm-up before each capture is such a call)."""
+    Each launch leaves them at zero, so a graph captures no memset. Created or grown outside a capture
+    only (the engine's eager warm-up before each capture is such a call)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < numel:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
