@@ -95,38 +95,6 @@ def test_decode_varied_lengths(num_kv_splits):
     check_attention([1] * 6, [100, 0, 1, 64, 0, 37], 4, 2, 64, 16, torch.float32, num_kv_splits=num_kv_splits)
 
 
-def test_decode_many_empty_splits():
-    # 32 splits (the default's cap) over 0-100 keys: most programs hold no keys, the last of them may merge,
-    # and a context-0 row merges nothing. 3 heads on one KV head: one (seq, KV head) counter per seq.
-    check_attention([1] * 5, [0, 1, 17, 100, 0], 3, 1, 64, 16, torch.float32, num_kv_splits=32)
-
-
-def test_decode_split_counters_reset():
-    """The last split of each (seq, KV head) leaves its counter at zero, so a second call on the same
-    counters merges again and gives the same bits (a CUDA-graph replay is such a call)."""
-    from nanovllm.kernels.paged_attention import _split_counters
-    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * 3, [40, 0, 7], 4, 2, 64, 16, torch.float32)
-    outs = [paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125, out=torch.full_like(q, float("nan")),
-                            num_kv_splits=3) for _ in range(2)]
-    assert torch.equal(outs[0], outs[1])
-    assert not _split_counters(q.device, 6)[:6].any()
-    torch.testing.assert_close(outs[1], paged_attention_ref(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125))
-
-
-def test_decode_split_counters_grow(monkeypatch):
-    # A batch with more (seq, KV head) pairs than the counters hold gets a larger buffer; the old one is kept
-    # (graphs captured with it replay it).
-    from nanovllm.kernels import paged_attention as attn_mod
-    monkeypatch.setattr(attn_mod, "_COUNTERS_NUMEL", 4)
-    monkeypatch.setattr(attn_mod, "_COUNTERS", {})
-    monkeypatch.setattr(attn_mod, "_RETIRED", [])
-    small = attn_mod._split_counters(torch.device(DEVICE), 2)
-    assert small.numel() == 4
-    check_attention([1] * 3, [9, 30, 2], 4, 2, 64, 16, torch.float32, num_kv_splits=2)  # 6 counters
-    grown = attn_mod._split_counters(torch.device(DEVICE), 6)
-    assert grown.numel() == 6 and attn_mod._RETIRED == [small] and not grown.any()
-
-
 def test_decode_padded_seq_gives_zeros():
     # CUDA-graph padding may run seqs with context 0: their rows must be finite (zeros), not NaN.
     q, k_cache, v_cache, tables, cu, ctx = paged_batch([1, 1], [5, 5], 4, 2, 64, 16, torch.float32)
@@ -270,25 +238,10 @@ def test_decode_cuda_graph_replay():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    # Twice: each replay must leave the split counters at zero for the next one.
-    for lens in ([1, 5, 100, 4096, 17, 2048, 3000, 33], [4096, 0, 64, 65, 1, 2049, 16, 300]):
-        ctx.copy_(torch.tensor(lens, dtype=torch.int32))
-        out.fill_(float("nan"))
-        graph.replay()
-        ref = paged_attention_ref(q, k_cache, v_cache, tables, cu, ctx, 1, 128 ** -0.5)
-        torch.testing.assert_close(out, ref, **tols(torch.bfloat16))
-
-
-@gpu_only
-def test_decode_split_merge_is_deterministic():
-    # Whichever program of a (seq, KV head) finishes last merges; the output must not depend on which.
-    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * 4, [4096, 1000, 77, 1], 16, 8, 128, 16,
-                                                       torch.bfloat16)
-    runs = [paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 128 ** -0.5, num_kv_splits=32)
-            for _ in range(20)]
-    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    ctx.copy_(torch.tensor([1, 5, 100, 4096, 17, 2048, 3000, 33], dtype=torch.int32))
+    graph.replay()
     ref = paged_attention_ref(q, k_cache, v_cache, tables, cu, ctx, 1, 128 ** -0.5)
-    torch.testing.assert_close(runs[0], ref, **tols(torch.bfloat16))
+    torch.testing.assert_close(out, ref, **tols(torch.bfloat16))
 
 
 @gpu_only
@@ -386,15 +339,14 @@ class _LaunchRecorder:
 
 @pytest.mark.parametrize("enabled", [False, True])
 def test_decode_kernels_launch_with_pdl_as_the_switch_says(monkeypatch, enabled):
-    """Every kernel of a decode step (RMSNorm, RoPE + store, attention with its splits merged in the same
-    launch, SiLU-and-mul) is compiled for PDL (its PDL flag) and launched with it exactly when pdl_enabled
-    says so."""
+    """Every kernel of a decode step (RMSNorm, RoPE + store, attention and its reduce, SiLU-and-mul) is
+    compiled for PDL (its PDL flag) and launched with it exactly when pdl_enabled says so."""
     from nanovllm.kernels import add_rmsnorm as norm_mod
     from nanovllm.kernels import paged_attention as attn_mod
     from nanovllm.kernels import rope_kv_store as rope_mod
     from nanovllm.kernels import silu_and_mul as silu_mod
     kernels = {(norm_mod, "_rmsnorm_kernel"), (rope_mod, "_rope_kv_store_kernel"), (silu_mod, "_silu_and_mul_kernel"),
-               (attn_mod, "_decode_kernel")}
+               (attn_mod, "_decode_kernel"), (attn_mod, "_decode_reduce_kernel")}
     recorders = {}
     for mod, name in kernels:
         recorders[name] = _LaunchRecorder()

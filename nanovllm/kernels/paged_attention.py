@@ -5,14 +5,6 @@ hits need no gather. Layout (docs/design.md): q (T, H, D); k_cache, v_cache (num
 block_tables (B, max_blocks) int32 padded with -1; cu_seqlens_q (B+1,) int32; context_lens (B,) int32.
 Query i of a seq sits at position context_len - q_len + i and sees keys at positions <= its own.
 One program serves all H // Hkv query heads of a KV head (GQA), so each K/V tile is read once per group.
-
-A decode step is one launch per layer, whatever its split count. Small batches split the keys over several
-programs per (seq, KV head) to fill the GPU; each stores its fp32 partial output and log-sum-exp, then
-counts itself done on a per-(seq, KV head) counter, and the program that counts last merges all splits and
-writes out (CUDA's threadFenceReduction, or a serial split-K fixup). A second merge kernel cost its launch
-latency at every layer: at batch 1 on an H100 as much GPU time as the attention itself. The merge sums
-the splits in a fixed order, so the output is the same bits whichever program comes last; it leaves its
-counter at zero, so every launch and CUDA-graph replay starts from zeroed counters (no memset per call).
 """
 from __future__ import annotations
 
@@ -93,7 +85,7 @@ def _num_sms(device: torch.device) -> int:
 
 def _default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
     # Small batches are latency-bound: ~3 programs per SM with >= 64 keys each was best on an H100
-    # (benchmarks/NOTES-kernels.md); large batches fill the GPU alone and skip the merge. max_kv_len is
+    # (benchmarks/NOTES-kernels.md); large batches fill the GPU alone and skip the reduce. max_kv_len is
     # the block table's width, so a graph captured at a fixed width keeps its split count.
     wanted = triton.cdiv(3 * _num_sms(device), batch * num_kv_heads)
     return max(1, min(wanted, max_kv_len // 64, 32))
@@ -103,45 +95,29 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
             block_n=None, num_warps=4, num_stages=3):
     batch, (_, num_heads, head_dim) = context_lens.shape[0], q.shape
     num_kv_heads, group = k_cache.shape[2], num_heads // k_cache.shape[2]
-    if num_splits > 1:  # fp32 partial outputs and log-sum-exps, merged by each (seq, KV head)'s last split
+    if num_splits > 1:  # fp32 partial outputs and log-sum-exps, merged by the reduce kernel
         partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        counters = _split_counters(q.device, batch * num_kv_heads)
-    else:  # straight into out: the split buffers are never touched
-        partial, lse, counters = out, out, out
+        dst, dst_strides = partial, (partial.stride(0), partial.stride(1), partial.stride(2))
+    else:
+        lse, dst, dst_strides = out, out, (out.stride(0), out.stride(1), 0)  # lse unused with one split
     pdl = pdl_enabled(q.device, q.shape[0])
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, out, partial, lse, counters,
-        scale * LOG2E, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), out.stride(0), out.stride(1), *partial.stride()[:3], *lse.stride()[:2],
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, dst, lse, scale * LOG2E,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
+        *dst_strides, lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=block_n or (64 if q.is_cuda else 16), BLOCK_S=triton.next_power_of_2(num_splits),
-        UPCAST=not q.is_cuda, PRECISION=_dot_precision(q), PDL=pdl, num_warps=num_warps,
-        num_stages=num_stages, launch_pdl=pdl,
+        BLOCK_N=block_n or (64 if q.is_cuda else 16), UPCAST=not q.is_cuda, PRECISION=_dot_precision(q),
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
-
-
-_COUNTERS_NUMEL = 1 << 16  # covers batch * Hkv of any decode graph we capture (e.g. 512 seqs x 128 heads)
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown counters, kept: graphs captured with them still replay them
-
-
-def _split_counters(device: torch.device, numel: int) -> torch.Tensor:
-    """Persistent zeroed int32 counters, one per (seq, KV head), shared by every split launch on device.
-    Each launch leaves them at zero, so a graph captures no memset. Created or grown outside a capture
-    only (the engine's eager warm-up before each capture is such a call)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < numel:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode attention needs {numel} split counters on {device} but "
-                               f"{0 if counters is None else counters.numel()} exist; run one call with "
-                               "this batch size outside CUDA-graph capture first")
-        if counters is not None:
-            _RETIRED.append(counters)
-        counters = torch.zeros(max(_COUNTERS_NUMEL, numel), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            partial, lse, out, cu_seqlens_q, partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl,
+        )
 
 
 def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out,
@@ -192,15 +168,13 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr
 
 @_jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
-                   out_ptr, partial_ptr, lse_ptr, counters_ptr, qk_scale, stride_qt, stride_qh,
+                   dst_ptr, lse_ptr, qk_scale, stride_qt, stride_qh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                   stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                   stride_dt, stride_dh, stride_ds, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Grid (B, Hkv, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys;
-    with NUM_SPLITS > 1 the slice's last program to finish also merges the slices into out.
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Grid (B, Hkv, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys.
     With PDL the seq's row and length (step inputs) are read before the wait (nanovllm/kernels/pdl.py)."""
     launch_dependents(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -213,12 +187,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
     g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
-    hd_mask = g_mask[:, None] & d_mask[None, :]
-    # q and the KV cache come from the RoPE + store kernel. Every access to the split counters follows this
-    # wait, and the kernel after this one waits for the whole grid: two launches never share a counter.
-    wait_previous(PDL)
+    wait_previous(PDL)  # q and the KV cache come from the RoPE + store kernel
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=hd_mask, other=0.0)  # (BLOCK_G, BLOCK_D)
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -232,48 +203,40 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
         m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
 
-    if NUM_SPLITS == 1:  # a padded seq with context 0 leaves l_i = 0: it writes zeros
-        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=hd_mask)
-        return
-    num_used = tl.cdiv(ctx_len, tl.maximum(split_len, 1))  # splits 0 .. num_used - 1 hold keys
-    if split < num_used:  # into the partials (B, H, NUM_SPLITS, D); the merge never reads an empty split
-        tl.store(partial_ptr + seq * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-                 acc / l_i[:, None], mask=hd_mask)
-        tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i), mask=g_mask)
-    # Every thread's stores, then one atomic (one thread) that releases them at GPU scope: the pattern of
-    # CUDA's threadFenceReduction sample and CUTLASS's semaphores. No program ever waits, so no deadlock.
-    tl.debug_barrier()
-    counter_ptr = counters_ptr + seq * tl.num_programs(1) + kv_head
-    if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:  # the last one here
-        _merge_splits(partial_ptr, lse_ptr, out_ptr, seq, token, kv_head, num_used, stride_pb, stride_ph,
-                      stride_ps, stride_lb, stride_lh, stride_ot, stride_oh, GROUP, HEAD_DIM, BLOCK_S, BLOCK_D)
-        tl.store(counter_ptr, 0)  # every split has counted: nothing else touches it in this launch
+    # An empty split (or a padded seq with context 0) leaves l_i = 0: write zeros and lse = -inf.
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if NUM_SPLITS == 1:  # straight into out (T, H, D)
+        row = token
+    else:  # into the partials (B, H, NUM_SPLITS, D)
+        row = seq
+    dst = dst_ptr + row * stride_dt + heads[:, None] * stride_dh + split * stride_ds + offs_d[None, :]
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if NUM_SPLITS > 1:
+        lse = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))  # log2 units; -inf for an empty split
+        tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
 
 
 @_jit
-def _merge_splits(partial_ptr, lse_ptr, out_ptr, seq, token, kv_head, num_used, stride_pb, stride_ph, stride_ps,
-                  stride_lb, stride_lh, stride_ot, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[token, head] for the GROUP heads: the used splits' partials, each weighted by its share of the
-    softmax mass. Reads only memory, in a fixed order: the same bits whichever program merges. One head at a
-    time, all its splits in one load (few round trips to L2, (BLOCK_S, BLOCK_D) registers). Loads go through
-    L2 (.cg): other SMs wrote them, and L1 is not coherent. No used split (context 0) gives zeros."""
+def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, stride_pb, stride_ph, stride_ps,
+                          stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PDL: tl.constexpr):
+    """Grid (B, H): merges the splits' partial outputs, weighting each by its share of the softmax mass."""
+    launch_dependents(PDL)
+    seq, head = tl.program_id(0), tl.program_id(1)
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    s_mask, d_mask = offs_s < num_used, offs_d < HEAD_DIM
-    for head in range(kv_head * GROUP, kv_head * GROUP + GROUP):
-        lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"),
-                      cache_modifier=".cg")  # (BLOCK_S,)
-        lse_max = tl.max(lse, 0)
-        weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # 0 for unused splits
-        partial = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
-                          + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0,
-                          cache_modifier=".cg")  # (BLOCK_S, BLOCK_D)
-        total = tl.sum(weight, 0)
-        result = tl.sum(partial * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-        tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty),
-                 mask=d_mask)
+    s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < HEAD_DIM
+    token = tl.load(cu_seqlens_q_ptr + seq)  # a step input
+    wait_previous(PDL)
+    lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # (BLOCK_S,), 0 for empty splits
+    partial = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
+                      + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (S, BLOCK_D)
+    total = tl.sum(weight, 0)
+    result = tl.sum(partial * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty),
+             mask=d_mask)
 
 
 @_jit
