@@ -8,11 +8,14 @@
 #   tests         tests/test_gpu.py and the async GPU test; latency: bench_latency (fused on/off end to end)
 #   pdl           gpu_pdl.sh (PDL and the norm fold, bench_pdl; the fused kernel's table with the time left);
 #                 throughput_pdl_all: bench_throughput with PDL at every batch size
+#   kernels       the GPU tests of the Triton kernels (attention, the fused o_proj); fused: bench_fused_o_proj
+#                 (issue 8's table); attention: bench_attention's decode_graph and decode sections
 # The lanes share the host's CPUs (32 on nvidia-h100-x2), which the host-bound figures (throughput,
 # serving) may feel. Results and logs land in $OUT/results.tgz (the tool returns at most 8 files), beside
 # steps.txt and the Triton cache.
-# Carry: .whl (pytest, gguf and the serving wheels), .gpuserve (make_serve_model.py), .triton_cache (compiled
-# kernels, and in .triton_cache/nanovllm the fused kernel's tuning choices, so engines start without timing).
+# Carry: .whl (pytest, gguf and the serving wheels), .gpuserve (make_serve_model.py), .triton_cache or
+# .triton_cache.tar.xz (compiled kernels, and in .triton_cache/nanovllm the fused kernel's tuning choices, so
+# engines start without timing).
 #   bash benchmarks/gpu_all.sh
 #   STEPS="tp profile tests" TP_RUNS="tp1 tp2" TP_S=270 bash benchmarks/gpu_all.sh   # some steps only
 set -o pipefail
@@ -23,6 +26,8 @@ LOGS=$OUT/logs
 mkdir -p "$LOGS"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/kernels/*.whl .whl/serve/*.whl >/dev/null 2>&1
+# The compiled kernels may travel packed (.triton_cache.tar.xz): unpacked they can pass what a call carries.
+[ -f .triton_cache.tar.xz ] && tar xJf .triton_cache.tar.xz
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache NANOVLLM_CACHE_DIR=$PWD/.triton_cache/nanovllm
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$LOGS/env.txt" 2>&1
@@ -45,9 +50,10 @@ step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, time to the
     echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit)" | tee -a "$LOGS/steps.txt"
 }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-# Lanes: A (tensor parallelism on two GPUs, then single-GPU throughput), B (tests, latency), C (gpu_pdl.sh:
-# PDL, the fold and the fused kernel's table). With 4 GPUs they run side by side (A on 0,1, B on 2, C on 3);
-# with 2, B and C share GPU 1 after A's TP step, one after the other (or GPU_B=0 GPU_C=1 without lane A).
+# Lanes: A (tensor parallelism on two GPUs, then single-GPU throughput), B (tests, latency), C (kernel
+# tests and benchmarks, gpu_pdl.sh). With 4 GPUs they run side by side (A on 0,1, B on 2, C on 3); with 2,
+# B and C share GPU 1 after A's TP step, one after the other (or GPU_B=0 GPU_C=1 without lane A); with 1,
+# every step runs alone on the card (C, B, then A), so no timing shares it.
 NUM_GPUS=$(nvidia-smi -L | wc -l)
 if ((NUM_GPUS >= 4)); then GPU_B=${GPU_B:-2} GPU_C=${GPU_C:-3}; else GPU_B=${GPU_B:-1} GPU_C=${GPU_C:-1}; fi
 tp() {
@@ -56,7 +62,7 @@ tp() {
 }
 lane_a() {
     export CUDA_VISIBLE_DEVICES=${GPU_A:-0}
-    want throughput && step throughput 110 python3 benchmarks/bench_throughput.py --out-dir "$OUT"  # async: the default
+    want throughput && step throughput 200 python3 benchmarks/bench_throughput.py --out-dir "$OUT"  # async: the default
     want throughput_sync && step throughput_sync 70 python3 benchmarks/bench_throughput.py --skip-hf \
         --no-async-scheduling --out-dir "$OUT"
     want profile && step profile 100 python3 benchmarks/profile_throughput.py --out-dir "$OUT"
@@ -71,13 +77,21 @@ lane_b() {
 }
 lane_c() {
     export CUDA_VISIBLE_DEVICES=$GPU_C
+    want kernels && step kernels 200 python3 -m pytest -q -p no:cacheprovider -rf --durations=5 \
+        tests/test_triton_kernels.py tests/test_fused_attention_output.py
+    want fused && NANOVLLM_CACHE_DIR= step fused 240 python3 benchmarks/bench_fused_o_proj.py --out-dir "$OUT"
+    want attention && PYTHONPATH=$PYTHONPATH:$PWD/benchmarks step attention 120 \
+        python3 benchmarks/bench_attention.py "$OUT" decode_graph decode
     want pdl && OUT=$OUT/pdl BUDGET_S=${PDL_S:-288} STEPS=${PDL_STEPS:-bench model kernels fused} \
         step pdl "${PDL_S:-288}" bash benchmarks/gpu_pdl.sh
     # the throughput run again with PDL at every batch size (the engine's default is one token)
     want throughput_pdl_all && NANOVLLM_PDL_MAX_TOKENS=100000 step throughput_pdl_all 110 \
         python3 benchmarks/bench_throughput.py --skip-hf --out-dir "$OUT/pdl_all"
 }
-if ((NUM_GPUS >= 4)) && ((${GPU_A:-0} == GPU_B)); then  # lane A's steps after lane B's, beside TP
+if ((NUM_GPUS == 1)); then
+    GPU_B=0 GPU_C=0
+    lane_c; lane_b; lane_a
+elif ((NUM_GPUS >= 4)) && ((${GPU_A:-0} == GPU_B)); then  # lane A's steps after lane B's, beside TP
     (tp) & (lane_b; lane_a) & (lane_c) &
 elif ((NUM_GPUS >= 4)); then
     (tp; lane_a) & (lane_b) & (lane_c) &
@@ -93,6 +107,8 @@ ls -R "$OUT" > "$OUT/manifest.txt"
 tar czf /tmp/results.tgz -C "$OUT" --exclude=./steps.txt --exclude=./tails.txt .
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name steps.txt ! -name tails.txt -exec rm -rf {} +
 mv /tmp/results.tgz "$OUT/"
-tar cJf "$OUT/triton_cache.tar.xz" .triton_cache 2>/dev/null
+find .triton_cache -type f \( -name '*.ttir' -o -name '*.ttgir' -o -name '*.llir' -o -name '*.ptx' -o -name '*.source' \) \
+    -delete  # intermediates: the cubins and their metadata are what a later call reuses
+XZ_OPT=-2 tar cJf "$OUT/triton_cache.tar.xz" .triton_cache 2>/dev/null
 [ "$(stat -c %s "$OUT/triton_cache.tar.xz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$OUT/triton_cache.tar.xz"
 cat "$OUT/steps.txt"; ls -la "$OUT"

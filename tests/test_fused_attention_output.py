@@ -26,7 +26,8 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=1e-2
        torch.float16: dict(rtol=1e-2, atol=1e-2)}
 SHAPES = [(1, 64, 96), (3, 200, 64), (17, 96, 200)]  # (M, K, N): ragged against every block size
 CONFIGS = [KernelConfig("gemv", 16, 64, 128), KernelConfig("gemv", 4, 64, 128, use_dot=False),
-           KernelConfig("gemm", 16, 64, 64), KernelConfig("gemv", 16, 32, 64, tma=True)]
+           KernelConfig("gemm", 16, 64, 64), KernelConfig("gemv", 16, 32, 64, tma=True),
+           KernelConfig("gemv", 16, 64, 64, split_k=2, swap=True)]
 REAL_SHAPES = [(896, 896), (2048, 1024), (2048, 2048), (4096, 2560), (4096, 4096)]  # (K, N)
 
 
@@ -131,7 +132,7 @@ def dispatcher_paths(k: int, n: int) -> dict[str, tuple[int, KernelConfig]]:
     paths = {}
     for m in (1 << i for i in range(9)):
         for c in fao.candidate_configs(m, n, k, torch.bfloat16, pdl=True):
-            path = (f"{c.kernel}{'' if c.use_dot else '-fma'}{'-tma' if c.tma else ''}"
+            path = (f"{c.kernel}{'' if c.use_dot else '-fma'}{'-tma' if c.tma else ''}{'-swap' if c.swap else ''}"
                     f"{'-sk' if c.split_k > 1 else ''}{'-pdl' if c.pdl else ''}")
             cost = -(-m // c.block_m) * -(-n // c.block_n) * c.split_k  # programs to interpret
             if path not in paths or cost < paths[path][0]:

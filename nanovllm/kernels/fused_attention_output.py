@@ -87,7 +87,9 @@ class KernelConfig:
     memory accelerator (one bulk copy per tile) instead of per-thread loads. pdl: the gemv is launched
     with programmatic dependent launch (Hopper): it may start while the kernel before it finishes, loads
     its first W tile (W depends on no earlier kernel), and only then waits for that kernel
-    (griddepcontrol.wait) before it reads x or the residual or writes anything."""
+    (griddepcontrol.wait) before it reads x or the residual or writes anything. swap: the tensor-core gemv
+    computes out^T = W x^T, so the W tile is the MMA's wide first operand (Hopper's wgmma wants 64 rows
+    there) and the few rows of x its narrow second one."""
     kernel: str
     block_m: int = 16
     block_n: int = 64
@@ -98,11 +100,12 @@ class KernelConfig:
     num_stages: int = 4
     tma: bool = False
     pdl: bool = False
+    swap: bool = False
 
     def __str__(self) -> str:
         if self.kernel == "cublas":
             return "cublas"
-        dot = ("" if self.use_dot else "-fma") + ("-tma" if self.tma else "")
+        dot = ("" if self.use_dot else "-fma") + ("-tma" if self.tma else "") + ("-swap" if self.swap else "")
         split = f"-sk{self.split_k}" if self.split_k > 1 else ""
         return (f"{self.kernel}{dot}-{self.block_m}x{self.block_n}x{self.block_k}{split}"
                 f"-w{self.num_warps}s{self.num_stages}{'-pdl' if self.pdl else ''}")
@@ -117,6 +120,7 @@ _FMA_CONFIGS = [
     (4, 512, 1, 4, 3, False), (2, 2048, 1, 4, 1, False), (1, 2048, 1, 4, 1, False), (2, 1024, 1, 4, 2, False),
     (1, 4096, 1, 8, 1, False), (2, 4096, 1, 8, 1, False),
     (2, 2048, 2, 4, 1, False), (1, 2048, 2, 4, 1, False), (4, 512, 2, 4, 1, False),  # one K tile a program
+    (4, 2048, 1, 8, 1, False), (4, 1024, 1, 8, 2, False), (8, 1024, 1, 8, 1, False),  # larger W tiles
 ]
 # Tensor cores, M <= 64 in one row tile: (block_n, block_k, split_k, num_warps, num_stages, tma).
 _DOT_GEMV_CONFIGS = [
@@ -129,6 +133,14 @@ _DOT_GEMV_CONFIGS = [
     # Split-K in one launch (since the last program sums the partials): more programs for small N.
     (16, 256, 4, 4, 4, False), (16, 128, 8, 4, 4, False), (16, 256, 2, 2, 4, True), (16, 256, 4, 2, 4, True),
     (32, 256, 2, 4, 4, False), (32, 128, 4, 4, 4, False),
+]
+# Tensor cores with W as the MMA's first operand (KernelConfig.swap), M <= 64; as _DOT_GEMV_CONFIGS.
+_SWAP_GEMV_CONFIGS = [
+    (64, 128, 1, 4, 4, True), (64, 128, 2, 4, 4, True), (64, 128, 4, 4, 4, True), (64, 256, 2, 4, 3, True),
+    (128, 128, 2, 4, 3, True), (64, 128, 4, 4, 4, False), (64, 256, 4, 4, 3, False), (64, 128, 8, 4, 4, True),
+    # deep pipelines over few programs, as cuBLAS runs small-M GEMMs
+    (64, 64, 4, 4, 10, True), (64, 128, 4, 4, 6, True), (64, 64, 2, 4, 12, True), (64, 128, 2, 4, 8, True),
+    (128, 64, 4, 4, 8, True), (64, 64, 8, 4, 8, True),
 ]
 _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
@@ -152,6 +164,10 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = Fa
         bm = max(16, m)  # tl.dot needs 16 rows
         if (bn >= bm // 2 or m <= 16) and k >= split * bk and splits_fit(bm, bn, bk, split):
             configs.append(KernelConfig("gemv", bm, bn, bk, split, True, warps, stages, tma))
+    for bn, bk, split, warps, stages, tma in _SWAP_GEMV_CONFIGS if m <= 64 else []:
+        bm = max(16, m)
+        if k >= split * bk and splits_fit(bm, bn, bk, split):
+            configs.append(KernelConfig("gemv", bm, bn, bk, split, True, warps, stages, tma, swap=True))
     if pdl:
         configs += [replace(c, pdl=True) for c in configs if c.kernel == "gemv"]
     for bm, bn, bk, warps, stages in _GEMM_CONFIGS if m >= 32 else []:
@@ -210,9 +226,9 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
     norm_args = _norm_args(norm, x, out)
     tiled_gemv_kernel[(num_m, num_n, config.split_k)](
         *args, partials, counters, *norm_args, m, n, k, *strides, SPLIT_K=config.split_k,
-        USE_DOT=config.use_dot, W_TMA=config.tma and _tma_ok(weight), PDL=config.pdl, NORM=norm is not None,
-        NORM_ADD=norm is not None and norm.add is not None, BLOCK_R=triton.next_power_of_2(k) if norm else 1,
-        launch_pdl=pdl, **meta)
+        USE_DOT=config.use_dot, SWAP_AB=config.swap, W_TMA=config.tma and _tma_ok(weight), PDL=config.pdl,
+        NORM=norm is not None, NORM_ADD=norm is not None and norm.add is not None,
+        BLOCK_R=triton.next_power_of_2(k) if norm else 1, launch_pdl=pdl, **meta)
     return out
 
 
@@ -598,13 +614,17 @@ def _w_tile(w_ptr, offs_n, offs_k, k, k_end, N, stride_wn, stride_wk, W_TMA: tl.
 
 
 @_jit()
-def _multiply_add(acc, x, w, USE_DOT: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """acc (BM, BN) += x (BM, BK) @ w (BN, BK)^T on tensor cores, or acc (BM, BN, BK) += the products
-    elementwise on CUDA cores (reduced over K once, after the loop)."""
+def _multiply_add(acc, x, w, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """acc (BM, BN) += x (BM, BK) @ w (BN, BK)^T on tensor cores (SWAP_AB: acc^T (BN, BM) += w @ x^T), or
+    acc (BM, BN, BK) += the products elementwise on CUDA cores (reduced over K once, after the loop)."""
     if USE_DOT:
         if INTERPRET:
             x, w = x.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     else:
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     return acc
@@ -615,13 +635,15 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
                       eps, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
-                      PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, W_TMA: tl.constexpr,
+                      PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+                      SWAP_AB: tl.constexpr, W_TMA: tl.constexpr,
                       PDL: tl.constexpr, NORM: tl.constexpr, NORM_ADD: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K): a (BLOCK_M, BLOCK_N) tile of out over one slice
     of K. Each W tile is loaded once (evict-first: nothing reads it again) and applied to all BLOCK_M rows.
 
-    USE_DOT multiplies on tensor cores (rows padded to 16); otherwise CUDA cores accumulate the products
+    USE_DOT multiplies on tensor cores (rows padded to 16; SWAP_AB: as out^T = W x^T, see KernelConfig);
+    otherwise CUDA cores accumulate the products
     elementwise and reduce over K once at the end. With SPLIT_K > 1 the fp32 partials go to part_ptr
     (SPLIT_K, M, N), and the tile's last program to arrive (count_ptr: one int32 per tile) sums them in
     split order, so the bits do not depend on which program that is. With W_TMA, w_ptr is a TensorDescriptor of W with
@@ -636,7 +658,9 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if USE_DOT:
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    elif USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -656,15 +680,17 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
     if PDL:
         if NORM:
             x = _normalize(x, nw, rstd)
-        acc = _multiply_add(acc, x, w, USE_DOT, INTERPRET, PRECISION)
+        acc = _multiply_add(acc, x, w, USE_DOT, SWAP_AB, INTERPRET, PRECISION)
         k_loop += BLOCK_K
     for k in range(k_loop, k_end, BLOCK_K):
         x = _x_tile(x_ptr, add_ptr, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk, NORM_ADD)
         if NORM:
             x = _normalize(x, _norm_weight_tile(nw_ptr, offs_k, k, k_end), rstd)
         w = _w_tile(w_ptr, offs_n, offs_k, k, k_end, N, stride_wn, stride_wk, W_TMA, BLOCK_N)
-        acc = _multiply_add(acc, x, w, USE_DOT, INTERPRET, PRECISION)
-    if not USE_DOT:
+        acc = _multiply_add(acc, x, w, USE_DOT, SWAP_AB, INTERPRET, PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    elif not USE_DOT:
         acc = tl.sum(acc, axis=2)
     if SPLIT_K == 1:
         _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
