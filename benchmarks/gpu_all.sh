@@ -78,7 +78,7 @@ lane_b() {
 lane_c() {
     export CUDA_VISIBLE_DEVICES=$GPU_C
     want kernels && step kernels 200 python3 -m pytest -q -p no:cacheprovider -rf --durations=5 \
-        tests/test_triton_kernels.py tests/test_fused_attention_output.py
+        ${KERNEL_TESTS:-tests/test_triton_kernels.py tests/test_fused_attention_output.py}
     want fused && NANOVLLM_CACHE_DIR= step fused 240 python3 benchmarks/bench_fused_o_proj.py --out-dir "$OUT"
     want attention && PYTHONPATH=$PYTHONPATH:$PWD/benchmarks step attention 120 \
         python3 benchmarks/bench_attention.py "$OUT" decode_graph decode

@@ -302,6 +302,29 @@ class _FixedLogits(torch.nn.Module):
 
 
 @torch.inference_mode()
+def test_fused_output_leaves_the_add_to_the_next_norm_where_cublas_runs(model_dir):
+    """Where the dispatcher runs cuBLAS (typically M >= 128), o_proj's forward_add returns the product and
+    the residual, for the next add_rmsnorm to add, instead of a separate add kernel; where a Triton kernel
+    runs, the sum alone. Either way the stream the next layer sees has the fused call's bits."""
+    from nanovllm.kernels import fused_attention_output as fao
+    fused, _ = load_model(model_dir("qwen3-0.6b"), torch.bfloat16, "cuda", use_fused_output=True,
+                          load_format="dummy")
+    o_proj = fused.model.layers[0].self_attn.o_proj
+    gen = torch.Generator("cuda").manual_seed(0)
+    kinds = set()
+    for m in (1, 8, 64, 128, 256, 300):
+        x = torch.randn(m, 2048, generator=gen, device="cuda").to(torch.bfloat16)
+        residual = torch.randn(m, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+        out, rest = o_proj.forward_add(x, residual)
+        own = fao.runs_own_kernel(x, o_proj.weight)
+        assert (rest is None) == own, m
+        stream = out if rest is None else (out.float() + rest.float()).to(torch.bfloat16)  # as add_rmsnorm adds
+        assert torch.equal(stream, fao.fused_o_proj_add_residual(x, o_proj.weight, residual)), m
+        kinds.add(own)
+    REPORT["fused_output_cublas_buckets_leave_the_add"] = sorted(kinds)
+
+
+@torch.inference_mode()
 def test_sampling_inside_the_graph_follows_softmax_over_temperature():
     """The sampling graph draws from softmax(logits / T) (fresh randoms on every replay) and keeps the
     argmax on temperature-0 rows: 500 replays x 60 rows against the exact distribution."""

@@ -458,6 +458,17 @@ def fused_o_proj_add_residual(x: torch.Tensor, weight: torch.Tensor, residual: t
     return _dispatch(x, weight, residual, bias, out, fused=True)
 
 
+def runs_own_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether fused_o_proj_add_residual(x, weight, residual, bias) runs one of this module's kernels, the
+    add inside, rather than cuBLAS then a separate add (tuned faster at this many tokens, or untuned during
+    a CUDA-graph capture, or no CUDA)."""
+    if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    key = tuning_key(x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, _bucket(x.shape[0]), True)
+    config = _best(key)
+    return config is not None and config.kernel != "cublas"
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
     """out (M, N) = x (M, K) @ weight (N, K)^T + bias (N,), rounded once, as F.linear: the fastest of cuBLAS

@@ -70,17 +70,22 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
     has_norm = q_norm_weight is not None
     assert has_norm == (k_norm_weight is not None), "q and k norms come together (Qwen3)"
     pdl = pdl_enabled(q.device, num_tokens)
-    # A program per head, not per token: at one token (a batch-1 decode step) a single program would walk
+    # A program per head at a few tokens: at one token (a batch-1 decode step) a single program would walk
     # q, then k, then v, one dependent memory round trip after another; the heads' programs run side by side.
-    _rope_kv_store_kernel[(num_tokens, num_heads + num_kv_heads)](
+    # At many tokens, a program per head is tens of thousands of one-warp programs, and launching them costs
+    # more than their loads: there a program takes 8 heads.
+    heads_per_program = 1 if num_tokens <= 16 else 8
+    grid = (num_tokens, triton.cdiv(num_heads + num_kv_heads, heads_per_program))
+    _rope_kv_store_kernel[grid](
         # Empty caches may have a null data pointer, which Triton refuses: pass k in their place.
         q, k, v, positions, cos_sin_cache, k_cache if store else k, v_cache if store else v, slot_mapping,
         q_norm_weight if has_norm else q, k_norm_weight if has_norm else k, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         *(k_cache.stride()[:3] if store else (0, 0, 0)), *(v_cache.stride()[:3] if store else (0, 0, 0)),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1] if store else 1,
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, STORE=store, PDL=pdl,
-        num_warps=1, launch_pdl=pdl,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        PAGE_SIZE=k_cache.shape[1] if store else 1, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        HAS_NORM=has_norm, STORE=store, PDL=pdl,
+        HEADS_PER_PROGRAM=heads_per_program, num_warps=1, launch_pdl=pdl,
     )
     return q, k
 
@@ -118,40 +123,56 @@ def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cac
                           slot_mapping_ptr, q_norm_ptr, k_norm_ptr, eps,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
                           stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                          BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
-                          PDL: tl.constexpr):
-    """Grid (T, H + Hkv): program (t, h) takes q head h of token t for h < H, else KV head h - H (k rotated,
-    then k and v into the cache). With PDL, cos/sin of the token's position, the norm weights and its slot
-    are loaded before the wait: the step's inputs and weights (nanovllm/kernels/pdl.py)."""
+                          NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          PAGE_SIZE: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+                          STORE: tl.constexpr, PDL: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr):
+    """Grid (T, cdiv(H + Hkv, HEADS_PER_PROGRAM)): program (t, p) takes heads h = p * HEADS_PER_PROGRAM + i
+    of token t: q head h for h < H, else KV head h - H (k rotated, then k and v into the cache). With PDL,
+    cos/sin of the token's position, the norm weights and its slot are loaded before the wait: the step's
+    inputs and weights (nanovllm/kernels/pdl.py)."""
     launch_dependents(PDL)
-    token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    token = tl.program_id(0).to(tl.int64)
     cos, sin = _halves(cos_sin_ptr + tl.load(positions_ptr + token) * stride_cs, HEAD_DIM, BLOCK_HALF)
-    w1, w2 = cos, sin  # unused without a norm: the norm pointers are then q and k, unreadable before the wait
+    qw1, qw2, kw1, kw2 = cos, sin, cos, sin  # unused without a norm (the norm pointers are then q and k)
     if HAS_NORM:
-        w1, w2 = _halves(tl.where(head < NUM_HEADS, q_norm_ptr, k_norm_ptr), HEAD_DIM, BLOCK_HALF)
+        qw1, qw2 = _halves(q_norm_ptr, HEAD_DIM, BLOCK_HALF)
+        kw1, kw2 = _halves(k_norm_ptr, HEAD_DIM, BLOCK_HALF)
+    slot = -1
     if STORE:
         slot = tl.load(slot_mapping_ptr + token)
     wait_previous(PDL)
-    if head < NUM_HEADS:
-        _norm_rope_head(q_ptr + token * stride_qt + head * stride_qh, w1, w2, cos, sin, eps, HEAD_DIM,
-                        BLOCK_HALF, HAS_NORM)
-    else:
-        kv_head = head - NUM_HEADS
-        offs_d = tl.arange(0, BLOCK_HALF)
-        if STORE:  # v first: its load then overlaps k's
-            v_ptrs = v_ptr + token * stride_vt + kv_head * stride_vh + offs_d
-            v1 = tl.load(v_ptrs, mask=offs_d < HEAD_DIM // 2)
-            v2 = tl.load(v_ptrs + HEAD_DIM // 2, mask=offs_d < HEAD_DIM // 2)
-        k1, k2, mask = _norm_rope_head(k_ptr + token * stride_kt + kv_head * stride_kh, w1, w2, cos, sin, eps,
-                                       HEAD_DIM, BLOCK_HALF, HAS_NORM)
-        if STORE:
-            if slot >= 0:
-                kc_ptrs = (k_cache_ptr + (slot // PAGE_SIZE) * stride_kcb + (slot % PAGE_SIZE) * stride_kcs
-                           + kv_head * stride_kch + offs_d)
-                tl.store(kc_ptrs, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-                tl.store(kc_ptrs + HEAD_DIM // 2, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
-                vc_ptrs = (v_cache_ptr + (slot // PAGE_SIZE) * stride_vcb + (slot % PAGE_SIZE) * stride_vcs
-                           + kv_head * stride_vch + offs_d)
-                tl.store(vc_ptrs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
-                tl.store(vc_ptrs + HEAD_DIM // 2, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    for i in tl.static_range(HEADS_PER_PROGRAM):
+        head = tl.program_id(1) * HEADS_PER_PROGRAM + i
+        if head < NUM_HEADS:
+            _norm_rope_head(q_ptr + token * stride_qt + head * stride_qh, qw1, qw2, cos, sin, eps, HEAD_DIM,
+                            BLOCK_HALF, HAS_NORM)
+        elif head < NUM_HEADS + NUM_KV_HEADS:
+            _rope_store_kv_head(k_ptr + token * stride_kt + (head - NUM_HEADS) * stride_kh,
+                                v_ptr + token * stride_vt + (head - NUM_HEADS) * stride_vh, head - NUM_HEADS,
+                                slot, k_cache_ptr, v_cache_ptr, kw1, kw2, cos, sin, eps, stride_kcb, stride_kcs,
+                                stride_kch, stride_vcb, stride_vcs, stride_vch, HEAD_DIM, PAGE_SIZE, BLOCK_HALF,
+                                HAS_NORM, STORE)
+
+
+@_jit
+def _rope_store_kv_head(k_ptr, v_ptr, kv_head, slot, k_cache_ptr, v_cache_ptr, w1, w2, cos, sin, eps,
+                        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                        HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                        HAS_NORM: tl.constexpr, STORE: tl.constexpr):
+    """One KV head of one token: k normalized and rotated in place, then k and v into the cache at slot
+    (none for slot < 0: a padded token)."""
+    offs_d = tl.arange(0, BLOCK_HALF)
+    if STORE:  # v first: its load then overlaps k's
+        v1 = tl.load(v_ptr + offs_d, mask=offs_d < HEAD_DIM // 2)
+        v2 = tl.load(v_ptr + HEAD_DIM // 2 + offs_d, mask=offs_d < HEAD_DIM // 2)
+    k1, k2, mask = _norm_rope_head(k_ptr, w1, w2, cos, sin, eps, HEAD_DIM, BLOCK_HALF, HAS_NORM)
+    if STORE:
+        if slot >= 0:
+            kc_ptrs = (k_cache_ptr + (slot // PAGE_SIZE) * stride_kcb + (slot % PAGE_SIZE) * stride_kcs
+                       + kv_head * stride_kch + offs_d)
+            tl.store(kc_ptrs, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(kc_ptrs + HEAD_DIM // 2, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            vc_ptrs = (v_cache_ptr + (slot // PAGE_SIZE) * stride_vcb + (slot % PAGE_SIZE) * stride_vcs
+                       + kv_head * stride_vch + offs_d)
+            tl.store(vc_ptrs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(vc_ptrs + HEAD_DIM // 2, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)

@@ -98,6 +98,11 @@ class ColumnParallelLinear(LinearBase):
         return self(x), residual
 
 
+def _runs_own_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    from nanovllm.kernels.fused_attention_output import runs_own_kernel  # Triton only on the CUDA path
+    return runs_own_kernel(x, weight, bias)
+
+
 def _dispatches(x: torch.Tensor) -> bool:
     """Whether a column-parallel layer sends x to the fused kernel's dispatcher (`project`)."""
     return x.is_cuda and x.dim() == 2 and x.shape[0] <= COLUMN_DISPATCHER_MAX_M and COLUMN_PARALLEL_DISPATCHER
@@ -164,13 +169,18 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(self._project(x, self.bias if self.tp_rank == 0 else None))  # (T, out)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """x W^T (+ b) + residual, with the add fused into the projection (the fused output path). Under
-        TP rank 0 adds the residual (and bias) to its partial sum and the others project alone: the
-        all-reduce then counts the residual once, as it does the bias."""
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x W^T (+ b) + residual, None), the add fused into the projection (the fused output path). Where the
+        dispatcher runs cuBLAS for this many tokens (large batches), the add would be a kernel of its own:
+        then (x W^T (+ b), residual), and the next RMSNorm adds it (add_rmsnorm), to the same bits. Under TP
+        rank 0 adds the residual (and bias) to its partial sum and the others project alone: the all-reduce
+        then counts the residual once, as it does the bias (always fused there: the ranks' tunings may
+        differ, and all must return the same)."""
+        if self.tp_size == 1 and x.is_cuda and not _runs_own_kernel(x, self.weight, self.bias):
+            return self.forward(x), residual
         if self.tp_rank != 0:
-            return all_reduce(self._project(x, None))  # (T, out), partial
-        return all_reduce(self._project(x, self.bias, residual))
+            return all_reduce(self._project(x, None)), None  # (T, out), partial
+        return all_reduce(self._project(x, self.bias, residual)), None
 
     def _project(self, x: torch.Tensor, bias: torch.Tensor | None,
                  residual: torch.Tensor | None = None) -> torch.Tensor:

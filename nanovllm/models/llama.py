@@ -66,11 +66,12 @@ class LlamaAttention(nn.Module):
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The residual stream is hidden_states + residual (None: nothing to add), before and after:
         attention reads norm(stream). Returns (o_proj(attn), stream), or with `fuses_residual`
-        (o_proj(attn) + stream, None) from one kernel."""
+        (o_proj(attn) + stream, None) from one kernel, unless cuBLAS runs o_proj at this many tokens
+        (RowParallelLinear.forward_add)."""
         qkv, stream = self.qkv_proj.forward_normed(hidden_states, norm, residual)
         attn = self.attend(positions, qkv)  # (T, H*D)
         if self.fuses_residual:
-            return self.o_proj.forward_add(attn, stream), None
+            return self.o_proj.forward_add(attn, stream)
         return self.o_proj(attn), stream
 
 
@@ -108,7 +109,7 @@ class LlamaMLP(nn.Module):
         gate_up, stream = self.gate_up_proj.forward_normed(hidden_states, norm, residual)
         x = self.act_fn(gate_up)  # (T, intermediate)
         if self.fuses_residual:
-            return self.down_proj.forward_add(x, stream), None
+            return self.down_proj.forward_add(x, stream)
         return self.down_proj(x), stream
 
 
@@ -124,7 +125,8 @@ class LlamaDecoderLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The residual stream is hidden_states + residual, the latter carried separately (None: nothing
         to add): each norm adds it in (nano-vllm's fused add + norm). With the fused output path o_proj and
-        down_proj add it instead, and return (residual stream, None): the next norm has nothing to add."""
+        down_proj add it instead where their kernel can, and return (residual stream, None): the next norm
+        has nothing to add."""
         hidden_states, residual = self.self_attn(positions, hidden_states, self.input_layernorm, residual)
         return self.mlp(hidden_states, self.post_attention_layernorm, residual)
 
