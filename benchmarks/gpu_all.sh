@@ -71,7 +71,7 @@ lane_a() {
 }
 lane_b() {
     export CUDA_VISIBLE_DEVICES=$GPU_B NANOVLLM_GPU_REPORT=$OUT/gpu_tests.json
-    want tests && step tests 190 python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py \
+    want tests && step tests ${TESTS_S:-190} python3 -m pytest -q -p no:cacheprovider -s -rA --durations=10 tests/test_gpu.py \
         tests/test_async_scheduling.py::test_async_scheduling_on_cuda_graphs
     want latency && step latency 150 python3 benchmarks/bench_latency.py --out-dir "$OUT"
 }

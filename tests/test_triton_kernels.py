@@ -126,7 +126,7 @@ def rope_inputs(num_tokens, num_heads, num_kv_heads, head_dim, dtype, block_size
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim", [(5, 4, 2, 64), (3, 9, 3, 64),
-                                                                          (2, 16, 8, 128), (17, 9, 3, 64)])
+                                                                          (2, 16, 8, 128), (40, 9, 3, 64)])
 def test_rope_and_store_kv(num_tokens, num_heads, num_kv_heads, head_dim, qk_norm, dtype):
     (q, k, v), positions, cos_sin, (k_cache, v_cache), slots, norms = rope_inputs(
         num_tokens, num_heads, num_kv_heads, head_dim, dtype)
