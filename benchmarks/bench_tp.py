@@ -53,6 +53,8 @@ RUNS = {
     # NCCL, the default: a second symmetric-memory group in one process (after tp2) hung at start on 2 H200s.
     "tp2_async": ("qwen3-8b", dict(tensor_parallel_size=2, async_scheduling=True), "0", True, "tp1"),
     "tp2_nccl": ("qwen3-8b", dict(tensor_parallel_size=2), "0", True, "tp1"),
+    # Async with the symmetric-memory all-reduce: the process's first (and only) symmetric-memory group.
+    "tp2_async_symm": ("qwen3-8b", dict(tensor_parallel_size=2, async_scheduling=True), "1", True, "tp1"),
     "fp32_tp1": ("qwen3-4b", dict(tensor_parallel_size=1, dtype="float32", **SMALL), "1", False, None),
     # NCCL: at 2 ranks both all-reduces round a + b once (nccl_vs_symm_mem checks it), and one
     # symmetric-memory group per process keeps the bench clear of torch's rendezvous caching.
@@ -62,6 +64,7 @@ RUNS = {
 COMPARISONS = {
     "tp2_vs_tp1": ("tp1", "tp2"),  # bf16, what the issue measures
     "tp2_async_vs_tp1": ("tp1", "tp2_async"),  # async scheduling under TP changes no token
+    "tp2_async_symm_vs_nccl": ("tp2_async", "tp2_async_symm"),  # two ranks: a + b rounds the same either way
     "eager_vs_graphs": ("tp1", "tp1_eager"),  # bf16 noise of one TP size
     "nccl_vs_symm_mem": ("tp2", "tp2_nccl"),  # two ranks: a + b rounds the same either way
     "fp32_tp2_vs_tp1": ("fp32_tp1", "fp32_tp2"),
@@ -229,17 +232,26 @@ def summary(runs: dict[str, dict], card: str, cards: list[str]) -> dict:
                 "tp2_nccl_output_tok_per_s": ("tp2_nccl", "output_tok_per_s"),
                 "tp1_async_output_tok_per_s": ("tp1_async", "output_tok_per_s"),
                 "tp2_async_output_tok_per_s": ("tp2_async", "output_tok_per_s"),
+                "tp2_async_symm_output_tok_per_s": ("tp2_async_symm", "output_tok_per_s"),
                 "tp1_ms_per_token_bs1": ("tp1", "ms_per_token_bs1"),
                 "tp2_ms_per_token_bs1": ("tp2", "ms_per_token_bs1"),
                 "tp2_nccl_ms_per_token_bs1": ("tp2_nccl", "ms_per_token_bs1")}
+    # Without the synchronous runs, the issue's keys come from the async ones (the engine's default).
+    for tp, names in ((1, ("tp1", "tp1_async")), (2, ("tp2", "tp2_async_symm", "tp2_async"))):
+        name = next((n for n in names if "output_tok_per_s" in runs.get(n, {})), None)
+        for field in ("output_tok_per_s", "ms_per_token_bs1") if name else ():
+            headline[f"tp{tp}_{field}"] = (name, field)
+        if name:
+            result[f"tp{tp}_headline_run"] = name
     for key, (run, field) in headline.items():
         if field in runs.get(run, {}):
             result[key] = runs[run][field]
     for tp2 in ("tp2", "tp2_nccl"):
         if f"{tp2}_output_tok_per_s" in result and "tp1_output_tok_per_s" in result:
             result[f"{tp2}_speedup"] = result[f"{tp2}_output_tok_per_s"] / result["tp1_output_tok_per_s"]
-    if "tp2_async_output_tok_per_s" in result and "tp1_async_output_tok_per_s" in result:
-        result["tp2_async_speedup"] = result["tp2_async_output_tok_per_s"] / result["tp1_async_output_tok_per_s"]
+    for tp2 in ("tp2_async", "tp2_async_symm"):
+        if f"{tp2}_output_tok_per_s" in result and "tp1_async_output_tok_per_s" in result:
+            result[f"{tp2}_speedup"] = result[f"{tp2}_output_tok_per_s"] / result["tp1_async_output_tok_per_s"]
     for name, row in result["comparisons"].items():
         result[f"{name}_greedy_agreement"] = row["greedy_agreement"]
     return result
