@@ -113,14 +113,12 @@ class KernelConfig:
 
 _CUBLAS = KernelConfig("cublas")
 # The gemv tilings below were each within 3 % of the fastest for some shape and M bucket on the H100
-# (benchmarks/NOTES-fused.md, run 3); those that never were are gone, to keep tuning short.
-# CUDA cores, M <= 16, many small programs: (block_n, block_k, split_k, num_warps, num_stages, tma).
-_FMA_CONFIGS = [
-    (1, 1024, 1, 4, 1, False), (2, 1024, 1, 4, 1, False), (2, 512, 1, 4, 2, False), (4, 512, 1, 4, 1, False),
-    (4, 512, 1, 4, 3, False), (2, 2048, 1, 4, 1, False), (1, 2048, 1, 4, 1, False), (2, 1024, 1, 4, 2, False),
-    (1, 4096, 1, 8, 1, False), (2, 4096, 1, 8, 1, False),
-    (2, 2048, 2, 4, 1, False), (1, 2048, 2, 4, 1, False), (4, 512, 2, 4, 1, False),  # one K tile a program
-    (4, 2048, 1, 8, 1, False), (4, 1024, 1, 8, 2, False), (8, 1024, 1, 8, 1, False),  # larger W tiles
+# (benchmarks/NOTES-fused.md, run 3 and session 5); those that never were are gone, to keep tuning short.
+_FMA_CONFIGS = [  # CUDA cores, M <= 16: (block_n, block_k, num_warps, num_stages, tma); many small programs
+    (1, 1024, 4, 1, False), (2, 1024, 4, 1, False), (2, 512, 4, 2, False), (4, 512, 4, 1, False),
+    (4, 512, 4, 3, False), (2, 2048, 4, 1, False), (1, 2048, 4, 1, False), (2, 1024, 4, 2, False),
+    (1, 4096, 8, 1, False), (2, 4096, 8, 1, False), (4, 2048, 8, 1, False), (4, 1024, 8, 2, False),
+    (8, 1024, 8, 1, False),
 ]
 # Tensor cores, M <= 64 in one row tile: (block_n, block_k, split_k, num_warps, num_stages, tma).
 _DOT_GEMV_CONFIGS = [
@@ -131,16 +129,12 @@ _DOT_GEMV_CONFIGS = [
     (16, 256, 1, 4, 4, True), (32, 256, 1, 4, 4, True), (64, 128, 2, 4, 4, True), (16, 256, 1, 2, 4, True),
     (32, 256, 1, 2, 4, True),
     # Split-K in one launch (since the last program sums the partials): more programs for small N.
-    (16, 256, 4, 4, 4, False), (16, 128, 8, 4, 4, False), (16, 256, 2, 2, 4, True), (16, 256, 4, 2, 4, True),
-    (32, 256, 2, 4, 4, False), (32, 128, 4, 4, 4, False),
+    (16, 256, 2, 2, 4, True), (32, 128, 4, 4, 4, False),
 ]
 # Tensor cores with W as the MMA's first operand (KernelConfig.swap), M <= 64; as _DOT_GEMV_CONFIGS.
 _SWAP_GEMV_CONFIGS = [
-    (64, 128, 1, 4, 4, True), (64, 128, 2, 4, 4, True), (64, 128, 4, 4, 4, True), (64, 256, 2, 4, 3, True),
-    (128, 128, 2, 4, 3, True), (64, 128, 4, 4, 4, False), (64, 256, 4, 4, 3, False), (64, 128, 8, 4, 4, True),
-    # deep pipelines over few programs, as cuBLAS runs small-M GEMMs
-    (64, 64, 4, 4, 10, True), (64, 128, 4, 4, 6, True), (64, 64, 2, 4, 12, True), (64, 128, 2, 4, 8, True),
-    (128, 64, 4, 4, 8, True), (64, 64, 8, 4, 8, True),
+    (64, 128, 2, 4, 4, True), (64, 128, 4, 4, 4, True), (64, 256, 2, 4, 3, True), (64, 128, 4, 4, 4, False),
+    (64, 256, 4, 4, 3, False), (64, 128, 2, 4, 8, True),
 ]
 _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
@@ -151,22 +145,21 @@ _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = False) -> list[KernelConfig]:
     """The configurations the tuner times for M tokens (m is a bucket: a power of two). pdl: the device
     has programmatic dependent launch (Hopper or newer); every gemv tiling is then also tried with it."""
-    def splits_fit(bm: int, bn: int, bk: int, split: int) -> bool:  # every split has a K tile, and memory
-        return split == 1 or (split * bm * n <= _WORKSPACE_NUMEL and -(-n // bn) <= _COUNTERS_NUMEL
-                              and k >= split * bk)
+    def fits(bm: int, bn: int, bk: int, split: int) -> bool:  # a K tile for every split, and the workspace
+        return k >= split * bk and (split == 1 or (split * bm * n <= _WORKSPACE_NUMEL
+                                                   and -(-n // bn) <= _COUNTERS_NUMEL))
 
     configs = [_CUBLAS]
-    for bn, bk, split, warps, stages, tma in _FMA_CONFIGS if m <= 16 else []:
-        # The (M, BN, BK) fp32 products: at most 64 registers a thread.
-        if m * bn * bk <= 64 * 32 * warps and splits_fit(m, bn, bk, split):
-            configs.append(KernelConfig("gemv", m, bn, bk, split, False, warps, stages, tma))
+    for bn, bk, warps, stages, tma in _FMA_CONFIGS if m <= 16 else []:
+        if m * bn * bk <= 64 * 32 * warps:  # the (M, BN, BK) fp32 products: at most 64 registers a thread
+            configs.append(KernelConfig("gemv", m, bn, bk, 1, False, warps, stages, tma))
     for bn, bk, split, warps, stages, tma in _DOT_GEMV_CONFIGS if m <= 64 else []:
         bm = max(16, m)  # tl.dot needs 16 rows
-        if (bn >= bm // 2 or m <= 16) and k >= split * bk and splits_fit(bm, bn, bk, split):
+        if (bn >= bm // 2 or m <= 16) and fits(bm, bn, bk, split):
             configs.append(KernelConfig("gemv", bm, bn, bk, split, True, warps, stages, tma))
     for bn, bk, split, warps, stages, tma in _SWAP_GEMV_CONFIGS if m <= 64 else []:
         bm = max(16, m)
-        if k >= split * bk and splits_fit(bm, bn, bk, split):
+        if fits(bm, bn, bk, split):
             configs.append(KernelConfig("gemv", bm, bn, bk, split, True, warps, stages, tma, swap=True))
     if pdl:
         configs += [replace(c, pdl=True) for c in configs if c.kernel == "gemv"]
