@@ -16,7 +16,7 @@
 #                          --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl/serve
 #                          fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection
 #                          opentelemetry-api typing-extensions uvloop httptools
-#   .whl/kernels           the same for gguf (and pytest for gpu_run.sh)
+#   .whl/kernels           the same for gguf (and pytest for gpu_all.sh)
 #   .triton_cache          optional: compiled kernels from an earlier call (saves ~40 s of start-up)
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
