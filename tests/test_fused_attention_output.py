@@ -480,6 +480,25 @@ def test_folded_norm_projects_what_the_norm_kernel_stores(config, add):
     torch.testing.assert_close(stream.float(), ref_stream.float(), rtol=2**-7, atol=0)
 
 
+GATED_CONFIGS = [KernelConfig("gemv", 1, 4, 64, use_dot=False), KernelConfig("gemv", 1, 2, 64, use_dot=False, pdl=True),
+                 KernelConfig("gemv", 16, 32, 64)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or fao.triton is None, reason="interpreter test (needs Triton)")
+@pytest.mark.parametrize("config", GATED_CONFIGS, ids=str)
+def test_gated_fold_is_silu_and_mul_of_the_projection(config):
+    """gate_up_proj with SiLU-and-mul in its epilogue (and the add + norm folded into its x): silu(gate) * up
+    of the same configuration's rounded product. I = 40 columns, ragged against every tile; K = 200."""
+    x, residual, norm_weight, weight, _ = norm_inputs(200, 80, seed=7)  # weight: 40 gate rows, then 40 up
+    proj, want_stream = folded(config, x, residual, norm_weight, weight, None)
+    stream = poisoned(1, 200, x.dtype)
+    got = launch(config, x, weight, None, None, out=poisoned(1, 40, x.dtype),
+                 norm=FoldedNorm(norm_weight, EPS, residual, stream), gated=True)
+    assert torch.isfinite(got).all() and torch.equal(stream, want_stream)
+    # Within one bf16 step: the interpreter's sigmoid is numpy's, not the GPU's (there: bit for bit).
+    torch.testing.assert_close(got.float(), fao.silu_and_mul_ref(proj).float(), rtol=2**-7, atol=1e-6)
+
+
 def test_rmsnorm_project_falls_back_to_reference_off_cuda():
     x, residual, norm_weight, weight, bias = norm_inputs(64, 48, seed=6)
     before = residual.clone()
@@ -489,6 +508,9 @@ def test_rmsnorm_project_falls_back_to_reference_off_cuda():
     normed = (x.float() + before.float()).to(x.dtype).float()
     normed = (normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + EPS) * norm_weight.float())
     torch.testing.assert_close(out.float(), normed @ weight.float().t() + bias.float(), **TOL[torch.bfloat16])
+    gated, _ = rmsnorm_project(x, norm_weight, EPS, weight, None, before.clone(), gated=True)
+    want, _ = rmsnorm_project_ref(x, norm_weight, EPS, weight, None, before)
+    assert gated.shape == (1, 24) and torch.equal(gated, fao.silu_and_mul_ref(want))
     with pytest.raises(ValueError, match="residual"):
         rmsnorm_project(x, norm_weight, EPS, weight, bias, residual[:, :32])
     with pytest.raises(ValueError, match="norm_weight"):
@@ -516,6 +538,34 @@ def test_gpu_folded_norm_is_the_norm_kernel_then_the_gemv_bit_for_bit(k, n):
             except OutOfResources:
                 continue
             assert torch.equal(got, want) and torch.equal(stream, want_stream), f"{config}, add {add is not None}"
+
+
+@cuda
+def test_gpu_gated_fold_is_the_silu_and_mul_kernel_bit_for_bit():
+    """Qwen3-0.6B's gate_up_proj at one token: the gemv with SiLU-and-mul in its epilogue gives the bits of
+    the same tiling's projection then the SiLU-and-mul kernel, for each even-width tiling without split-K
+    (what the fold takes), and rmsnorm_project(gated=True) those of rmsnorm_project then silu_and_mul."""
+    from triton.runtime.errors import OutOfResources
+
+    from nanovllm.kernels.silu_and_mul import silu_and_mul
+    k, n = 1024, 6144
+    x, residual, norm_weight, weight, _ = norm_inputs(k, n, "cuda", seed=12)
+    pdl, tried = fao.pdl_supported(x.device), 0
+    for config in fao.candidate_configs(1, n, k, torch.bfloat16, pdl=pdl):
+        if config.kernel != "gemv" or config.split_k > 1 or config.block_n % 2 or config.pdl != pdl:
+            continue
+        try:
+            proj, _ = folded(config, x, residual, norm_weight, weight, None)
+            got = launch(config, x, weight, None, None, norm=FoldedNorm(norm_weight, EPS, residual,
+                                                                        torch.empty_like(x)), gated=True)
+        except OutOfResources:
+            continue
+        assert torch.equal(got, silu_and_mul(proj)), str(config)
+        tried += 1
+    assert tried
+    got, stream = rmsnorm_project(x, norm_weight, EPS, weight, None, residual, gated=True)
+    proj, want_stream = rmsnorm_project(x, norm_weight, EPS, weight, None, residual)
+    assert torch.equal(got, silu_and_mul(proj)) and torch.equal(stream, want_stream)
 
 
 @cuda

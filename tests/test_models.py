@@ -170,20 +170,24 @@ def test_fused_output_gives_identical_logits(tiny, sequences):
 def test_norm_folded_into_projections_matches_hf(tiny, sequences, use_fused_output, monkeypatch):
     """The fold's seam at one token: the decoder layers hand their norms (and the residual stream) to
     qkv_proj and gate_up_proj, which call rmsnorm_project (its torch form here: the dispatcher's CUDA
-    condition forced true) with the right stream, fused output path on or off. Token by token through
-    a paged cache, every step one token, so every projection folds."""
+    condition forced true) with the right stream, fused output path on or off; gate_up_proj's call also
+    folds SiLU-and-mul (gated). Token by token through a paged cache, every step one token, so every
+    projection folds."""
     from nanovllm.kernels import fused_attention_output as fao
     from nanovllm.layers import linear
     model, hf_model, path = tiny
     if use_fused_output:
         model, _ = load_model(path, torch.float32, "cpu", use_fused_output=True)
-    calls = []
+    calls, gated = [], []
     monkeypatch.setattr(linear, "_dispatches", lambda x: x.dim() == 2 and x.shape[0] == 1)
-    monkeypatch.setattr(fao, "rmsnorm_project", lambda *a: calls.append(a[5] is None) or rmsnorm_project_ref(*a))
+    monkeypatch.setattr(fao, "rmsnorm_project",
+                        lambda *a: calls.append(a[5] is None) or gated.append(a[6]) or rmsnorm_project_ref(*a))
     norms = [layer.input_layernorm for layer in model.model.layers]
     norms += [layer.post_attention_layernorm for layer in model.model.layers]
     for norm in norms:  # the Triton norm's rounding, which the fold reproduces (never run here: M = 1)
         monkeypatch.setattr(norm, "use_triton", True)
+    for layer in model.model.layers:  # and SiLU-and-mul's, folded into gate_up_proj (gated=True)
+        monkeypatch.setattr(layer.mlp.act_fn, "use_triton", True)
     seq, block_size = sequences[0], 4
     expected = hf_logits(hf_model, seq)
     with paged_kv_cache(model, num_blocks=8, block_size=block_size):
@@ -195,6 +199,7 @@ def test_norm_folded_into_projections_matches_hf(tiny, sequences, use_fused_outp
     assert len(calls) == 2 * num_layers * len(seq)
     # Unfused, every norm but the first layer's input norm adds a residual; fused, none does.
     assert sum(calls) == len(seq) * (2 * num_layers if use_fused_output else 1)
+    assert sum(gated) == len(calls) // 2  # gate_up_proj's, each with SiLU-and-mul
 
 
 def test_qwen3_fused_attention_class(tiny):

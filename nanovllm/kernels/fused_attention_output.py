@@ -41,6 +41,7 @@ import torch
 
 from nanovllm.kernels.add_rmsnorm import add_rmsnorm, rms_rstd, rmsnorm, rmsnorm_ref
 from nanovllm.kernels.pdl import pdl_enabled, pdl_supported  # noqa: F401 (pdl_supported: re-exported)
+from nanovllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 try:
     import triton
@@ -184,11 +185,13 @@ class FoldedNorm:
 
 def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
-           norm: FoldedNorm | None = None) -> torch.Tensor:
+           norm: FoldedNorm | None = None, gated: bool = False) -> torch.Tensor:
     """Runs one configuration (no checks, no tuning): what the dispatcher and the kernel tests call.
     Without a residual it stores the rounded product that the same configuration adds the residual to.
-    With `norm` (a gemv, M = 1, x and norm.add with unit stride) it projects rmsnorm(x [+ norm.add])."""
-    (m, k), n = x.shape, weight.shape[0]
+    With `norm` (a gemv, M = 1, x and norm.add with unit stride) it projects rmsnorm(x [+ norm.add]).
+    With `gated` (a gemv without split-K, bias or residual, block_n even) weight is a gate_up_proj's
+    [gate; up] (2I, K) and out (M, I) = silu(gate) * up of the rounded product, as SiLU-and-mul stores it."""
+    (m, k), n = x.shape, weight.shape[0] // (2 if gated else 1)  # n: out's columns
     out = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     if config.kernel == "cublas":  # what F.linear then `+ residual` run (not addmm: that rounds once)
         if residual is not None and out.data_ptr() == residual.data_ptr():  # the product must not overwrite it
@@ -206,11 +209,12 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 num_warps=config.num_warps, num_stages=config.num_stages)
-    num_m, num_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n)
+    num_m, num_n = triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n // (2 if gated else 1))
     if config.kernel == "gemm":
         fused_o_proj_add_residual_kernel[(num_m * num_n,)](*args, m, n, k, *strides, GROUP_M=8, **meta)
         return out
-    if config.tma and _tma_ok(weight):  # W as a descriptor: the kernel then loads it with TMA
+    assert not gated or (config.split_k == 1 and bias is None and not has_residual and config.block_n % 2 == 0)
+    if config.tma and _tma_ok(weight) and not gated:  # W as a descriptor: the kernel then loads it with TMA
         args = (x, TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k]),
                 *args[2:])
     partials, counters = _workspace(x.device) if config.split_k > 1 else (out, out)
@@ -219,7 +223,8 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
     norm_args = _norm_args(norm, x, out)
     tiled_gemv_kernel[(num_m, num_n, config.split_k)](
         *args, partials, counters, *norm_args, m, n, k, *strides, SPLIT_K=config.split_k,
-        USE_DOT=config.use_dot, SWAP_AB=config.swap, W_TMA=config.tma and _tma_ok(weight), PDL=config.pdl,
+        USE_DOT=config.use_dot, SWAP_AB=config.swap, W_TMA=config.tma and _tma_ok(weight) and not gated,
+        PDL=config.pdl, GATED=gated,
         NORM=norm is not None, NORM_ADD=norm is not None and norm.add is not None,
         BLOCK_R=triton.next_power_of_2(k) if norm else 1, launch_pdl=pdl, **meta)
     return out
@@ -473,23 +478,28 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def rmsnorm_project_ref(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                        bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                        gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: (rmsnorm(s) @ W^T + b, s) with s = x + residual rounded (x without a residual), each step
-    rounded as the Triton RMSNorm and `project` round it. The CPU path and the test oracle."""
+    rounded as the Triton RMSNorm and `project` round it; gated: SiLU-and-mul of that. The CPU path and the
+    test oracle."""
     stream = x if residual is None else (x.float() + residual.float()).to(x.dtype)
-    return fused_o_proj_add_residual_ref(rmsnorm_ref(stream, norm_weight, eps), weight, None, bias), stream
+    y = fused_o_proj_add_residual_ref(rmsnorm_ref(stream, norm_weight, eps), weight, None, bias)
+    return (silu_and_mul_ref(y) if gated else y), stream
 
 
 def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(project(rmsnorm(s)), s), s the residual stream: x + residual (rounded), or x without a residual.
+                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                    gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(project(rmsnorm(s)), s), s the residual stream: x + residual (rounded), or x without a residual;
+    gated (weight a gate_up_proj's [gate; up]): (silu_and_mul(project(rmsnorm(s))), s).
 
     The RMSNorm before qkv_proj and gate_up_proj, folded into the projection at one token (x (1, K)): every
     program of `project`'s gemv computes the row's rms itself (K is a few thousand: a few KB from L2) and
     normalizes x as it loads it, rounded to x's dtype as the RMSNorm kernel stores it, so the product is the
     unfolded kernels' bit for bit, and the decode step has one kernel (and one launch) fewer per norm.
+    Gated, the gemv's epilogue also does SiLU-and-mul (one kernel fewer again, for the MLP), as that kernel
+    would have stored it.
     With a residual the fold writes s to a new tensor (other programs still read residual); where it does
     not apply (more rows, no CUDA, cuBLAS tuned fastest), add_rmsnorm updates residual in place, as
     RMSNorm does. Either way, use the returned s.
@@ -499,15 +509,20 @@ def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
         if t is not None and (tuple(t.shape) != want or t.device != x.device):
             raise ValueError(f"{name} must be {want} on {x.device}; got {tuple(t.shape)} on {t.device}.")
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return rmsnorm_project_ref(x, norm_weight, eps, weight, bias, residual)
+        return rmsnorm_project_ref(x, norm_weight, eps, weight, bias, residual, gated)
     config = _fold_config(x, weight, bias) if x.shape[0] == 1 else None
+    if gated and config is not None and (config.split_k > 1 or config.block_n % 2 or bias is not None):
+        config = None  # the SiLU-and-mul epilogue takes whole gate/up row pairs in one pass
     if config is None or x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
         if residual is None:
-            return project(rmsnorm(x, norm_weight, eps), weight, bias), x
-        normed, stream = add_rmsnorm(x, residual, norm_weight, eps)
-        return project(normed, weight, bias), stream
+            stream, y = x, project(rmsnorm(x, norm_weight, eps), weight, bias)
+        else:
+            normed, stream = add_rmsnorm(x, residual, norm_weight, eps)
+            y = project(normed, weight, bias)
+        return (silu_and_mul(y) if gated else y), stream
     stream = x if residual is None else torch.empty_like(x)
-    return launch(config, x, weight, None, bias, norm=FoldedNorm(norm_weight, eps, residual, stream)), stream
+    norm = FoldedNorm(norm_weight, eps, residual, stream)
+    return launch(config, x, weight, None, bias, norm=norm, gated=gated), stream
 
 
 def _fold_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> KernelConfig | None:
@@ -558,6 +573,20 @@ def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, s
         acc += res.to(tl.float32)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, _round(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@_jit()
+def _silu_and_mul_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, INTERPRET: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) holds the gate products of columns offs_n (BLOCK_N // 2 of them), then their up
+    products: out[offs_m, offs_n] = silu(gate) * up, each product rounded to out's dtype first (as
+    gate_up_proj stores it), then the SiLU-and-mul kernel's fp32 math and rounding, bit for bit."""
+    acc = _round(acc, out_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+    gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    y = gate * tl.sigmoid(gate) * up
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             _round(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @_jit()
@@ -640,7 +669,7 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr,
                       PRECISION: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                      SWAP_AB: tl.constexpr, W_TMA: tl.constexpr,
+                      SWAP_AB: tl.constexpr, W_TMA: tl.constexpr, GATED: tl.constexpr,
                       PDL: tl.constexpr, NORM: tl.constexpr, NORM_ADD: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K): a (BLOCK_M, BLOCK_N) tile of out over one slice
@@ -653,11 +682,18 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
     split order, so the bits do not depend on which program that is. With W_TMA, w_ptr is a TensorDescriptor of W with
     (BLOCK_N, BLOCK_K) boxes; K slices are whole tiles, so its zero fill past K is the only mask needed.
     With PDL (see KernelConfig) it loads its first W tile, then waits for the kernel before it. With NORM
-    (M = 1, see FoldedNorm) x is replaced by rmsnorm(x [+ add]) with weight nw_ptr, as it is loaded.
+    (M = 1, see FoldedNorm) x is replaced by rmsnorm(x [+ add]) with weight nw_ptr, as it is loaded. With
+    GATED, W is [gate; up] (2N, K) and out (M, N) silu(gate) * up: a program's BLOCK_N rows of W are the
+    gate rows of its BLOCK_N // 2 columns, then their up rows.
     """
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_rows = N  # of W
+    if GATED:  # W's rows for this program's BLOCK_N // 2 columns of out: theirs in gate, then in up
+        j = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * (BLOCK_N // 2) + j % (BLOCK_N // 2) + (j // (BLOCK_N // 2)) * N
+        n_rows = 2 * N
     offs_k = tl.arange(0, BLOCK_K)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
@@ -671,7 +707,7 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
     k_loop = k_start
     rstd, nw = 0.0, 0.0  # the folded norm's (NORM only)
     if PDL:  # the first step, peeled: its W tile is loaded before the wait, overlapping the kernel before
-        w = _w_tile(w_ptr, offs_n, offs_k, k_start, k_end, N, stride_wn, stride_wk, W_TMA, BLOCK_N)
+        w = _w_tile(w_ptr, offs_n, offs_k, k_start, k_end, n_rows, stride_wn, stride_wk, W_TMA, BLOCK_N)
         if NORM:
             nw = _norm_weight_tile(nw_ptr, offs_k, k_start, k_end)
         if not INTERPRET:  # which has no griddepcontrol, and runs kernels one by one anyway
@@ -690,13 +726,16 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
         x = _x_tile(x_ptr, add_ptr, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk, NORM_ADD)
         if NORM:
             x = _normalize(x, _norm_weight_tile(nw_ptr, offs_k, k, k_end), rstd)
-        w = _w_tile(w_ptr, offs_n, offs_k, k, k_end, N, stride_wn, stride_wk, W_TMA, BLOCK_N)
+        w = _w_tile(w_ptr, offs_n, offs_k, k, k_end, n_rows, stride_wn, stride_wk, W_TMA, BLOCK_N)
         acc = _multiply_add(acc, x, w, USE_DOT, SWAP_AB, INTERPRET, PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc)
     elif not USE_DOT:
         acc = tl.sum(acc, axis=2)
-    if SPLIT_K == 1:
+    if GATED:
+        _silu_and_mul_store(acc, offs_m, pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2), M, N, out_ptr,
+                            stride_om, stride_on, INTERPRET, BLOCK_M, BLOCK_N)
+    elif SPLIT_K == 1:
         _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
                             stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, INTERPRET)
     else:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
+from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.layernorm import RMSNorm
 
 # On CUDA the row-parallel projections (o_proj, down_proj) go through the fused kernel's dispatcher, fused
@@ -85,17 +86,20 @@ class ColumnParallelLinear(LinearBase):
             return project(x, self.weight, self.bias)  # (T, out)
         return F.linear(x, self.weight, self.bias)
 
-    def forward_normed(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_normed(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None,
+                       act: SiluAndMul | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(s)), s), s the residual stream: x + residual, or x without a residual (what
-        `norm(x, residual)` adds). At one token on CUDA the norm is folded into the projection's kernel."""
-        if FOLD_NORM and norm.use_triton and x.shape[0] == 1 and _dispatches(x):
+        `norm(x, residual)` adds); with `act` (a gate_up_proj), (act(self(norm(s))), s). At one token on
+        CUDA the norm is folded into the projection's kernel, and SiLU-and-mul into its epilogue."""
+        if FOLD_NORM and norm.use_triton and x.shape[0] == 1 and _dispatches(x) and (act is None or act.use_triton):
             from nanovllm.kernels.fused_attention_output import rmsnorm_project
-            return rmsnorm_project(x, norm.weight, norm.eps, self.weight, self.bias, residual)
+            return rmsnorm_project(x, norm.weight, norm.eps, self.weight, self.bias, residual, act is not None)
         if residual is None:
-            return self(norm(x)), x
-        x, residual = norm(x, residual)
-        return self(x), residual
+            y, stream = self(norm(x)), x
+        else:
+            normed, stream = norm(x, residual)
+            y = self(normed)
+        return (y if act is None else act(y)), stream
 
 
 def _runs_own_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

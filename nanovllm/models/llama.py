@@ -106,8 +106,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        gate_up, stream = self.gate_up_proj.forward_normed(hidden_states, norm, residual)
-        x = self.act_fn(gate_up)  # (T, intermediate)
+        x, stream = self.gate_up_proj.forward_normed(hidden_states, norm, residual, self.act_fn)  # (T, inter)
         if self.fuses_residual:
             return self.down_proj.forward_add(x, stream)
         return self.down_proj(x), stream
