@@ -676,15 +676,15 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
     of K. Each W tile is loaded once (evict-first: nothing reads it again) and applied to all BLOCK_M rows.
 
     USE_DOT multiplies on tensor cores (rows padded to 16; SWAP_AB: as out^T = W x^T, see KernelConfig);
-    otherwise CUDA cores accumulate the products
-    elementwise and reduce over K once at the end. With SPLIT_K > 1 the fp32 partials go to part_ptr
-    (SPLIT_K, M, N), and the tile's last program to arrive (count_ptr: one int32 per tile) sums them in
-    split order, so the bits do not depend on which program that is. With W_TMA, w_ptr is a TensorDescriptor of W with
-    (BLOCK_N, BLOCK_K) boxes; K slices are whole tiles, so its zero fill past K is the only mask needed.
+    otherwise CUDA cores accumulate the products elementwise and reduce over K once at the end. With
+    SPLIT_K > 1 the fp32 partials go to part_ptr (SPLIT_K, M, N), and the tile's last program to arrive
+    (count_ptr: one int32 per tile) sums them in split order, so the bits do not depend on which program
+    that is. With W_TMA, w_ptr is a TensorDescriptor of W with (BLOCK_N, BLOCK_K) boxes; K slices are whole
+    tiles, so its zero fill past K is the only mask needed.
     With PDL (see KernelConfig) it loads its first W tile, then waits for the kernel before it. With NORM
     (M = 1, see FoldedNorm) x is replaced by rmsnorm(x [+ add]) with weight nw_ptr, as it is loaded. With
     GATED, W is [gate; up] (2N, K) and out (M, N) silu(gate) * up: a program's BLOCK_N rows of W are the
-    gate rows of its BLOCK_N // 2 columns, then their up rows.
+    gate rows of its BLOCK_N // 2 columns, then their up rows (the grid's second axis: cdiv(N, BLOCK_N // 2)).
     """
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
