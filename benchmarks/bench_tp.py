@@ -227,16 +227,13 @@ def summary(runs: dict[str, dict], card: str, cards: list[str]) -> dict:
               "runs": {name: {k: r[k] for k in detail_keys if k in r} for name, r in runs.items()},
               "comparisons": {name: compare(runs[a], runs[b]) for name, (a, b) in COMPARISONS.items()
                               if "scored" in runs.get(a, {}) and "scored" in runs.get(b, {})}}
-    headline = {"tp1_output_tok_per_s": ("tp1", "output_tok_per_s"),
-                "tp2_output_tok_per_s": ("tp2", "output_tok_per_s"),
-                "tp2_nccl_output_tok_per_s": ("tp2_nccl", "output_tok_per_s"),
+    headline = {"tp2_nccl_output_tok_per_s": ("tp2_nccl", "output_tok_per_s"),
                 "tp1_async_output_tok_per_s": ("tp1_async", "output_tok_per_s"),
                 "tp2_async_output_tok_per_s": ("tp2_async", "output_tok_per_s"),
                 "tp2_async_symm_output_tok_per_s": ("tp2_async_symm", "output_tok_per_s"),
-                "tp1_ms_per_token_bs1": ("tp1", "ms_per_token_bs1"),
-                "tp2_ms_per_token_bs1": ("tp2", "ms_per_token_bs1"),
                 "tp2_nccl_ms_per_token_bs1": ("tp2_nccl", "ms_per_token_bs1")}
-    # Without the synchronous runs, the keys come from the async ones (the engine's default).
+    # The tp1_/tp2_ keys: from the synchronous runs, or without them from the async ones (the
+    # engine's default).
     for tp, names in ((1, ("tp1", "tp1_async")), (2, ("tp2", "tp2_async_symm", "tp2_async"))):
         name = next((n for n in names if "output_tok_per_s" in runs.get(n, {})), None)
         for field in ("output_tok_per_s", "ms_per_token_bs1") if name else ():

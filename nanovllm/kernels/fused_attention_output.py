@@ -213,7 +213,7 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
     if config.kernel == "gemm":
         fused_o_proj_add_residual_kernel[(num_m * num_n,)](*args, m, n, k, *strides, GROUP_M=8, **meta)
         return out
-    assert not gated or (config.split_k == 1 and bias is None and not has_residual and config.block_n % 2 == 0)
+    assert not gated or (_gates(config, bias) and not has_residual)
     if config.tma and _tma_ok(weight) and not gated:  # W as a descriptor: the kernel then loads it with TMA
         args = (x, TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k]),
                 *args[2:])
@@ -228,6 +228,12 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
         NORM=norm is not None, NORM_ADD=norm is not None and norm.add is not None,
         BLOCK_R=triton.next_power_of_2(k) if norm else 1, launch_pdl=pdl, **meta)
     return out
+
+
+def _gates(config: KernelConfig, bias: torch.Tensor | None) -> bool:
+    """Whether this gemv tiling can do SiLU-and-mul in its epilogue (launch's `gated`): whole gate/up row
+    pairs in one pass (no split over K, an even block_n), and no bias."""
+    return config.split_k == 1 and config.block_n % 2 == 0 and bias is None
 
 
 def _norm_args(norm: FoldedNorm | None, x: torch.Tensor, out: torch.Tensor) -> tuple:
@@ -511,8 +517,8 @@ def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return rmsnorm_project_ref(x, norm_weight, eps, weight, bias, residual, gated)
     config = _fold_config(x, weight, bias) if x.shape[0] == 1 else None
-    if gated and config is not None and (config.split_k > 1 or config.block_n % 2 or bias is not None):
-        config = None  # the SiLU-and-mul epilogue takes whole gate/up row pairs in one pass
+    if gated and config is not None and not _gates(config, bias):
+        config = None
     if config is None or x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
         if residual is None:
             stream, y = x, project(rmsnorm(x, norm_weight, eps), weight, bias)

@@ -1,9 +1,9 @@
 """RoPE on q and k (after Qwen3's optional per-head RMSNorm), fused with the store of k and v into the cache.
 
 One program per head (q heads, then KV heads) of a block of tokens reads that head once and writes it back
-rotated (in place); a KV head's program also writes k and v into the cache at slot_mapping (layout of docs/design.md:
-(num_blocks, block_size, Hkv, D); slot = block * block_size + offset; slot -1 skips the store, as padded
-CUDA-graph rows do). RoPE is neox style (HF rotate_half):
+rotated (in place); a KV head's program also writes k and v into the cache at slot_mapping (layout of
+docs/design.md: (num_blocks, block_size, Hkv, D); slot = block * block_size + offset; slot -1 skips the store,
+as padded CUDA-graph rows do). RoPE is neox style (HF rotate_half):
 with x = [x1 | x2] and cos_sin_cache[pos] = [cos | sin] (D/2 each), out = [x1*cos - x2*sin | x2*cos + x1*sin].
 """
 from __future__ import annotations
@@ -127,18 +127,18 @@ def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cac
     weights (nanovllm/kernels/pdl.py)."""
     launch_dependents(PDL)
     head = tl.program_id(1)
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None]  # (BLOCK_T, 1)
+    in_range = tokens < num_tokens
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (tokens < num_tokens)[:, None] & (offs_d < HEAD_DIM // 2)  # (BLOCK_T, BLOCK_HALF)
-    tokens = tokens.to(tl.int64)[:, None]
-    cs_ptrs = cos_sin_ptr + tl.load(positions_ptr + tokens, mask=tokens < num_tokens, other=0) * stride_cs + offs_d
+    mask = in_range & (offs_d < HEAD_DIM // 2)  # (BLOCK_T, BLOCK_HALF)
+    cs_ptrs = cos_sin_ptr + tl.load(positions_ptr + tokens, mask=in_range, other=0) * stride_cs + offs_d
     cos = tl.load(cs_ptrs, mask=mask, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
     w1, w2 = cos, sin  # unused without a norm: the norm pointers are then q and k, unreadable before the wait
     if HAS_NORM:
         w1, w2 = _halves(tl.where(head < NUM_HEADS, q_norm_ptr, k_norm_ptr), HEAD_DIM, BLOCK_HALF)
     if STORE:
-        slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1)  # (BLOCK_T, 1)
+        slots = tl.load(slot_mapping_ptr + tokens, mask=in_range, other=-1)  # (BLOCK_T, 1)
     wait_previous(PDL)
     if head < NUM_HEADS:
         _norm_rope_head(q_ptr + tokens * stride_qt + head * stride_qh + offs_d, mask, w1, w2, cos, sin, eps,
