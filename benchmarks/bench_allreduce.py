@@ -10,8 +10,14 @@ Columns (microseconds per all-reduce, each checked against NCCL's sum first: *_s
   two_shot_us      two_shot_all_reduce_ in the buffer (no copies)
   one_shot_copy_us one_shot_all_reduce_copy_out: copy in fused, sum written to the caller's tensor
   two_shot_copy_us copy into the buffer, then two_shot_all_reduce_out to the caller's tensor
-  nanovllm_us      nanovllm's all_reduce (distributed/all_reduce.py): one of the two above by size
-The last three are what an engine pays; the first two are the kernels alone. Each graph holds REPEAT
+  nanovllm_us      nanovllm's all_reduce (distributed/all_reduce.py) of a tensor outside the buffer: one of
+                   the two above by size
+  slot_us          nanovllm's one-shot kernel (kernels/all_reduce.py) on a message already in a slot of the
+                   buffer, as a row-parallel projection leaves it: what the engine's decoder layers pay
+  slot_p*_b*_w*_us the same kernel with other launch shapes (programs, elements per round, warps)
+  slot_add_rmsnorm_us  the decoder layers' kernel: the same sum of (tokens, 4096) rows, plus a residual
+                   add and an RMSNorm (timed only: tests/test_gpu_all_reduce.py checks it)
+slot_us and the three before it are what an engine pays; the first two are the kernels alone. Each graph holds REPEAT
 all-reduces back to back; the time per all-reduce is the median replay over REPEAT.
 """
 import argparse
@@ -23,7 +29,7 @@ import torch.distributed as dist
 
 REPEAT, REPLAYS = 20, 30
 HIDDEN = 4096
-TOKENS = [1, 2, 8, 32, 64, 128, 256, 1024, 8192]  # decode batches, then prefill chunks
+TOKENS = [1, 2, 8, 32, 64, 128, 256, 1024, 2048, 8192]  # decode batches, then prefill chunks
 
 
 def time_graph(fn) -> float:
@@ -51,11 +57,29 @@ def time_graph(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def candidates(comm, x: torch.Tensor) -> dict:
+SLOT_SHAPES = [(16, 1024, 4), (32, 1024, 4), (64, 1024, 4), (128, 1024, 4), (32, 2048, 8), (64, 2048, 8),
+               (128, 2048, 8), (64, 4096, 16), (128, 4096, 16)]  # (programs, block, warps)
+
+
+def candidates(comm, x: torch.Tensor, slot: torch.Tensor) -> dict:
     """name -> (op, the tensor that holds the sum afterwards)."""
+    from nanovllm.kernels.all_reduce import one_shot_all_reduce
     group, n = comm.group_name, x.numel()
     symm = comm.buffer[:2 * n].view(torch.bfloat16)
     ops = torch.ops.symm_mem
+    out = torch.empty_like(slot) if slot is not None else None
+
+    def slot_op(programs=None, block=None, warps=None):
+        if programs is None:
+            return lambda: one_shot_all_reduce(slot, out, comm.signal, comm.offsets, comm.rank, comm.world_size)
+        return lambda: one_shot_all_reduce(slot, out, comm.signal, comm.offsets, comm.rank, comm.world_size,
+                                           programs, block, warps)
+    shapes = {f"slot_p{p}_b{b}_w{w}_us": (slot_op(p, b, w), out) for p, b, w in SLOT_SHAPES}
+    slots = {"slot_us": (slot_op(), out), **shapes} if slot is not None else {}  # None: over a slot
+    if slot is not None:
+        rows = slot.view(-1, HIDDEN)
+        residual, weight = torch.zeros_like(rows), torch.ones(HIDDEN, device=x.device)
+        slots["slot_add_rmsnorm_us"] = (lambda: comm.add_rmsnorm(rows, residual, weight, 1e-6), None)
 
     def two_shot_copy():
         symm.copy_(x)
@@ -66,6 +90,7 @@ def candidates(comm, x: torch.Tensor) -> dict:
         "one_shot_copy_us": (lambda: ops.one_shot_all_reduce_copy_out(symm, x, "sum", group, x), x),
         "two_shot_copy_us": (two_shot_copy, x),
         "nanovllm_us": (lambda: comm(x), x),
+        **slots,
     }
 
 
@@ -77,9 +102,15 @@ def measure(comm, tokens: int, rank: int) -> dict:
     dist.all_reduce(ref)
     x = data.clone()
     row = {"tokens": tokens, "bytes": 2 * n, "nccl_us": time_graph(lambda: dist.all_reduce(x))}
-    for name, (op, result) in candidates(comm, x).items():
+    slot = comm.slot(0, (n,), torch.bfloat16)
+    for name, (op, result) in candidates(comm, x, slot).items():
+        if result is None:
+            row[name] = time_graph(op)
+            continue
         try:  # correctness first, against NCCL's sum of the same data
             comm.buffer[:2 * n].view(torch.bfloat16).copy_(data)  # the no-copy kernels read it from here
+            if slot is not None:
+                slot.copy_(data)
             x.copy_(data)
             op()
             # Two ranks: a + b rounded once by every method, so the very same bits are expected.

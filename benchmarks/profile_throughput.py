@@ -8,6 +8,7 @@ the prefill steps' share of the run shows. The engine runs as bench_throughput r
 by default); the profiler slows the host inside a window, so the windows' wall times are upper bounds.
 
     python benchmarks/profile_throughput.py [--out-dir benchmarks/results]   # profile_throughput-<card>.json
+    python benchmarks/profile_throughput.py --config qwen3-8b --tp 2   # ...-<card>-qwen3-8b-tp2.json (rank 0)
 """
 import argparse
 import os
@@ -47,9 +48,15 @@ def kernel_table(prof, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--config", default=None, help="a name in benchmarks/configs (default: Qwen3-0.6B)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (the profiler sees rank 0)")
     args = parser.parse_args()
     card, tag = card_name()
-    llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, enforce_eager=False, max_model_len=4096)
+    if args.config or args.tp > 1:
+        tag += f"-{args.config or 'qwen3-0.6b'}-tp{args.tp}"
+    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{args.config}.json")
+    llm = LLM(model_dir(config) if args.config else model_dir(), load_format="dummy", skip_tokenizer_init=True,
+              enforce_eager=False, max_model_len=4096, tensor_parallel_size=args.tp)
     warm_up(llm)
     engine = llm.engine
     prompts, params = workload()
@@ -83,12 +90,16 @@ def main() -> None:
     seconds = time.perf_counter() - t_start
     out_tokens = sum(p.max_tokens for p in params)
     slow = sorted(range(len(steps)), key=lambda j: -steps[j]["ms"])[:30]
-    result = {"card": card, "seconds": seconds, "output_tok_per_s": out_tokens / seconds, "num_steps": len(steps),
+    prefill_steps = [s["ms"] for s in steps if s["waiting"] > 0]  # steps while prompts still wait to start
+    result = {"card": card, "config": args.config, "tp": args.tp, "seconds": seconds,
+              "while_prompts_wait_s": sum(prefill_steps) / 1e3, "steps_while_prompts_wait": len(prefill_steps),
+              "output_tok_per_s": out_tokens / seconds, "num_steps": len(steps),
               "windows": windows, "slowest_steps": [{"step": j, **steps[j]} for j in slow],
               "ms_per_step": [round(s["ms"], 3) for s in steps]}
-    print({k: v for k, v in result.items() if k not in ("windows", "ms_per_step")}, flush=True)
+    print({k: v for k, v in result.items() if k not in ("windows", "ms_per_step", "slowest_steps")}, flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
     write_json(os.path.join(args.out_dir, f"profile_throughput-{tag}.json"), result)
+    llm.close()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_which_messages_fit_the_buffer(dtype, nbytes, contiguous, expected):
 
 def unallocated(max_bytes: int = 1 << 20) -> ar.SymmMemAllReduce:
     comm = ar.SymmMemAllReduce.__new__(ar.SymmMemAllReduce)  # no buffer: fits() reads only max_bytes
-    comm.max_bytes = max_bytes
+    comm.max_bytes, comm.slots = max_bytes, torch.zeros(2, 0, dtype=torch.uint8)  # empty slots hold nothing
     return comm
 
 
@@ -66,6 +66,9 @@ class FakeSymmMem:
     def fits(self, x):
         return ar.fits(x.dtype, x.numel() * x.element_size(), x.is_contiguous(), 1024)
 
+    def in_slot(self, x):
+        return False
+
     def __call__(self, x):
         self.reduced.append(x)
         return x.mul_(2)  # what a sum over 2 equal ranks gives
@@ -99,3 +102,104 @@ def test_one_shot_below_the_threshold_two_shot_above(monkeypatch):
     assert comm(small) is small and comm(large) is large
     assert calls == ["one", "two"]
     assert torch.equal(comm.buffer[:large.numel() * 2].view(torch.bfloat16), large)  # copied in for two-shot
+
+
+def two_ranks(numel: int, dtype: torch.dtype, signal_ints: int = 64):
+    """Two ranks' buffers as two halves of one CPU tensor: [signal | slot] each; rank r's offsets point
+    at the other half, as a peer's mapping would."""
+    region = signal_ints * 4 + -(-numel * dtype.itemsize // 64) * 64
+    memory = torch.zeros(2 * region, dtype=torch.uint8)
+    signal = [memory[r * region:r * region + signal_ints * 4].view(torch.int32) for r in range(2)]
+    slot = [memory[r * region + signal_ints * 4:][:numel * dtype.itemsize].view(dtype) for r in range(2)]
+    offsets = [torch.tensor([(q - r) * region for q in range(2)]) for r in range(2)]
+    return signal, slot, offsets
+
+
+@pytest.mark.parametrize("numel, dtype", [(1, torch.float32), (3000, torch.bfloat16), (4099, torch.float32),
+                                          (5000, torch.float16)])
+def test_one_shot_kernel_sums_both_ranks_slots_and_leaves_the_flags_clean(numel, dtype):
+    """Rank 0 runs while rank 1 is 'already waiting' (its flags set), then rank 1 runs: both store the
+    rank-order sum, and each kernel leaves exactly its own flags on the other rank for the next call."""
+    from nanovllm.kernels.all_reduce import BLOCK, all_reduce_ref, one_shot_all_reduce
+    signal, slot, offsets = two_ranks(numel, dtype)
+    gen = torch.Generator().manual_seed(numel)
+    parts = [torch.randn(numel, generator=gen).to(dtype) for _ in range(2)]
+    for r in range(2):
+        slot[r].copy_(parts[r])
+    programs = -(-numel // BLOCK)
+    signal[0][1:2 * programs:2] = 1  # flag (b, rank 1) on rank 0's side: rank 1 has arrived
+    outs = []
+    for r in range(2):
+        outs.append(one_shot_all_reduce(slot[r], torch.empty_like(slot[r]), signal[r], offsets[r], r, 2))
+    expected = all_reduce_ref(parts)
+    assert torch.equal(outs[0], expected) and torch.equal(outs[1], expected)
+    # Rank 0 took rank 1's flags and its own; rank 1 took rank 0's and its own, and left its flags on rank 0.
+    assert signal[1].sum() == 0
+    assert signal[0][1:2 * programs:2].tolist() == [1] * programs and signal[0].sum() == programs
+
+
+class OneRankBuffer(ar.SymmMemAllReduce):
+    """The real buffer class over CPU memory, without a rendezvous: a group of one rank, its kernels run by
+    the interpreter; records which slot each message took."""
+
+    def __init__(self):
+        self.max_bytes, self.rank, self.world_size, self.used = 0, 0, 1, []  # max_bytes 0: nothing copies in
+        self.slots = torch.zeros(2, ar.SLOT_BYTES, dtype=torch.uint8)
+        self.signal, self.offsets = torch.zeros(64, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
+
+    def slot(self, index, shape, dtype):
+        self.used.append(index)
+        return super().slot(index, shape, dtype).fill_(float("nan"))  # the projection must overwrite it
+
+
+@pytest.mark.parametrize("use_fused_output, triton_norms", [(False, False), (True, False), (True, True)])
+def test_row_parallel_layers_alternate_slots_and_the_all_reduce_adds_and_normalizes(monkeypatch, use_fused_output,
+                                                                                     triton_norms):
+    """The one-shot kernel has no end barrier, so consecutive all-reduces must not share a slot: in every
+    decoder layer o_proj takes slot 0 and down_proj slot 1, step after step. The projections land in the
+    slots; with the fused output the all-reduce kernel adds the residual (and, with Triton norms, applies
+    the next RMSNorm), and the model computes the very bits it computes without tensor parallelism."""
+    from nanovllm.config import ModelConfig
+    from nanovllm.layers.layernorm import RMSNorm
+    from nanovllm.models.llama import LlamaForCausalLM
+    config = ModelConfig("llama", 100, 48, 96, 3, num_attention_heads=6, num_key_value_heads=3, head_dim=8)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config, use_fused_output)
+    for param in model.parameters():
+        param.data.normal_(0, 0.2)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.use_triton = triton_norms
+    ids, positions = torch.tensor([3, 14, 15, 92]), torch.arange(4)
+    expected = model(ids, positions)
+    buffer = OneRankBuffer()
+    monkeypatch.setattr(parallel_state, "_TP_SIZE", 2)  # the layers were built at 1: rank 0 of a 'group'
+    monkeypatch.setattr(parallel_state, "_SYMM_MEM", buffer)
+    for _ in range(2):
+        torch.testing.assert_close(model(ids, positions), expected, rtol=0, atol=0)
+    assert buffer.used == [0, 1] * 3 * 2
+    assert buffer.signal.sum() == 0  # one rank meets itself: every flag it set, it took back
+
+
+def test_all_reduce_add_rmsnorm_kernel_on_two_ranks():
+    """Both ranks store the rank-order sum + residual and its RMSNorm, as all_reduce then add_rmsnorm
+    round them; odd widths, a strided residual, and rows past the number of programs."""
+    from nanovllm.kernels import all_reduce as kernels
+    rows, n, dtype = 5, 200, torch.bfloat16
+    signal, slot, offsets = two_ranks(rows * n, dtype)
+    gen = torch.Generator().manual_seed(3)
+    parts = [torch.randn(rows, n, generator=gen).to(dtype) for _ in range(2)]
+    residual = torch.randn(rows, 2 * n, generator=gen).to(dtype)[:, :n]  # row stride 2n
+    weight = torch.rand(n, generator=gen) + 0.5
+    for r in range(2):
+        slot[r].copy_(parts[r].view(-1))
+    signal[0][1:2 * rows:2] = 1  # rank 1 has arrived (one program per row here)
+    expected = kernels.all_reduce_add_rmsnorm_ref(parts, residual, weight, 1e-6)
+    for r in range(2):
+        stream, normed = kernels.one_shot_all_reduce_add_rmsnorm(slot[r].view(rows, n), residual, weight, 1e-6,
+                                                                 signal[r], offsets[r], r, 2)
+        assert torch.equal(stream, expected[0])
+        torch.testing.assert_close(normed, expected[1], rtol=1e-2, atol=1e-2)  # bf16 rounding of the last step
+    stream, normed = kernels.one_shot_all_reduce_add_rmsnorm(slot[0].view(rows, n), None, None, 1e-6, signal[0],
+                                                             offsets[0], 0, 2)
+    assert normed is None and torch.equal(stream, kernels.all_reduce_ref(parts))

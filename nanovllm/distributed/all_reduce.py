@@ -15,7 +15,13 @@ Opt-in with NANOVLLM_SYMM_MEM=1; by default everything takes NCCL.
 
 Unlike NCCL's, these kernels wait for their peers without a timeout: a peer that dies mid-step leaves the
 step waiting forever instead of failing after the collective timeout.
+
+Row-parallel layers can do better than copy in: they ask for a *slot* of the buffer (`slot`), write their
+partial product there, and the all-reduce is then nanovllm's one-shot kernel alone (kernels/all_reduce.py:
+no copy, one barrier, every rank reads the peers' slots in place). Two slots, because that kernel has no
+barrier at its end: consecutive all-reduces must alternate between them (layers/linear.py).
 """
+import math
 import os
 
 import torch
@@ -24,6 +30,11 @@ MAX_BYTES = 64 * 2**20  # 8192 tokens x 4096 hidden x bf16, vLLM's cap for 2 x H
 ONE_SHOT_MAX_BYTES = 256 * 2**10  # below: one fused kernel beats copy + two-shot (estimated; see bench_allreduce)
 WORLD_SIZES = (2, 4, 8)  # the sizes torch's two-shot kernel is built for
 DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's kernels reduce
+SLOT_BYTES = MAX_BYTES  # per slot: an 8192-token prefill chunk at hidden 4096 in bf16, at two ranks
+# Above this, with more than two ranks, a message copies in for torch's two-shot kernel: one-shot reads
+# (tp - 1) messages per rank where two-shot moves 2 (tp - 1) / tp. Not measured beyond two GPUs.
+ONE_SHOT_SLOT_MAX_BYTES = 16 * 2**20
+SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per program
 
 
 def symm_mem_requested() -> bool:
@@ -58,16 +69,48 @@ class SymmMemAllReduce:
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         import torch.distributed._symmetric_memory as symm_mem
         self.group_name, self.max_bytes = group_name, max_bytes
-        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)  # bytes: any dtype views it
-        symm_mem.rendezvous(self.buffer, group_name)
+        # bytes, any dtype views it: [torch's kernels' area | signal | slot 0 | slot 1]
+        self.buffer = symm_mem.empty(max_bytes + SIGNAL_BYTES + 2 * SLOT_BYTES, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(self.buffer, group_name)
+        self.rank, self.world_size = handle.rank, handle.world_size
+        mine = handle.buffer_ptrs[self.rank]
+        self.offsets = torch.tensor([ptr - mine for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        assert all(ptr % 64 == 0 for ptr in handle.buffer_ptrs), "the kernel assumes 64-byte aligned buffers"
+        self.signal = self.buffer[max_bytes:max_bytes + SIGNAL_BYTES].view(torch.int32)
+        self.slots = self.buffer[max_bytes + SIGNAL_BYTES:].view(2, SLOT_BYTES)
+        self.signal.zero_()
+        handle.barrier()  # every rank's flags are zero before any rank's kernel sets one
+
+    def slot(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """Slot `index` (0 or 1) as a tensor of this shape and dtype, or None if the message is too large."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not 0 < nbytes <= (SLOT_BYTES if self.world_size == 2 else ONE_SHOT_SLOT_MAX_BYTES):
+            return None
+        return self.slots[index, :nbytes].view(dtype).view(shape)
+
+    def in_slot(self, x: torch.Tensor) -> bool:
+        start = self.slots.data_ptr()
+        return start <= x.data_ptr() < start + self.slots.numel()
 
     def fits(self, x: torch.Tensor) -> bool:
         # A view must start 16-byte aligned, as the buffer does: the kernels use one vector width for both.
         aligned = x.storage_offset() * x.element_size() % 16 == 0
         return aligned and fits(x.dtype, x.numel() * x.element_size(), x.is_contiguous(), self.max_bytes)
 
+    def add_rmsnorm(self, slot: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sum over ranks of a (rows, n) slot + residual, its RMSNorm with weight or None), one kernel."""
+        from nanovllm.kernels.all_reduce import one_shot_all_reduce_add_rmsnorm
+        return one_shot_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.signal, self.offsets, self.rank,
+                                               self.world_size)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Sums x over the ranks into x (in place, as NCCL's all-reduce); every rank gets the same bits."""
+        """Sums x over the ranks into x (in place, as NCCL's all-reduce); every rank gets the same bits.
+        A slot's message is summed into a new tensor instead, which is returned."""
+        if self.in_slot(x):
+            from nanovllm.kernels.all_reduce import one_shot_all_reduce
+            return one_shot_all_reduce(x, torch.empty_like(x), self.signal, self.offsets, self.rank,
+                                       self.world_size)
         nbytes = x.numel() * x.element_size()
         symm, flat = self.buffer[:nbytes].view(x.dtype), x.view(-1)  # (numel,) each
         if nbytes <= ONE_SHOT_MAX_BYTES:

@@ -91,10 +91,24 @@ def destroy_tensor_parallel() -> None:
     _TP_RANK, _TP_SIZE = 0, 1
 
 
+def reduce_slot(index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """Where to write a message that all_reduce then sums in place, saving the copy into the buffer: slot
+    `index` of the symmetric-memory buffer (RowParallelLinear says which), or None: any tensor will do."""
+    return _SYMM_MEM.slot(index, shape, dtype) if _SYMM_MEM is not None and _TP_SIZE > 1 else None
+
+
+def all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor | None,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For a (T, hidden) message in a slot (reduce_slot): (stream, normed), stream = its sum over the ranks
+    + residual, normed = its RMSNorm with norm_weight (None without one), in one kernel."""
+    return _SYMM_MEM.add_rmsnorm(slot, residual, norm_weight, eps)
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sums x over the ranks, in place; every rank gets the same bits."""
+    """Sums x over the ranks, in place (or, for a slot of the symmetric buffer, into a new tensor that it
+    returns); every rank gets the same bits."""
     if _TP_SIZE > 1:
-        if _SYMM_MEM is not None and _SYMM_MEM.fits(x):
+        if _SYMM_MEM is not None and (_SYMM_MEM.in_slot(x) or _SYMM_MEM.fits(x)):
             return _SYMM_MEM(x)
         dist.all_reduce(x)
     return x

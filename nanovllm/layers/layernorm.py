@@ -1,6 +1,15 @@
 """RMSNorm, with the residual add folded in as nano-vllm does."""
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+
+class Normed(NamedTuple):
+    """Passed where a decoder layer expects the residual: the residual stream itself, with the hidden states
+    already its RMSNorm by the norm that comes next (the tensor-parallel all-reduce that summed the stream
+    normalized it in the same kernel), so that norm is skipped."""
+    stream: torch.Tensor
 
 
 class RMSNorm(nn.Module):

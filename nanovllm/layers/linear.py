@@ -11,9 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.distributed.parallel_state import all_reduce, get_tp_rank, get_tp_size
+from nanovllm.distributed.parallel_state import (
+    all_reduce,
+    all_reduce_add_rmsnorm,
+    get_tp_rank,
+    get_tp_size,
+    reduce_slot,
+)
 from nanovllm.layers.activation import SiluAndMul
-from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.layernorm import Normed, RMSNorm
 
 # On CUDA the row-parallel projections (o_proj, down_proj) go through the fused kernel's dispatcher, fused
 # output path on or off. Benchmarks set this False to time the unfused path as plain cuBLAS F.linear.
@@ -86,12 +92,16 @@ class ColumnParallelLinear(LinearBase):
             return project(x, self.weight, self.bias)  # (T, out)
         return F.linear(x, self.weight, self.bias)
 
-    def forward_normed(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None,
+    def forward_normed(self, x: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | Normed | None = None,
                        act: SiluAndMul | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(s)), s), s the residual stream: x + residual, or x without a residual (what
-        `norm(x, residual)` adds); with `act` (a gate_up_proj), (act(self(norm(s))), s). At one token on
-        CUDA the norm is folded into the projection's kernel, and SiLU-and-mul into its epilogue."""
-        if FOLD_NORM and norm.use_triton and x.shape[0] == 1 and _dispatches(x) and (act is None or act.use_triton):
+        `norm(x, residual)` adds), or residual.stream when residual is Normed (x is norm(s) already); with
+        `act` (a gate_up_proj), (act(self(norm(s))), s). At one token on CUDA the norm is folded into the
+        projection's kernel, and SiLU-and-mul into its epilogue."""
+        if isinstance(residual, Normed):
+            y = self(x)
+            return (y if act is None else act(y)), residual.stream
+        if folds_norm(x, norm) and (act is None or act.use_triton):
             from nanovllm.kernels.fused_attention_output import rmsnorm_project
             return rmsnorm_project(x, norm.weight, norm.eps, self.weight, self.bias, residual, act is not None)
         if residual is None:
@@ -100,6 +110,11 @@ class ColumnParallelLinear(LinearBase):
             normed, stream = norm(x, residual)
             y = self(normed)
         return (y if act is None else act(y)), stream
+
+
+def folds_norm(x: torch.Tensor, norm: RMSNorm) -> bool:
+    """Whether a column-parallel layer folds the RMSNorm before it into its own kernel for this input."""
+    return FOLD_NORM and norm.use_triton and x.shape[0] == 1 and _dispatches(x)
 
 
 def _runs_own_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -159,10 +174,17 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; the partial outputs are summed by one all-reduce. The bias is
-    whole on every rank but added by rank 0 alone, before the sum, so it counts once."""
+    whole on every rank but added by rank 0 alone, before the sum, so it counts once.
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    `reduce_slot` (0 or 1): where in the symmetric-memory buffer the partial product goes, when there is
+    one (distributed/all_reduce.py): it is summed there in place by a kernel without an end barrier, so
+    one rank may already write its next partial while a peer still reads this one. Consecutive all-reduces
+    must therefore use different slots: attention's o_proj takes 0 and the MLP's down_proj 1, and they
+    alternate in every decoder layer (the embedding's all-reduce takes no slot)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_slot: int = 0):
         super().__init__(divide(input_size, get_tp_size()), output_size, bias)
+        self.reduce_slot = reduce_slot
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         if param.data.ndim == 1:  # the bias is not sharded
@@ -171,30 +193,40 @@ class RowParallelLinear(LinearBase):
         copy_weight(param.data, loaded_weight.chunk(self.tp_size, dim=1)[self.tp_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(self._project(x, self.bias if self.tp_rank == 0 else None))  # (T, out)
+        """The all-reduce of this rank's x W^T (+ b on rank 0), projected into its slot if it has one."""
+        slot = reduce_slot(self.reduce_slot, (x.shape[0], self.weight.shape[0]), x.dtype)  # None without one
+        return all_reduce(self._project(x, self.bias if self.tp_rank == 0 else None, None, slot))  # (T, out)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x W^T (+ b) + residual, None), the add fused into the projection (the fused output path). Where the
-        dispatcher runs cuBLAS for this many tokens (large batches), the add would be a kernel of its own:
-        then (x W^T (+ b), residual), and the next RMSNorm adds it (add_rmsnorm), to the same bits. Under TP
-        rank 0 adds the residual (and bias) to its partial sum and the others project alone: the all-reduce
-        then counts the residual once, as it does the bias (always fused there: the ranks' tunings may
-        differ, and all must return the same)."""
-        if self.tp_size == 1 and x.is_cuda and not _runs_own_kernel(x, self.weight, self.bias):
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, next_norm: RMSNorm | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | Normed | None]:
+        """(x W^T (+ b) + residual, None): the add fused into the projection (the fused output path). Where it
+        cannot be (cuBLAS runs the projection at this many tokens, or TP over NCCL), (x W^T (+ b), residual):
+        the next RMSNorm adds it (add_rmsnorm), to the same bits. Under TP with a symmetric-memory slot the
+        all-reduce kernel adds it after the sum, the bits of all_reduce + add_rmsnorm, and given the norm that
+        comes next (`next_norm`, unless the next projection folds it) normalizes the new stream too: then
+        (next_norm(stream), Normed(stream)). So every TP path rounds alike: fused output on or off, over
+        NCCL or symmetric memory."""
+        slot = reduce_slot(self.reduce_slot, (x.shape[0], self.weight.shape[0]), x.dtype)
+        if slot is not None:
+            self._project(x, self.bias if self.tp_rank == 0 else None, None, slot)
+            norm = next_norm is not None and next_norm.use_triton and not folds_norm(x, next_norm)
+            stream, normed = all_reduce_add_rmsnorm(slot, residual, next_norm.weight if norm else None,
+                                                    next_norm.eps if norm else 0.0)
+            return (stream, None) if normed is None else (normed, Normed(stream))
+        if self.tp_size > 1 or (x.is_cuda and not _runs_own_kernel(x, self.weight, self.bias)):
             return self.forward(x), residual
-        if self.tp_rank != 0:
-            return all_reduce(self._project(x, None)), None  # (T, out), partial
-        return all_reduce(self._project(x, self.bias, residual)), None
+        return self._project(x, self.bias, residual), None
 
-    def _project(self, x: torch.Tensor, bias: torch.Tensor | None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         """On CUDA both paths go through the fused kernel's dispatcher, with and without the residual: the
         same tuned kernel computes the product either way, so use_fused_output on and off round the
         same product and give the same bits (the unfused add then happens in the next add_rmsnorm)."""
         if not x.is_cuda or (residual is None and not ROW_PARALLEL_DISPATCHER):
             # The unfused projection and add, bit for bit (torch.addmm rounds differently).
             y = F.linear(x, self.weight, bias)
-            return y if residual is None else y + residual
+            y = y if residual is None else y + residual
+            return y if out is None else out.copy_(y)
         # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
         from nanovllm.kernels.fused_attention_output import fused_o_proj_add_residual
-        return fused_o_proj_add_residual(x, self.weight, residual, bias=bias)
+        return fused_o_proj_add_residual(x, self.weight, residual, bias=bias, out=out)

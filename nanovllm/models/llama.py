@@ -6,7 +6,7 @@ from nanovllm.config import ModelConfig
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.layernorm import Normed, RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
 from nanovllm.utils.context import get_context
@@ -63,15 +63,17 @@ class LlamaAttention(nn.Module):
                           self.attn.v_cache, get_context().slot_mapping, q_norm, k_norm, eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, norm: RMSNorm,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The residual stream is hidden_states + residual (None: nothing to add), before and after:
-        attention reads norm(stream). Returns (o_proj(attn), stream), or with `fuses_residual`
-        (o_proj(attn) + stream, None) from one kernel, unless cuBLAS runs o_proj at this many tokens
-        (RowParallelLinear.forward_add)."""
+                residual: torch.Tensor | Normed | None = None, next_norm: RMSNorm | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | Normed | None]:
+        """The residual stream is hidden_states + residual (None: nothing to add; Normed: hidden_states is
+        norm(stream) already), before and after: attention reads norm(stream). Returns (o_proj(attn),
+        stream), or with `fuses_residual` (o_proj(attn) + stream, None) from one kernel, unless cuBLAS runs
+        o_proj at this many tokens, or under TP (next_norm(new stream), Normed(new stream)) where the
+        all-reduce normalizes too (RowParallelLinear.forward_add)."""
         qkv, stream = self.qkv_proj.forward_normed(hidden_states, norm, residual)
         attn = self.attend(positions, qkv)  # (T, H*D)
         if self.fuses_residual:
-            return self.o_proj.forward_add(attn, stream)
+            return self.o_proj.forward_add(attn, stream, next_norm)
         return self.o_proj(attn), stream
 
 
@@ -96,7 +98,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size, bias = config.intermediate_size, config.mlp_bias
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, reduce_slot=1)  # o_proj: 0
         self.act_fn = SiluAndMul()
         self.fuses_residual = fuses_residual
 
@@ -104,11 +106,11 @@ class LlamaMLP(nn.Module):
     def residual_proj(self) -> RowParallelLinear:
         return self.down_proj
 
-    def forward(self, hidden_states: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, hidden_states: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | Normed | None = None,
+                next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | Normed | None]:
         x, stream = self.gate_up_proj.forward_normed(hidden_states, norm, residual, self.act_fn)  # (T, inter)
         if self.fuses_residual:
-            return self.down_proj.forward_add(x, stream)
+            return self.down_proj.forward_add(x, stream, next_norm)
         return self.down_proj(x), stream
 
 
@@ -120,14 +122,16 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | Normed | None,
+                next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | Normed | None]:
         """The residual stream is hidden_states + residual, the latter carried separately (None: nothing
         to add): each norm adds it in (nano-vllm's fused add + norm). With the fused output path o_proj and
         down_proj add it instead where their kernel can, and return (residual stream, None): the next norm
-        has nothing to add."""
-        hidden_states, residual = self.self_attn(positions, hidden_states, self.input_layernorm, residual)
-        return self.mlp(hidden_states, self.post_attention_layernorm, residual)
+        has nothing to add. Under TP they may also normalize for the next norm (the next layer's
+        input_layernorm, or the model's final norm: `next_norm`) and return (normed, Normed(stream))."""
+        hidden_states, residual = self.self_attn(positions, hidden_states, self.input_layernorm, residual,
+                                                 self.post_attention_layernorm)
+        return self.mlp(hidden_states, self.post_attention_layernorm, residual, next_norm)
 
 
 class LlamaModel(nn.Module):
@@ -143,8 +147,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None  # (T, hidden)
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm in zip(self.layers, next_norms):
+            hidden_states, residual = layer(positions, hidden_states, residual, next_norm)
+        if isinstance(residual, Normed):  # the last all-reduce applied the final norm
+            return hidden_states
         if residual is None:  # the fused output path: hidden_states is the whole residual stream
             return self.norm(hidden_states)
         hidden_states, _ = self.norm(hidden_states, residual)

@@ -1,0 +1,82 @@
+"""The symmetric-memory all-reduce on two GPUs (skipped with fewer): nanovllm's one-shot kernel against the
+rank-order sum at odd sizes and dtypes, many calls back to back with the slots alternating as the decoder
+layers alternate them, so a rank that runs ahead into the next call while its peer still reads the last
+one would show as a wrong sum; and the same with the decoder's residual add and RMSNorm in the kernel."""
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+CALLS = 64
+CASES = [(1, torch.float32), (3, torch.bfloat16), (4097, torch.float32), (5000, torch.float16),
+         (256 * 4096, torch.bfloat16)]  # the last: a batch-256 decode step of a 4096-wide model
+NORM_CASES = [(1, 4096, torch.bfloat16), (3, 200, torch.float32), (200, 1024, torch.bfloat16),
+              (256, 4096, torch.bfloat16)]  # (rows, hidden, dtype): the decoder's all-reduce + add + RMSNorm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                reason="needs two CUDA devices")
+
+
+def parts(rank: int, call: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(1000 * call + rank)
+    return torch.randn(numel, generator=gen, device="cuda").to(dtype)
+
+
+def _worker(rank: int, world_size: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from nanovllm.distributed.all_reduce import SymmMemAllReduce
+    from nanovllm.kernels.all_reduce import all_reduce_add_rmsnorm_ref, all_reduce_ref
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            device_id=device)
+    comm = SymmMemAllReduce(dist.group.WORLD.group_name, device)
+    try:
+        for numel, dtype in CASES:
+            inputs = [parts(rank, call, numel, dtype) for call in range(CALLS)]
+            sums = []
+            for call in range(CALLS):  # no sync in between: ranks drift apart as they will
+                slot = comm.slot(call % 2, (numel,), dtype)
+                slot.copy_(inputs[call])  # what a projection writing into its slot does
+                sums.append(comm(slot))
+            for call in range(CALLS):
+                expected = all_reduce_ref([parts(r, call, numel, dtype) for r in range(world_size)])
+                assert torch.equal(sums[call], expected), (numel, dtype, call)
+        for rows, n, dtype in NORM_CASES:
+            residual, weight = parts(99, 0, rows * n, dtype).view(rows, n), parts(98, 0, n, torch.float32) + 2
+            results = []
+            for call in range(CALLS):
+                slot = comm.slot(call % 2, (rows, n), dtype)
+                slot.copy_(parts(rank, call, rows * n, dtype).view(rows, n))
+                results.append(comm.add_rmsnorm(slot, residual, weight if call % 3 else None, 1e-6))
+            for call, (stream, normed) in enumerate(results):
+                partials = [parts(r, call, rows * n, dtype).view(rows, n) for r in range(world_size)]
+                ref_stream, ref_normed = all_reduce_add_rmsnorm_ref(partials, residual, weight if call % 3 else None,
+                                                                    1e-6)
+                assert torch.equal(stream, ref_stream), (rows, n, dtype, call)
+                assert (normed is None) == (ref_normed is None)
+                if normed is not None:  # fp64 vs fp32 mean: at most one rounding step apart
+                    torch.testing.assert_close(normed, ref_normed, rtol=1e-2, atol=1e-2)
+        dist.barrier()
+    finally:
+        del comm
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_shot_all_reduce_on_two_gpus_sums_every_call_in_rank_order():
+    context = mp.start_processes(_worker, args=(2, free_port()), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:  # a barrier that never met: fail instead of hanging CI
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the all-reduce workers did not finish in 240 s")
