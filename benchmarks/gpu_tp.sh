@@ -6,7 +6,7 @@
 #   3. tensor parallelism 1 vs 2 (benchmarks/bench_tp.py, runs RUNS, default tp1_async tp2_async_symm)
 #      -> tp-<card>.json, tp.log
 #   4. with PROFILE=1, benchmarks/profile_throughput.py on the 8B at TP 1 and 2 -> profile_throughput-*.json
-# Also in $OUT: env.txt and the Triton cache, packed (carry it back as .triton_cache.tar.xz).
+# All of it comes back in $OUT/results.tgz, beside the Triton cache (carry it back as .triton_cache.tar.xz).
 # NVLink multicast stays off (KINDS.md); nanovllm's all-reduce uses peer-to-peer kernels only.
 #   bash benchmarks/gpu_tp.sh                  (carry .whl and .triton_cache.tar.xz)
 set -o pipefail
@@ -44,3 +44,6 @@ find .triton_cache -type f \( -name '*.ttir' -o -name '*.ttgir' -o -name '*.llir
     -delete 2>/dev/null
 tar cJf "$OUT/triton_cache.tar.xz" .triton_cache 2>/dev/null
 [ "$(stat -c %s "$OUT/triton_cache.tar.xz" 2>/dev/null || echo 0)" -lt 15000000 ] || rm -f "$OUT/triton_cache.tar.xz"
+# The device tool returns at most 8 files from $OUT: the results travel as one archive beside the cache.
+tar czf /tmp/results.tgz -C "$OUT" --exclude=./triton_cache.tar.xz . && find "$OUT" -mindepth 1 -maxdepth 1 \
+    ! -name triton_cache.tar.xz -exec rm -rf {} + && mv /tmp/results.tgz "$OUT/"
