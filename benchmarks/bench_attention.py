@@ -12,7 +12,8 @@ wide, so the default split count is the cap): the default beside other split cou
 Usage: python benchmarks/bench_attention.py [out_dir [section ...]]   (writes attention-<card>.json)
 Sections: decode decode_graph decode_varied decode_splits decode_tiles prefill (default: all).
 BENCH_ATTENTION_FILE=path times that copy of paged_attention.py instead (an older one from `git show`, for a
-before/after in one device call; write to another out_dir).
+before/after in one device call; write to another out_dir). BENCH_ATTENTION_HEADS=16,4 takes H and Hkv
+from it instead: one rank's heads of Qwen3-8B at tensor_parallel_size 2.
 """
 import importlib.util
 import json
@@ -43,7 +44,8 @@ _attn = _kernels()
 _decode, _default_num_kv_splits, _prefill = _attn._decode, _attn._default_num_kv_splits, _attn._prefill
 paged_attention_ref = _attn.paged_attention_ref
 
-H, HKV, D, BS = 16, 8, 128, 16
+H, HKV = map(int, os.environ.get("BENCH_ATTENTION_HEADS", "16,8").split(","))  # 16,4: Qwen3-8B at TP 2
+D, BS = 128, 16
 MAX_MODEL_LEN = 4096  # bench_throughput's: the decode graphs' block-table width
 L2_BYTES = 50e6
 torch.manual_seed(0)
