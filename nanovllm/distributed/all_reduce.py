@@ -1,13 +1,20 @@
-"""The tensor-parallel all-reduce on the GPUs of one host, through torch symmetric memory.
+"""The tensor-parallel all-reduce on the GPUs of one host, through symmetric memory.
 
 Every rank maps one persistent buffer of every other rank (a rendezvous at init), so an all-reduce is a
-kernel that reads the peers' buffers over NVLink and syncs through signal pads: no NCCL protocol, no
-proxy. On 2 x H100 inside CUDA graphs (benchmarks/results/allreduce-h100.json) NCCL took 9.6 us at 8 KB
-and 30.6 us at 2 MB (batch 1 and 256 of a 4096-wide model in bf16), torch's two-shot kernel 7.5 and
-13.8 us. A message is copied into the buffer, reduced, and the sum lands back in the caller's tensor: up
-to ONE_SHOT_MAX_BYTES one kernel that copies in and sums (one-shot: each rank reads the whole message of
-every peer), above it a copy and the two-shot kernel (each rank sums 1/tp of the message, then every rank
-gathers the sums).
+kernel that reads the peers' buffers over NVLink and syncs through flags: no NCCL protocol, no proxy.
+
+Row-parallel layers ask for a *slot* of the buffer (`slot`), write their partial product there, and the
+all-reduce is then nanovllm's one-shot kernel alone (kernels/all_reduce.py: no copy, one barrier, every
+rank reads the peers' slots in place), which can also add the residual and apply the next RMSNorm
+(`add_rmsnorm`). Two slots, because that kernel has no barrier at its end: consecutive all-reduces must
+alternate between them (layers/linear.py). On 2 x H200 in CUDA graphs (benchmarks/results/allreduce-h200.json)
+it takes 4.4 us at 8 KB and 11.8 us at 2 MB (batch 1 and 256 of a 4096-wide model in bf16), NCCL 10.0 and
+29.7 us.
+
+Any other tensor is copied into the buffer's first part, reduced by torch's kernels, and the sum lands back
+in the caller's tensor: up to ONE_SHOT_MAX_BYTES one kernel that copies in and sums (one-shot: each rank
+reads the whole message of every peer), above it a copy and the two-shot kernel (each rank sums 1/tp of the
+message, then every rank gathers the sums): 7.0 and 19.5 us at the sizes above.
 
 Only peer-to-peer kernels are used, never NVLink multicast (multimem): the buffer is created without a
 multicast object. Messages that do not fit (over the buffer, another dtype, odd sizes) take NCCL.
@@ -15,11 +22,6 @@ Opt-in with NANOVLLM_SYMM_MEM=1; by default everything takes NCCL.
 
 Unlike NCCL's, these kernels wait for their peers without a timeout: a peer that dies mid-step leaves the
 step waiting forever instead of failing after the collective timeout.
-
-Row-parallel layers can do better than copy in: they ask for a *slot* of the buffer (`slot`), write their
-partial product there, and the all-reduce is then nanovllm's one-shot kernel alone (kernels/all_reduce.py:
-no copy, one barrier, every rank reads the peers' slots in place). Two slots, because that kernel has no
-barrier at its end: consecutive all-reduces must alternate between them (layers/linear.py).
 """
 import math
 import os
@@ -38,8 +40,9 @@ SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per progra
 
 
 def symm_mem_requested() -> bool:
-    """NANOVLLM_SYMM_MEM=1 asks for it. Opt-in: on 2 x H100 it did not move the engine's throughput (1.38x
-    vs NCCL's 1.40x over TP 1, in two calls), and a dead peer would hang it instead of failing (below)."""
+    """NANOVLLM_SYMM_MEM=1 asks for it. Opt-in although faster (on 2 x H200 TP 2 gives 1.60x the throughput of
+    TP 1 with it, 1.44x with NCCL: benchmarks/results/tp-h200.json): a dead peer would hang it instead of
+    failing."""
     return os.environ.get("NANOVLLM_SYMM_MEM", "0") == "1"
 
 

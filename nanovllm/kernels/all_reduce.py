@@ -5,7 +5,9 @@ A row-parallel projection writes its partial product into a slot of its own rank
 nothing is copied in. Then one kernel: each program first meets its namesakes on the other ranks (the
 flags below), which proves that every rank's projection has finished, then sums its share of the
 message from all ranks' slots into the caller's output. Reading (tp - 1) messages over NVLink per rank is
-what torch's two-shot kernel moves too at tp = 2, without its copy in and its second barrier.
+what torch's two-shot kernel moves too at tp = 2, without its copy in and its second barrier. The decoder's
+variant (`one_shot_all_reduce_add_rmsnorm`) also adds the residual to the rounded sum and normalizes each
+row for the next layer, as add_rmsnorm would after the all-reduce: the same bits, one kernel fewer.
 
 The flags: rank r's program b sets flag (b, r) in every rank's signal region from 0 to 1, retrying while
 it is still 1 (that rank has not taken the previous call's flag yet), then waits for each rank's flag
