@@ -162,8 +162,10 @@ def cuda_kernels(fn, reps: int = 1) -> list[tuple[str, float]]:
 
 
 def short(name: str) -> str:
-    """A kernel's name without its C++ template arguments and parameter list."""
-    return name.split("<")[0].split("(")[0].removeprefix("void ")[:60]
+    """A kernel's name without its C++ template arguments and parameter list (and without the anonymous
+    namespace, which used to reduce such kernels to an empty name)."""
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "")
+    return name.split("<")[0].split("(")[0][:60]
 
 
 def count_kernels(llm: LLM, batch: int = 1) -> dict:
