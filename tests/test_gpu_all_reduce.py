@@ -24,6 +24,13 @@ def parts(rank: int, call: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(numel, generator=gen, device="cuda").to(dtype)
 
 
+def lag(rank: int, call: int) -> None:
+    """Makes one rank busy for ~25 us before some calls, so the other runs ahead into its next call (and
+    writes its other slot) while this one still has to read: what the missing end barrier must survive."""
+    if call % 5 == 2 * rank:
+        torch.cuda._sleep(50_000)  # GPU clock cycles
+
+
 def _worker(rank: int, world_size: int, port: int) -> None:
     import torch.distributed as dist
 
@@ -38,7 +45,8 @@ def _worker(rank: int, world_size: int, port: int) -> None:
         for numel, dtype in CASES:
             inputs = [parts(rank, call, numel, dtype) for call in range(CALLS)]
             sums = []
-            for call in range(CALLS):  # no sync in between: ranks drift apart as they will
+            for call in range(CALLS):  # no sync in between, and each rank now and then falls behind
+                lag(rank, call)
                 slot = comm.slot(call % 2, (numel,), dtype)
                 slot.copy_(inputs[call])  # what a projection writing into its slot does
                 sums.append(comm(slot))
@@ -49,6 +57,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
             residual, weight = parts(99, 0, rows * n, dtype).view(rows, n), parts(98, 0, n, torch.float32) + 2
             results = []
             for call in range(CALLS):
+                lag(rank, call)
                 slot = comm.slot(call % 2, (rows, n), dtype)
                 slot.copy_(parts(rank, call, rows * n, dtype).view(rows, n))
                 results.append(comm.add_rmsnorm(slot, residual, weight if call % 3 else None, 1e-6))

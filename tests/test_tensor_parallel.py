@@ -135,7 +135,7 @@ def test_tp2_samples_inside_the_graphs_without_gathering_logits(qwen3, monkeypat
 
 def test_tp2_with_dummy_weights_and_the_fused_output_matches_tp1(qwen3):
     """load_format="dummy" streams one random checkpoint through the loader, so every tensor-parallel size
-    slices the same model; with the fused output path rank 0 alone adds the residual before the all-reduce."""
+    slices the same model; with the fused output path under TP the residual is added after the all-reduce."""
     params = greedy(logprobs=2)
     expected = LLM(qwen3, load_format="dummy").generate(PROMPTS, params, use_tqdm=False)
     with LLM(qwen3, load_format="dummy", tensor_parallel_size=2, use_fused_output=True) as llm:

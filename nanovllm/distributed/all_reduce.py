@@ -47,14 +47,24 @@ def symm_mem_requested() -> bool:
 
 
 def symm_mem_supported(world_size: int, device: torch.device) -> bool:
-    """CUDA ranks, one GPU each (rank r on cuda:r), that can all read each other's memory, and a torch that
-    has the two kernels."""
-    if device.type != "cuda" or world_size not in WORLD_SIZES:
+    """CUDA ranks, one GPU each (rank r on cuda:r), that can all read each other's memory, a torch that has
+    the two kernels, and a Triton that gives every thread the result of a vector atomic: before 3.5 only
+    the owning thread got it (triton-lang/triton#7402), and the one-shot kernel's flag loop would spin."""
+    if device.type != "cuda" or world_size not in WORLD_SIZES or not triton_broadcasts_atomics():
         return False
     if not all(hasattr(torch.ops.symm_mem, op) for op in ("one_shot_all_reduce_copy_out", "two_shot_all_reduce_out")):
         return False
     return all(torch.cuda.can_device_access_peer(device.index, peer)
                for peer in range(world_size) if peer != device.index)
+
+
+def triton_broadcasts_atomics() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 5)
 
 
 def fits(dtype: torch.dtype, nbytes: int, contiguous: bool, max_bytes: int = MAX_BYTES) -> bool:
@@ -92,6 +102,7 @@ class SymmMemAllReduce:
         return self.slots[index, :nbytes].view(dtype).view(shape)
 
     def in_slot(self, x: torch.Tensor) -> bool:
+        """Whether x lies in a slot (`slot`): the one-shot kernel then sums it where it is."""
         start = self.slots.data_ptr()
         return start <= x.data_ptr() < start + self.slots.numel()
 

@@ -101,6 +101,7 @@ def all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor, norm_weig
                            eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For a (T, hidden) message in a slot (reduce_slot): (stream, normed), stream = its sum over the ranks
     + residual, normed = its RMSNorm with norm_weight (None without one), in one kernel."""
+    assert _SYMM_MEM is not None, "only for a slot of the symmetric-memory buffer"
     return _SYMM_MEM.add_rmsnorm(slot, residual, norm_weight, eps)
 
 

@@ -36,7 +36,7 @@ if triton is not None:
     from nanovllm.kernels.fused_attention_output import _INTERPRET, _round
     from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
 
-MAX_PROGRAMS = 128  # at most one wave of programs: each may spin on its namesake, which must be resident
+MAX_PROGRAMS = 128  # one wave: a program spins until its namesake on each rank runs, so keep them all resident
 BLOCK = 2048  # elements per program per round: 16 bytes per thread with 8 warps of bf16
 
 
@@ -59,6 +59,7 @@ def one_shot_all_reduce(slot: torch.Tensor, out: torch.Tensor, signal: torch.Ten
     them (0 for itself); multiples of 64, so peer slots keep the slot's alignment."""
     numel = slot.numel()
     assert slot.is_contiguous() and out.is_contiguous() and out.shape == slot.shape and out.dtype == slot.dtype
+    assert slot.element_size() <= 4 and slot.data_ptr() % (16 * slot.element_size()) == 0, "the loads' hints"
     programs = max(1, min(max_programs, triton.cdiv(numel, block), signal.numel() // world_size))
     _one_shot_all_reduce_kernel[(programs,)](slot, out, signal, offsets, numel, RANK=rank, WORLD=world_size,
                                              BLOCK=block, ELEM_BYTES=slot.element_size(),
@@ -73,12 +74,12 @@ def _meet(signal_ptr, offsets_ptr, block_id, RANK: tl.constexpr, WORLD: tl.const
     theirs = signal_ptr + tl.load(offsets_ptr + ranks) // 4  # (WORLD,) each rank's region, as int32
     ones, zeros = tl.full([WORLD], 1, tl.int32), tl.full([WORLD], 0, tl.int32)
     done = ranks < 0  # (WORLD,) all False
-    while tl.sum((done == 0).to(tl.int32)) > 0:  # set our flag on every rank; -1 never matches: done ones rest
+    while tl.min(done.to(tl.int32)) == 0:  # set our flag on every rank; -1 never matches: done ones rest
         old = tl.atomic_cas(theirs + block_id * WORLD + RANK, tl.where(done, -1, 0), ones, sem="release",
                             scope="sys")
         done = done | (old == 0)
     done = ranks < 0
-    while tl.sum((done == 0).to(tl.int32)) > 0:  # take every rank's flag on ours back to 0
+    while tl.min(done.to(tl.int32)) == 0:  # take every rank's flag on ours back to 0
         old = tl.atomic_cas(signal_ptr + block_id * WORLD + ranks, tl.where(done, -1, 1), zeros, sem="acquire",
                             scope="sys")
         done = done | (old == 1)
@@ -134,7 +135,8 @@ def one_shot_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor |
         normed if normed is not None else stream, signal, offsets, rows, n,
         residual.stride(0) if residual is not None else 0, eps, RANK=rank, WORLD=world_size, BLOCK_N=block_n,
         HAS_RESIDUAL=residual is not None, NORM=weight is not None, ELEM_BYTES=slot.element_size(),
-        ALIGNED=n % 16 == 0, PDL=pdl, INTERPRET=_INTERPRET, num_warps=min(16, max(4, block_n // 256)),
+        ALIGNED=n % 16 == 0 and slot.data_ptr() % (16 * slot.element_size()) == 0, PDL=pdl,
+        INTERPRET=_INTERPRET, num_warps=min(16, max(4, block_n // 256)),
         launch_pdl=pdl)
     return stream, normed
 

@@ -26,6 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.use_triton = False
+        self.feeds_projection = True  # a q/k/v or gate/up projection follows, which may fold the norm in
 
     def rms_forward(self, x: torch.Tensor) -> torch.Tensor:
         orig_dtype = x.dtype

@@ -113,8 +113,9 @@ class ColumnParallelLinear(LinearBase):
 
 
 def folds_norm(x: torch.Tensor, norm: RMSNorm) -> bool:
-    """Whether a column-parallel layer folds the RMSNorm before it into its own kernel for this input."""
-    return FOLD_NORM and norm.use_triton and x.shape[0] == 1 and _dispatches(x)
+    """Whether the projection after this RMSNorm folds it into its own kernel for this input (a
+    column-parallel layer at one token; never the LM head after the model's final norm)."""
+    return FOLD_NORM and norm.use_triton and norm.feeds_projection and x.shape[0] == 1 and _dispatches(x)
 
 
 def _runs_own_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -209,9 +210,9 @@ class RowParallelLinear(LinearBase):
         slot = reduce_slot(self.reduce_slot, (x.shape[0], self.weight.shape[0]), x.dtype)
         if slot is not None:
             self._project(x, self.bias if self.tp_rank == 0 else None, None, slot)
-            norm = next_norm is not None and next_norm.use_triton and not folds_norm(x, next_norm)
-            stream, normed = all_reduce_add_rmsnorm(slot, residual, next_norm.weight if norm else None,
-                                                    next_norm.eps if norm else 0.0)
+            normalize = next_norm is not None and next_norm.use_triton and not folds_norm(x, next_norm)
+            stream, normed = all_reduce_add_rmsnorm(slot, residual, next_norm.weight if normalize else None,
+                                                    next_norm.eps if normalize else 0.0)
             return (stream, None) if normed is None else (normed, Normed(stream))
         if self.tp_size > 1 or (x.is_cuda and not _runs_own_kernel(x, self.weight, self.bias)):
             return self.forward(x), residual
