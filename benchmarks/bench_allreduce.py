@@ -132,7 +132,7 @@ def main() -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
     from nanovllm.distributed import all_reduce
-    comm = all_reduce.SymmMemAllReduce(dist.group.WORLD.group_name, torch.device("cuda", rank))
+    comm = all_reduce.SymmMemAllReduce(dist.group.WORLD.group_name, torch.device("cuda", rank), dist.get_world_size())
     rows = []
     for tokens in TOKENS:
         rows.append(measure(comm, tokens, rank))

@@ -143,9 +143,9 @@ class OneRankBuffer(ar.SymmMemAllReduce):
     """The real buffer class over CPU memory, without a rendezvous: a group of one rank, its kernels run by
     the interpreter; records which slot each message took."""
 
-    def __init__(self):
+    def __init__(self, slot_bytes: int = ar.ONE_SHOT_SLOT_MAX_BYTES):
         self.max_bytes, self.rank, self.world_size, self.used = 0, 0, 1, []  # max_bytes 0: nothing copies in
-        self.slots = torch.zeros(2, ar.SLOT_BYTES, dtype=torch.uint8)
+        self.slots = torch.zeros(2, slot_bytes, dtype=torch.uint8)
         self.signal, self.offsets = torch.zeros(64, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
 
     def slot(self, index, shape, dtype):
@@ -213,11 +213,10 @@ def test_all_reduce_add_rmsnorm_kernel_on_two_ranks(dtype):
 
 
 def test_slots_take_what_fits_and_know_their_own():
-    comm = OneRankBuffer()
+    comm = OneRankBuffer(slot_bytes=1024)
     assert comm.slot(0, (0, 4096), torch.bfloat16) is None  # nothing to send
-    assert comm.slot(1, (ar.ONE_SHOT_SLOT_MAX_BYTES // 2 + 1,), torch.bfloat16) is None  # one rank: over 16 MiB
-    comm.world_size = 2
-    big = comm.slot(1, (ar.SLOT_BYTES // 2,), torch.bfloat16)  # two ranks: the whole slot
-    assert big is not None and comm.in_slot(big) and comm.in_slot(comm.slot(0, (8,), torch.float32))
-    assert comm.slot(0, (ar.SLOT_BYTES // 2 + 1,), torch.bfloat16) is None
-    assert not comm.in_slot(torch.zeros(8))
+    assert comm.slot(1, (513,), torch.bfloat16) is None  # 1026 bytes: over the slot, copied in instead
+    whole, small = comm.slot(1, (512,), torch.bfloat16), comm.slot(0, (8,), torch.float32)
+    assert comm.in_slot(whole) and comm.in_slot(small) and whole.data_ptr() == small.data_ptr() + 1024
+    assert not comm.in_slot(torch.zeros(8)) and not comm.in_slot(comm.slots[1, 1024:])  # past the end: empty
+

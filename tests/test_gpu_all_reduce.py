@@ -40,7 +40,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             device_id=device)
-    comm = SymmMemAllReduce(dist.group.WORLD.group_name, device)
+    comm = SymmMemAllReduce(dist.group.WORLD.group_name, device, world_size)
     try:
         for numel, dtype in CASES:
             inputs = [parts(rank, call, numel, dtype) for call in range(CALLS)]

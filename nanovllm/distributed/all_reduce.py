@@ -32,9 +32,9 @@ MAX_BYTES = 64 * 2**20  # 8192 tokens x 4096 hidden x bf16, vLLM's cap for 2 x H
 ONE_SHOT_MAX_BYTES = 256 * 2**10  # below: one fused kernel beats copy + two-shot (estimated; see bench_allreduce)
 WORLD_SIZES = (2, 4, 8)  # the sizes torch's two-shot kernel is built for
 DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's kernels reduce
-SLOT_BYTES = MAX_BYTES  # per slot: an 8192-token prefill chunk at hidden 4096 in bf16, at two ranks
-# Above this, with more than two ranks, a message copies in for torch's two-shot kernel: one-shot reads
-# (tp - 1) messages per rank where two-shot moves 2 (tp - 1) / tp. Not measured beyond two GPUs.
+SLOT_BYTES = MAX_BYTES  # per slot at two ranks: an 8192-token prefill chunk at hidden 4096 in bf16
+# Per slot at more ranks: larger messages copy in for torch's two-shot kernel, as one-shot reads (tp - 1)
+# messages per rank where two-shot moves 2 (tp - 1) / tp. Not measured beyond two GPUs.
 ONE_SHOT_SLOT_MAX_BYTES = 16 * 2**20
 SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per program
 
@@ -77,27 +77,28 @@ class SymmMemAllReduce:
     """One rank's side of the persistent buffer. Construct it on every rank of the group at the same
     point (the rendezvous is collective); drop it on every rank before the group goes."""
 
-    def __init__(self, group_name: str, device: torch.device, max_bytes: int = MAX_BYTES):
+    def __init__(self, group_name: str, device: torch.device, world_size: int, max_bytes: int = MAX_BYTES):
         # Peer-to-peer only: without this torch would also try to bind the buffer to a multicast object.
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         import torch.distributed._symmetric_memory as symm_mem
         self.group_name, self.max_bytes = group_name, max_bytes
         # bytes, any dtype views it: [torch's kernels' area | signal | slot 0 | slot 1]
-        self.buffer = symm_mem.empty(max_bytes + SIGNAL_BYTES + 2 * SLOT_BYTES, dtype=torch.uint8, device=device)
+        slot_bytes = SLOT_BYTES if world_size == 2 else ONE_SHOT_SLOT_MAX_BYTES
+        self.buffer = symm_mem.empty(max_bytes + SIGNAL_BYTES + 2 * slot_bytes, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(self.buffer, group_name)
         self.rank, self.world_size = handle.rank, handle.world_size
         mine = handle.buffer_ptrs[self.rank]
         self.offsets = torch.tensor([ptr - mine for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
         assert all(ptr % 64 == 0 for ptr in handle.buffer_ptrs), "the kernel assumes 64-byte aligned buffers"
         self.signal = self.buffer[max_bytes:max_bytes + SIGNAL_BYTES].view(torch.int32)
-        self.slots = self.buffer[max_bytes + SIGNAL_BYTES:].view(2, SLOT_BYTES)
+        self.slots = self.buffer[max_bytes + SIGNAL_BYTES:].view(2, slot_bytes)
         self.signal.zero_()
         handle.barrier()  # every rank's flags are zero before any rank's kernel sets one
 
     def slot(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Slot `index` (0 or 1) as a tensor of this shape and dtype, or None if the message is too large."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if not 0 < nbytes <= (SLOT_BYTES if self.world_size == 2 else ONE_SHOT_SLOT_MAX_BYTES):
+        if not 0 < nbytes <= self.slots.shape[1]:
             return None
         return self.slots[index, :nbytes].view(dtype).view(shape)
 

@@ -61,7 +61,7 @@ def _init_symm_mem(device: torch.device) -> None:
     the others must too, or their all-reduces would never meet."""
     global _SYMM_MEM
     try:
-        symm_mem = SymmMemAllReduce(dist.group.WORLD.group_name, device)
+        symm_mem = SymmMemAllReduce(dist.group.WORLD.group_name, device, dist.get_world_size())
     except RuntimeError as e:
         symm_mem = None
         warnings.warn(f"symmetric-memory all-reduce unavailable, using NCCL: {e}", stacklevel=2)

@@ -9,8 +9,8 @@ what torch's two-shot kernel moves too at tp = 2, without its copy in and its se
 variant (`one_shot_all_reduce_add_rmsnorm`) also adds the residual to the rounded sum and normalizes each
 row for the next layer, as add_rmsnorm would after the all-reduce: the same bits, one kernel fewer.
 
-The flags: rank r's program b sets flag (b, r) in every rank's signal region from 0 to 1, retrying while
-it is still 1 (that rank has not taken the previous call's flag yet), then waits for each rank's flag
+The flags: rank r's program b sets flag (b, r) in every peer's signal region from 0 to 1, retrying while
+it is still 1 (that peer has not taken the previous call's flag yet), then waits for each peer's flag
 (b, s) in its own region and takes it back to 0. Release on the set and acquire on the take make every
 rank's writes before this kernel visible to the loads after it. After a call all flags are 0 again, so
 CUDA graphs replay it without any counter.
@@ -73,13 +73,13 @@ def _meet(signal_ptr, offsets_ptr, block_id, RANK: tl.constexpr, WORLD: tl.const
     ranks = tl.arange(0, WORLD)
     theirs = signal_ptr + tl.load(offsets_ptr + ranks) // 4  # (WORLD,) each rank's region, as int32
     ones, zeros = tl.full([WORLD], 1, tl.int32), tl.full([WORLD], 0, tl.int32)
-    done = ranks < 0  # (WORLD,) all False
-    while tl.min(done.to(tl.int32)) == 0:  # set our flag on every rank; -1 never matches: done ones rest
+    done = ranks == RANK  # (WORLD,): nothing to tell ourselves
+    while tl.min(done.to(tl.int32)) == 0:  # set our flag on every peer; -1 never matches: done ones rest
         old = tl.atomic_cas(theirs + block_id * WORLD + RANK, tl.where(done, -1, 0), ones, sem="release",
                             scope="sys")
         done = done | (old == 0)
-    done = ranks < 0
-    while tl.min(done.to(tl.int32)) == 0:  # take every rank's flag on ours back to 0
+    done = ranks == RANK
+    while tl.min(done.to(tl.int32)) == 0:  # take every peer's flag on ours back to 0
         old = tl.atomic_cas(signal_ptr + block_id * WORLD + ranks, tl.where(done, -1, 1), zeros, sem="acquire",
                             scope="sys")
         done = done | (old == 1)
