@@ -8,13 +8,13 @@ all-reduce is then nanovllm's one-shot kernel alone (kernels/all_reduce.py: no c
 rank reads the peers' slots in place), which can also add the residual and apply the next RMSNorm
 (`add_rmsnorm`). Two slots, because that kernel has no barrier at its end: consecutive all-reduces must
 alternate between them (layers/linear.py). On 2 x H200 in CUDA graphs (benchmarks/results/allreduce-h200.json)
-it takes 4.4 us at 8 KB and 11.8 us at 2 MB (batch 1 and 256 of a 4096-wide model in bf16), NCCL 10.0 and
-29.7 us.
+it takes 4.3 us at 8 KB and 11.5 us at 2 MB (batch 1 and 256 of a 4096-wide model in bf16), NCCL 9.5 and
+30.5 us.
 
 Any other tensor is copied into the buffer's first part, reduced by torch's kernels, and the sum lands back
 in the caller's tensor: up to ONE_SHOT_MAX_BYTES one kernel that copies in and sums (one-shot: each rank
 reads the whole message of every peer), above it a copy and the two-shot kernel (each rank sums 1/tp of the
-message, then every rank gathers the sums): 7.0 and 19.5 us at the sizes above.
+message, then every rank gathers the sums): 7.3 and 20.4 us at the sizes above.
 
 Only peer-to-peer kernels are used, never NVLink multicast (multimem): the buffer is created without a
 multicast object. Messages that do not fit (over the buffer, another dtype, odd sizes) take NCCL.
