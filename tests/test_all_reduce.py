@@ -66,9 +66,6 @@ class FakeSymmMem:
     def fits(self, x):
         return ar.fits(x.dtype, x.numel() * x.element_size(), x.is_contiguous(), 1024)
 
-    def in_slot(self, x):
-        return False
-
     def __call__(self, x):
         self.reduced.append(x)
         return x.mul_(2)  # what a sum over 2 equal ranks gives

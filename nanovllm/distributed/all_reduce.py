@@ -108,6 +108,9 @@ class SymmMemAllReduce:
         return start <= x.data_ptr() < start + self.slots.numel()
 
     def fits(self, x: torch.Tensor) -> bool:
+        """Whether this all-reduces x: a slot's message (summed where it is), or one it can copy in."""
+        if self.in_slot(x):
+            return True
         # A view must start 16-byte aligned, as the buffer does: the kernels use one vector width for both.
         aligned = x.storage_offset() * x.element_size() % 16 == 0
         return aligned and fits(x.dtype, x.numel() * x.element_size(), x.is_contiguous(), self.max_bytes)

@@ -109,7 +109,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sums x over the ranks, in place (or, for a slot of the symmetric buffer, into a new tensor that it
     returns); every rank gets the same bits."""
     if _TP_SIZE > 1:
-        if _SYMM_MEM is not None and (_SYMM_MEM.in_slot(x) or _SYMM_MEM.fits(x)):
+        if _SYMM_MEM is not None and _SYMM_MEM.fits(x):
             return _SYMM_MEM(x)
         dist.all_reduce(x)
     return x

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.kernels.add_rmsnorm import rmsnorm_ref
+
 try:
     import triton
     import triton.language as tl
@@ -87,6 +89,20 @@ def _meet(signal_ptr, offsets_ptr, block_id, RANK: tl.constexpr, WORLD: tl.const
 
 
 @_jit
+def _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD: tl.constexpr, ELEM_BYTES: tl.constexpr,
+               ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """(BLOCK,) fp32: the elements at `offs` of every rank's slot (`offs` into this rank's), in rank order on
+    every rank, so every rank gets the same bits. ALIGNED: offs starts at a multiple of 16 elements."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in tl.static_range(WORLD):
+        theirs = tl.load(offsets_ptr + r) // ELEM_BYTES + offs  # the same place in rank r's buffer
+        if ALIGNED:  # let the loads be 16-byte vectors
+            theirs = tl.max_contiguous(tl.multiple_of(theirs, 16), BLOCK)
+        acc += tl.load(slot_ptr + theirs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)  # not L1
+    return acc
+
+
+@_jit
 def _one_shot_all_reduce_kernel(slot_ptr, out_ptr, signal_ptr, offsets_ptr, numel, RANK: tl.constexpr,
                                 WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEM_BYTES: tl.constexpr,
                                 INTERPRET: tl.constexpr):
@@ -95,11 +111,7 @@ def _one_shot_all_reduce_kernel(slot_ptr, out_ptr, signal_ptr, offsets_ptr, nume
     for start in range(pid * BLOCK, numel, programs * BLOCK):
         offs = start + tl.arange(0, BLOCK)  # (BLOCK,) into the message
         mask = offs < numel
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for r in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
-            theirs = tl.load(offsets_ptr + r) // ELEM_BYTES + offs  # the same place in rank r's buffer
-            theirs = tl.max_contiguous(tl.multiple_of(theirs, 16), BLOCK)
-            acc += tl.load(slot_ptr + theirs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)  # not L1
+        acc = _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD, ELEM_BYTES, True, BLOCK)
         tl.store(out_ptr + offs, _round(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -110,10 +122,7 @@ def all_reduce_add_rmsnorm_ref(partials: list[torch.Tensor], residual: torch.Ten
     stream = all_reduce_ref(partials)
     if residual is not None:
         stream = (stream.float() + residual.float()).to(stream.dtype)
-    if weight is None:
-        return stream, None
-    x = stream.float()
-    return stream, (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(stream.dtype)
+    return stream, (None if weight is None else rmsnorm_ref(stream, weight, eps))
 
 
 def one_shot_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
@@ -160,12 +169,7 @@ def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_pt
     _meet(signal_ptr, offsets_ptr, pid, RANK, WORLD)
     for row in range(pid, rows, programs):
         offs = row * n + cols  # (BLOCK_N,) into the slot and the outputs, all (rows, n) dense (int32: a slot is small)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for r in tl.static_range(WORLD):
-            theirs = tl.load(offsets_ptr + r) // ELEM_BYTES + offs
-            if ALIGNED:  # rows start at multiples of 16 elements: let the loads be 16-byte vectors
-                theirs = tl.max_contiguous(tl.multiple_of(theirs, 16), BLOCK_N)
-            acc += tl.load(slot_ptr + theirs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc = _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD, ELEM_BYTES, ALIGNED, BLOCK_N)
         x = _round(acc, dtype, INTERPRET).to(tl.float32)  # the all-reduce's sum
         if HAS_RESIDUAL:
             x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)

@@ -195,8 +195,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The all-reduce of this rank's x W^T (+ b on rank 0), projected into its slot if it has one."""
-        slot = reduce_slot(self.reduce_slot, (x.shape[0], self.weight.shape[0]), x.dtype)  # None without one
-        return all_reduce(self._project(x, self.bias if self.tp_rank == 0 else None, None, slot))  # (T, out)
+        return all_reduce(self._project(x, self.bias if self.tp_rank == 0 else None, None, self._slot(x)))  # (T, out)
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor, next_norm: RMSNorm | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | Normed | None]:
@@ -207,7 +206,7 @@ class RowParallelLinear(LinearBase):
         comes next (`next_norm`, unless the next projection folds it) normalizes the new stream too: then
         (next_norm(stream), Normed(stream)). So every TP path rounds alike: fused output on or off, over
         NCCL or symmetric memory."""
-        slot = reduce_slot(self.reduce_slot, (x.shape[0], self.weight.shape[0]), x.dtype)
+        slot = self._slot(x)
         if slot is not None:
             self._project(x, self.bias if self.tp_rank == 0 else None, None, slot)
             normalize = next_norm is not None and next_norm.use_triton and not folds_norm(x, next_norm)
@@ -217,6 +216,10 @@ class RowParallelLinear(LinearBase):
         if self.tp_size > 1 or (x.is_cuda and not _runs_own_kernel(x, self.weight, self.bias)):
             return self.forward(x), residual
         return self._project(x, self.bias, residual), None
+
+    def _slot(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Where this layer's partial product for x goes: its slot of the symmetric buffer, or None."""
+        return reduce_slot(self.reduce_slot, (x.shape[0], self.weight.shape[0]), x.dtype)
 
     def _project(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
