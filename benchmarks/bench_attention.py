@@ -9,8 +9,10 @@ replays calls over several distinct block tables so the KV comes from HBM, not L
 decode_graph times what a decode graph of the engine launches at small batches (tables MAX_MODEL_LEN keys
 wide, so the default split count is the cap): the default beside other split counts, where the split merge
 (done by each (seq, KV head)'s last split) is the cost that grows with the count.
+decode_order times the varied lengths with the seqs in the given order and longest first (the engine's
+seq_order), which shortens the tail of seqs started last.
 Usage: python benchmarks/bench_attention.py [out_dir [section ...]]   (writes attention-<card>.json)
-Sections: decode decode_graph decode_varied decode_splits decode_tiles prefill (default: all).
+Sections: decode decode_graph decode_varied decode_splits decode_tiles decode_order prefill (default: all).
 BENCH_ATTENTION_FILE=path times that copy of paged_attention.py instead (an older one from `git show`, for a
 before/after in one device call; write to another out_dir). BENCH_ATTENTION_HEADS=16,4 takes H and Hkv
 from it instead: one rank's heads of Qwen3-8B at tensor_parallel_size 2.
@@ -22,11 +24,14 @@ import os
 import random
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
 from bench_latency import card_name
 from bench_throughput import workload
+
+from nanovllm.utils.context import longest_first
 
 
 def _kernels():
@@ -127,22 +132,26 @@ def time_decode(batch: int, ctx: int, baselines: bool = True, **variant) -> dict
                 **{f"{k}_us": v * 1e3 for k, v in ms.items()}, ours_gbps=kv_bytes / (ms["ours"] * 1e-3) / 1e9)
 
 
-def time_decode_varied(name: str, ctx_lens: list[int], **variant) -> dict:
-    """Seqs of unequal lengths in tables MAX_MODEL_LEN keys wide (as the decode graphs have them)."""
+def time_decode_varied(name: str, ctx_lens: list[int], ordered: bool = True, **variant) -> dict:
+    """Seqs of unequal lengths in tables MAX_MODEL_LEN keys wide (as the decode graphs have them), taken
+    longest first as the engine does (ordered=False: in the given order)."""
     batch = len(ctx_lens)
     q, k_cache, v_cache, tables, cu, ctx, kv_bytes = decode_setup(ctx_lens, MAX_MODEL_LEN // BS)
     out = torch.empty_like(q)
     variant.setdefault("num_kv_splits", _default_num_kv_splits(batch, HKV, MAX_MODEL_LEN, q.device))
+    # A keyword only when given, so that BENCH_ATTENTION_FILE may name a kernel from before seq_order.
+    order = dict(seq_order=torch.from_numpy(longest_first(np.array(ctx_lens))).cuda()) if ordered else {}
 
     def ours():
         for table in tables:
-            run_decode(q, k_cache, v_cache, table, cu, ctx, out, **variant)
+            run_decode(q, k_cache, v_cache, table, cu, ctx, out, **variant, **order)
 
     ours()
     want = paged_attention_ref(q, k_cache, v_cache, tables[-1], cu, ctx, 1, D ** -0.5)
     err = rel_err(out, want, batch, name, variant)
     ms = bench(ours, rep=50) / len(tables)
-    return dict(dist=name, batch=batch, ctx=round(sum(ctx_lens) / batch), ctx_max=max(ctx_lens), **variant,
+    return dict(dist=name, batch=batch, ctx=round(sum(ctx_lens) / batch), ctx_max=max(ctx_lens),
+                ordered=ordered, **variant,
                 kv_bytes=kv_bytes, rel_err=err, ours_us=ms * 1e3, ours_gbps=kv_bytes / (ms * 1e-3) / 1e9)
 
 
@@ -190,7 +199,9 @@ def time_prefill(batch: int, q_len: int, ctx: int, **variant) -> dict:
 
 
 def decode_row(r: dict, read_bw: float) -> dict:
-    print(f"{r.get('dist', ''):>18} {r['batch']:>4} {r['ctx']:>5} {r['num_kv_splits']:>6} {r.get('block_n') or 64:>4} "
+    mark = ">" if r.get("ordered") else " "  # longest first
+    print(f"{r.get('dist', ''):>18}{mark} {r['batch']:>4} {r['ctx']:>5} {r['num_kv_splits']:>6} "
+          f"{r.get('block_n') or 64:>4} "
           f"{r.get('num_warps', 4):>2} {r.get('num_stages', 3):>2} {r['ours_us']:>8.1f} "
           f"{r.get('sdpa_gathered_us', 0):>9.1f} {r.get('sdpa_dense_us', 0):>7.1f} {r['ours_gbps']:>6.0f} "
           f"{100 * r['ours_gbps'] * 1e9 / read_bw:>5.0f}%", flush=True)
@@ -204,10 +215,17 @@ def decode_varied(read_bw: float) -> list[dict]:
             for splits in ({}, dict(num_kv_splits=2), dict(num_kv_splits=3), dict(num_kv_splits=4))]
 
 
+def decode_order(read_bw: float) -> list[dict]:
+    # The seqs in the given (arbitrary) order against longest first, at the default split count and at 2.
+    return [decode_row(time_decode_varied(name, ctx_lens, ordered, **splits), read_bw)
+            for name, ctx_lens in varied_lengths().items()
+            for splits in ({}, dict(num_kv_splits=2)) for ordered in (False, True)]
+
+
 def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results"
     sections = sys.argv[2:] or ["decode", "decode_graph", "decode_varied", "decode_splits", "decode_tiles",
-                                "prefill"]
+                                "decode_order", "prefill"]
     card, tag = card_name()
     copy_bw, read_bw = copy_bandwidth()
     print(f"{card}: copy {copy_bw / 1e12:.2f} TB/s (read + write), read {read_bw / 1e12:.2f} TB/s")
@@ -261,7 +279,8 @@ def prefill(read_bw: float) -> list[dict]:
 
 
 SECTIONS = dict(decode=decode_default, decode_graph=decode_graph, decode_varied=decode_varied,
-                decode_splits=decode_splits, decode_tiles=decode_tiles, prefill=prefill)
+                decode_splits=decode_splits, decode_tiles=decode_tiles, decode_order=decode_order,
+                prefill=prefill)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,14 @@ def hf_throughput(folder: str, prompts, params) -> dict:
             "seconds": seconds, "output_tok_per_s": sum(outs) / seconds}
 
 
+def timed_repeats(llm: LLM, prompts, params, repeats: int) -> tuple[dict, list[dict]]:
+    """(the median run, every run) of `repeats` timed runs of the workload. The repeats see the same
+    lengths with other ids (each id shifted), so no prefix-cache hit makes them cheaper."""
+    runs = [timed_generate(llm, [[(t + 7919 * r) % 10001 for t in p] for p in prompts], params)
+            for r in range(repeats)]
+    return sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2], runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -176,10 +184,7 @@ def main() -> None:
               async_scheduling=args.async_scheduling)
     startup = time.perf_counter() - t0
     warm_up(llm)
-    # Repeats see the same lengths with other ids (each id shifted), so no prefix-cache hit makes them cheaper.
-    runs = [timed_generate(llm, [[(t + 7919 * r) % 10001 for t in p] for p in prompts], params)
-            for r in range(args.repeats)]
-    spent = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]  # the median run
+    spent, runs = timed_repeats(llm, prompts, params, args.repeats)
     runner = llm.engine.model_runner
     cfg = runner.model_config
     wbytes, kv_tok = weight_bytes(runner.model, cfg.tie_word_embeddings), kv_bytes_per_token(cfg)

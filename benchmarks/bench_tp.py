@@ -16,7 +16,8 @@ Agreement: 8 prompts x 64 greedy tokens with the top-20 logprobs of each step; o
 another's (rate, first divergence, and the reference's logprob gap there), and "logits close": both score
 the reference's text (teacher-forced prompt logprobs), largest and mean absolute logprob difference.
 Decode steps: median engine step with `batch` seqs decoding (prompt 128). Throughput: nano-vllm's workload,
-as benchmarks/bench_throughput.py runs it (256 requests, in/out uniform in [100, 1024], temperature 0.6).
+as benchmarks/bench_throughput.py runs it (256 requests, in/out uniform in [100, 1024], temperature 0.6):
+the median of 3 runs, all of them in repeats_seconds.
 Writes benchmarks/results/tp-<card>.json after every engine, before it closes (a hang at close keeps what
 was measured); its top-level keys are the 8B figures.
 
@@ -32,7 +33,7 @@ import traceback
 
 import torch
 from bench_latency import card_name, cuda_kernels, model_dir, short, timed_steps, write_json
-from bench_throughput import timed_generate, warm_up, workload
+from bench_throughput import timed_repeats, warm_up, workload
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.distributed.parallel_state import all_reduce_backend
@@ -41,6 +42,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 NUM_PROMPTS, PROMPT_LEN, STEPS, TOP = 8, 64, 64, 20
 DECODE_BATCHES, DECODE_PROMPT, DECODE_WARMUP, DECODE_STEPS = (1, 64, 256), 128, 8, 64
 PROFILE_BATCHES, PROFILE_STEPS, PROFILE_TOP = (1, 256), 8, 12  # rank 0's kernels over a few steps, by name
+THROUGHPUT_REPEATS = 3  # the median of 3 workload runs, as bench_throughput reports
 
 # Agreement-only engines: 8 seqs, so start-up tunes and captures only what 8 x 64-token prompts need.
 SMALL = dict(max_num_seqs=NUM_PROMPTS, max_num_batched_tokens=NUM_PROMPTS * PROMPT_LEN)
@@ -163,9 +165,9 @@ def measure_speed(llm: LLM, result: dict) -> None:
                                               for d in result["decode"]), flush=True)
     warm_up(llm)
     reqs, params = workload()
-    spent = timed_generate(llm, reqs, params)
+    spent, runs = timed_repeats(llm, reqs, params, THROUGHPUT_REPEATS)
     result["output_tokens"] = sum(p.max_tokens for p in params)
-    result["throughput"] = spent
+    result["throughput"], result["repeats_seconds"] = spent, [run["seconds"] for run in runs]
     result["output_tok_per_s"] = result["output_tokens"] / spent["seconds"]
     print(f"{name}: {result['output_tok_per_s']:.0f} output tok/s", flush=True)
 
@@ -220,7 +222,7 @@ def summary(runs: dict[str, dict], card: str, cards: list[str]) -> dict:
     """The JSON: each run's figures, each comparison whose two runs are done, and the headline keys."""
     detail_keys = ("arch", "tensor_parallel_size", "dtype", "enforce_eager", "all_reduce", "startup_s",
                    "num_kvcache_blocks", "decode", "ms_per_token_bs1", "output_tokens", "throughput",
-                   "output_tok_per_s")
+                   "repeats_seconds", "output_tok_per_s")
     result = {"card": card, "cards": cards,
               "workload": "nano-vllm bench.py: 256 reqs, in/out uniform [100, 1024], seed 0, temperature 0.6; "
                           "random weights (bf16 unless a run says dtype float32)",

@@ -5,7 +5,8 @@
 #      kernel on a slot (benchmarks/bench_allreduce.py) -> allreduce-<card>.json, allreduce.log
 #   3. tensor parallelism 1 vs 2 (benchmarks/bench_tp.py, runs RUNS, default tp1_async tp2_async_symm)
 #      -> tp-<card>.json, tp.log
-#   4. with PROFILE=1, benchmarks/profile_throughput.py on the 8B at TP 1 and 2 -> profile_throughput-*.json
+#   4. with PROFILE=1, benchmarks/profile_throughput.py on the 8B at TP 1 and 2 (PROFILE_TPS="2": TP 2 only)
+#      -> profile_throughput-*.json
 # All of it comes back in $OUT/results.tgz, beside the Triton cache (carry it back as .triton_cache.tar.xz).
 # NVLink multicast stays off (KINDS.md); nanovllm's all-reduce uses peer-to-peer kernels only.
 #   bash benchmarks/gpu_tp.sh                  (carry .whl and .triton_cache.tar.xz)
@@ -35,7 +36,7 @@ timeout "${TP_TIMEOUT:-400}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --r
     2>&1 | tee "$OUT/tp.log"
 echo "== bench_tp exit ${PIPESTATUS[0]}"
 if [ "${PROFILE:-0}" = 1 ]; then  # where the 8B workload's time goes at TP 1 and 2 (symmetric memory)
-    for tp in 1 2; do
+    for tp in ${PROFILE_TPS:-1 2}; do
         NANOVLLM_SYMM_MEM=1 timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_throughput.py \
             --config qwen3-8b --tp $tp --out-dir "$OUT" 2>&1 | grep -v "^\s*[0-9.]* us" | tee "$OUT/profile-tp$tp.log"
     done

@@ -4,6 +4,7 @@ Every output is poisoned with NaN before the kernel runs, so a row the kernel fo
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from nanovllm.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, 
 from nanovllm.kernels.paged_attention import paged_attention, paged_attention_ref
 from nanovllm.kernels.rope_kv_store import rope_and_store_kv, rope_and_store_kv_ref
 from nanovllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from nanovllm.utils.context import longest_first
 
 pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
@@ -93,6 +95,22 @@ def test_decode_varied_lengths(num_kv_splits):
     # Unequal seqs in one batch with context-0 rows (graph padding) between them; 8 splits leave most of the
     # 1-key seq's splits empty. fp32, so a key read from the wrong page or slice shows.
     check_attention([1] * 6, [100, 0, 1, 64, 0, 37], 4, 2, 64, 16, torch.float32, num_kv_splits=num_kv_splits)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_decode_seq_order_changes_no_bit(num_kv_splits):
+    # seq_order only changes when each seq's programs start: longest first (the runners' order) and a
+    # shuffle give exactly the unordered output, padding rows (context 0) included.
+    q_lens, ctx_lens = [1] * 6, [37, 0, 100, 1, 64, 50]
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch(q_lens, ctx_lens, 4, 2, 64, 16, torch.float32)
+    run = lambda **order: paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125,  # noqa: E731
+                                          num_kv_splits=num_kv_splits, **order)
+    want = run()
+    torch.testing.assert_close(want, paged_attention_ref(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125))
+    longest = torch.from_numpy(longest_first(np.array(ctx_lens))).to(DEVICE)
+    assert longest.tolist() == [2, 4, 5, 0, 3, 1]
+    for order in (longest, torch.tensor([3, 0, 5, 1, 4, 2], dtype=torch.int32, device=DEVICE)):
+        assert torch.equal(run(seq_order=order), want)
 
 
 def test_decode_padded_seq_gives_zeros():

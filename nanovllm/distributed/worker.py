@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.connection import Connection
 from typing import TypeVar
 
 import torch
@@ -28,6 +29,7 @@ from nanovllm.distributed.commands import (
     EXIT,
     FORWARD,
     LOGITS,
+    connect,
     recv_forward,
     recv_header,
     recv_logits,
@@ -52,11 +54,15 @@ class WorkerGroup:
         self.broken: str | None = None  # why the group can no longer run a step
         self.closed = False
         spawn = mp.get_context("spawn")
+        pipes = [spawn.Pipe(duplex=False) for _ in range(1, tp)]  # (read end, write end): the command headers
         self.processes = [spawn.Process(target=worker_main, name=f"nanovllm-tp-worker-{rank}", daemon=True,
-                                        args=(rank, self.store.port, config, model_path, os.getpid()))
-                          for rank in range(1, tp)]
+                                        args=(rank, self.store.port, config, model_path, os.getpid(), reader))
+                          for rank, (reader, _) in enumerate(pipes, start=1)]
         for process in self.processes:
             process.start()
+        for reader, _ in pipes:
+            reader.close()  # the workers hold them: a worker's death then breaks its pipe
+        connect([writer for _, writer in pipes])
         atexit.register(self.close)
 
     def wait_ready(self) -> None:
@@ -104,7 +110,7 @@ class WorkerGroup:
         atexit.unregister(self.close)
         if not self.broken and not self.dead() and dist.is_initialized():
             try:
-                send_exit(self.device)  # workers drop their graphs, leave the group and exit
+                send_exit()  # workers drop their graphs, leave the group and exit
                 destroy_tensor_parallel()
                 for process in self.processes:
                     process.join(timeout=5)
@@ -118,10 +124,13 @@ class WorkerGroup:
             if process.is_alive():
                 process.kill()
                 process.join()
+        connect([])
 
 
-def worker_main(rank: int, port: int, config: Config, model_path: str, parent_pid: int) -> None:
-    """The body of worker process `rank`: join the group, load the shard, serve commands until EXIT."""
+def worker_main(rank: int, port: int, config: Config, model_path: str, parent_pid: int,
+                commands: Connection) -> None:
+    """The body of worker process `rank`: join the group, load the shard, serve the commands that come
+    down the `commands` pipe until EXIT."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; rank 0 decides
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
@@ -131,6 +140,7 @@ def worker_main(rank: int, port: int, config: Config, model_path: str, parent_pi
                               timeout=timedelta(seconds=TP_TIMEOUT_S))
         store.set(f"ready{rank}", "1")
         runner = ModelRunner(config, model_path, rank=rank, store=store)
+        connect([commands])
         serve(runner)
     except Exception:
         traceback.print_exc()
@@ -144,13 +154,13 @@ def serve(runner) -> None:
     """Runs rank 0's commands on this rank's shard until EXIT."""
     device = runner.device
     while True:
-        command, *sizes = recv_header(device)
+        command, sizes, host_data = recv_header()
         if command == EXIT:
             return runner.close()
         if command == ALLOCATE:
             runner.allocate_kv_cache(sizes[0])
         elif command == FORWARD:
-            input_ids, positions, context = recv_forward(sizes, device)
+            input_ids, positions, context = recv_forward(sizes, host_data, device)
             set_context(context)
             try:
                 runner.model(input_ids, positions)

@@ -30,7 +30,7 @@ from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.sample import chunk_bests, pick_bests, sample, sample_ref, sample_workspace
-from nanovllm.utils.context import Context, reset_context, set_context
+from nanovllm.utils.context import Context, longest_first, reset_context, set_context
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -49,10 +49,10 @@ class _PinnedInputs:
 
     def __init__(self, max_bs: int, max_num_blocks: int, pin: bool):
         self.int64 = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=pin)
-        self.int32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
+        self.int32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
         self.temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
         self.np64, self.np32 = self.int64.numpy(), self.int32.numpy()  # views: writes go to pinned memory
-        self.np_tables = self.np32[max_bs:].reshape(max_bs, max_num_blocks)
+        self.np_tables = self.np32[2 * max_bs:].reshape(max_bs, max_num_blocks)
         self.row_tables: list[list[int] | None] = [None] * max_bs  # what each row of np_tables holds
 
 
@@ -60,7 +60,7 @@ class DecodeGraphs:
     """Captures `model` for decode batches of up to max_num_seqs seqs and replays it for a batch of seqs.
 
     Inputs travel in host-to-device copies from pinned buffers: int64 [input_ids; positions; slot_mapping],
-    int32 [context_lens | block_tables] and, for the sampling graphs, float32 temperatures. Outputs:
+    int32 [context_lens | seq_order | block_tables] and, for the sampling graphs, float32 temperatures. Outputs:
     `logits` (max_bs, vocab) in the model dtype (under TP: on rank 0, after a replay that gathers them) and
     `next_tokens` (max_bs,) int64.
     """
@@ -76,10 +76,10 @@ class DecodeGraphs:
         self.host = [_PinnedInputs(max_bs, max_num_blocks, device.type == "cuda") for _ in range(host_buffers)]
         self.num_replays = 0  # picks the host buffer set: replay i uses host[i % host_buffers]
         self.dev64 = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
-        self.dev32 = torch.zeros(max_bs * (1 + max_num_blocks), dtype=torch.int32, device=device)
+        self.dev32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, device=device)
         self.input_ids, self.positions, self.slot_mapping = self.dev64  # (max_bs,) each
-        self.context_lens = self.dev32[:max_bs]
-        self.block_tables = self.dev32[max_bs:].view(max_bs, max_num_blocks)
+        self.context_lens, self.seq_order = self.dev32[:max_bs], self.dev32[max_bs:2 * max_bs]
+        self.block_tables = self.dev32[2 * max_bs:].view(max_bs, max_num_blocks)
         self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
         self.seed = torch.randint(2**62, (1,), dtype=torch.int64).to(device)  # the sampling kernel's Philox key
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
@@ -115,7 +115,8 @@ class DecodeGraphs:
         return Context(q_lens=[1] * bs, context_lens=[], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
                        context_lens_t=self.context_lens[:bs], slot_mapping=self.slot_mapping[:bs],
                        block_tables=self.block_tables[:bs], max_q_len=1,
-                       max_context_len=self.max_num_blocks * self.block_size, is_decode=True)
+                       max_context_len=self.max_num_blocks * self.block_size, is_decode=True,
+                       seq_order=self.seq_order[:bs])
 
     def _forward(self, model: nn.Module, bs: int, sampling: bool) -> None:
         """What a graph holds: the model, the head and the sampler (under TP, their sharded form)."""
@@ -151,6 +152,7 @@ class DecodeGraphs:
         # Warm-up and capture really run: slot -1 and context 0 keep them away from the KV cache.
         self.slot_mapping.fill_(-1)
         self.context_lens.zero_()
+        self.seq_order.copy_(torch.arange(self.max_bs))
         pool = None
         for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
             for sampling in (True, False):
@@ -193,9 +195,10 @@ class DecodeGraphs:
         context_lens = host.np32[:self.max_bs]
         context_lens[:n] = positions[:n] + 1
         context_lens[n:bs] = 0
+        host.np32[self.max_bs:self.max_bs + bs] = longest_first(context_lens[:bs])
         self._write_block_tables(host, seqs)
         self.dev64.copy_(host.int64, non_blocking=True)
-        used = self.max_bs + bs * self.max_num_blocks
+        used = self._int32_used(bs)
         self.dev32[:used].copy_(host.int32[:used], non_blocking=True)
         if prev_ids is not None:
             self.input_ids[:n] = prev_ids[self.input_ids[:n]]  # (n,) gathered before the replay overwrites them
@@ -205,16 +208,20 @@ class DecodeGraphs:
             self.temperatures.copy_(host.temps, non_blocking=True)
         sampling = temperatures is not None
         if self.tp_size > 1:
-            send_decode(bs, sampling, logits, self.device)
+            send_decode(bs, sampling, logits)
             broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
         self._replay(bs, sampling, logits)
 
     def follow(self, bs: int, sampling: int, gather_logits: int) -> None:
         """A TP worker's side of rank 0's replay (after its DECODE header): the same inputs, the same graph,
         and its share of the logits' gather when rank 0 asks for them."""
-        used = self.max_bs + bs * self.max_num_blocks
+        used = self._int32_used(bs)
         broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
         self._replay(bs, bool(sampling), bool(gather_logits))
+
+    def _int32_used(self, bs: int) -> int:
+        """How much of dev32 a replay of bucket bs reads: context_lens, seq_order, bs block tables."""
+        return 2 * self.max_bs + bs * self.max_num_blocks
 
     def _replay(self, bs: int, sampling: bool, gather_logits: bool = False) -> None:
         if self.graphs:

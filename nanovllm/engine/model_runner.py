@@ -111,8 +111,9 @@ class ModelRunner:
 
     With tensor_parallel_size > 1 there is one runner per rank, each with its shard of the model. Rank 0's
     (the engine's) starts the others in worker processes (distributed/worker.py) and, before each model
-    call, broadcasts the call and its inputs so they run it too; only rank 0 gets logits and samples.
-    Every rank captures the decode graphs; the fused output path adds the residual on rank 0 only."""
+    call, sends them the call (down a pipe) and its inputs (a broadcast) so they run it too; only rank 0
+    gets logits and samples. Every rank captures the decode graphs; the fused output path adds the residual
+    on rank 0 only."""
 
     def __init__(self, config: Config, model_path: str, rank: int = 0, store: dist.Store | None = None):
         self.config, self.rank = config, rank
@@ -197,7 +198,7 @@ class ModelRunner:
         return self._allocate_kv_cache(max_model_len)
 
     def _allocate_everywhere(self, max_model_len: int) -> int:
-        send_allocate(max_model_len, self.device)
+        send_allocate(max_model_len)
         return self._allocate_kv_cache(max_model_len)
 
     def _allocate_kv_cache(self, max_model_len: int) -> int:

@@ -47,7 +47,8 @@ class Attention(nn.Module):
     def forward_triton(self, q: torch.Tensor, context: Context) -> torch.Tensor:
         from nanovllm.kernels.paged_attention import paged_attention
         return paged_attention(q, self.k_cache, self.v_cache, context.block_tables, context.cu_seqlens_q,
-                               context.context_lens_t, context.max_q_len, self.scale)
+                               context.context_lens_t, context.max_q_len, self.scale,
+                               seq_order=context.seq_order)
 
     def forward_native(self, q: torch.Tensor, context: Context, k: torch.Tensor | None = None,
                        v: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ class Context:
     max_q_len: int
     max_context_len: int
     is_decode: bool
+    seq_order: torch.Tensor | None = None  # (B,) int32, decode: the seqs longest first (paged_attention)
 
 
 _CONTEXT: Context | None = None
@@ -53,10 +54,16 @@ def make_context(q_lens: list[int], context_lens: list[int], block_tables: list[
     pos = np.arange(cu[-1]) + np.repeat(ctx - q - cu[:-1], q)  # (T,)
     slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
     as_tensor = lambda x: torch.from_numpy(x).to(device, non_blocking=True)  # noqa: E731
+    is_decode = bool((q == 1).all())
     return Context(
         q_lens=list(q_lens), context_lens=list(context_lens),
         cu_seqlens_q=as_tensor(cu), context_lens_t=as_tensor(ctx.astype(np.int32)),
         slot_mapping=as_tensor(slots), block_tables=as_tensor(tables),
         max_q_len=max(q_lens, default=0), max_context_len=max(context_lens, default=0),
-        is_decode=all(q == 1 for q in q_lens),
+        is_decode=is_decode, seq_order=as_tensor(longest_first(ctx)) if is_decode else None,
     )
+
+
+def longest_first(context_lens: np.ndarray) -> np.ndarray:
+    """The seqs' indices by decreasing context length (ties in order), int32: the decode kernel's seq_order."""
+    return np.argsort(-context_lens, kind="stable").astype(np.int32)
