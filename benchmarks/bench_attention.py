@@ -216,9 +216,13 @@ def decode_varied(read_bw: float) -> list[dict]:
 
 
 def decode_order(read_bw: float) -> list[dict]:
-    # The seqs in the given (arbitrary) order against longest first, at the default split count and at 2.
+    # The seqs in the given (arbitrary) order against longest first, at the default split count and at 2;
+    # and equal short contexts (bench_latency's 168 keys), where no order helps and the KV heads being the
+    # grid's fastest axis cost the engine's batch-256 step (benchmarks/NOTES-kernels.md): time these beside
+    # an older kernel (BENCH_ATTENTION_FILE) to see the grid order alone.
+    dists = {**varied_lengths(), "equal-64x168": [168] * 64, "equal-256x168": [168] * 256}
     return [decode_row(time_decode_varied(name, ctx_lens, ordered, **splits), read_bw)
-            for name, ctx_lens in varied_lengths().items()
+            for name, ctx_lens in dists.items()
             for splits in ({}, dict(num_kv_splits=2)) for ordered in (False, True)]
 
 

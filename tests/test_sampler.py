@@ -250,27 +250,30 @@ def test_compute_prompt_logprobs_in_chunks():
     assert logprobs.shape == ranks.shape == (0,) and top_ids.shape == top_logprobs.shape == (0, 2)
 
 
-# ---- the in-graph sampling kernel (kernels/sample.py; Triton's interpreter on CPU) ----
+# ---- the in-graph sampling kernel (kernels/sample.py; Triton's interpreter on CPU, compiled on CUDA) ----
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_sample_kernel_draws_do_not_depend_on_the_chunking(monkeypatch):
     """Each (row, vocabulary index) has its own Philox number, so splitting a row over more programs
     changes no draw (so the one-chunk chi-square test in test_triton_kernels.py covers every chunking);
     greedy rows take the argmax with ties to the lowest index, here across chunks."""
     from nanovllm.kernels import sample as kernel
-    rows, vocab = 4, 2500  # 2500: a partial last chunk at every chunk size below
+    rows, vocab, device = 4, 2500, KERNEL_DEVICE  # 2500: a partial last chunk at every chunk size below
     logits = random_logits(rows, vocab, seed=2)
     logits[0, [300, 2200]] = 50.0  # a tie across chunks: the lower index wins
-    temps = torch.tensor([0.0, 0.7, 1.0, 2.0])
-    seed = torch.tensor([123], dtype=torch.int64)
+    logits, temps = logits.to(device), torch.tensor([0.0, 0.7, 1.0, 2.0], device=device)
+    seed = torch.tensor([123], dtype=torch.int64, device=device)
+    out = lambda: torch.empty(rows, dtype=torch.int64, device=device)  # noqa: E731
     draws = {}
     for chunk in (4096, 1024, 512):
         monkeypatch.setattr(kernel, "CHUNK", chunk)
-        workspace = kernel.sample_workspace(rows, vocab, "cpu")
+        workspace = kernel.sample_workspace(rows, vocab, device)
         assert workspace.shape == (rows, 2, -(-vocab // chunk))
-        draws[chunk] = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64), workspace)
+        draws[chunk] = kernel.sample(logits, temps, seed, out(), workspace)
     assert draws[4096][0] == 300
     assert torch.equal(draws[4096], draws[1024]) and torch.equal(draws[4096], draws[512])
-    other = kernel.sample(logits, temps, seed + 1, torch.empty(rows, dtype=torch.int64))
+    other = kernel.sample(logits, temps, seed + 1, out())
     assert other[0] == 300 and not torch.equal(other[1:], draws[512][1:])  # a new seed, new draws
 
 
@@ -280,15 +283,18 @@ def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
     over the ranks' gathered pairs, draws exactly what one pass over the whole row draws."""
     from nanovllm.kernels import sample as kernel
     monkeypatch.setattr(kernel, "CHUNK", 512)
-    rows, vocab, tp = 4, 2501, 2
-    width = -(-vocab // tp)  # 1251: rank 1 holds 1250 tokens and a padding column
+    rows, vocab, tp, device = 8, 2501, 2, KERNEL_DEVICE
+    # 1251: rank 1 holds 1250 tokens and a padding column, and starts at an index that is not a multiple of
+    # 4, so its random numbers come one Philox call per token (rank 0's: one per 4 tokens), the same ones.
+    width = -(-vocab // tp)
     logits = random_logits(rows, vocab, seed=3)
     logits[0, [100, 1300]] = 50.0  # a greedy tie across ranks: rank 0's index wins
-    temps, seed = torch.tensor([0.0, 0.5, 1.0, 3.0]), torch.tensor([77], dtype=torch.int64)
-    workspaces = torch.stack([kernel.sample_workspace(rows, width, "cpu") for _ in range(tp)])  # (tp, B, 2, C)
+    logits, temps = logits.to(device), torch.tensor([0.0, 0.5, 1.0, 3.0, 0.7, 1.5, 2.0, 5.0], device=device)
+    seed = torch.tensor([77], dtype=torch.int64, device=device)
+    workspaces = torch.stack([kernel.sample_workspace(rows, width, device) for _ in range(tp)])  # (tp, B, 2, C)
     for rank in range(tp):
         part = logits[:, rank * width:(rank + 1) * width]
-        kernel.chunk_bests(part, temps, seed, workspaces[rank], rank * width, vocab)
-    sharded = kernel.pick_bests(workspaces, torch.empty(rows, dtype=torch.int64))
-    whole = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64))
+        kernel.chunk_bests(part, temps, seed, workspaces[rank], rank * width)
+    sharded = kernel.pick_bests(workspaces, torch.empty(rows, dtype=torch.int64, device=device))
+    whole = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64, device=device))
     assert sharded[0] == 100 and torch.equal(sharded, whole)

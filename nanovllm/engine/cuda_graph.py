@@ -126,7 +126,7 @@ class DecodeGraphs:
         local = torch.mm(hidden, self.head_weight.t(), out=self.local_logits[:bs])  # (bs, vocab / tp)
         temps = self.temperatures[:bs] if sampling else self.greedy_temps[:bs]
         workspace = self.sample_workspace[:bs]  # (bs, 2, chunks)
-        chunk_bests(local[:, :self.num_valid], temps, self.seed, workspace, self.vocab_start, self.vocab_size)
+        chunk_bests(local[:, :self.num_valid], temps, self.seed, workspace, self.vocab_start)
         gathered = all_gather(workspace, self.gathered[:self.tp_size * workspace.numel()].view(
             self.tp_size, *workspace.shape))  # (tp, bs, 2, chunks): a few KB, not the logits
         pick_bests(gathered, self.next_tokens[:bs])

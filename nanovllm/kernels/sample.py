@@ -10,9 +10,11 @@ Two kernels. The first splits each row into CHUNK-wide pieces, one program each 
 writes each piece's best (score, index): one program per row left most SMs idle at small batches and kept
 too few loads in flight at large ones (210-275 us for 52-145 rows on an H200, ~10x its bandwidth time). The
 second (grid (B,)) picks each row's best piece, the first of equal scores, so ties go to the lowest index
-as in torch.argmax. Random numbers come from Philox (tl.rand) keyed by a seed in device memory and by
-(row, vocabulary index), so a draw does not depend on the chunking, and a CUDA graph that replays the
-kernels and then bumps the seed draws fresh numbers every replay. The reference uses torch's generator
+as in torch.argmax. Random numbers come from Philox keyed by a seed in device memory, with counters (row,
+vocabulary index // 4): one Philox call gives the 4 uniforms of 4 neighbouring tokens (tl.rand would spend
+a call per token and keep one of its 4 outputs, and Philox was most of the kernel's time). So a draw does
+not depend on the chunking, and a CUDA graph that replays the kernels and then bumps the seed draws fresh
+numbers every replay. The reference uses torch's generator
 instead, so the two agree in distribution, not in draws.
 
 Under tensor parallelism each rank runs the first pass on its slice of the logits (indices and random
@@ -62,18 +64,18 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor,
 
 
 def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, workspace: torch.Tensor,
-                vocab_offset: int = 0, full_vocab: int | None = None) -> None:
+                vocab_offset: int = 0) -> None:
     """The first pass: each chunk's best score and its index into workspace. Under TP logits are a rank's
-    slice of the vocabulary, starting at vocab_offset of full_vocab tokens: indices and random numbers are
-    those of the full vocabulary, so the ranks' bests together are the unsplit row's. Chunks past the
+    slice of the vocabulary, starting at vocab_offset: indices and random numbers are those of the full
+    vocabulary, so the ranks' bests together are the unsplit row's. Chunks past the
     logits (a last rank's padding) hold -inf."""
     batch, vocab = logits.shape
     assert logits.stride(-1) == 1 and workspace.shape[2] >= -(-vocab // CHUNK) and workspace.shape[0] >= batch
     if batch:
-        chunk = min(CHUNK, triton.next_power_of_2(vocab))  # a small vocabulary: one chunk, no empty tiles
+        chunk = min(CHUNK, max(4, triton.next_power_of_2(vocab)))  # a small vocabulary: one chunk
         _chunk_best_kernel[(batch, workspace.shape[2])](
             logits, logits.stride(0), temperatures, seed, workspace, workspace.stride(0), workspace.stride(1),
-            vocab, vocab_offset, full_vocab or vocab, CHUNK=chunk, BLOCK=min(_BLOCK, chunk))
+            vocab, vocab_offset, CHUNK=chunk, BLOCK=min(_BLOCK, chunk), ALIGNED=vocab_offset % 4 == 0)
 
 
 def pick_bests(workspaces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -88,8 +90,10 @@ def pick_bests(workspaces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 @_jit
 def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_ws, stride_kind, vocab,
-                       vocab_offset, full_vocab, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (B, chunks): the best score and its index in row's vocabulary [chunk * CHUNK, + CHUNK)."""
+                       vocab_offset, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Grid (B, chunks): the best score and its index in row's vocabulary [chunk * CHUNK, + CHUNK).
+    ALIGNED: vocab_offset is a multiple of 4, so the tile's tokens are whole groups of 4 (one Philox call
+    each); otherwise each token makes its own call and keeps its lane, which draws the same numbers."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     temp = tl.load(temps_ptr + row)
     inv_temp = 1.0 / tl.where(temp > 0, temp, 1.0)
@@ -103,7 +107,7 @@ def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_w
         x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
         if temp > 0:  # greedy rows skip the random numbers
             # Keyed by the full vocabulary's index: u = 0 gives -inf, never picked.
-            u = tl.rand(seed, row * full_vocab + vocab_offset + offs)
+            u = _uniforms(seed, row, vocab_offset + start, vocab_offset + offs, BLOCK, ALIGNED)
             x = x * inv_temp - tl.log(-tl.log(u))
         score = tl.where(mask, x, -float("inf"))
         tile_best = tl.max(score, axis=0)
@@ -114,6 +118,20 @@ def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_w
     ws = ws_ptr + row * stride_ws + chunk
     tl.store(ws, best)
     tl.store((ws + stride_kind).to(tl.pointer_type(tl.int32)), vocab_offset + best_idx)
+
+
+@_jit
+def _uniforms(seed, row, first, index, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Uniforms in [0, 1) for the vocabulary indices `index` (BLOCK of them, first..first + BLOCK - 1) of
+    `row`: lane index % 4 of Philox(seed; index // 4, row). ALIGNED: first % 4 == 0."""
+    if ALIGNED:  # one call per 4 tokens, its 4 outputs interleaved back into token order
+        r0, r1, r2, r3 = tl.philox(seed, first // 4 + tl.arange(0, BLOCK // 4), row, 0, 0)
+        bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])  # [4n + 2a + b] = r(2a + b)[n]
+    else:
+        r0, r1, r2, r3 = tl.philox(seed, index // 4, row + index * 0, 0, 0)
+        lane = index % 4
+        bits = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return tl.uint_to_uniform_float(bits)
 
 
 @_jit
