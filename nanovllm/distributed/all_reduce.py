@@ -40,8 +40,8 @@ SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per progra
 
 
 def symm_mem_requested() -> bool:
-    """NANOVLLM_SYMM_MEM=1 asks for it. Opt-in although faster (on 2 x H200 TP 2 gives 1.60x the throughput of
-    TP 1 with it, 1.44x with NCCL: benchmarks/results/tp-h200.json): a dead peer would hang it instead of
+    """NANOVLLM_SYMM_MEM=1 asks for it. Opt-in although faster (on 2 x H200 TP 2 gives 1.63x the throughput of
+    TP 1 with it, 1.45x with NCCL: benchmarks/results/tp-h200-with-nccl.json): a dead peer would hang it instead of
     failing."""
     return os.environ.get("NANOVLLM_SYMM_MEM", "0") == "1"
 

@@ -16,9 +16,10 @@ captured like kernels), and samples inside them without gathering the logits: ea
 of the vocabulary's logits and each row's best (score, index) per chunk of it (Gumbel-perturbed at the
 row's temperature, plain for greedy rows), the ranks all-gather those pairs (a few KB), and every rank picks
 the same winners (kernels/sample.py). Only a step that needs the full Sampler gathers the B x vocab logits
-to rank 0, eagerly after the replay. Before each replay rank 0 broadcasts the step's input buffers (DECODE,
-distributed/commands.py) and the workers replay the same graph on them; the sampling seed is rank 0's on
-every rank, and every replay bumps it everywhere, so the ranks' random numbers agree.
+to rank 0, eagerly after the replay. Before each replay rank 0 sends DECODE down the workers' pipes and
+broadcasts the step's input buffers (distributed/commands.py), and the workers replay the same graph on
+them; the sampling seed is rank 0's on every rank, and every replay bumps it everywhere, so the ranks'
+random numbers agree.
 """
 from itertools import chain, count
 
