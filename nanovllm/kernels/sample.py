@@ -14,8 +14,8 @@ as in torch.argmax. Random numbers come from Philox keyed by a seed in device me
 vocabulary index // 4): one Philox call gives the 4 uniforms of 4 neighbouring tokens (tl.rand would spend
 a call per token and keep one of its 4 outputs, and Philox was most of the kernel's time). So a draw does
 not depend on the chunking, and a CUDA graph that replays the kernels and then bumps the seed draws fresh
-numbers every replay. The reference uses torch's generator
-instead, so the two agree in distribution, not in draws.
+numbers every replay. The reference uses torch's generator instead, so the two agree in distribution, not
+in draws.
 
 Under tensor parallelism each rank runs the first pass on its slice of the logits (indices and random
 numbers of the full vocabulary) and the ranks all-gather only the per-chunk pairs (engine/cuda_graph.py):
@@ -67,8 +67,8 @@ def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Te
                 vocab_offset: int = 0) -> None:
     """The first pass: each chunk's best score and its index into workspace. Under TP logits are a rank's
     slice of the vocabulary, starting at vocab_offset: indices and random numbers are those of the full
-    vocabulary, so the ranks' bests together are the unsplit row's. Chunks past the
-    logits (a last rank's padding) hold -inf."""
+    vocabulary, so the ranks' bests together are the unsplit row's. Chunks past the logits (a last rank's
+    padding) hold -inf."""
     batch, vocab = logits.shape
     assert logits.stride(-1) == 1 and workspace.shape[2] >= -(-vocab // CHUNK) and workspace.shape[0] >= batch
     if batch:
