@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanovllm.utils.context import Context, longest_first
+from nanovllm.utils.context import Context, context_from_lengths, cu_seqlens
 
 EXIT, ALLOCATE, FORWARD, LOGITS, DECODE = range(5)
 _HEADER_LEN = 4
@@ -70,16 +70,8 @@ def recv_forward(sizes: list[int], lens: np.ndarray,
     input_ids, positions, slot_mapping, tables = payload.split([num_tokens, num_tokens, num_tokens,
                                                                 num_seqs * width])
     q_lens, context_lens = lens[:num_seqs], lens[num_seqs:]
-    cu_seqlens_q = np.zeros(num_seqs + 1, dtype=np.int32)
-    np.cumsum(q_lens, out=cu_seqlens_q[1:])
-    is_decode = bool((q_lens == 1).all())
-    as_tensor = lambda x: torch.from_numpy(x).to(device, non_blocking=True)  # noqa: E731
-    context = Context(
-        q_lens=q_lens.tolist(), context_lens=context_lens.tolist(), cu_seqlens_q=as_tensor(cu_seqlens_q),
-        context_lens_t=as_tensor(context_lens.astype(np.int32)), slot_mapping=slot_mapping,
-        block_tables=tables.view(num_seqs, width).int(), max_q_len=int(q_lens.max(initial=0)),
-        max_context_len=int(context_lens.max(initial=0)), is_decode=is_decode,
-        seq_order=as_tensor(longest_first(context_lens)) if is_decode else None)
+    context = context_from_lengths(q_lens, context_lens, cu_seqlens(q_lens), slot_mapping,
+                                   tables.view(num_seqs, width).int(), device)
     return input_ids, positions, context
 
 

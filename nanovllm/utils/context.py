@@ -47,20 +47,34 @@ def make_context(q_lens: list[int], context_lens: list[int], block_tables: list[
         row[:len(table)] = table
     q = np.asarray(q_lens, dtype=np.int64).reshape(num_seqs)
     ctx = np.asarray(context_lens, dtype=np.int64).reshape(num_seqs)
-    cu = np.zeros(num_seqs + 1, dtype=np.int32)
-    np.cumsum(q, out=cu[1:])
+    cu = cu_seqlens(q)
     # Token t of seq i sits at position ctx[i] - q[i] + (t - cu[i]), in slot table[pos // bs] * bs + pos % bs.
     seq = np.repeat(np.arange(num_seqs), q)  # (T,)
     pos = np.arange(cu[-1]) + np.repeat(ctx - q - cu[:-1], q)  # (T,)
     slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
     as_tensor = lambda x: torch.from_numpy(x).to(device, non_blocking=True)  # noqa: E731
-    is_decode = bool((q == 1).all())
+    return context_from_lengths(q, ctx, cu, as_tensor(slots), as_tensor(tables), device)
+
+
+def cu_seqlens(q_lens: np.ndarray) -> np.ndarray:
+    """(B+1,) int32: where each seq's tokens start in the flattened batch, and the total."""
+    cu = np.zeros(len(q_lens) + 1, dtype=np.int32)
+    np.cumsum(q_lens, out=cu[1:])
+    return cu
+
+
+def context_from_lengths(q_lens: np.ndarray, context_lens: np.ndarray, cu: np.ndarray, slot_mapping: torch.Tensor,
+                         block_tables: torch.Tensor, device: torch.device | str) -> Context:
+    """The Context of host lengths (int64 arrays, cu = cu_seqlens(q_lens)) and the step's slots and block
+    tables, already on the device: make_context's end, and a TP worker's (distributed/commands.py)."""
+    as_tensor = lambda x: torch.from_numpy(x).to(device, non_blocking=True)  # noqa: E731
+    is_decode = bool((q_lens == 1).all())
     return Context(
-        q_lens=list(q_lens), context_lens=list(context_lens),
-        cu_seqlens_q=as_tensor(cu), context_lens_t=as_tensor(ctx.astype(np.int32)),
-        slot_mapping=as_tensor(slots), block_tables=as_tensor(tables),
-        max_q_len=max(q_lens, default=0), max_context_len=max(context_lens, default=0),
-        is_decode=is_decode, seq_order=as_tensor(longest_first(ctx)) if is_decode else None,
+        q_lens=q_lens.tolist(), context_lens=context_lens.tolist(),
+        cu_seqlens_q=as_tensor(cu), context_lens_t=as_tensor(context_lens.astype(np.int32)),
+        slot_mapping=slot_mapping, block_tables=block_tables,
+        max_q_len=int(q_lens.max(initial=0)), max_context_len=int(context_lens.max(initial=0)),
+        is_decode=is_decode, seq_order=as_tensor(longest_first(context_lens)) if is_decode else None,
     )
 
 
