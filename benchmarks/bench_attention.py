@@ -17,7 +17,7 @@ BENCH_ATTENTION_FILE=path times that copy of paged_attention.py instead (an olde
 before/after in one device call; write to another out_dir). BENCH_ATTENTION_HEADS=16,4 takes H and Hkv
 from it instead: one rank's heads of Qwen3-8B at tensor_parallel_size 2.
 """
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
-from bench_latency import card_name
+from bench_latency import card_name, load_copy
 from bench_throughput import workload
 
 from nanovllm.utils.context import longest_first
@@ -39,10 +39,7 @@ def _kernels():
     path = os.environ.get("BENCH_ATTENTION_FILE")
     if not path:
         return importlib.import_module("nanovllm.kernels.paged_attention")
-    spec = importlib.util.spec_from_file_location("paged_attention_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_copy(path, "paged_attention_under_test")
 
 
 _attn = _kernels()

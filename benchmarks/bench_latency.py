@@ -12,6 +12,7 @@ use_fused_output on, off with the same projection kernel, and off with cuBLAS pr
 """
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +30,15 @@ from nanovllm.layers import linear
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3-0.6b.json")
 BATCHES = [1, 8, 64, 256]
 PROMPT_LEN, DECODE_STEPS, WARMUP_STEPS = 128, 64, 8
+
+
+def load_copy(path: str, name: str):
+    """The module in the file at `path` (e.g. an older kernel from `git show`), imported as `name`, for a
+    before/after beside nanovllm's own in one process."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def card_name() -> tuple[str, str]:

@@ -5,25 +5,17 @@ Philox call per 4 tokens) and 0 (argmax), in CUDA graphs, beside torch's samplin
 sample.py (an older one from `git show`) in the same process, for a before/after.
 Usage: python benchmarks/bench_sample.py [out_dir]   (writes sample-<card>.json)
 """
-import importlib.util
 import json
 import os
 import sys
 
 import torch
 import triton
-from bench_latency import card_name
+from bench_latency import card_name, load_copy
 
 from nanovllm.kernels import sample as kernels
 
 VOCAB = 151936
-
-
-def load(path: str):
-    spec = importlib.util.spec_from_file_location("sample_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def bench(fn) -> float:
@@ -36,7 +28,7 @@ def main() -> None:
     card, tag = card_name()
     variants = {"ours": kernels}
     if os.environ.get("BENCH_SAMPLE_FILE"):
-        variants["before"] = load(os.environ["BENCH_SAMPLE_FILE"])
+        variants["before"] = load_copy(os.environ["BENCH_SAMPLE_FILE"], "sample_under_test")
     rows = []
     for batch in (1, 52, 145, 256):
         logits = torch.randn(batch, VOCAB, device="cuda").to(torch.bfloat16)
