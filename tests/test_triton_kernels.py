@@ -263,6 +263,28 @@ def test_decode_cuda_graph_replay():
 
 
 @gpu_only
+def test_gpu_kernels_compile_once_whatever_the_batch(monkeypatch):
+    # Ints that change every step (seqs, tokens, the block table's width) must not be specialized on:
+    # Triton would compile a new variant the first time one is 1 or a multiple of 16, mid-serving (0.84 s
+    # in the middle of a timed H100 run: benchmarks/NOTES-gpu.md, session 8).
+    monkeypatch.setenv("NANOVLLM_PDL", "0")  # else one token launches with PDL: a variant of its own
+    from nanovllm.kernels import paged_attention as pa
+    from nanovllm.kernels import rope_kv_store as rk
+    kernels = (pa._prefill_kernel, pa._decode_kernel, rk._rope_kv_store_kernel)
+    for kernel in kernels:
+        kernel.device_caches.clear()  # count the variants from here on (the disk cache makes them cheap)
+    for num_seqs, width in ((1, 1), (16, 16), (17, 17), (3, 5)):  # seqs, and blocks in the widest table
+        ctx_lens = [16 * width] * num_seqs
+        check_attention([3] * num_seqs, ctx_lens, 16, 8, 128, 16, torch.bfloat16)
+        check_attention([1] * num_seqs, ctx_lens, 16, 8, 128, 16, torch.bfloat16, num_kv_splits=1)
+    for num_tokens in (1, 16, 3):  # one launch configuration up to 16 tokens
+        (q, k, v), positions, cos_sin, (k_cache, v_cache), slots, _ = rope_inputs(num_tokens, 16, 8, 128,
+                                                                               torch.bfloat16)
+        rope_and_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots)
+    assert [sum(len(cache[0]) for cache in kernel.device_caches.values()) for kernel in kernels] == [1, 1, 1]
+
+
+@gpu_only
 def test_elementwise_kernels_gpu():
     (q, k, v), positions, cos_sin, (k_cache, v_cache), slots, norms = rope_inputs(8192, 16, 8, 128,
                                                                                   torch.bfloat16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.kernels import jit
 from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
 
 try:
@@ -18,7 +19,6 @@ try:
 except ImportError:  # CPU installs without Triton use the *_ref functions
     triton = tl = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,7 +60,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     return out.view(x.shape)
 
 
-@_jit
+@jit
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps,
                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Grid (rows,): one row of BLOCK_N >= n columns. With PDL the norm weight is loaded before the wait
@@ -81,7 +81,7 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, stride_x, stride_r
     tl.store(out_ptr + row * stride_o + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def rms_rstd(x, n, eps):
     """1 / sqrt(mean(x^2) + eps) for an fp32 row x (zero past n). The squares are summed in fp64, where each
     is exact and the sum's relative error (~2^-53) vanishes when the mean is rounded to fp32 (unless it

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.kernels import jit
 from nanovllm.kernels.add_rmsnorm import rmsnorm_ref
 
 try:
@@ -32,7 +33,6 @@ try:
 except ImportError:  # CPU installs without Triton use the reference
     triton = tl = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 if triton is not None:
     from nanovllm.kernels.add_rmsnorm import rms_rstd
     from nanovllm.kernels.fused_attention_output import _INTERPRET, _round
@@ -69,7 +69,7 @@ def one_shot_all_reduce(slot: torch.Tensor, out: torch.Tensor, signal: torch.Ten
     return out
 
 
-@_jit
+@jit
 def _meet(signal_ptr, offsets_ptr, block_id, RANK: tl.constexpr, WORLD: tl.constexpr):
     """Returns once program `block_id` of every rank has arrived (see the module docstring)."""
     ranks = tl.arange(0, WORLD)
@@ -88,7 +88,7 @@ def _meet(signal_ptr, offsets_ptr, block_id, RANK: tl.constexpr, WORLD: tl.const
     tl.debug_barrier()  # the acquiring threads' view, for every thread of the program
 
 
-@_jit
+@jit
 def _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD: tl.constexpr, ELEM_BYTES: tl.constexpr,
                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """(BLOCK,) fp32: the elements at `offs` of every rank's slot (`offs` into this rank's), in rank order on
@@ -102,7 +102,7 @@ def _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD: tl.constexpr, ELEM_BYTE
     return acc
 
 
-@_jit
+@jit
 def _one_shot_all_reduce_kernel(slot_ptr, out_ptr, signal_ptr, offsets_ptr, numel, RANK: tl.constexpr,
                                 WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEM_BYTES: tl.constexpr,
                                 INTERPRET: tl.constexpr):
@@ -150,7 +150,7 @@ def one_shot_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor |
     return stream, normed
 
 
-@_jit
+@jit(do_not_specialize=["rows"])  # changes every step: one compile serves all
 def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_ptr, normed_ptr, signal_ptr,
                                         offsets_ptr, rows, n, stride_r, eps, RANK: tl.constexpr,
                                         WORLD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,

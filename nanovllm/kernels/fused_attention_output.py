@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from nanovllm.kernels import jit
 from nanovllm.kernels.add_rmsnorm import add_rmsnorm, rms_rstd, rmsnorm, rmsnorm_ref
 from nanovllm.kernels.pdl import pdl_enabled, pdl_supported  # noqa: F401 (pdl_supported: re-exported)
 from nanovllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
@@ -59,11 +60,6 @@ except ImportError:
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _WORKSPACE_NUMEL = 1 << 20  # fp32 split-K partials: split_k * M * N must fit (4 MiB per device)
 _COUNTERS_NUMEL = 1 << 16  # split-K arrival counters, one per output tile
-
-
-def _jit(**kwargs):
-    """triton.jit, or the plain function where Triton is missing (then only the torch path runs)."""
-    return triton.jit(**kwargs) if triton is not None else (lambda fn: fn)
 
 
 def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
@@ -549,7 +545,7 @@ def _dispatch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | No
     return launch(_best(key) or _CUBLAS, x, weight, residual, bias, out)  # untuned during a capture: cuBLAS
 
 
-@_jit()
+@jit
 def _round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """x (fp32) rounded to the nearest dtype value, ties to even, as torch and the GPU round. The
     interpreter truncates fp32 to bf16 instead; there the rounding is done on the bits (a bf16 is the top
@@ -562,7 +558,7 @@ def _round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     return x.to(dtype)
 
 
-@_jit()
+@jit
 def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
                         stride_om, stride_on, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         INTERPRET: tl.constexpr):
@@ -581,7 +577,7 @@ def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, s
     tl.store(out_ptrs, _round(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@_jit()
+@jit
 def _silu_and_mul_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, INTERPRET: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc (BLOCK_M, BLOCK_N) holds the gate products of columns offs_n (BLOCK_N // 2 of them), then their up
@@ -595,7 +591,7 @@ def _silu_and_mul_store(acc, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on
              _round(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-@_jit()
+@jit
 def _x_tile(x_ptr, add_ptr, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk, NORM_ADD: tl.constexpr):
     """The (BLOCK_M, BLOCK_K) tile of x at column k, zero past M and k_end; with NORM_ADD, of x + add
     rounded, as the add + norm kernel stores the residual stream."""
@@ -607,21 +603,21 @@ def _x_tile(x_ptr, add_ptr, offs_m, offs_k, k, k_end, M, stride_xm, stride_xk, N
     return x
 
 
-@_jit()
+@jit
 def _norm_weight_tile(nw_ptr, offs_k, k, k_end):
     """The (BLOCK_K,) slice of the folded norm's weight at column k, fp32 (a weight: loadable before the
     PDL wait)."""
     return tl.load(nw_ptr + k + offs_k, mask=k + offs_k < k_end, other=0.0).to(tl.float32)
 
 
-@_jit()
+@jit
 def _normalize(x, nw, rstd):
     """rmsnorm of an x tile as _rmsnorm_kernel computes it (x * rstd * weight in fp32, rounded to x's
     dtype), so the gemv multiplies the very values that kernel would have stored."""
     return (x.to(tl.float32) * rstd * nw[None, :]).to(x.dtype)
 
 
-@_jit()
+@jit
 def _row_rstd(x_ptr, add_ptr, sum_ptr, K, eps, NORM_ADD: tl.constexpr, BLOCK_R: tl.constexpr):
     """1 / rms of the row x (+ add), as _rmsnorm_kernel computes it (rms_rstd: the same bits whatever this
     kernel's warps). Every program computes it (K <= a few thousand: a few KB from L2); with NORM_ADD the
@@ -638,7 +634,7 @@ def _row_rstd(x_ptr, add_ptr, sum_ptr, K, eps, NORM_ADD: tl.constexpr, BLOCK_R: 
     return rms_rstd(x, K, eps)
 
 
-@_jit()
+@jit
 def _w_tile(w_ptr, offs_n, offs_k, k, k_end, N, stride_wn, stride_wk, W_TMA: tl.constexpr,
             BLOCK_N: tl.constexpr):
     """The (BLOCK_N, BLOCK_K) tile of W at column k, zero past N and k_end; evict-first, as nothing reads
@@ -652,7 +648,7 @@ def _w_tile(w_ptr, offs_n, offs_k, k, k_end, N, stride_wn, stride_wk, W_TMA: tl.
     return w
 
 
-@_jit()
+@jit
 def _multiply_add(acc, x, w, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr,
                   PRECISION: tl.constexpr):
     """acc (BM, BN) += x (BM, BK) @ w (BN, BK)^T on tensor cores (SWAP_AB: acc^T (BN, BM) += w @ x^T), or
@@ -669,7 +665,7 @@ def _multiply_add(acc, x, w, USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr, INTER
     return acc
 
 
-@_jit(do_not_specialize=["M"])  # M changes every step: one compile serves all
+@jit(do_not_specialize=["M"])  # M changes every step: one compile serves all
 def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, nw_ptr, add_ptr, sum_ptr,
                       eps, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
@@ -761,7 +757,7 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
             tl.store(count, 0)  # ready for the next launch
 
 
-@_jit(do_not_specialize=["M"])
+@jit(do_not_specialize=["M"])
 def fused_o_proj_add_residual_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, M, N, K,
                                      stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn,
                                      stride_om, stride_on, HAS_BIAS: tl.constexpr,

@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from nanovllm.kernels import jit
 from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
 
 try:
@@ -21,7 +22,6 @@ try:
 except ImportError:  # CPU installs without Triton use paged_attention_ref
     triton = tl = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 LOG2E = 1.4426950408889634
 
 
@@ -142,7 +142,7 @@ def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scal
     )
 
 
-@_jit
+@jit
 def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE: tl.constexpr):
     """K and V (BLOCK_N, BLOCK_D) of the keys at positions pos, looked up through the block table."""
@@ -156,7 +156,7 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_hea
     return k, v
 
 
-@_jit
+@jit
 def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax update (base 2) of rows q (M, D) with a K/V tile (N, D); s_mask (M, N)."""
     if UPCAST:  # the interpreter does bf16 math on raw bits, so everything goes through fp32 there
@@ -170,7 +170,7 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@_jit
+@jit(do_not_specialize=["stride_bt"])  # the block table's width changes with eager batches
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
                    seq_order_ptr, dst_ptr, lse_ptr, qk_scale, stride_qt, stride_qh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -229,7 +229,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
         tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
 
 
-@_jit
+@jit
 def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, stride_pb, stride_ph, stride_ps,
                           stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
                           NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -252,7 +252,7 @@ def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, strid
              mask=d_mask)
 
 
-@_jit
+@jit
 def _find_seq(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     """The seq whose q-blocks (numbered from cu_seqlens_q[s] // BLOCK_Q + s) hold q_block: binary search."""
     lo: tl.int32 = 0
@@ -266,7 +266,7 @@ def _find_seq(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@_jit
+@jit(do_not_specialize=["num_seqs", "stride_bt"])  # both change every step: one compile
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
                     out_ptr, qk_scale, num_seqs, stride_qt, stride_qh,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,

@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from nanovllm.kernels import jit
+
 try:
     import triton
     import triton.language as tl
@@ -41,7 +43,6 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 @functools.cache
@@ -59,14 +60,14 @@ def pdl_enabled(device: torch.device, num_tokens: int = 1) -> bool:
             and num_tokens <= int(os.environ.get("NANOVLLM_PDL_MAX_TOKENS", "1")))
 
 
-@_jit
+@jit
 def launch_dependents(PDL: tl.constexpr):
     """Lets the next kernel in the stream be scheduled now (its wait still orders it after this one)."""
     if PDL:
         gdc_launch_dependents()
 
 
-@_jit
+@jit
 def wait_previous(PDL: tl.constexpr):
     """Returns once the kernel ahead in the stream has completed and its writes are visible."""
     if PDL:

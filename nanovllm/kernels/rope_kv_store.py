@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.kernels import jit
 from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
 
 try:
@@ -18,7 +19,6 @@ try:
 except ImportError:  # CPU installs without Triton use rope_and_store_kv_ref
     triton = tl = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -88,7 +88,7 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
     return q, k
 
 
-@_jit
+@jit
 def _halves(ptr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """The two halves (1, BLOCK_HALF) of a (HEAD_DIM,) norm weight, in fp32."""
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -97,7 +97,7 @@ def _halves(ptr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
     return first, tl.load(ptr + HEAD_DIM // 2 + offs_d, mask=mask, other=0.0).to(tl.float32)
 
 
-@_jit
+@jit
 def _norm_rope_head(x_ptrs, mask, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
     """Normalizes (norm weight halves w1, w2) and rotates one head of a block of tokens in place: x_ptrs
     (BLOCK_T, BLOCK_HALF) point at the first halves. Returns the rotated halves (fp32)."""
@@ -113,7 +113,7 @@ def _norm_rope_head(x_ptrs, mask, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr,
     return r1, r2
 
 
-@_jit
+@jit(do_not_specialize=["num_tokens"])  # changes every step: one compile serves all
 def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr,
                           slot_mapping_ptr, q_norm_ptr, k_norm_ptr, eps, num_tokens,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import torch
 
+from nanovllm.kernels import jit
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU installs without Triton use sample_ref
     triton = tl = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 CHUNK = 4096  # vocabulary entries per program: 37 programs per row at Qwen3's vocabulary
 _BLOCK = 1024  # entries per tile within a chunk
 
@@ -88,7 +89,7 @@ def pick_bests(workspaces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_jit
+@jit
 def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_ws, stride_kind, vocab,
                        vocab_offset, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Grid (B, chunks): the best score and its index in row's vocabulary [chunk * CHUNK, + CHUNK).
@@ -120,7 +121,7 @@ def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_w
     tl.store((ws + stride_kind).to(tl.pointer_type(tl.int32)), vocab_offset + best_idx)
 
 
-@_jit
+@jit
 def _uniforms(seed, row, first, index, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Uniforms in [0, 1) for the vocabulary indices `index` (BLOCK of them, first..first + BLOCK - 1) of
     `row`: lane index % 4 of Philox(seed; index // 4, row). ALIGNED: first % 4 == 0."""
@@ -134,7 +135,7 @@ def _uniforms(seed, row, first, index, BLOCK: tl.constexpr, ALIGNED: tl.constexp
     return tl.uint_to_uniform_float(bits)
 
 
-@_jit
+@jit
 def _row_best_kernel(ws_ptr, stride_rank, stride_ws, stride_kind, out_ptr, chunks, total, BLOCK: tl.constexpr):
     """Grid (B,): the row's best chunk over every rank (the first of equal scores) gives its token."""
     row = tl.program_id(0)

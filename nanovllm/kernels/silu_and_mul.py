@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import jit
 from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
 
 try:
@@ -12,7 +13,6 @@ try:
 except ImportError:  # CPU installs without Triton use silu_and_mul_ref
     triton = tl = None
 
-_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_jit
+@jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Grid (T, cdiv(I, BLOCK)). With PDL it launches under the gate_up projection's tail; all it reads is
     that projection's output (nanovllm/kernels/pdl.py)."""
