@@ -1,4 +1,6 @@
 """Runs the model on a scheduled batch: owns the weights, the paged KV cache, the CUDA graphs and the sampler."""
+import atexit
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -229,6 +231,14 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.config.max_num_seqs, -(-max_model_len // bs), bs,
                                        self.model_config.vocab_size, self.dtype, self.device,
                                        capture=not uncaptured, host_buffers=host_buffers)
+        # What exists now (modules, weights, graphs, everything imported) lives as long as the engine. Frozen,
+        # it is out of the cyclic collector's sight, so a full collection while serving walks only what the
+        # requests create; one that walked it all took 140 ms in the middle of a timed H100 run
+        # (benchmarks/NOTES-gpu.md, session 8). vLLM freezes after capturing its graphs too. Refcounting
+        # still frees the engine and its model when they go (tests/test_engine.py).
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)  # at exit the collector takes it back: cycles then close as before
         return num_blocks
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
