@@ -29,6 +29,9 @@ from nanovllm.utils.loader import load_model_config
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_CPU_KV_GB = 1.0
 _LOGITS_CHUNK = 1024  # prompt-logprob rows turned into logits at a time: bounds the (rows, vocab) fp32 peak
+# A started engine freezes the heap (_allocate_kv_cache); at exit the collector takes it back, so cycles close
+# as before (else nanobind reports Triton's IR objects as leaked).
+atexit.register(gc.unfreeze)
 
 
 @dataclass
@@ -238,7 +241,6 @@ class ModelRunner:
         # still frees the engine and its model when they go (tests/test_engine.py).
         gc.collect()
         gc.freeze()
-        atexit.register(gc.unfreeze)  # at exit the collector takes it back: cycles then close as before
         return num_blocks
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:

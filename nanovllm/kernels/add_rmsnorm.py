@@ -20,7 +20,6 @@ except ImportError:  # CPU installs without Triton use the *_ref functions
     triton = tl = None
 
 
-
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)

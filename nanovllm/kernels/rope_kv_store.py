@@ -20,7 +20,6 @@ except ImportError:  # CPU installs without Triton use rope_and_store_kv_ref
     triton = tl = None
 
 
-
 def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     if weight is None:
         return x

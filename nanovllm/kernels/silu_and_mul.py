@@ -14,7 +14,6 @@ except ImportError:  # CPU installs without Triton use silu_and_mul_ref
     triton = tl = None
 
 
-
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
