@@ -155,11 +155,15 @@ def hf_throughput(folder: str, prompts, params) -> dict:
             "seconds": seconds, "output_tok_per_s": sum(outs) / seconds}
 
 
+def shifted(prompts: list[list[int]], run: int) -> list[list[int]]:
+    """The prompts of timed run `run` (0: as given): the same lengths with every id shifted, so that no
+    run hits the prefix cache of an earlier one."""
+    return [[(t + 7919 * run) % 10001 for t in p] for p in prompts]
+
+
 def timed_repeats(llm: LLM, prompts, params, repeats: int) -> tuple[dict, list[dict]]:
-    """(the median run, every run) of `repeats` timed runs of the workload. The repeats see the same
-    lengths with other ids (each id shifted), so no prefix-cache hit makes them cheaper."""
-    runs = [timed_generate(llm, [[(t + 7919 * r) % 10001 for t in p] for p in prompts], params)
-            for r in range(repeats)]
+    """(the median run, every run) of `repeats` timed runs of the workload, each with `shifted` prompts."""
+    runs = [timed_generate(llm, shifted(prompts, r), params) for r in range(repeats)]
     return sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2], runs
 
 

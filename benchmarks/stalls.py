@@ -2,7 +2,7 @@
 steps, per run.
 
 bench_throughput's engine and warm-up, then `--runs` timed runs of the workload (each with shifted ids, as
-bench_throughput's repeats). For each run: its seconds, the Triton kernels compiled during it (name, ms and
+bench_throughput's repeats: `shifted`). For each run: its seconds, the Triton kernels compiled during it (name, ms and
 the specialization key: a kernel compiled mid-run stalls every request in flight), the collector's pauses
 (count, total, longest) and the slowest engine steps with their running and waiting seqs. A healthy engine
 compiles nothing after the warm-up and pauses a few ms at most.
@@ -85,7 +85,7 @@ def main() -> None:
     bt.warm_up(llm)
     runs = []
     for r in range(args.runs):
-        runs.append(timed_run(llm, [[(t + 7919 * r) % 10001 for t in p] for p in prompts], params))
+        runs.append(timed_run(llm, bt.shifted(prompts, r), params))
         run = runs[-1]
         print(f"run {r}: {run['seconds']:.3f} s, {len(run['compiles'])} compiles "
               f"({sum(c['ms'] for c in run['compiles']):.0f} ms), gc {run['gc_ms']:.0f} ms "
