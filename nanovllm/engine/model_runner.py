@@ -117,8 +117,8 @@ class ModelRunner:
     With tensor_parallel_size > 1 there is one runner per rank, each with its shard of the model. Rank 0's
     (the engine's) starts the others in worker processes (distributed/worker.py) and, before each model
     call, sends them the call (down a pipe) and its inputs (a broadcast) so they run it too; only rank 0
-    gets logits and samples. Every rank captures the decode graphs; the fused output path adds the residual
-    on rank 0 only."""
+    gets logits and samples. Every rank captures the decode graphs; the residual is added after the
+    all-reduce (by its kernel or by the next RMSNorm: RowParallelLinear.forward_add)."""
 
     def __init__(self, config: Config, model_path: str, rank: int = 0, store: dist.Store | None = None):
         self.config, self.rank = config, rank
