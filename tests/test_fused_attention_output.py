@@ -240,9 +240,11 @@ def test_every_bucket_has_cublas_and_small_m_streams_w_once():
     for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024):
         configs = fao.candidate_configs(m, 1024, 2048, torch.bfloat16)
         assert configs[0].kernel == "cublas"  # so the dispatcher never loses to cuBLAS beyond noise
-        if m <= 64:  # every gemv tile covers all rows of the batch, so W is read once per call
+        if m <= 64:  # every gemv tile covers all rows of the batch, so W is read once per call, or (33-64
+            # rows) two row tiles do, side by side, the second finding the W tile in L2
             assert any(c.kernel == "gemv" for c in configs)
-            assert all(c.block_m >= m for c in configs[1:] if c.kernel == "gemv")
+            assert all(c.block_m >= m or (m > 16 and 2 * c.block_m >= m) for c in configs[1:] if c.kernel == "gemv")
+            assert m > 16 or all(c.block_m >= m for c in configs[1:] if c.kernel == "gemv")
         if m <= 256:
             assert all(-(-m // c.block_m) <= 8 for c in configs[1:])
 

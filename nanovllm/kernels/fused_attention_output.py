@@ -126,8 +126,12 @@ _DOT_GEMV_CONFIGS = [
     (16, 256, 1, 4, 4, True), (32, 256, 1, 4, 4, True), (64, 128, 2, 4, 4, True), (16, 256, 1, 2, 4, True),
     (32, 256, 1, 2, 4, True),
     # Split-K in one launch (since the last program sums the partials): more programs for small N.
-    (16, 256, 2, 2, 4, True), (32, 128, 4, 4, 4, False),
+    (16, 256, 2, 2, 4, True), (32, 128, 4, 4, 4, False), (32, 256, 2, 4, 3, True),
 ]
+# Tensor cores, M = 33..64 in two row tiles of 32: twice the programs of one 64-row tile. The two programs
+# of a W tile are neighbours in the grid and run side by side, so the second mostly finds the tile in L2
+# (won 896² and 2048² at M = 64 on the H100): (block_n, block_k, split_k, num_warps, num_stages, tma).
+_ROW_SPLIT_CONFIGS = [(32, 256, 1, 4, 3, True), (32, 256, 1, 4, 4, True), (64, 256, 1, 4, 3, True)]
 # Tensor cores with W as the MMA's first operand (KernelConfig.swap), M <= 64; as _DOT_GEMV_CONFIGS.
 _SWAP_GEMV_CONFIGS = [
     (64, 128, 2, 4, 4, True), (64, 128, 4, 4, 4, True), (64, 256, 2, 4, 3, True), (64, 128, 4, 4, 4, False),
@@ -154,6 +158,8 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = Fa
         bm = max(16, m)  # tl.dot needs 16 rows
         if (bn >= bm // 2 or m <= 16) and fits(bm, bn, bk, split):
             configs.append(KernelConfig("gemv", bm, bn, bk, split, True, warps, stages, tma))
+    for bn, bk, split, warps, stages, tma in _ROW_SPLIT_CONFIGS if m == 64 else []:
+        configs.append(KernelConfig("gemv", 32, bn, bk, split, True, warps, stages, tma))
     for bn, bk, split, warps, stages, tma in _SWAP_GEMV_CONFIGS if m <= 64 else []:
         bm = max(16, m)
         if fits(bm, bn, bk, split):
@@ -285,7 +291,7 @@ def _best(key: tuple) -> KernelConfig | None:
     return config
 
 
-_TUNING_VERSION = 2  # bump when the candidate tilings or the kernels change: older choices are then ignored
+_TUNING_VERSION = 3  # bump when the candidate tilings or the kernels change: older choices are then ignored
 TUNING_LOG: dict[tuple, dict[str, float]] = {}  # same key -> {config: µs per call}, for benchmarks and notes
 TUNING_ERRORS: dict[str, str] = {}  # config -> why it could not run
 
@@ -559,20 +565,34 @@ def _round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @jit
-def _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                        INTERPRET: tl.constexpr):
-    """out[offs_m, offs_n] = round(round(acc + bias) + residual), rounding to out's dtype as the unfused
-    F.linear(x, W, bias) + residual does, so that fusing changes no bit (the product aside). Without a
-    residual: round(acc + bias), the very intermediate the residual would be added to."""
+def _epilogue_inputs(offs_m, offs_n, M, N, res_ptr, bias_ptr, stride_rm, stride_rn, HAS_BIAS: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr):
+    """The residual tile and bias slice that _add_residual_store adds, fp32 (0.0 where absent). Loaded
+    before the K loop, so their HBM round trip hides under it instead of lengthening every program's tail:
+    in a small-M kernel of a few microseconds that round trip is a tenth of the time."""
+    bias, res = 0.0, 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
+                      other=0.0).to(tl.float32)
+    return res, bias
+
+
+@jit
+def _add_residual_store(acc, res, bias, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on,
+                        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRET: tl.constexpr):
+    """out[offs_m, offs_n] = round(round(acc + bias) + residual) (res, bias from _epilogue_inputs),
+    rounding to out's dtype as the unfused F.linear(x, W, bias) + residual does, so that fusing changes no
+    bit (the product aside). Without a residual: round(acc + bias), the very intermediate the residual
+    would be added to."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:  # inside the GEMM epilogue, as cuBLAS adds it, before the product is rounded
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += bias
     acc = _round(acc, out_ptr.dtype.element_ty, INTERPRET).to(tl.float32)  # no-op for fp32
     if HAS_RESIDUAL:
-        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
-                      other=0.0)
-        acc += res.to(tl.float32)
+        acc += res
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, _round(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -717,6 +737,10 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
             gdc_wait()  # the kernel before has finished: its writes (x, the residual) are visible
         # Issued before the norm's row loads, so both are in flight at once (one L2 round trip, not two).
         x = _x_tile(x_ptr, add_ptr, offs_m, offs_k, k_start, k_end, M, stride_xm, stride_xk, NORM_ADD)
+    # The epilogue's inputs, loaded now so their latency hides under the K loop (after the wait: the
+    # residual is an earlier kernel's output).
+    res, bias = _epilogue_inputs(offs_m, offs_n, M, N, res_ptr, bias_ptr, stride_rm, stride_rn, HAS_BIAS,
+                                 HAS_RESIDUAL)
     if NORM:
         rstd = _row_rstd(x_ptr, add_ptr, sum_ptr, K, eps, NORM_ADD, BLOCK_R)
     if PDL:
@@ -738,8 +762,8 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
         _silu_and_mul_store(acc, offs_m, pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2), M, N, out_ptr,
                             stride_om, stride_on, INTERPRET, BLOCK_M, BLOCK_N)
     elif SPLIT_K == 1:
-        _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                            stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, INTERPRET)
+        _add_residual_store(acc, res, bias, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, HAS_BIAS,
+                            HAS_RESIDUAL, INTERPRET)
     else:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         partials = part_ptr + offs_m[:, None] * N + offs_n[None, :]  # split s at partials + s * M * N
@@ -752,8 +776,8 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):  # in split order, whichever program came last
                 acc += tl.load(partials + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")  # not L1
-            _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                                stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, INTERPRET)
+            _add_residual_store(acc, res, bias, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, HAS_BIAS,
+                                HAS_RESIDUAL, INTERPRET)
             tl.store(count, 0)  # ready for the next launch
 
 
@@ -781,6 +805,8 @@ def fused_o_proj_add_residual_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, M
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk  # (BN, BK)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    res, bias = _epilogue_inputs(offs_m, offs_n, M, N, res_ptr, bias_ptr, stride_rm, stride_rn, HAS_BIAS,
+                                 HAS_RESIDUAL)  # before the loop, so their latency hides under it
     for k in range(0, K, BLOCK_K):
         k_mask = (k + offs_k < K)[None, :]
         x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_mask, other=0.0)
@@ -790,5 +816,5 @@ def fused_o_proj_add_residual_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, M
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    _add_residual_store(acc, offs_m, offs_n, M, N, res_ptr, bias_ptr, out_ptr, stride_rm, stride_rn,
-                        stride_om, stride_on, HAS_BIAS, HAS_RESIDUAL, INTERPRET)
+    _add_residual_store(acc, res, bias, offs_m, offs_n, M, N, out_ptr, stride_om, stride_on, HAS_BIAS,
+                        HAS_RESIDUAL, INTERPRET)
