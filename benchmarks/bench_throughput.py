@@ -64,6 +64,12 @@ def roofline_seconds(in_lens: list[int], out_lens: list[int], wbytes: int, kv_to
     return seconds
 
 
+def make_engine(folder: str, **kwargs) -> LLM:
+    """The engine every throughput script times: random weights, CUDA graphs, 4096-token context."""
+    return LLM(folder, load_format="dummy", skip_tokenizer_init=True, enforce_eager=False, max_model_len=4096,
+               **kwargs)
+
+
 def warm_up(llm: LLM) -> None:
     """Compiles what the timed run meets: prefill batches of several sizes, mixed steps, sampled decodes."""
     rng = random.Random(1)
@@ -184,8 +190,7 @@ def main() -> None:
     folder = model_dir()
     prompts, params = workload()
     t0 = time.perf_counter()
-    llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, enforce_eager=False, max_model_len=4096,
-              async_scheduling=args.async_scheduling)
+    llm = make_engine(folder, async_scheduling=args.async_scheduling)
     startup = time.perf_counter() - t0
     warm_up(llm)
     spent, runs = timed_repeats(llm, prompts, params, args.repeats)

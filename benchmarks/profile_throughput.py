@@ -16,10 +16,8 @@ import time
 
 import torch
 from bench_latency import card_name, model_dir, short, write_json
-from bench_throughput import warm_up, workload
+from bench_throughput import make_engine, warm_up, workload
 from torch.profiler import ProfilerActivity, profile
-
-from nanovllm import LLM
 
 WINDOWS = {"start": (0, 24), "middle": (400, 440), "late": (800, 840)}  # [first, last) engine steps
 TOP = 16
@@ -55,8 +53,7 @@ def main() -> None:
     if args.config or args.tp > 1:
         tag += f"-{args.config or 'qwen3-0.6b'}-tp{args.tp}"
     config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{args.config}.json")
-    llm = LLM(model_dir(config) if args.config else model_dir(), load_format="dummy", skip_tokenizer_init=True,
-              enforce_eager=False, max_model_len=4096, tensor_parallel_size=args.tp)
+    llm = make_engine(model_dir(config) if args.config else model_dir(), tensor_parallel_size=args.tp)
     warm_up(llm)
     engine = llm.engine
     prompts, params = workload()

@@ -81,7 +81,7 @@ def main() -> None:
     _watch_gc()
     card, tag = card_name()
     prompts, params = bt.workload()
-    llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, enforce_eager=False, max_model_len=4096)
+    llm = bt.make_engine(model_dir())
     bt.warm_up(llm)
     runs = []
     for r in range(args.runs):

@@ -52,8 +52,11 @@ def make_context(q_lens: list[int], context_lens: list[int], block_tables: list[
     seq = np.repeat(np.arange(num_seqs), q)  # (T,)
     pos = np.arange(cu[-1]) + np.repeat(ctx - q - cu[:-1], q)  # (T,)
     slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    as_tensor = lambda x: torch.from_numpy(x).to(device, non_blocking=True)  # noqa: E731
-    return context_from_lengths(q, ctx, cu, as_tensor(slots), as_tensor(tables), device)
+    return context_from_lengths(q, ctx, cu, _to_device(slots, device), _to_device(tables, device), device)
+
+
+def _to_device(x: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(x).to(device, non_blocking=True)
 
 
 def cu_seqlens(q_lens: np.ndarray) -> np.ndarray:
@@ -67,14 +70,13 @@ def context_from_lengths(q_lens: np.ndarray, context_lens: np.ndarray, cu: np.nd
                          block_tables: torch.Tensor, device: torch.device | str) -> Context:
     """The Context of host lengths (int64 arrays, cu = cu_seqlens(q_lens)) and the step's slots and block
     tables, already on the device: make_context's end, and a TP worker's (distributed/commands.py)."""
-    as_tensor = lambda x: torch.from_numpy(x).to(device, non_blocking=True)  # noqa: E731
     is_decode = bool((q_lens == 1).all())
     return Context(
         q_lens=q_lens.tolist(), context_lens=context_lens.tolist(),
-        cu_seqlens_q=as_tensor(cu), context_lens_t=as_tensor(context_lens.astype(np.int32)),
+        cu_seqlens_q=_to_device(cu, device), context_lens_t=_to_device(context_lens.astype(np.int32), device),
         slot_mapping=slot_mapping, block_tables=block_tables,
         max_q_len=int(q_lens.max(initial=0)), max_context_len=int(context_lens.max(initial=0)),
-        is_decode=is_decode, seq_order=as_tensor(longest_first(context_lens)) if is_decode else None,
+        is_decode=is_decode, seq_order=_to_device(longest_first(context_lens), device) if is_decode else None,
     )
 
 
