@@ -6,7 +6,9 @@ is to read W from HBM once, read x and residual once, write out once, and never 
 product. Two Triton kernels:
 
 - `tiled_gemv_kernel` (small M): a (BLOCK_N, BLOCK_K) tile of W meets all BLOCK_M rows of x at once, so W is
-  streamed once whatever M is; small tiles make enough programs to keep HBM busy. An optional split over K
+  streamed once whatever M is (at 33-64 rows the tuner may also split them in two row tiles that run side
+  by side, the second reading W from L2); small tiles make enough programs to keep HBM busy. The
+  epilogue's residual and bias are loaded before the K loop, so their latency hides under it. An optional split over K
   is summed by whichever program of a tile finishes last (a counter tells it), in a fixed order: one
   launch, and deterministic, unlike atomic adds of the partials.
 - `fused_o_proj_add_residual_kernel` (larger M): tensor-core GEMM tiles, residual and bias added in the
