@@ -109,11 +109,12 @@ def timed_steps(engine, steps: int) -> tuple[list[float], list[float]]:
     return step_times, runner_times
 
 
-def time_decode(llm: LLM, batch: int, seed: int = 0) -> dict:
+def time_decode(llm: LLM, batch: int, seed: int | None = None) -> dict:
     """Median ms of an engine step with `batch` seqs decoding, of the model runner inside it, and of a bare
-    graph replay (GPU time of the step, no host work)."""
+    graph replay (GPU time of the step, no host work). The prompts' seed defaults to the batch size, so a
+    batch shares no prompt, and no prefix-cache page, with the batches timed before it in the engine."""
     engine, runner = llm.engine, llm.engine.model_runner
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(batch if seed is None else seed)
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=WARMUP_STEPS + DECODE_STEPS + 2)
     vocab = min(10000, engine.model_config.vocab_size)
     for i in range(batch):
