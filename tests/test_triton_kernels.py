@@ -10,6 +10,7 @@ import torch
 
 from nanovllm.kernels.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from nanovllm.kernels.paged_attention import paged_attention, paged_attention_ref
+from nanovllm.kernels.pdl import pdl_supported
 from nanovllm.kernels.rope_kv_store import rope_and_store_kv, rope_and_store_kv_ref
 from nanovllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from nanovllm.utils.context import longest_first
@@ -88,6 +89,25 @@ def test_decode_split(num_heads, num_kv_heads, head_dim, block_size, dtype):
 def test_decode_unsplit(dtype):
     # One split writes straight into out, with no reduce pass.
     check_attention([1, 1, 1], [1, 17, 50], 4, 2, 64, 16, dtype, num_kv_splits=1)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_decode_pdl_path_gives_the_same_bits(monkeypatch, num_kv_splits):
+    """With PDL the decode kernel loads its first tile's older keys before the wait and the new token's
+    row after it, then takes the peeled step: the same products in the same order as without PDL. Where
+    the interpreter runs it (griddepcontrol a no-op there), the first tile holds the new token (37 keys
+    in 3 splits), sits before it (100 keys), is empty (padding, context 0) or is the whole context (1)."""
+    from nanovllm.kernels import paged_attention as pa
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * 4, [100, 0, 37, 1], 4, 2, 64, 16, torch.float32)
+    run = lambda: paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125,  # noqa: E731
+                                  num_kv_splits=num_kv_splits)
+    if torch.cuda.is_available() and not pdl_supported(torch.device(DEVICE)):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    monkeypatch.setattr(pa, "pdl_enabled", lambda device, num_tokens=1: False)
+    want = run()
+    monkeypatch.setattr(pa, "pdl_enabled", lambda device, num_tokens=1: True)
+    assert torch.equal(run(), want)
+    torch.testing.assert_close(want, paged_attention_ref(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125))
 
 
 @pytest.mark.parametrize("num_kv_splits", [1, 3, 8])

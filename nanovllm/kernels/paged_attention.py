@@ -147,6 +147,15 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_hea
                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE: tl.constexpr):
     """K and V (BLOCK_N, BLOCK_D) of the keys at positions pos, looked up through the block table."""
     page = tl.load(table_row_ptr + pos // PAGE_SIZE, mask=pos_mask, other=0).to(tl.int64)
+    return _load_kv_pages(k_cache_ptr, v_cache_ptr, page, pos, pos_mask, kv_head, offs_d, d_mask,
+                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
+
+
+@jit
+def _load_kv_pages(k_cache_ptr, v_cache_ptr, page, pos, pos_mask, kv_head, offs_d, d_mask,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE: tl.constexpr):
+    """K and V (BLOCK_N, BLOCK_D) of the keys at positions pos in their pages (int64, from the block
+    table); zero where pos_mask is off."""
     slot = pos % PAGE_SIZE
     mask = pos_mask[:, None] & d_mask[None, :]
     k = tl.load(k_cache_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
@@ -180,7 +189,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    ORDERED: tl.constexpr, PDL: tl.constexpr):
     """Grid (Hkv, B, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys.
-    With PDL the seq's row and length (step inputs) are read before the wait (nanovllm/kernels/pdl.py).
+    With PDL the seq's row and length (step inputs) are read before the wait (nanovllm/kernels/pdl.py), and
+    so are the first tile's pages and its keys older than the step's new token.
 
     Programs start in grid order as SMs free up, and a seq's programs take time in proportion to its
     length, so a long seq that starts last runs on alone at the end. Hence the KV heads are the grid's
@@ -200,7 +210,14 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
     g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
-    wait_previous(PDL)  # q and the KV cache come from the RoPE + store kernel
+    table_row_ptr = block_tables_ptr + seq * stride_bt
+    if PDL:  # the first tile's pages, and its keys older than the step's own, before the wait: see below
+        pos = start + tl.arange(0, BLOCK_N)
+        pages = tl.load(table_row_ptr + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
+        k, v = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, pos < tl.minimum(end, ctx_len - 1), kv_head,
+                              offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                              PAGE_SIZE)
+    wait_previous(PDL)  # q and the new token's K/V come from the RoPE + store kernel
     q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
     if UPCAST:
@@ -208,8 +225,21 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    table_row_ptr = block_tables_ptr + seq * stride_bt
-    for n0 in range(start, end, BLOCK_N):
+    n_loop = start
+    if PDL:
+        # The first step, peeled. A decode step writes one slot per seq (its new token, at ctx_len - 1) and
+        # nothing else of the cache, and graph replays run one after another, so the older keys above were
+        # final before this kernel started; only the new token's row is loaded after the wait (zero
+        # elsewhere, so the sum is exact). Same tile, same products, same order as without PDL.
+        new = pos == ctx_len - 1
+        k_new, v_new = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, new & (pos < end), kv_head, offs_d,
+                                      d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      PAGE_SIZE)
+        if start < end:  # an empty split (or a padded seq) keeps m = -inf, l = 0, as the loop leaves them
+            m_i, l_i, acc = _softmax_step(q, k + k_new, v + v_new, (pos < end)[None, :], m_i, l_i, acc, qk_scale,
+                                          UPCAST, PRECISION)
+        n_loop += BLOCK_N
+    for n0 in range(n_loop, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_mask = pos < end
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
