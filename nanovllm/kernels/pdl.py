@@ -18,7 +18,7 @@ kernel's tail instead of adding ~1-3 µs per kernel. The contract every kernel h
 
 CUDA-graph capture keeps the programmatic edges (CUDA 12.3+), so the decode graphs replay with them.
 NANOVLLM_PDL=0 turns PDL off everywhere; the interpreter has no griddepcontrol, so it is off there too
-(tests may still force a kernel's PDL path there: the two helpers below are then no-ops).
+(tests may still force a kernel's PDL path there: griddepcontrol is then a no-op).
 
 Only for steps of up to PDL_MAX_TOKENS tokens (NANOVLLM_PDL_MAX_TOKENS, default 1): measured on an H200
 (results/pdl-h200.json), PDL took the batch-1 decode step from 0.920 to 0.799 ms but the batch-8 one from
@@ -45,6 +45,15 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if _INTERPRET:  # no griddepcontrol there, and kernels run one after another: a kernel's PDL path (what it
+    # reads before the wait, its peeled first steps) can still be tested there, with these as no-ops
+    @jit
+    def gdc_launch_dependents():
+        pass
+
+    @jit
+    def gdc_wait():
+        pass
 
 
 @functools.cache
@@ -75,13 +84,3 @@ def wait_previous(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
 
-
-if _INTERPRET:  # no griddepcontrol there, and kernels run one after another: a kernel's PDL path (what it
-    # reads before the wait, its peeled first steps) can still be tested there, with these as no-ops
-    @jit
-    def launch_dependents(PDL: tl.constexpr):  # noqa: F811
-        pass
-
-    @jit
-    def wait_previous(PDL: tl.constexpr):  # noqa: F811
-        pass
