@@ -161,7 +161,8 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = Fa
         if (bn >= bm // 2 or m <= 16) and fits(bm, bn, bk, split):
             configs.append(KernelConfig("gemv", bm, bn, bk, split, True, warps, stages, tma))
     for bn, bk, split, warps, stages, tma in _ROW_SPLIT_CONFIGS if m == 64 else []:
-        configs.append(KernelConfig("gemv", 32, bn, bk, split, True, warps, stages, tma))
+        if fits(32, bn, bk, split):
+            configs.append(KernelConfig("gemv", 32, bn, bk, split, True, warps, stages, tma))
     for bn, bk, split, warps, stages, tma in _SWAP_GEMV_CONFIGS if m <= 64 else []:
         bm = max(16, m)
         if fits(bm, bn, bk, split):
