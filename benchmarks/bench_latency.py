@@ -37,6 +37,7 @@ def load_copy(path: str, name: str):
     before/after beside nanovllm's own in one process."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: dataclasses (the fused kernel's KernelConfig) look it up
     spec.loader.exec_module(module)
     return module
 
