@@ -17,6 +17,9 @@ Columns (microseconds per all-reduce, each checked against NCCL's sum first: *_s
   slot_p*_b*_w*_us the same kernel with other launch shapes (programs, elements per round, warps)
   slot_add_rmsnorm_us  the decoder layers' kernel: the same sum of (tokens, 4096) rows, plus a residual
                    add and an RMSNorm (timed only: tests/test_gpu_all_reduce.py checks it)
+  push_add_rmsnorm_us  the same through the push kernel (stores into the peers' inboxes, no flags), up to
+                   PUSH_MAX_BYTES; push_same_bits: its stream and normed rows equal the pull kernel's
+  push_p*_w*_us    the push kernel with other launch shapes (most programs, warps)
 slot_us and the three before it are what an engine pays; the first two are the kernels alone. Each graph holds REPEAT
 all-reduces back to back; the time per all-reduce is the median replay over REPEAT.
 """
@@ -27,9 +30,11 @@ import os
 import torch
 import torch.distributed as dist
 
+from nanovllm.distributed.all_reduce import PUSH_MAX_BYTES
+
 REPEAT, REPLAYS = 20, 30
 HIDDEN = 4096
-TOKENS = [1, 2, 8, 32, 64, 128, 256, 1024, 2048, 8192]  # decode batches, then prefill chunks
+TOKENS = [1, 2, 8, 32, 64, 128, 145, 256, 512, 1024, 2048, 8192]  # decode batches, then prefill chunks
 
 
 def time_graph(fn) -> float:
@@ -79,7 +84,12 @@ def candidates(comm, x: torch.Tensor, slot: torch.Tensor) -> dict:
     if slot is not None:
         rows = slot.view(-1, HIDDEN)
         residual, weight = torch.zeros_like(rows), torch.ones(HIDDEN, device=x.device)
-        slots["slot_add_rmsnorm_us"] = (lambda: comm.add_rmsnorm(rows, residual, weight, 1e-6), None)
+        slots["slot_add_rmsnorm_us"] = (add_rmsnorm(comm, rows, residual, weight, push=False), None)
+        if slot.numel() * 2 <= PUSH_MAX_BYTES:
+            slots["push_add_rmsnorm_us"] = (add_rmsnorm(comm, rows, residual, weight, push=True), None)
+            for programs, warps in PUSH_SHAPES:
+                slots[f"push_p{programs}_w{warps}_us"] = (push_shape(comm, rows, residual, weight, programs, warps),
+                                                          None)
 
     def two_shot_copy():
         symm.copy_(x)
@@ -94,6 +104,23 @@ def candidates(comm, x: torch.Tensor, slot: torch.Tensor) -> dict:
     }
 
 
+def add_rmsnorm(comm, rows: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, push: bool):
+    """The decoder's all-reduce + add + RMSNorm of a slot, through the push kernel or the pull kernel."""
+    def op():
+        comm.push_max_bytes = PUSH_MAX_BYTES if push else 0
+        return comm.add_rmsnorm(rows, residual, weight, 1e-6)
+    return op
+
+
+PUSH_SHAPES = [(128, 16), (128, 8), (256, 8), (256, 16)]  # (most programs, warps) of the push kernel
+
+
+def push_shape(comm, rows, residual, weight, programs: int, warps: int):
+    from nanovllm.kernels.all_reduce import push_all_reduce_add_rmsnorm
+    return lambda: push_all_reduce_add_rmsnorm(rows, residual, weight, 1e-6, comm.inbox, comm.calls, comm.offsets,
+                                               comm.rank, comm.world_size, programs, warps)
+
+
 def measure(comm, tokens: int, rank: int) -> dict:
     n = tokens * HIDDEN
     gen = torch.Generator(device="cuda").manual_seed(rank)
@@ -103,6 +130,14 @@ def measure(comm, tokens: int, rank: int) -> dict:
     x = data.clone()
     row = {"tokens": tokens, "bytes": 2 * n, "nccl_us": time_graph(lambda: dist.all_reduce(x))}
     slot = comm.slot(0, (n,), torch.bfloat16)
+    if slot is not None and 2 * n <= PUSH_MAX_BYTES:  # push and pull: the same bits, from another residual
+        rows, residual = slot.view(-1, HIDDEN), data.view(-1, HIDDEN).flip(0)
+        weight = torch.rand(HIDDEN, device=x.device) + 0.5
+        outs = []
+        for push in (True, False):
+            slot.copy_(data)
+            outs.append(add_rmsnorm(comm, rows, residual, weight, push)())
+        row["push_same_bits"] = all(torch.equal(a, b) for a, b in zip(*outs))
     for name, (op, result) in candidates(comm, x, slot).items():
         if result is None:
             row[name] = time_graph(op)
@@ -142,6 +177,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"world_size": dist.get_world_size(), "card": torch.cuda.get_device_name(),
                        "one_shot_max_bytes": all_reduce.ONE_SHOT_MAX_BYTES, "max_bytes": all_reduce.MAX_BYTES,
+                       "push_max_bytes": PUSH_MAX_BYTES,
                        "rows": rows}, f, indent=1)
     dist.barrier()
     del comm

@@ -144,6 +144,7 @@ class OneRankBuffer(ar.SymmMemAllReduce):
         self.max_bytes, self.rank, self.world_size, self.used = 0, 0, 1, []  # max_bytes 0: nothing copies in
         self.slots = torch.zeros(2, slot_bytes, dtype=torch.uint8)
         self.signal, self.offsets = torch.zeros(64, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
+        self.set_inbox(torch.zeros(2 * slot_bytes, dtype=torch.uint8))
 
     def slot(self, index, shape, dtype):
         self.used.append(index)
@@ -217,3 +218,40 @@ def test_slots_take_what_fits_and_know_their_own():
     assert comm.in_slot(whole) and comm.in_slot(small) and whole.data_ptr() == small.data_ptr() + 1024
     assert not comm.in_slot(torch.zeros(8)) and not comm.in_slot(comm.slots[1, 1024:])  # past the end: empty
 
+
+
+@pytest.mark.parametrize("rows, n, num_calls", [(5, 200, 2), (2, 64, 4), (1, 33, 128)])
+def test_push_kernel_fills_the_peer_inbox_empties_its_own_and_alternates_halves(rows, n, num_calls):
+    """The push variant on two ranks' inboxes (two halves of one CPU tensor), two calls in a row. The
+    interpreter runs one rank at a time, so rank 1's push into rank 0's inbox is staged first; each kernel
+    must then leave the peer's inbox holding its partial (its -0.0s as +0.0s, never EMPTY), its own inbox
+    EMPTY again, every entry of its count of calls one up, and store the pull kernel's bits (which a
+    -0.0 in both partials does not change)."""
+    from nanovllm.kernels import all_reduce as kernels
+    m = -(-rows * n // 8) * 8 + 8  # inbox elements per message, a little over the message
+    memory = torch.full((2, 2, 2, m), kernels.EMPTY_BITS, dtype=torch.int16)  # (rank, half, source, m)
+    offsets = [torch.tensor([(q - r) * memory[0].numel() * 2 for q in range(2)]) for r in range(2)]
+    calls = [torch.zeros(num_calls, dtype=torch.int32) for _ in range(2)]
+    gen = torch.Generator().manual_seed(rows)
+    residual, weight = torch.randn(rows, n, generator=gen).bfloat16(), torch.rand(n, generator=gen) + 0.5
+    for call in range(2):
+        parts = [torch.randn(rows, n, generator=gen).bfloat16() for _ in range(2)]
+        parts[0][0, :3], parts[1][0, :2] = -0.0, -0.0  # both -0.0 at 0 and 1, -0.0 + x at 2
+        sent = [p.view(torch.int16).masked_fill(p.view(torch.int16) == kernels.EMPTY_BITS, 0).view(-1) for p in parts]
+        memory[0, call, 1, :rows * n] = sent[1]  # rank 1 has pushed
+        expected = kernels.all_reduce_add_rmsnorm_ref(parts, residual, weight, 1e-6)
+        for r in range(2):
+            stream, normed = kernels.push_all_reduce_add_rmsnorm(parts[r], residual, weight, 1e-6, memory[r],
+                                                                 calls[r], offsets[r], r, 2)
+            assert torch.equal(stream, expected[0])
+            torch.testing.assert_close(normed, expected[1], rtol=1e-2, atol=1e-2)
+            assert torch.equal(memory[1 - r, call, r, :rows * n], sent[r])  # in the peer's inbox, this half
+            assert calls[r].tolist() == [call + 1] * num_calls
+            if r == 0:  # rank 0 read what rank 1 staged, and emptied it
+                assert (memory[0] == kernels.EMPTY_BITS).all()
+        memory[0, call, 1] = kernels.EMPTY_BITS  # rank 1's real push: the one rank 0 read above
+        assert (memory[1] == kernels.EMPTY_BITS).all() and (memory[0] == kernels.EMPTY_BITS).all()
+    alone = torch.full((2, 1, m), kernels.EMPTY_BITS, dtype=torch.int16)  # one rank: no peer to wait on
+    stream, normed = kernels.push_all_reduce_add_rmsnorm(parts[0], None, None, 1e-6, alone, calls[0],
+                                                         offsets[0][:1], 0, 1)
+    assert normed is None and torch.equal(stream, parts[0])

@@ -1,7 +1,8 @@
 """The symmetric-memory all-reduce on two GPUs (skipped with fewer): nanovllm's one-shot kernel against the
 rank-order sum at odd sizes and dtypes, many calls back to back with the slots alternating as the decoder
 layers alternate them, so a rank that runs ahead into the next call while its peer still reads the last
-one would show as a wrong sum; and the same with the decoder's residual add and RMSNorm in the kernel."""
+one would show as a wrong sum; and the same with the decoder's residual add and RMSNorm in the kernel, its
+16-bit messages through the push kernel in five calls of eight and through the pull kernel in the others."""
 import socket
 import time
 
@@ -12,8 +13,9 @@ import torch.multiprocessing as mp
 CALLS = 64
 CASES = [(1, torch.float32), (3, torch.bfloat16), (4097, torch.float32), (5000, torch.float16),
          (256 * 4096, torch.bfloat16)]  # the last: a batch-256 decode step of a 4096-wide model
+# (rows, hidden, dtype): the decoder's all-reduce + add + RMSNorm; the last fills the push kernel's inbox
 NORM_CASES = [(1, 4096, torch.bfloat16), (3, 200, torch.float32), (200, 1024, torch.bfloat16),
-              (256, 4096, torch.bfloat16)]  # (rows, hidden, dtype): the decoder's all-reduce + add + RMSNorm
+              (256, 4096, torch.bfloat16), (7, 1000, torch.float16), (512, 4096, torch.bfloat16)]
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                 reason="needs two CUDA devices")
@@ -34,7 +36,7 @@ def lag(rank: int, call: int) -> None:
 def _worker(rank: int, world_size: int, port: int) -> None:
     import torch.distributed as dist
 
-    from nanovllm.distributed.all_reduce import SymmMemAllReduce
+    from nanovllm.distributed.all_reduce import PUSH_MAX_BYTES, SymmMemAllReduce
     from nanovllm.kernels.all_reduce import all_reduce_add_rmsnorm_ref, all_reduce_ref
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -58,6 +60,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
             results = []
             for call in range(CALLS):
                 lag(rank, call)
+                comm.push_max_bytes = PUSH_MAX_BYTES if call % 8 < 5 else 0  # 16-bit: push, push, ..., pull, pull
                 slot = comm.slot(call % 2, (rows, n), dtype)
                 slot.copy_(parts(rank, call, rows * n, dtype).view(rows, n))
                 results.append(comm.add_rmsnorm(slot, residual, weight if call % 3 else None, 1e-6))

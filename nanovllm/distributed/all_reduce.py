@@ -37,6 +37,10 @@ SLOT_BYTES = MAX_BYTES  # per slot at two ranks: an 8192-token prefill chunk at 
 # messages per rank where two-shot moves 2 (tp - 1) / tp. Not measured beyond two GPUs.
 ONE_SHOT_SLOT_MAX_BYTES = 16 * 2**20
 SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per program
+# Up to this many bytes a 16-bit slot's all-reduce + add + RMSNorm takes the push kernel (kernels/all_reduce.py:
+# stores into the peers' inboxes, no flags), above it the pull kernel. The inbox holds two halves of
+# world_size messages of this size. NANOVLLM_PUSH_MAX_BYTES=0 turns it off.
+PUSH_MAX_BYTES = int(os.environ.get("NANOVLLM_PUSH_MAX_BYTES", 4 * 2**20))  # 512 tokens of a 4096-wide model
 
 
 def symm_mem_requested() -> bool:
@@ -82,18 +86,29 @@ class SymmMemAllReduce:
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         import torch.distributed._symmetric_memory as symm_mem
         self.group_name, self.max_bytes = group_name, max_bytes
-        # bytes, any dtype views it: [torch's kernels' area | signal | slot 0 | slot 1]
+        # bytes, any dtype views it: [torch's kernels' area | signal | slot 0 | slot 1 | inbox]
         slot_bytes = SLOT_BYTES if world_size == 2 else ONE_SHOT_SLOT_MAX_BYTES
-        self.buffer = symm_mem.empty(max_bytes + SIGNAL_BYTES + 2 * slot_bytes, dtype=torch.uint8, device=device)
+        inbox_bytes = 2 * world_size * PUSH_MAX_BYTES
+        self.buffer = symm_mem.empty(max_bytes + SIGNAL_BYTES + 2 * slot_bytes + inbox_bytes, dtype=torch.uint8,
+                                     device=device)
         handle = symm_mem.rendezvous(self.buffer, group_name)
         self.rank, self.world_size = handle.rank, handle.world_size
         mine = handle.buffer_ptrs[self.rank]
         self.offsets = torch.tensor([ptr - mine for ptr in handle.buffer_ptrs], dtype=torch.int64, device=device)
         assert all(ptr % 64 == 0 for ptr in handle.buffer_ptrs), "the kernel assumes 64-byte aligned buffers"
         self.signal = self.buffer[max_bytes:max_bytes + SIGNAL_BYTES].view(torch.int32)
-        self.slots = self.buffer[max_bytes + SIGNAL_BYTES:].view(2, slot_bytes)
+        self.slots = self.buffer[max_bytes + SIGNAL_BYTES:][:2 * slot_bytes].view(2, slot_bytes)
+        self.set_inbox(self.buffer[max_bytes + SIGNAL_BYTES + 2 * slot_bytes:])
         self.signal.zero_()
         handle.barrier()  # every rank's flags are zero before any rank's kernel sets one
+
+    def set_inbox(self, memory: torch.Tensor) -> None:
+        """The push kernel's state: its inbox, (2, world_size, PUSH_MAX_BYTES / 2) int16 of `memory` (bytes
+        at the same place of every rank's buffer), all EMPTY, and its count of calls, zeros on every rank."""
+        from nanovllm.kernels.all_reduce import EMPTY_BITS, PUSH_MAX_PROGRAMS
+        self.push_max_bytes = PUSH_MAX_BYTES
+        self.inbox = memory.view(torch.int16).view(2, self.world_size, -1).fill_(EMPTY_BITS)
+        self.calls = torch.zeros(PUSH_MAX_PROGRAMS, dtype=torch.int32, device=memory.device)
 
     def slot(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Slot `index` (0 or 1) as a tensor of this shape and dtype, or None if the message is too large."""
@@ -118,7 +133,10 @@ class SymmMemAllReduce:
     def add_rmsnorm(self, slot: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sum over ranks of a (rows, n) slot + residual, its RMSNorm with weight or None), one kernel."""
-        from nanovllm.kernels.all_reduce import one_shot_all_reduce_add_rmsnorm
+        from nanovllm.kernels.all_reduce import one_shot_all_reduce_add_rmsnorm, push_all_reduce_add_rmsnorm
+        if slot.element_size() == 2 and slot.numel() * 2 <= min(self.push_max_bytes, self.inbox.shape[2] * 2):
+            return push_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.inbox, self.calls, self.offsets,
+                                               self.rank, self.world_size)
         return one_shot_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.signal, self.offsets, self.rank,
                                                self.world_size)
 

@@ -162,19 +162,145 @@ def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_pt
     pid, programs = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n
-    dtype = stream_ptr.dtype.element_ty
     if NORM:
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused
     wait_previous(PDL)
     _meet(signal_ptr, offsets_ptr, pid, RANK, WORLD)
     for row in range(pid, rows, programs):
         offs = row * n + cols  # (BLOCK_N,) into the slot and the outputs, all (rows, n) dense (int32: a slot is small)
         acc = _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD, ELEM_BYTES, ALIGNED, BLOCK_N)
-        x = _round(acc, dtype, INTERPRET).to(tl.float32)  # the all-reduce's sum
-        if HAS_RESIDUAL:
-            x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-            x = _round(x, dtype, INTERPRET).to(tl.float32)  # the new residual stream, as add_rmsnorm rounds it
-        tl.store(stream_ptr + offs, x.to(dtype), mask=mask)
-        if NORM:
-            rstd = rms_rstd(x, n, eps)
-            tl.store(normed_ptr + offs, _round(x * rstd * w, dtype, INTERPRET), mask=mask)
+        _finish_row(acc, row, offs, cols, mask, n, res_ptr, stride_r, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL,
+                    NORM, INTERPRET)
+
+
+@jit
+def _finish_row(acc, row, offs, cols, mask, n, res_ptr, stride_r, w, eps, stream_ptr, normed_ptr,
+                HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stores one row's rank sum `acc` (fp32), rounded, + the residual, rounded again, and its RMSNorm."""
+    dtype = stream_ptr.dtype.element_ty
+    x = _round(acc, dtype, INTERPRET).to(tl.float32)  # the all-reduce's sum
+    if HAS_RESIDUAL:
+        x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x, dtype, INTERPRET).to(tl.float32)  # the new residual stream, as add_rmsnorm rounds it
+    tl.store(stream_ptr + offs, x.to(dtype), mask=mask)
+    if NORM:
+        rstd = rms_rstd(x, n, eps)
+        tl.store(normed_ptr + offs, _round(x * rstd * w, dtype, INTERPRET), mask=mask)
+
+
+# The push variant, for small 16-bit messages (decode steps). The pull kernel above spends a round trip over
+# NVLink on its flags before its first load of a peer's data, and then loads across the link, which waits
+# another round trip per load. Here every rank instead *stores* its partial into each peer's inbox (posted
+# writes: one trip, no reply), and each rank then reads only local memory: its own partial and the inboxes
+# the peers filled. There are no flags: an inbox element holds EMPTY (-0.0) until the peer's value lands,
+# and the reader spins on the data itself (as TensorRT-LLM's Lamport all-reduce does). A sender turns its
+# -0.0s into +0.0s first, and every rank sums those same values in rank order into an fp32 accumulator that
+# starts at +0.0, as the pull kernel's does: -0.0 and +0.0 add up alike there, so the bits are the pull
+# kernel's, on every rank.
+#
+# The reader sets each inbox element back to EMPTY once read. Calls alternate between two inbox halves
+# (parity), so a rank that runs ahead writes the other half: to write into this half again it must have
+# finished the next call, which needed this rank's next push, which comes after this kernel (and its
+# clearing) has finished. The parity is each program's count of calls: program p ticks entries p, p +
+# programs, ... of `calls` once per call, so all entries stay equal whatever the grid, and a program reads
+# only the entry it alone writes.
+PUSH_MAX_PROGRAMS = 256  # one row each up to here: a push waits on no peer, but keep them in one wave (2 per SM)
+EMPTY_BITS = -32768  # 0x8000 as int16: -0.0 in bf16 and in fp16
+EMPTY = tl.constexpr(EMPTY_BITS) if tl is not None else EMPTY_BITS  # the kernels' name for it
+
+
+def push_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                                eps: float, inbox: torch.Tensor, calls: torch.Tensor, offsets: torch.Tensor,
+                                rank: int, world_size: int, max_programs: int = PUSH_MAX_PROGRAMS,
+                                num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What one_shot_all_reduce_add_rmsnorm returns, to the bit, for a 16-bit slot (which only this rank
+    reads). inbox: this rank's (2, world_size, m) int16 inbox, m >= slot.numel(), all EMPTY between calls,
+    at the same place of every rank's symmetric buffer; calls: (PUSH_MAX_PROGRAMS,) int32, all equal, and
+    equal on every rank (zeros at the start). One program per row at a time, at most max_programs."""
+    rows, n = slot.shape
+    assert slot.element_size() == 2 and slot.is_contiguous() and slot.numel() <= inbox.shape[2]
+    assert inbox.dtype == torch.int16 and inbox.shape[:2] == (2, world_size) and inbox.is_contiguous()
+    assert residual is None or (residual.shape == slot.shape and residual.stride(1) == 1)
+    stream = torch.empty_like(slot)
+    normed = torch.empty_like(slot) if weight is not None else None
+    block_n = triton.next_power_of_2(n)
+    programs = max(1, min(max_programs, rows, calls.numel()))
+    pdl = pdl_enabled(slot.device, rows)
+    _push_all_reduce_rmsnorm_kernel[(programs,)](
+        slot, residual if residual is not None else slot, weight if weight is not None else slot, stream,
+        normed if normed is not None else stream, inbox, calls, offsets, rows, n,
+        residual.stride(0) if residual is not None else 0, eps, inbox.shape[2], calls.numel(), RANK=rank,
+        WORLD=world_size, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, NORM=weight is not None,
+        ALIGNED=n % 8 == 0 and slot.data_ptr() % 16 == 0 and inbox.data_ptr() % 16 == 0 and inbox.shape[2] % 8 == 0,
+        PDL=pdl, INTERPRET=_INTERPRET, num_warps=num_warps or min(16, max(4, block_n // 256)), launch_pdl=pdl)
+    return stream, normed
+
+
+@jit(do_not_specialize=["rows"])
+def _push_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_ptr, normed_ptr, inbox_ptr, calls_ptr,
+                                    offsets_ptr, rows, n, stride_r, eps, inbox_n, num_calls, RANK: tl.constexpr,
+                                    WORLD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                                    NORM: tl.constexpr, ALIGNED: tl.constexpr, PDL: tl.constexpr,
+                                    INTERPRET: tl.constexpr):
+    """Under PDL its reads (the slot, the count of calls) and its pushes come after the wait."""
+    launch_dependents(PDL)
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n
+    if NORM:
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused
+    wait_previous(PDL)
+    call = tl.load(calls_ptr + pid)
+    half = (call % 2) * WORLD * inbox_n  # where this call's (WORLD, inbox_n) half starts, in elements
+    for row in range(pid, rows, programs):  # first every push, so no rank waits on a peer that waits on it
+        offs = _vector_offsets(row * n + cols, ALIGNED, BLOCK_N)
+        mine = _sendable(tl.load(slot_ptr + offs, mask=mask, other=0))
+        for r in tl.static_range(WORLD):
+            if r != RANK:  # into inbox RANK of rank r's same half
+                theirs = inbox_ptr + tl.multiple_of(tl.load(offsets_ptr + r) // 2, 32)  # buffers 64-byte aligned
+                tl.store(theirs + _vector_offsets(half + RANK * inbox_n + row * n + cols, ALIGNED, BLOCK_N), mine,
+                         mask=mask)
+    for row in range(pid, rows, programs):
+        offs = _vector_offsets(row * n + cols, ALIGNED, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            if r == RANK:
+                bits = _sendable(tl.load(slot_ptr + offs, mask=mask, other=0))
+            else:
+                ours = _vector_offsets(half + r * inbox_n + row * n + cols, ALIGNED, BLOCK_N)
+                bits = _receive(inbox_ptr + ours, mask)
+            acc += bits.to(stream_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        _finish_row(acc, row, offs, cols, mask, n, res_ptr, stride_r, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL,
+                    NORM, INTERPRET)
+    for entry in range(pid, num_calls, programs):
+        tl.store(calls_ptr + entry, call + 1)
+
+
+@jit
+def _vector_offsets(offs, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """offs (BLOCK,) consecutive: with ALIGNED the first is a multiple of 8 elements (16 bytes, from the
+    slot's, the outputs' and the inbox's alignment and n % 8 == 0), so loads and stores become vectors."""
+    if ALIGNED:
+        offs = tl.max_contiguous(tl.multiple_of(offs, 8), BLOCK)
+    return offs
+
+
+@jit
+def _sendable(values):
+    """A 16-bit vector as int16 bits, with -0.0 made +0.0: no value sent ever looks EMPTY."""
+    bits = values.to(tl.int16, bitcast=True)
+    return tl.where(bits == EMPTY, 0, bits).to(tl.int16)
+
+
+@jit
+def _receive(ptrs, mask):
+    """The int16 bits at ptrs (local inbox elements) once none is EMPTY, which leaves them EMPTY again."""
+    bits = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    while tl.sum(((bits == EMPTY) & mask).to(tl.int32)) > 0:
+        bits = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    tl.store(ptrs, tl.full(bits.shape, EMPTY, tl.int16), mask=mask)
+    return bits
