@@ -37,9 +37,12 @@ SLOT_BYTES = MAX_BYTES  # per slot at two ranks: an 8192-token prefill chunk at 
 # messages per rank where two-shot moves 2 (tp - 1) / tp. Not measured beyond two GPUs.
 ONE_SHOT_SLOT_MAX_BYTES = 16 * 2**20
 SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per program
-# Up to this many bytes a 16-bit slot's all-reduce + add + RMSNorm takes the push kernel (kernels/all_reduce.py:
-# stores into the peers' inboxes, no flags), above it the pull kernel. The inbox holds two halves of
-# world_size messages of this size. NANOVLLM_PUSH_MAX_BYTES=0 turns it off.
+# From 2 rows up to this many bytes a 16-bit slot's all-reduce + add + RMSNorm takes the push kernel
+# (kernels/all_reduce.py: stores into the peers' inboxes, no flags), else the pull kernel. On 2 x H100 in CUDA
+# graphs (results/allreduce-h100.json, 4096 wide) push / pull took 4.7 / 6.5 us at 8 rows, 7.8 / 11.8 at 145,
+# 10.3 / 13.3 at 256 and 17.6 / 20.0 at 512, but 7.9 / 5.8 at one row (one program either way; the
+# batch-1 step was 0.19 ms slower with push). The inbox holds two halves of world_size messages of this
+# size. NANOVLLM_PUSH_MAX_BYTES=0 turns it off.
 PUSH_MAX_BYTES = int(os.environ.get("NANOVLLM_PUSH_MAX_BYTES", 4 * 2**20))  # 512 tokens of a 4096-wide model
 
 
@@ -134,7 +137,8 @@ class SymmMemAllReduce:
                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sum over ranks of a (rows, n) slot + residual, its RMSNorm with weight or None), one kernel."""
         from nanovllm.kernels.all_reduce import one_shot_all_reduce_add_rmsnorm, push_all_reduce_add_rmsnorm
-        if slot.element_size() == 2 and slot.numel() * 2 <= min(self.push_max_bytes, self.inbox.shape[2] * 2):
+        if slot.element_size() == 2 and slot.shape[0] > 1 and slot.numel() * 2 <= min(self.push_max_bytes,
+                                                                                       self.inbox.shape[2] * 2):
             return push_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.inbox, self.calls, self.offsets,
                                                self.rank, self.world_size)
         return one_shot_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.signal, self.offsets, self.rank,
