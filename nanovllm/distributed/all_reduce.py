@@ -8,8 +8,9 @@ all-reduce is then nanovllm's one-shot kernel alone (kernels/all_reduce.py: no c
 rank reads the peers' slots in place), which can also add the residual and apply the next RMSNorm
 (`add_rmsnorm`). Two slots, because that kernel has no barrier at its end: consecutive all-reduces must
 alternate between them (layers/linear.py). On 2 x H200 in CUDA graphs (benchmarks/results/allreduce-h200.json)
-it takes 4.3 us at 8 KB and 11.5 us at 2 MB (batch 1 and 256 of a 4096-wide model in bf16), NCCL 9.5 and
-30.5 us.
+it takes 4.5 us at 8 KB and 11.6 us at 2 MB (batch 1 and 256 of a 4096-wide model in bf16), NCCL 10.2 and
+29.7 us. Up to PUSH_MAX_BYTES of 16 bits, `add_rmsnorm` takes the push kernel instead: every rank stores its
+slot into the peers' inboxes (a third part of the buffer) and reads only local memory, no flags.
 
 Any other tensor is copied into the buffer's first part, reduced by torch's kernels, and the sum lands back
 in the caller's tensor: up to ONE_SHOT_MAX_BYTES one kernel that copies in and sums (one-shot: each rank
@@ -37,19 +38,18 @@ SLOT_BYTES = MAX_BYTES  # per slot at two ranks: an 8192-token prefill chunk at 
 # messages per rank where two-shot moves 2 (tp - 1) / tp. Not measured beyond two GPUs.
 ONE_SHOT_SLOT_MAX_BYTES = 16 * 2**20
 SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per program
-# From 2 rows up to this many bytes a 16-bit slot's all-reduce + add + RMSNorm takes the push kernel
-# (kernels/all_reduce.py: stores into the peers' inboxes, no flags), else the pull kernel. On 2 x H100 in CUDA
-# graphs (results/allreduce-h100.json, 4096 wide) push / pull took 4.7 / 6.5 us at 8 rows, 7.8 / 11.8 at 145,
-# 10.3 / 13.3 at 256 and 17.6 / 20.0 at 512, but 7.9 / 5.8 at one row (one program either way; the
-# batch-1 step was 0.19 ms slower with push). The inbox holds two halves of world_size messages of this
-# size. NANOVLLM_PUSH_MAX_BYTES=0 turns it off.
+# Up to this many bytes a 16-bit slot's all-reduce + add + RMSNorm takes the push kernel (kernels/all_reduce.py:
+# stores into the peers' inboxes, no flags), above it the pull kernel. On 2 x H100 in CUDA graphs
+# (results/allreduce-h100.json, 4096 wide) push / pull took 3.6 / 6.7 us at one row, 4.3 / 6.6 at 8,
+# 7.9 / 12.3 at 145, 11.2 / 14.6 at 256 and 18.0 / 20.8 at 512. The inbox holds two halves of world_size
+# messages of this size. NANOVLLM_PUSH_MAX_BYTES=0 turns it off.
 PUSH_MAX_BYTES = int(os.environ.get("NANOVLLM_PUSH_MAX_BYTES", 4 * 2**20))  # 512 tokens of a 4096-wide model
 
 
 def symm_mem_requested() -> bool:
-    """NANOVLLM_SYMM_MEM=1 asks for it. Opt-in although faster (on 2 x H200 TP 2 gives 1.63x the throughput of
-    TP 1 with it, 1.45x with NCCL: benchmarks/results/tp-h200-with-nccl.json): a dead peer would hang it instead of
-    failing."""
+    """NANOVLLM_SYMM_MEM=1 asks for it. Opt-in although faster (on 2 x H200 TP 2 gives 1.66x the throughput of
+    TP 1 with it, benchmarks/results/tp-h200.json, 1.45x with NCCL: tp-h200-with-nccl.json): a dead peer would
+    hang it instead of failing."""
     return os.environ.get("NANOVLLM_SYMM_MEM", "0") == "1"
 
 
@@ -137,8 +137,7 @@ class SymmMemAllReduce:
                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sum over ranks of a (rows, n) slot + residual, its RMSNorm with weight or None), one kernel."""
         from nanovllm.kernels.all_reduce import one_shot_all_reduce_add_rmsnorm, push_all_reduce_add_rmsnorm
-        if slot.element_size() == 2 and slot.shape[0] > 1 and slot.numel() * 2 <= min(self.push_max_bytes,
-                                                                                       self.inbox.shape[2] * 2):
+        if slot.element_size() == 2 and slot.numel() * 2 <= min(self.push_max_bytes, self.inbox.shape[2] * 2):
             return push_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.inbox, self.calls, self.offsets,
                                                self.rank, self.world_size)
         return one_shot_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.signal, self.offsets, self.rank,

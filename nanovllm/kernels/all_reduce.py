@@ -1,5 +1,7 @@
 """One-shot all-reduce over symmetric memory: each rank reads every rank's partial sum straight from that
 rank's buffer (over NVLink for the peers) and adds them in rank order, so every rank stores the same bits.
+Decode-sized 16-bit messages take the push variant further down instead (each rank stores its partial into
+the peers' inboxes, no flags), which the pull kernel here matches bit for bit.
 
 A row-parallel projection writes its partial product into a slot of its own rank's symmetric buffer, so
 nothing is copied in. Then one kernel: each program first meets its namesakes on the other ranks (the
