@@ -1,8 +1,9 @@
-"""The symmetric-memory all-reduce on two GPUs (skipped with fewer): nanovllm's one-shot kernel against the
-rank-order sum at odd sizes and dtypes, many calls back to back with the slots alternating as the decoder
-layers alternate them, so a rank that runs ahead into the next call while its peer still reads the last
-one would show as a wrong sum; and the same with the decoder's residual add and RMSNorm in the kernel, its
-16-bit messages through the push kernel in five calls of eight and through the pull kernel in the others."""
+"""The symmetric-memory all-reduce on two GPUs, and on four where there are (skipped with fewer): nanovllm's
+kernels against the rank-order sum at odd sizes and dtypes, many calls back to back with the slots
+alternating as the decoder layers alternate them, so a rank that runs ahead into the next call while a peer
+still reads the last one would show as a wrong sum; and the same with the decoder's residual add and
+RMSNorm in the kernel, its 16-bit messages through the push kernel in five calls of eight and through the
+pull kernel in the others."""
 import socket
 import time
 
@@ -84,8 +85,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_one_shot_all_reduce_on_two_gpus_sums_every_call_in_rank_order():
-    context = mp.start_processes(_worker, args=(2, free_port()), nprocs=2, join=False, start_method="spawn")
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_all_reduce_kernels_on_the_gpus_sum_every_call_in_rank_order(world_size):
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} CUDA devices")
+    context = mp.start_processes(_worker, args=(world_size, free_port()), nprocs=world_size, join=False,
+                                 start_method="spawn")
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):  # raises if a worker failed
         if time.monotonic() > deadline:  # a barrier that never met: fail instead of hanging CI

@@ -43,7 +43,7 @@ SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per progra
 # (results/allreduce-h100.json, 4096 wide) push / pull took 3.6 / 6.7 us at one row, 4.3 / 6.6 at 8,
 # 7.9 / 12.3 at 145, 11.2 / 14.6 at 256 and 18.0 / 20.8 at 512. The inbox holds two halves of world_size
 # messages of this size. NANOVLLM_PUSH_MAX_BYTES=0 turns it off.
-PUSH_MAX_BYTES = int(os.environ.get("NANOVLLM_PUSH_MAX_BYTES", 4 * 2**20))  # 512 tokens of a 4096-wide model
+PUSH_MAX_BYTES = int(os.environ.get("NANOVLLM_PUSH_MAX_BYTES", 4 * 2**20)) // 64 * 64  # 512 tokens at 4096 wide
 
 
 def symm_mem_requested() -> bool:
