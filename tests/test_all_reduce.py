@@ -255,3 +255,18 @@ def test_push_kernel_fills_the_peer_inbox_empties_its_own_and_alternates_halves(
     stream, normed = kernels.push_all_reduce_add_rmsnorm(parts[0], None, None, 1e-6, alone, calls[0],
                                                          offsets[0][:1], 0, 1)
     assert normed is None and torch.equal(stream, parts[0])
+
+
+def test_add_rmsnorm_pushes_16_bit_messages_that_fit_the_inbox_and_pulls_the_rest(monkeypatch):
+    from nanovllm.kernels import all_reduce as kernels
+    calls = []
+    monkeypatch.setattr(kernels, "push_all_reduce_add_rmsnorm", lambda slot, *a: calls.append("push"))
+    monkeypatch.setattr(kernels, "one_shot_all_reduce_add_rmsnorm", lambda slot, *a: calls.append("pull"))
+    comm = OneRankBuffer(slot_bytes=4096)  # an inbox of 2 x 1 x 4096 bytes
+    residual, weight = torch.zeros(4, 512), torch.ones(512)
+    for shape, dtype in [((1, 8), torch.bfloat16), ((4, 512), torch.float16), ((4, 512), torch.float32),
+                         ((5, 512), torch.bfloat16)]:  # the last: 5120 bytes, over the inbox
+        comm.add_rmsnorm(torch.zeros(shape, dtype=dtype), residual, weight, 1e-6)
+    comm.push_max_bytes = 0  # NANOVLLM_PUSH_MAX_BYTES=0
+    comm.add_rmsnorm(torch.zeros(1, 8, dtype=torch.bfloat16), residual, weight, 1e-6)
+    assert calls == ["push", "push", "pull", "pull", "pull"]
