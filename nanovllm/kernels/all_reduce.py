@@ -162,12 +162,7 @@ def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_pt
     and its own rank's, are then complete."""
     launch_dependents(PDL)
     pid, programs = tl.program_id(0), tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < n
-    if NORM:
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    else:
-        w = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused
+    cols, mask, w = _row_setup(weight_ptr, n, NORM, BLOCK_N)
     wait_previous(PDL)
     _meet(signal_ptr, offsets_ptr, pid, RANK, WORLD)
     for row in range(pid, rows, programs):
@@ -175,6 +170,19 @@ def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_pt
         acc = _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD, ELEM_BYTES, ALIGNED, BLOCK_N)
         _finish_row(acc, row, offs, cols, mask, n, res_ptr, stride_r, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL,
                     NORM, INTERPRET)
+
+
+@jit
+def _row_setup(weight_ptr, n, NORM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(cols, mask, w) for rows of n: the column offsets, which are real, and the norm's weight (fp32; zeros
+    without NORM). The weight is not written by any kernel, so it may load before the PDL wait."""
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n
+    if NORM:
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros([BLOCK_N], dtype=tl.float32)
+    return cols, mask, w
 
 
 @jit
@@ -250,12 +258,7 @@ def _push_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_ptr, n
     """Under PDL its reads (the slot, the count of calls) and its pushes come after the wait."""
     launch_dependents(PDL)
     pid, programs = tl.program_id(0), tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < n
-    if NORM:
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    else:
-        w = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused
+    cols, mask, w = _row_setup(weight_ptr, n, NORM, BLOCK_N)
     wait_previous(PDL)
     call = tl.load(calls_ptr + pid)
     half = (call % 2) * WORLD * inbox_n  # where this call's (WORLD, inbox_n) half starts, in elements
