@@ -83,4 +83,3 @@ def wait_previous(PDL: tl.constexpr):
     """Returns once the kernel ahead in the stream has completed and its writes are visible."""
     if PDL:
         gdc_wait()
-
