@@ -14,7 +14,7 @@ from tiny_models import make_tiny_model
 from tiny_tokenizer import save_tiny_tokenizer
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.sequence import PLACEHOLDER
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 
 SHARED = [list(range(300, 340)), [(i * 53) % 900 + 20 for i in range(23)]]  # prefixes shared by prompts
 ENGINES = {  # small caches (preemption), small budgets (chunked prefill), a short max_model_len
@@ -283,9 +283,10 @@ def test_blocks_filled_by_decodes_are_shared_as_in_sync(vocab, graphs, monkeypat
     assert overlap == sync and sync["c"][0] == sync["d"][0] == 20
 
 
-def test_a_waiting_seq_without_room_does_not_stop_the_pipeline():
-    """Under load the queue is rarely empty: a head that a normal step could not admit (no blocks) must not
-    drain the pipeline every step (it did: no step overlapped while a prompt waited for memory)."""
+def test_overlapped_steps_admit_prompts_and_a_waiting_seq_without_room_does_not_stop_the_pipeline():
+    """Step n+1 is scheduled while step n runs as a normal step would pick it: a prompt that fits joins it as
+    a prefill. Under load the queue is rarely empty: a head that cannot be admitted (no blocks) must not
+    drain the pipeline (it once did: no step overlapped while a prompt waited for memory)."""
     s = make_scheduler(num_blocks=5, block_size=4, max_num_seqs=8)
     running = create_seqs(num=2, prompt_len=5)  # 2 blocks each, placeholders included: 1 block left
     for seq in running:
@@ -297,9 +298,39 @@ def test_a_waiting_seq_without_room_does_not_stop_the_pipeline():
     s.advance(batch)
     (fits,) = create_seqs(prompt_len=3, seed=1)
     s.add(fits)
-    assert s.schedule_overlapped() is None  # a normal step would admit it: drain
-    s.waiting.clear()
-    (too_big,) = create_seqs(prompt_len=6, seed=2)  # needs 2 blocks
+    overlapped = s.schedule_overlapped()
+    assert overlapped.seqs == running + [fits] and overlapped.num_new_tokens == [1, 1, 3]
+    s.resolve(batch, {seq.seq_id: 8 for seq in running})  # step n's ids are back
+    s.advance(overlapped)
+    (too_big,) = create_seqs(prompt_len=6, seed=2)  # needs 2 blocks, and none is left
     s.add(too_big)
     overlapped = s.schedule_overlapped()
-    assert overlapped is not None and overlapped.seqs == running
+    assert overlapped is not None and overlapped.seqs == running + [fits] and list(s.waiting) == [too_big]
+
+
+def test_overlapped_steps_hold_prefill_chunks_but_not_seqs_whose_tokens_the_host_needs():
+    """A chunked prompt's chunks follow one another without a drain; a prompt that asks for prompt logprobs
+    (which the synchronous run computes) is admitted only by a synchronous step, and no prompt behind it
+    overtakes it."""
+    s = make_scheduler(block_size=4, max_num_batched_tokens=6)
+    (long,) = create_seqs(prompt_len=10)
+    s.add(long)
+    first = s.schedule()
+    assert first.num_new_tokens == [6] and s.can_overlap(first)
+    s.advance(first)  # no placeholder: the chunk ends mid-prompt
+    second = s.schedule_overlapped()
+    assert second.seqs == [long] and second.num_new_tokens == [4]
+    s.resolve(first, {})  # nothing was sampled there
+    s.advance(second)  # the prompt is done: its first token is a placeholder
+    (plain,) = create_seqs(prompt_len=3, seed=1)
+    logprobs = Sequence([5, 6, 7], SamplingParams(prompt_logprobs=1), request_id="plp")
+    for seq in (plain, logprobs):
+        s.add(seq)
+    third = s.schedule_overlapped()  # the decode and the plain prompt; not the prompt behind it
+    assert third.seqs == [long, plain] and third.num_new_tokens == [1, 3] and list(s.waiting) == [logprobs]
+    s.resolve(second, {long.seq_id: 9})
+    s.advance(third)
+    assert s.schedule_overlapped() is None  # the head needs the host and fits: drain
+    s.resolve(third, {long.seq_id: 9, plain.seq_id: 9})
+    batch = s.schedule()
+    assert batch.seqs == [long, plain, logprobs] and not s.can_overlap(batch)  # a synchronous step

@@ -74,12 +74,14 @@ def make_llm(folder, eos: int, async_scheduling: bool, monkeypatch, graphs: bool
 
 
 def count_overlapped_launches(llm: LLM) -> list[int]:
-    """Counts the steps launched while the previous one was still in flight."""
-    runner, count = llm.engine.model_runner, [0]
+    """Counts the steps launched while the previous one was still in flight, and (second) those of them
+    that hold a prefill chunk of more than one token."""
+    runner, count = llm.engine.model_runner, [0, 0]
     launch = runner.launch
 
     def counted(batch, prev=None):
         count[0] += prev is not None
+        count[1] += prev is not None and max(batch.num_new_tokens) > 1
         return launch(batch, prev)
     runner.launch = counted
     return count
@@ -123,6 +125,8 @@ def test_async_scheduling_gives_the_same_outputs(folder, reference, engine, monk
         if "num_kvcache_blocks" not in engine:  # else the tiny cache may have evicted them
             assert all(o.num_cached_tokens == 32 for o in again)
         assert overlapped[0] > (10 if async_scheduling else -1)
+        if async_scheduling and "max_num_batched_tokens" in engine:  # the later chunks of prompts, ahead too
+            assert overlapped[1] > 0
         results[async_scheduling] = first + again, stats
     (sync, sync_stats), (overlap, async_stats) = results[False], results[True]
     unseeded = len(prompts) - 1

@@ -325,8 +325,8 @@ def test_async_drains_for_what_needs_a_normal_step():
     seqs = create_seqs(num=2, prompt_len=3)
     start_async(s, seqs)  # the placeholders (token 4) need a second block each
     free = s.block_manager.num_free_blocks
-    (waiting,) = add_all(s, create_seqs(prompt_len=3, seed=1))
-    assert s.schedule_overlapped() is None  # a new prompt to admit
+    s.add(Sequence([1, 2, 3], SamplingParams(prompt_logprobs=1)))
+    assert s.schedule_overlapped() is None  # a prompt to admit whose logprobs only a synchronous step gives
     s.waiting.clear()
     penalized = Sequence([1, 2], SamplingParams(repetition_penalty=1.2))
     assert penalized.needs_token_history and not seqs[0].needs_token_history
@@ -408,10 +408,14 @@ def run_pipeline(seed: int, overlap: bool) -> tuple[list[list[int]], int]:
             prev, prev_sampled = inflight
             s.advance(prev)
             batch, inflight = s.schedule_overlapped(), None
-            if batch is not None:
+            if batch is not None and batch.seqs:  # decodes, prefill chunks and prompts alike
+
+                def history(seq):  # as the GPU sees it: a decode's placeholder is its id from prev
+                    return seq.token_ids[:-1] + [prev_sampled[seq.seq_id]] if seq.seq_id in prev_sampled else \
+                        seq.token_ids
                 overlapped += 1
-                inflight = batch, {seq.seq_id: sample(seq.token_ids[:-1] + [prev_sampled[seq.seq_id]])
-                                   for seq in batch.seqs}
+                inflight = batch, {seq.seq_id: sample(history(seq)) for seq, n in zip(batch.seqs, batch.num_new_tokens)
+                                   if seq.num_computed_tokens + n == seq.num_tokens}
             s.resolve(prev, prev_sampled)
             finish_done(s, prev, prev_sampled)
         check_invariants(s)

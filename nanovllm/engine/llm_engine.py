@@ -168,19 +168,19 @@ class LLMEngine:
         return self._outputs(touched, done)
 
     def _step_overlapped(self) -> list[RequestOutput]:
-        """Async scheduling, with step n in flight: schedules and launches step n+1 (its decodes' input ids
-        are step n's sampled ids, gathered on the device), and only then waits for step n's ids and
-        processes them, so the host's work overlaps the GPU's. When step n+1 cannot be scheduled that way,
-        step n is drained alone and the next step() schedules as usual."""
+        """Async scheduling, with step n in flight: schedules and launches step n+1 (decodes, prefill chunks
+        and new prompts alike; a decode's input id is its seq's sampled id of step n, gathered on the
+        device), and only then waits for step n's ids and processes them, so the host's work overlaps the
+        GPU's. When step n+1 cannot be scheduled that way, step n is drained alone and the next step()
+        schedules as usual."""
         prev, self._inflight = self._inflight, None
         self.scheduler.advance(prev.batch)
         batch = self.scheduler.schedule_overlapped()
-        if batch is not None:
+        touched, done = self._finished_by_scheduler(batch) if batch is not None else ({}, set())
+        if batch is not None and batch.seqs:
             self._inflight = _Inflight(batch, self.model_runner.launch(batch, prev.pending), time.time())
         result = prev.pending.result()
         self.scheduler.resolve(prev.batch, result.sampled)
-        touched: dict[str, _Request] = {}
-        done: set[str] = set()
         self._process(prev.batch, result, prev.scheduled_time, touched, done)
         self._drop_idle_inflight()
         return self._outputs(touched, done)

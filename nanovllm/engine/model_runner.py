@@ -1,6 +1,7 @@
 """Runs the model on a scheduled batch: owns the weights, the paged KV cache, the CUDA graphs and the sampler."""
 import atexit
 import gc
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -304,32 +305,44 @@ class ModelRunner:
 
     # ---- async scheduling: a step launched now, read back later ------------------------------------
     def launch(self, batch: ScheduledBatch, prev: PendingStep | None = None) -> PendingStep:
-        """Starts a step of decodes (every seq sampled; no prompt logprobs) and returns before its ids are
-        back. With prev, the step still in flight, each seq's input id is its sampled id there: gathered on
-        the device, as the host holds only a placeholder. Under TP the workers get the step's commands now
-        and follow on their own streams; nothing here waits for a GPU."""
+        """Starts a step (no prompt logprobs: Scheduler.can_overlap) and returns before its sampled ids are
+        back. With prev, the step still in flight, a seq sampled there has a placeholder for its input id:
+        it is gathered from prev's ids on the device. Under TP the workers get the step's commands now and
+        follow on their own streams; nothing here waits for a GPU."""
         if self.workers is not None:
             return self.workers.guard(self._launch, batch, prev)
         return self._launch(batch, prev)
 
     @torch.inference_mode()
     def _launch(self, batch: ScheduledBatch, prev: PendingStep | None) -> PendingStep:
-        src_rows = None if prev is None else [prev.rows[seq.seq_id] for seq in batch.seqs]
-        prev_ids = None if prev is None else prev.token_ids
         guard = None if self.workers is None else self.workers.guard
-        if self._graph_ready(batch):
+        if self._graph_ready(batch) and (prev is None or all(seq.seq_id in prev.rows for seq in batch.seqs)):
+            src_rows = None if prev is None else [prev.rows[seq.seq_id] for seq in batch.seqs]
+            prev_ids = None if prev is None else prev.token_ids
             return PendingStep(batch.seqs, self._replay(batch.seqs, prev_ids, src_rows), guard)
-        input_ids, positions, sample_rows, _ = self._prepare(batch)
-        assert len(sample_rows) == len(batch.seqs), "only steps that sample every seq launch ahead"
-        if prev_ids is not None:
-            rows = torch.tensor(src_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-            input_ids = prev_ids[rows]  # (B,)
+        input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
+        assert not plp_rows, "prompt logprobs come from run(): such steps are not launched ahead"
+        if prev is not None:  # the placeholders' ids, from prev's on the device
+            starts = itertools.accumulate(batch.num_new_tokens, initial=0)
+            pairs = [(start, prev.rows[seq.seq_id]) for seq, start in zip(batch.seqs, starts)
+                     if seq.seq_id in prev.rows]
+            if pairs:
+                dst, src = zip(*pairs)
+                input_ids[self._to_device(dst)] = prev.token_ids[self._to_device(src)]
         if self.workers is not None:  # the gathered ids: broadcast after the gather, on the same stream
             send_forward(input_ids, positions, get_context())
-        hidden = self.model(input_ids, positions)  # (B, hidden): one row per seq
+        hidden = self.model(input_ids, positions)  # (T, hidden)
         reset_context()
-        sampled = self._sample_on_device(batch.seqs, self.compute_logits(hidden))
-        return PendingStep(batch.seqs, sampled, guard)
+        sampled_seqs = [seq for seq, _ in sample_rows]
+        if not sampled_seqs:  # only prefill chunks that end mid-prompt
+            return PendingStep([], SamplerOutput(input_ids[:0]), guard)
+        logits = self.compute_logits(hidden[self._to_device([row for _, row in sample_rows])])  # (B, V)
+        return PendingStep(sampled_seqs, self._sample_on_device(sampled_seqs, logits), guard)
+
+    def _to_device(self, values) -> torch.Tensor:
+        """int64 indices on the device, copied without waiting for the stream (a blocking copy from pageable
+        memory would wait for the steps in flight)."""
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def _replay(self, seqs: list[Sequence], prev_ids: torch.Tensor | None = None,
                 src_rows: list[int] | None = None) -> SamplerOutput:

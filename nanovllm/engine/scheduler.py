@@ -118,15 +118,20 @@ class Scheduler:
     # input id the runner takes from step n's ids on the device; resolve() writes the real ids once they are
     # back. Between two engine steps no placeholder is left, so everything else sees real tokens only.
     # A seq that finishes (or is aborted) while a step holding it runs is freed at once, not after that step:
-    # the step writes its KV only into the seq's unhashed tail block, and any later user of a freed block
-    # runs after it on the one CUDA stream.
+    # the step writes its KV only into blocks of the seq that hold no computed token yet, so none is in the
+    # prefix cache, and any later user of a freed block runs after it on the one CUDA stream.
 
     def can_overlap(self, batch: ScheduledBatch) -> bool:
-        """Whether the next step could be scheduled before this batch's ids are back: it is all decodes
-        (every seq sampled) and the sampler reads no token history."""
-        return bool(batch.seqs) and all(
-            n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and not seq.needs_token_history
-            for seq, n in zip(batch.seqs, batch.num_new_tokens))
+        """Whether the next step could be scheduled before this batch's ids are back: no seq in it needs its
+        tokens on the host (see _needs_host). Prefill chunks and new prompts may be in it."""
+        return bool(batch.seqs) and not any(self._needs_host(seq) for seq in batch.seqs)
+
+    @staticmethod
+    def _needs_host(seq: Sequence) -> bool:
+        """Whether a step of seq must run synchronously: its sampler reads the token history (penalties), or
+        its next chunk yields prompt logprobs (the synchronous run computes those)."""
+        return seq.needs_token_history or (seq.sampling_params.prompt_logprobs is not None
+                                           and seq.num_computed_tokens < seq.num_prompt_tokens - 1)
 
     def advance(self, batch: ScheduledBatch) -> None:
         """postprocess() for a launched step whose sampled ids are not known yet: sampled seqs get a
@@ -141,35 +146,37 @@ class Scheduler:
                 seq.token_ids[-1] = sampled[seq.seq_id]
 
     def schedule_overlapped(self) -> ScheduledBatch | None:
-        """The next step while the previous one (already advanced) still runs: a decode of every running
-        seq whose placeholder is not its last token. None when the step must wait for the previous one's ids
-        (a drain): a seq not sampled last step (prefill chunks), a seq the sampler needs the tokens of
-        (penalties), a waiting seq that could be admitted, too few free blocks (preemption), too many seqs for
-        the token budget, or nothing left to run."""
+        """The next step while the previous one (already advanced) still runs, as schedule() picks it: the
+        decodes (a seq sampled last step decodes its placeholder, whose id the runner takes on the device),
+        then the prefill chunks, then new prompts. None when the step must wait for the previous one's ids
+        (a drain), before anything changes: a seq whose tokens the host needs (_needs_host), a waiting head
+        that needs them and could be admitted, too few free blocks for the decodes (preemption would have to
+        recompute a placeholder), too many decodes for the token budget, or nothing to run. The batch may come
+        back without seqs: then it only lists the waiting seqs it finished ("length": `finished`)."""
         slots = self.block_manager.block_size
-        seqs, new_blocks = [], 0
+        decodes, new_blocks = [], 0
         for seq in self.running:
-            if (seq.token_ids[-1] != PLACEHOLDER or seq.needs_token_history
-                    or seq.num_tokens > self.max_seq_tokens):
+            if self._needs_host(seq) or seq.num_tokens > self.max_seq_tokens:
                 return None
-            if not self.reached_length(seq):  # else the engine finishes it when its ids are back
-                seqs.append(seq)
+            if seq.num_tokens - seq.num_computed_tokens == 1 and not self.reached_length(seq):
+                decodes.append(seq)  # else a prefill chunk, or a seq the engine finishes when its ids are back
                 new_blocks += seq.num_computed_tokens == slots * len(seq.block_table)
-        if not seqs or len(seqs) > self.max_num_batched_tokens or new_blocks > self.block_manager.num_free_blocks:
+        if len(decodes) > self.max_num_batched_tokens or new_blocks > self.block_manager.num_free_blocks:
             return None
-        if self.waiting and self._may_admit(self.waiting[0], len(seqs)):
-            return None
+        if self.waiting and self._needs_host(self.waiting[0]) and self._may_admit(self.waiting[0], len(decodes)):
+            return None  # a head that cannot be admitted now does not stop the pipeline (nor is it overtaken)
         batch = ScheduledBatch()
-        for seq in seqs:
+        for seq in decodes:
             if seq.num_computed_tokens == slots * len(seq.block_table):
                 self.block_manager.append_slots(seq, 1)
             batch.add_decode(seq)
-        return batch
+        self._schedule_prefill_chunks(batch)
+        self._schedule_waiting(batch, overlapped=True)
+        return batch if batch.seqs or batch.finished else None
 
     def _may_admit(self, seq: Sequence, num_decodes: int) -> bool:
-        """Whether a normal step after these decodes would admit (or finish) the waiting head seq, as
-        _schedule_waiting decides. A head that waits for blocks or a slot does not stop the pipeline: under
-        load the queue is rarely empty. (One that only step n's finishes let in is admitted a step later.)"""
+        """Whether a normal step after these decodes might admit (or finish) the waiting head seq, as
+        _schedule_waiting decides (it also counts the prefill chunks, so it admits no more than this)."""
         budget = self.max_num_batched_tokens - num_decodes
         return self._beyond_limits(seq) or (
             budget > 0 and num_decodes < self.max_num_seqs and self._fits_budget(seq, budget)
@@ -219,12 +226,16 @@ class Scheduler:
             if num_left > 1:
                 batch.add(seq, min(num_left, budget))
 
-    def _schedule_waiting(self, batch: ScheduledBatch) -> None:
+    def _schedule_waiting(self, batch: ScheduledBatch, overlapped: bool = False) -> None:
+        """Admits waiting seqs in order while they fit; overlapped (schedule_overlapped): none from the first
+        that needs its tokens on the host on, which a synchronous step admits."""
         while self.waiting:
             seq = self.waiting[0]
             if self._beyond_limits(seq):
                 self._finish_length(seq, batch)
                 continue
+            if overlapped and self._needs_host(seq):
+                break
             budget = self.max_num_batched_tokens - batch.num_batched_tokens
             if (budget == 0 or len(self.running) == self.max_num_seqs or not self._fits_budget(seq, budget)
                     or not self.block_manager.can_allocate(seq)):
