@@ -181,15 +181,17 @@ def test_streams_and_aborts_in_flight(folder, reference, monkeypatch):
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_async_scheduling_under_tensor_parallelism(folder, reference, graphs, monkeypatch):
     """TP 2 with async scheduling (rank 0 sends step n+1's commands, whose input ids are gathered on its
-    device, before it reads step n's ids; the worker follows) gives what TP 1 gives in the sync loop."""
+    device, before it reads step n's ids; the worker follows) gives what TP 1 gives in the sync loop. A small
+    token budget chunks the prompts, so prefill chunks are launched ahead too."""
     prompts, params, eos = workload(reference)
-    sync = make_llm(folder, eos, False, monkeypatch).generate(prompts, params, use_tqdm=False)
-    with make_llm(folder, eos, True, monkeypatch, graphs=graphs, tensor_parallel_size=2) as llm:
+    budget = dict(max_num_batched_tokens=16)
+    sync = make_llm(folder, eos, False, monkeypatch, **budget).generate(prompts, params, use_tqdm=False)
+    with make_llm(folder, eos, True, monkeypatch, graphs=graphs, tensor_parallel_size=2, **budget) as llm:
         assert llm.engine.async_scheduling and (llm.engine.model_runner.graphs is not None) == graphs
         overlapped = count_overlapped_launches(llm)
         overlap = llm.generate(prompts, params, use_tqdm=False)
         stats = llm.engine.stats()
-    assert overlapped[0] > 5 and stats["num_free_blocks"] == stats["num_blocks"]
+    assert overlapped[0] > 5 and overlapped[1] > 0 and stats["num_free_blocks"] == stats["num_blocks"]
     unseeded = len(prompts) - 1  # its tokens depend on the batches
     assert len(overlap[unseeded].outputs[0].token_ids) == 9
     sync, overlap = sync[:unseeded], overlap[:unseeded]
