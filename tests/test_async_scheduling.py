@@ -246,3 +246,25 @@ def test_async_scheduling_default_follows_the_device(folder):
     assert parser.parse_args([]).async_scheduling is None
     assert parser.parse_args(["--no-async-scheduling"]).async_scheduling is False
     assert parser.parse_args(["--async-scheduling"]).async_scheduling is True
+
+
+def test_a_prompt_chunked_over_steps_that_sample_nothing(folder, reference, monkeypatch):
+    """One long prompt under a small token budget: its chunks before the last sample nothing, and are
+    launched ahead all the same (a step whose ids the next one does not need); the tokens are the sync
+    loop's."""
+    _, _, eos = workload(reference)
+    prompt, params = [(i * 29) % 900 + 40 for i in range(45)], greedy(6, ignore_eos=True)
+    outputs, launched = [], []
+    for async_scheduling in (False, True):
+        llm = make_llm(folder, eos, async_scheduling, monkeypatch, max_num_batched_tokens=8)
+        runner = llm.engine.model_runner
+        launch = runner.launch
+
+        def recorded(batch, prev=None):
+            pending = launch(batch, prev)
+            launched.append((prev is not None, len(pending.seqs)))
+            return pending
+        runner.launch = recorded
+        outputs.append(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids)
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 6
+    assert launched.count((True, 0)) == 4  # chunks 2-5 of 6, ahead of the one before; chunk 6 samples
