@@ -396,8 +396,7 @@ class ModelRunner:
                 plp_rows.append((seq, offset, start, last))
             offset += n
         set_context(make_context(q_lens, ctx_lens, tables, self.config.block_size, self.device))
-        as_long = lambda x: torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
-        return as_long(ids), as_long(pos), sample_rows, plp_rows
+        return self._to_device(ids), self._to_device(pos), sample_rows, plp_rows
 
     @staticmethod
     def collect_samples(seqs: list[Sequence], result: SamplerOutput, out: StepOutput) -> None:
