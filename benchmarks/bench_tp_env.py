@@ -1,0 +1,45 @@
+"""bench_tp's throughput alone, one engine per process, so that settings read once at start (environment
+variables such as NANOVLLM_PUSH_MAX_BYTES or NANOVLLM_PDL_MAX_TOKENS) can be compared on one host:
+
+    NANOVLLM_PDL_MAX_TOKENS=512 python benchmarks/bench_tp_env.py 2 tp2_pdl512.json
+
+Qwen3-8B architecture, random bf16 weights, async scheduling, the symmetric-memory all-reduce unless the
+environment says NANOVLLM_SYMM_MEM=0; the workload and its median of 3 runs are bench_throughput's. Writes
+the figures and the NANOVLLM_* environment to the JSON file named.
+"""
+import json
+import os
+import sys
+import time
+
+from bench_latency import model_dir
+from bench_throughput import timed_repeats, warm_up, workload
+
+from nanovllm import LLM
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3-8b.json")
+
+
+def main() -> None:
+    tp, out = int(sys.argv[1]), sys.argv[2]
+    os.environ.setdefault("NANOVLLM_SYMM_MEM", "1")
+    t0 = time.perf_counter()
+    llm = LLM(model_dir(CONFIG), load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
+              tensor_parallel_size=tp, async_scheduling=True)
+    startup = time.perf_counter() - t0
+    warm_up(llm)
+    reqs, params = workload()
+    spent, runs = timed_repeats(llm, reqs, params, 3)
+    tokens = sum(p.max_tokens for p in params)
+    env = {k: v for k, v in os.environ.items() if k.startswith("NANOVLLM_")}
+    result = {"tp": tp, "env": env, "startup_s": startup, "output_tokens": tokens,
+              "output_tok_per_s": tokens / spent["seconds"], "repeats_seconds": [r["seconds"] for r in runs],
+              "breakdown": spent}
+    print(f"TP {tp} {env}: {result['output_tok_per_s']:.0f} tok/s, runs {result['repeats_seconds']}", flush=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
