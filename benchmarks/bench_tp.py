@@ -163,13 +163,18 @@ def measure_speed(llm: LLM, result: dict) -> None:
     result["ms_per_token_bs1"] = result["decode"][0]["ms_per_step"]
     print(f"{name}: decode steps " + ", ".join(f"bs{d['batch']} {d['ms_per_step']:.3f} ms"
                                               for d in result["decode"]), flush=True)
+    measure_throughput(llm, result)
+    print(f"{name}: {result['output_tok_per_s']:.0f} output tok/s", flush=True)
+
+
+def measure_throughput(llm: LLM, result: dict) -> None:
+    """The workload's median of THROUGHPUT_REPEATS runs after a warm-up, into result."""
     warm_up(llm)
     reqs, params = workload()
     spent, runs = timed_repeats(llm, reqs, params, THROUGHPUT_REPEATS)
     result["output_tokens"] = sum(p.max_tokens for p in params)
     result["throughput"], result["repeats_seconds"] = spent, [run["seconds"] for run in runs]
     result["output_tok_per_s"] = result["output_tokens"] / spent["seconds"]
-    print(f"{name}: {result['output_tok_per_s']:.0f} output tok/s", flush=True)
 
 
 def run_engine(name: str, folders: dict[str, str], runs: dict[str, dict], before_close) -> None:

@@ -7,37 +7,28 @@ Qwen3-8B architecture, random bf16 weights, async scheduling, the symmetric-memo
 environment says NANOVLLM_SYMM_MEM=0; the workload and its median of 3 runs are bench_throughput's. Writes
 the figures and the NANOVLLM_* environment to the JSON file named.
 """
-import json
 import os
 import sys
 import time
 
-from bench_latency import model_dir
-from bench_throughput import timed_repeats, warm_up, workload
+from bench_latency import model_dir, write_json
+from bench_tp import CONFIGS, measure_throughput
 
 from nanovllm import LLM
-
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3-8b.json")
 
 
 def main() -> None:
     tp, out = int(sys.argv[1]), sys.argv[2]
     os.environ.setdefault("NANOVLLM_SYMM_MEM", "1")
     t0 = time.perf_counter()
-    llm = LLM(model_dir(CONFIG), load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
-              tensor_parallel_size=tp, async_scheduling=True)
-    startup = time.perf_counter() - t0
-    warm_up(llm)
-    reqs, params = workload()
-    spent, runs = timed_repeats(llm, reqs, params, 3)
-    tokens = sum(p.max_tokens for p in params)
-    env = {k: v for k, v in os.environ.items() if k.startswith("NANOVLLM_")}
-    result = {"tp": tp, "env": env, "startup_s": startup, "output_tokens": tokens,
-              "output_tok_per_s": tokens / spent["seconds"], "repeats_seconds": [r["seconds"] for r in runs],
-              "breakdown": spent}
-    print(f"TP {tp} {env}: {result['output_tok_per_s']:.0f} tok/s, runs {result['repeats_seconds']}", flush=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    llm = LLM(model_dir(os.path.join(CONFIGS, "qwen3-8b.json")), load_format="dummy", skip_tokenizer_init=True,
+              max_model_len=4096, tensor_parallel_size=tp, async_scheduling=True)
+    result = {"tp": tp, "env": {k: v for k, v in os.environ.items() if k.startswith("NANOVLLM_")},
+              "startup_s": time.perf_counter() - t0}
+    measure_throughput(llm, result)
+    print(f"TP {tp} {result['env']}: {result['output_tok_per_s']:.0f} tok/s, runs {result['repeats_seconds']}",
+          flush=True)
+    write_json(out, result)
     llm.close()
 
 
