@@ -167,9 +167,9 @@ def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_pt
     _meet(signal_ptr, offsets_ptr, pid, RANK, WORLD)
     for row in range(pid, rows, programs):
         offs = row * n + cols  # (BLOCK_N,) into the slot and the outputs, all (rows, n) dense (int32: a slot is small)
+        res = _residual_row(res_ptr, row, stride_r, cols, mask, HAS_RESIDUAL)
         acc = _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD, ELEM_BYTES, ALIGNED, BLOCK_N)
-        _finish_row(acc, row, offs, cols, mask, n, res_ptr, stride_r, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL,
-                    NORM, INTERPRET)
+        _finish_row(acc, res, offs, mask, n, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL, NORM, INTERPRET)
 
 
 @jit
@@ -186,14 +186,23 @@ def _row_setup(weight_ptr, n, NORM: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @jit
-def _finish_row(acc, row, offs, cols, mask, n, res_ptr, stride_r, w, eps, stream_ptr, normed_ptr,
-                HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, INTERPRET: tl.constexpr):
-    """Stores one row's rank sum `acc` (fp32), rounded, + the residual, rounded again, and its RMSNorm."""
+def _residual_row(res_ptr, row, stride_r, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """The residual's row (fp32), or zeros without one. Loaded before the row's sum: it does not depend on
+    the peers, so its round trip to memory overlaps the wait for them."""
+    if HAS_RESIDUAL:
+        return tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    return tl.zeros(cols.shape, dtype=tl.float32)
+
+
+@jit
+def _finish_row(acc, res, offs, mask, n, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL: tl.constexpr,
+                NORM: tl.constexpr, INTERPRET: tl.constexpr):
+    """Stores one row's rank sum `acc` (fp32), rounded, + the residual row `res`, rounded again, and its
+    RMSNorm."""
     dtype = stream_ptr.dtype.element_ty
     x = _round(acc, dtype, INTERPRET).to(tl.float32)  # the all-reduce's sum
     if HAS_RESIDUAL:
-        x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        x = _round(x, dtype, INTERPRET).to(tl.float32)  # the new residual stream, as add_rmsnorm rounds it
+        x = _round(x + res, dtype, INTERPRET).to(tl.float32)  # the new residual stream, as add_rmsnorm rounds it
     tl.store(stream_ptr + offs, x.to(dtype), mask=mask)
     if NORM:
         rstd = rms_rstd(x, n, eps)
@@ -272,16 +281,18 @@ def _push_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_ptr, n
                          mask=mask)
     for row in range(pid, rows, programs):
         offs = _vector_offsets(row * n + cols, ALIGNED, BLOCK_N)
+        # What is local comes first, so its loads are in flight while the peers' values are awaited.
+        mine = _sendable(tl.load(slot_ptr + offs, mask=mask, other=0))
+        res = _residual_row(res_ptr, row, stride_r, cols, mask, HAS_RESIDUAL)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for r in tl.static_range(WORLD):
             if r == RANK:
-                bits = _sendable(tl.load(slot_ptr + offs, mask=mask, other=0))
+                bits = mine
             else:
                 ours = _vector_offsets(half + r * inbox_n + row * n + cols, ALIGNED, BLOCK_N)
                 bits = _receive(inbox_ptr + ours, mask)
             acc += bits.to(stream_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-        _finish_row(acc, row, offs, cols, mask, n, res_ptr, stride_r, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL,
-                    NORM, INTERPRET)
+        _finish_row(acc, res, offs, mask, n, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL, NORM, INTERPRET)
     entries = tl.arange(0, NUM_CALLS)  # one vector store: a loop of scalar ones cost ~2 us at one or two programs
     tl.store(calls_ptr + entries, tl.full([NUM_CALLS], 1, tl.int32) + call, mask=entries % programs == pid)
 
