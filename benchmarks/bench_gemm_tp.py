@@ -4,50 +4,32 @@ beside the weight-read floor: how much of a TP-2 step's GEMM time is the fixed c
     python benchmarks/bench_gemm_tp.py [--out benchmarks/results/gemm_tp-<card>.json]
 
 M rows of a decode batch (64, 145 and 256) times each projection's weight, TP 2 halving N (qkv_proj and
-gate_up_proj, column-parallel) or K (o_proj and down_proj, row-parallel). Each time is the median of 10
-replays of a CUDA graph of 20 back-to-back calls cycling through 4 copies of the weight (more than the L2
-holds), per call; floor_us = the weight's bytes at 3.0 TB/s. Both BLAS back ends that torch offers
+gate_up_proj, column-parallel) or K (o_proj and down_proj, row-parallel). Each time is per call, the median
+over replays of a CUDA graph of 20 back-to-back calls cycling through 4 copies of the weight (more than the
+L2 holds); floor_us = the weight's bytes at 3.0 TB/s. Both BLAS back ends that torch offers
 (torch.backends.cuda.preferred_blas_library: cuBLAS, cuBLASLt) are timed, each in its own graph.
 """
 import argparse
+import itertools
 import json
 import os
 
 import torch
 import torch.nn.functional as F
+from bench_allreduce import time_graph
 from bench_latency import card_name, write_json
 
 SHAPES = {"qkv_proj": (4096, 6144, "column"), "o_proj": (4096, 4096, "row"),  # (K, N) at TP 1
           "gate_up_proj": (4096, 24576, "column"), "down_proj": (12288, 4096, "row")}
 ROWS = (64, 145, 256)
-CALLS, COPIES = 20, 4
+COPIES = 4  # the graph's captured calls (bench_allreduce.REPEAT) cycle through them
 BYTES_PER_US = 3.0e6  # 3.0 TB/s, about an H100's measured copy bandwidth (bench_latency's copy_bw_gbps)
 
 
 def time_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> float:
-    """Median µs per F.linear(x, w) over replays of one CUDA graph of CALLS calls, cycling through weights."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (cuBLAS picks and allocates its workspace) outside the capture
-        for w in weights:
-            F.linear(x, w)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS // len(weights)):
-            for w in weights:
-                F.linear(x, w)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return sorted(times)[len(times) // 2]
+    """Median µs per F.linear(x, w) in bench_allreduce's graph timing, each captured call taking the next weight."""
+    cycle = itertools.cycle(weights)
+    return time_graph(lambda: F.linear(x, next(cycle)))
 
 
 def main() -> None:
