@@ -7,7 +7,9 @@ M rows of a decode batch (64, 145 and 256) times each projection's weight, TP 2 
 gate_up_proj, column-parallel) or K (o_proj and down_proj, row-parallel). Each time is per call, the median
 over replays of a CUDA graph of 20 back-to-back calls cycling through 4 copies of the weight (more than the
 L2 holds); floor_us = the weight's bytes at 3.0 TB/s. Both BLAS back ends that torch offers
-(torch.backends.cuda.preferred_blas_library: cuBLAS, cuBLASLt) are timed, each in its own graph.
+(torch.backends.cuda.preferred_blas_library: cuBLAS, cuBLASLt) are timed, each in its own graph, and so are
+the engine's own tiled kernels (kernels/fused_attention_output.py: the tensor-core gemv with TMA, split over K
+where the engine's split-K workspace holds the partials, and the gemm kernel): ours_best_us is the fastest.
 """
 import argparse
 import itertools
@@ -19,11 +21,38 @@ import torch.nn.functional as F
 from bench_allreduce import time_graph
 from bench_latency import card_name, write_json
 
+from nanovllm.kernels import fused_attention_output as fao
+
 SHAPES = {"qkv_proj": (4096, 6144, "column"), "o_proj": (4096, 4096, "row"),  # (K, N) at TP 1
           "gate_up_proj": (4096, 24576, "column"), "down_proj": (12288, 4096, "row")}
 ROWS = (64, 145, 256)
 COPIES = 4  # the graph's captured calls (bench_allreduce.REPEAT) cycle through them
 BYTES_PER_US = 3.0e6  # 3.0 TB/s, about an H100's measured copy bandwidth (bench_latency's copy_bw_gbps)
+
+
+def our_tilings(m: int, n: int) -> list:
+    """The engine's tiled kernels at larger tiles than its tuner tries above 64 rows."""
+    configs = []
+    for bm, bn, split in itertools.product((64, 128), (64, 128), (1, 2, 4)):
+        if split == 1 or split * m * n <= fao._WORKSPACE_NUMEL:
+            bk = 64 if bm == bn == 128 else 128
+            configs.append(fao.KernelConfig("gemv", bm, bn, bk, split, True, 8 if bm == 128 else 4, 3, tma=True))
+    for bm, bn, bk, warps, stages in [(64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+                                      (128, 256, 64, 8, 3)]:
+        configs.append(fao.KernelConfig("gemm", bm, bn, bk, 1, True, warps, stages))
+    return configs
+
+
+def time_ours(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[str, float]:
+    """(name, µs) of the fastest of our_tilings whose product matches F.linear's."""
+    ref, best = F.linear(x, weights[0]).float(), ("none", float("inf"))
+    for config in our_tilings(x.shape[0], weights[0].shape[0]):
+        if not torch.allclose(fao.launch(config, x, weights[0]).float(), ref, rtol=2e-2, atol=2e-2):
+            continue
+        cycle = itertools.cycle(weights)
+        us = time_graph(lambda: fao.launch(config, x, next(cycle)))  # noqa: B023 (timed before the loop moves on)
+        best = min(best, (str(config), us), key=lambda pair: pair[1])
+    return best
 
 
 def time_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> float:
@@ -41,13 +70,15 @@ def main() -> None:
     for tp in (1, 2):
         for name, (k, n, split) in SHAPES.items():
             k, n = (k, n // tp) if split == "column" else (k // tp, n)
-            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(COPIES)]
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(COPIES)]
             for m in ROWS:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 row = {"tp": tp, "proj": name, "m": m, "k": k, "n": n, "floor_us": 2 * k * n / BYTES_PER_US}
                 for library in ("cublas", "cublaslt"):
                     torch.backends.cuda.preferred_blas_library(library)
                     row[f"{library}_us"] = time_linear(x, weights)
+                torch.backends.cuda.preferred_blas_library("cublas")
+                row["ours_best"], row["ours_best_us"] = time_ours(x, weights)
                 rows.append(row)
                 print(json.dumps({a: round(b, 2) if isinstance(b, float) else b for a, b in row.items()}), flush=True)
             del weights
