@@ -15,11 +15,14 @@ an architecture runs the same model). Engines, one after another:
 Agreement: 8 prompts x 64 greedy tokens with the top-20 logprobs of each step; one engine's tokens against
 another's (rate, first divergence, and the reference's logprob gap there), and "logits close": both score
 the reference's text (teacher-forced prompt logprobs), largest and mean absolute logprob difference.
-Decode steps: median engine step with `batch` seqs decoding (prompt 128). Throughput: nano-vllm's workload,
-as benchmarks/bench_throughput.py runs it (256 requests, in/out uniform in [100, 1024], temperature 0.6):
-the median of 3 runs, all of them in repeats_seconds.
-Writes benchmarks/results/tp-<card>.json after every engine, before it closes (a hang at close keeps what
-was measured); its top-level keys are the 8B figures.
+Throughput: nano-vllm's workload, as benchmarks/bench_throughput.py runs it (256 requests, in/out uniform
+in [100, 1024], temperature 0.6): the median of 3 runs after a warm-up, all of them in repeats_seconds.
+Decode steps, measured after it: median engine step with `batch` seqs decoding (prompt 128).
+Each engine runs in a process of its own (this script again, with --child), so that none inherits an
+earlier engine's process state (allocator pools, threads, symmetric-memory rendezvous); the runs so far
+pass between the processes in a JSON state file next to the results. Writes
+benchmarks/results/tp-<card>.json after every engine, before it closes (a hang at close keeps what was
+measured); its top-level keys are the 8B figures.
 
     python benchmarks/bench_tp.py [--out-dir benchmarks/results] [--runs tp1 tp2 ...]
 """
@@ -28,8 +31,9 @@ import gc
 import json
 import os
 import random
+import subprocess
+import sys
 import time
-import traceback
 
 import torch
 from bench_latency import card_name, cuda_kernels, model_dir, short, timed_steps, write_json
@@ -158,13 +162,15 @@ def median_ms(seconds: list[float]) -> float | None:
 
 
 def measure_speed(llm: LLM, result: dict) -> None:
+    """Throughput first, as bench_throughput measures it on an engine that has run only its warm-up (and here
+    the short agreement runs), then the decode steps, whose batches and kernel profiles come after it."""
     name = result["name"]
+    measure_throughput(llm, result)
+    print(f"{name}: {result['output_tok_per_s']:.0f} output tok/s", flush=True)
     result["decode"] = [decode_step_ms(llm, batch) for batch in DECODE_BATCHES]
     result["ms_per_token_bs1"] = result["decode"][0]["ms_per_step"]
     print(f"{name}: decode steps " + ", ".join(f"bs{d['batch']} {d['ms_per_step']:.3f} ms"
                                               for d in result["decode"]), flush=True)
-    measure_throughput(llm, result)
-    print(f"{name}: {result['output_tok_per_s']:.0f} output tok/s", flush=True)
 
 
 def measure_throughput(llm: LLM, result: dict) -> None:
@@ -261,34 +267,58 @@ def summary(runs: dict[str, dict], card: str, cards: list[str]) -> dict:
     return result
 
 
+def load_runs(path: str) -> dict[str, dict]:
+    """The state file's runs, each step's logprobs keyed by token id again (JSON keys are strings)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        runs = json.load(f)
+    for run in runs.values():
+        if "logprobs" in run:
+            run["logprobs"] = [[{int(t): lp for t, lp in step.items()} for step in seq] for seq in run["logprobs"]]
+    return runs
+
+
+def child(name: str, state: str) -> None:
+    """One engine of RUNS, in this process: the earlier runs from the state file (the reference's tokens),
+    this run's result added to it before the engine closes."""
+    runs = load_runs(state)
+    arch = RUNS[name][0]
+    run_engine(name, {arch: model_dir(os.path.join(CONFIGS, f"{arch}.json"))}, runs, lambda: write_json(state, runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--state", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.state)
     card, tag = card_name()
     cards = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    folders = {arch: model_dir(os.path.join(CONFIGS, f"{arch}.json")) for arch in {RUNS[r][0] for r in args.runs}}
-    runs: dict[str, dict] = {}
-    errors: dict[str, str] = {}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"tp-{tag}.json")
+    state = os.path.join(args.out_dir, f".tp-{tag}-state.json")
+    if os.path.exists(state):
+        os.remove(state)
+    runs: dict[str, dict] = {}
+    errors: dict[str, str] = {}
 
     def write() -> None:
         result = {**summary(runs, card, cards), "errors": errors}
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict | list)}, indent=1), flush=True)
         write_json(path, result)
-    for name in args.runs:
-        try:
-            run_engine(name, folders, runs, write)
-        except Exception as e:  # keep going: the other runs and comparisons still tell something
-            errors[name] = repr(e)[:500]
-            print(f"{name}: failed: {e!r}", flush=True)
-            traceback.print_exc()
-            write()
-        # After a failure the traceback's frames held the engine until here: free its memory for the next.
-        gc.collect()
-        torch.cuda.empty_cache()
+    for name in args.runs:  # keep going after a failure: the other runs and comparisons still tell something
+        code = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, "--state", state]).returncode
+        runs = load_runs(state)
+        if code != 0 or name not in runs:
+            errors[name] = f"its process exited with {code}" + ("" if name in runs else " before its result")
+            print(f"{name}: failed: {errors[name]}", flush=True)
+        write()
+    if os.path.exists(state):
+        os.remove(state)
     print(json.dumps(summary(runs, card, cards)["comparisons"]), flush=True)
 
 
