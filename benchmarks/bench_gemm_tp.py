@@ -2,6 +2,7 @@
 beside the weight-read floor: how much of a TP-2 step's GEMM time is the fixed cost of a smaller GEMM.
 
     python benchmarks/bench_gemm_tp.py [--out benchmarks/results/gemm_tp-<card>.json]
+    python benchmarks/bench_gemm_tp.py --plot benchmarks/results/gemm_tp-h100.json   # redraw the PNG
 
 M rows of a decode batch (64, 145 and 256) times each projection's weight, TP 2 halving N (qkv_proj and
 gate_up_proj, column-parallel) or K (o_proj and down_proj, row-parallel). Each time is per call, the median
@@ -61,10 +62,43 @@ def time_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     return time_graph(lambda: F.linear(x, next(cycle)))
 
 
+def plot(path: str) -> None:
+    """One layer's four projections per rank against the rows: TP 1, TP 2, half of TP 1 (what TP 2 would
+    take if every GEMM halved) and the weight-read floors; the PNG beside the JSON."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(path) as f:
+        data = json.load(f)
+    rows = sorted({r["m"] for r in data["rows"]})
+
+    def layer(tp: int, key: str) -> list[float]:
+        return [sum(r[key] for r in data["rows"] if r["tp"] == tp and r["m"] == m) for m in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rows, layer(1, "cublas_us"), "o-", label="TP 1, cuBLAS")
+    ax.plot(rows, layer(2, "cublas_us"), "s-", label="TP 2, cuBLAS")
+    ax.plot(rows, [t / 2 for t in layer(1, "cublas_us")], "s:", color="C1", label="half of TP 1")
+    ax.plot(rows, layer(2, "ours_best_us"), "^-", color="C2", label="TP 2, our best tiling")
+    for tp, style in ((1, "k--"), (2, "k:")):
+        ax.plot(rows, layer(tp, "floor_us"), style, label=f"TP {tp} weight-read floor (3.0 TB/s)")
+    ax.set_xticks(rows, [str(m) for m in rows])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("rows (decode batch)")
+    ax.set_ylabel("µs per layer, 4 projections, one rank")
+    ax.set_title(f"Qwen3-8B projections, bf16, {data['card']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path.replace(".json", ".png"), dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--plot", help="only redraw the PNG of this JSON")
     args = parser.parse_args()
+    if args.plot:
+        return plot(args.plot)
     card, tag = card_name()
     rows = []
     for tp in (1, 2):
@@ -87,8 +121,12 @@ def main() -> None:
                  for tp in (1, 2) for m in ROWS}
     result = {"card": card, "rows": rows, "layer_gemm_us": per_layer}
     print(json.dumps(per_layer), flush=True)
-    write_json(args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"gemm_tp-{tag}.json"),
-               result)
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"gemm_tp-{tag}.json")
+    write_json(path, result)
+    try:
+        plot(path)
+    except ImportError:
+        print("matplotlib missing: redraw with --plot", path)
 
 
 if __name__ == "__main__":
