@@ -116,7 +116,6 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({a: round(b, 2) if isinstance(b, float) else b for a, b in row.items()}), flush=True)
             del weights
-    torch.backends.cuda.preferred_blas_library("cublas")
     per_layer = {f"tp{tp}_m{m}_us": sum(r["cublas_us"] for r in rows if r["tp"] == tp and r["m"] == m)
                  for tp in (1, 2) for m in ROWS}
     result = {"card": card, "rows": rows, "layer_gemm_us": per_layer}

@@ -27,7 +27,6 @@ measured); its top-level keys are the 8B figures.
     python benchmarks/bench_tp.py [--out-dir benchmarks/results] [--runs tp1 tp2 ...]
 """
 import argparse
-import gc
 import json
 import os
 import random
@@ -183,14 +182,19 @@ def measure_throughput(llm: LLM, result: dict) -> None:
     result["output_tok_per_s"] = result["output_tokens"] / spent["seconds"]
 
 
+def make_engine(folder: str, **engine_args) -> LLM:
+    """A bench engine (random weights, 4096-token context), in the synchronous loop unless engine_args ask for
+    async scheduling, so tp1 and tp2 compare like with like."""
+    return LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
+               **{"async_scheduling": False, **engine_args})
+
+
 def run_engine(name: str, folders: dict[str, str], runs: dict[str, dict], before_close) -> None:
     """Runs one engine of RUNS into runs[name]; `before_close()` runs before the engine closes."""
     arch, engine_args, symm_mem, speed, reference = RUNS[name]
     os.environ["NANOVLLM_SYMM_MEM"] = symm_mem  # read at group init; the workers inherit it
     t0 = time.perf_counter()
-    # The synchronous loop unless a run asks for async scheduling, so tp1 and tp2 compare like with like.
-    llm = LLM(folders[arch], load_format="dummy", skip_tokenizer_init=True, max_model_len=4096,
-              **{"async_scheduling": False, **engine_args})
+    llm = make_engine(folders[arch], **engine_args)
     result = runs[name] = {"name": name, "arch": arch, **engine_args, "all_reduce": all_reduce_backend(),
                            "startup_s": time.perf_counter() - t0,
                            "num_kvcache_blocks": llm.engine.stats()["num_blocks"]}
@@ -202,13 +206,10 @@ def run_engine(name: str, folders: dict[str, str], runs: dict[str, dict], before
         if speed:
             measure_speed(llm, result)
         before_close()
-    finally:  # also after a failure: a TP engine left open would refuse the next one
+    finally:  # also after a failure: its workers stop with it (the process, one engine's, ends next)
         t0 = time.perf_counter()
         llm.close()
         print(f"{name}: closed in {time.perf_counter() - t0:.1f} s", flush=True)
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 def compare(one: dict, two: dict) -> dict:

@@ -12,17 +12,15 @@ import sys
 import time
 
 from bench_latency import model_dir, write_json
-from bench_tp import CONFIGS, measure_throughput
-
-from nanovllm import LLM
+from bench_tp import CONFIGS, make_engine, measure_throughput
 
 
 def main() -> None:
     tp, out = int(sys.argv[1]), sys.argv[2]
     os.environ.setdefault("NANOVLLM_SYMM_MEM", "1")
     t0 = time.perf_counter()
-    llm = LLM(model_dir(os.path.join(CONFIGS, "qwen3-8b.json")), load_format="dummy", skip_tokenizer_init=True,
-              max_model_len=4096, tensor_parallel_size=tp, async_scheduling=True)
+    llm = make_engine(model_dir(os.path.join(CONFIGS, "qwen3-8b.json")), tensor_parallel_size=tp,
+                      async_scheduling=True)
     result = {"tp": tp, "env": {k: v for k, v in os.environ.items() if k.startswith("NANOVLLM_")},
               "startup_s": time.perf_counter() - t0}
     measure_throughput(llm, result)
