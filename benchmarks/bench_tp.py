@@ -55,14 +55,13 @@ RUNS = {
     "tp1_async": ("qwen3-8b", dict(tensor_parallel_size=1, async_scheduling=True), "1", True, "tp1"),
     "tp1_eager": ("qwen3-8b", dict(tensor_parallel_size=1, enforce_eager=True), "1", False, "tp1"),
     "tp2": ("qwen3-8b", dict(tensor_parallel_size=2), "1", True, "tp1"),
-    # NCCL, the default: a second symmetric-memory group in one process (after tp2) hung at start on 2 H200s.
+    # NCCL (NANOVLLM_SYMM_MEM=0) with async scheduling, beside tp2_async_symm.
     "tp2_async": ("qwen3-8b", dict(tensor_parallel_size=2, async_scheduling=True), "0", True, "tp1"),
     "tp2_nccl": ("qwen3-8b", dict(tensor_parallel_size=2), "0", True, "tp1"),
     # Async with the symmetric-memory all-reduce: the process's first (and only) symmetric-memory group.
     "tp2_async_symm": ("qwen3-8b", dict(tensor_parallel_size=2, async_scheduling=True), "1", True, "tp1"),
     "fp32_tp1": ("qwen3-4b", dict(tensor_parallel_size=1, dtype="float32", **SMALL), "1", False, None),
-    # NCCL: at 2 ranks both all-reduces round a + b once (nccl_vs_symm_mem checks it), and one
-    # symmetric-memory group per process keeps the bench clear of torch's rendezvous caching.
+    # NCCL: at 2 ranks both all-reduces round a + b once (nccl_vs_symm_mem checks it).
     "fp32_tp2": ("qwen3-4b", dict(tensor_parallel_size=2, dtype="float32", **SMALL), "0", False, "fp32_tp1"),
 }
 # comparison: (reference run, other run)

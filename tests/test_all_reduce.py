@@ -12,7 +12,8 @@ MAX = ar.MAX_BYTES
 @pytest.mark.parametrize("dtype, nbytes, contiguous, expected", [
     (torch.bfloat16, 8192, True, True),  # one token of a 4096-wide model
     (torch.float32, 16384, True, True),
-    (torch.float16, 8192, True, False),  # torch's kernels reduce bf16 and fp32 only
+    (torch.float16, 8192, True, True),
+    (torch.int32, 8192, True, False),  # the kernels sum floats
     (torch.bfloat16, 0, True, False),
     (torch.bfloat16, 2, True, False),  # one bf16: under the kernels' 4-byte vector
     (torch.bfloat16, 6, True, False),
@@ -42,14 +43,14 @@ def test_a_view_must_start_aligned_like_the_buffer():
 
 def test_symm_mem_needs_cuda_ranks_of_a_supported_count(monkeypatch):
     assert not ar.symm_mem_supported(2, torch.device("cpu"))
-    assert not ar.symm_mem_supported(3, torch.device("cuda", 0))  # no two-shot kernel for 3 ranks
+    assert not ar.symm_mem_supported(3, torch.device("cuda", 0))  # the flags' vector needs a power of two
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: (a, b) != (1, 2))
     assert ar.symm_mem_supported(4, torch.device("cuda", 0))
     assert not ar.symm_mem_supported(4, torch.device("cuda", 1))  # rank 1 cannot read rank 2's memory
 
 
-@pytest.mark.parametrize("value, expected", [(None, False), ("1", True), ("0", False)])
-def test_nanovllm_symm_mem_env_turns_it_on(monkeypatch, value, expected):
+@pytest.mark.parametrize("value, expected", [(None, True), ("1", True), ("0", False)])
+def test_symm_mem_is_on_unless_nanovllm_symm_mem_is_0(monkeypatch, value, expected):
     if value is None:
         monkeypatch.delenv("NANOVLLM_SYMM_MEM", raising=False)
     else:
@@ -76,29 +77,13 @@ def test_all_reduce_routes_fitting_messages_to_the_buffer_and_the_rest_to_the_co
     monkeypatch.setattr(parallel_state, "_TP_SIZE", 2)
     monkeypatch.setattr(parallel_state, "_SYMM_MEM", fake)
     monkeypatch.setattr(parallel_state.dist, "all_reduce", lambda x: collective.append(x))
-    small, big, half = torch.ones(8, 16), torch.ones(8, 64), torch.ones(8, 16, dtype=torch.float16)
+    small, big, ints = torch.ones(8, 16), torch.ones(8, 64), torch.ones(8, 16, dtype=torch.int32)
     assert parallel_state.all_reduce(small) is small and torch.equal(small, torch.full((8, 16), 2.0))
-    for x in (big, half):  # 2 KB > the buffer; fp16 is not reduced by the kernels
+    for x in (big, ints):  # 2 KB > the buffer; integers are not summed by the kernels
         assert parallel_state.all_reduce(x) is x
-    assert fake.reduced == [small] and collective == [big, half]
+    assert fake.reduced == [small] and collective == [big, ints]
     monkeypatch.setattr(parallel_state, "_TP_SIZE", 1)  # one rank: nothing to reduce
     assert parallel_state.all_reduce(small) is small and len(fake.reduced) == 1
-
-
-def test_one_shot_below_the_threshold_two_shot_above(monkeypatch):
-    calls = []
-    fake_ops = type("Ops", (), {
-        "one_shot_all_reduce_copy_out": staticmethod(lambda symm, x, op, group, out: calls.append("one")),
-        "two_shot_all_reduce_out": staticmethod(lambda symm, op, group, out: calls.append("two")),
-    })
-    monkeypatch.setattr(torch.ops, "symm_mem", fake_ops, raising=False)
-    comm = unallocated(ar.ONE_SHOT_MAX_BYTES * 2)
-    comm.group_name, comm.buffer = "0", torch.zeros(comm.max_bytes, dtype=torch.uint8)
-    small = torch.ones(ar.ONE_SHOT_MAX_BYTES // 2, dtype=torch.bfloat16)
-    large = torch.ones(ar.ONE_SHOT_MAX_BYTES // 2 + 2, dtype=torch.bfloat16)
-    assert comm(small) is small and comm(large) is large
-    assert calls == ["one", "two"]
-    assert torch.equal(comm.buffer[:large.numel() * 2].view(torch.bfloat16), large)  # copied in for two-shot
 
 
 def two_ranks(numel: int, dtype: torch.dtype, signal_ints: int = 64):
@@ -136,12 +121,80 @@ def test_one_shot_kernel_sums_both_ranks_slots_and_leaves_the_flags_clean(numel,
     assert signal[0][1:2 * programs:2].tolist() == [1] * programs and signal[0].sum() == programs
 
 
+def two_rank_buffers(half_bytes: int, signal_ints: int = 64) -> list[ar.SymmMemAllReduce]:
+    """Two ranks' buffers as two halves of one CPU tensor, without slots: [first part, two halves | signal]."""
+    region = 2 * half_bytes + signal_ints * 4
+    memory = torch.zeros(2 * region, dtype=torch.uint8)
+    comms = []
+    for r in range(2):
+        comm = ar.SymmMemAllReduce.__new__(ar.SymmMemAllReduce)
+        comm.buffer, comm.max_bytes, comm.turn, comm.timeout_s = memory[r * region:][:region], 2 * half_bytes, 0, 1.0
+        comm.signal, comm.slots = comm.buffer[2 * half_bytes:].view(torch.int32), torch.zeros(2, 0, dtype=torch.uint8)
+        comm.rank, comm.world_size, comm.offsets = r, 2, torch.tensor([(q - r) * region for q in range(2)])
+        comms.append(comm)
+    return comms
+
+
+def test_copied_in_messages_take_the_two_halves_in_turn_and_are_summed_in_place():
+    """A message outside the slots (the embedding's rows) is copied into a half of the buffer's first part
+    and summed by the one-shot kernel into the caller's tensor. Consecutive messages take the two halves in
+    turn, so a rank that runs ahead writes the half its peer is not reading. Rank 1 is 'already waiting'
+    (its copy made, its flags set) when rank 0 runs; then rank 1 runs."""
+    from nanovllm.kernels.all_reduce import all_reduce_ref
+    comms = two_rank_buffers(half_bytes=1024)
+    gen = torch.Generator().manual_seed(0)
+    sent = []
+    for call in range(3):
+        parts = [torch.randn(5, 100, generator=gen).bfloat16() for _ in range(2)]
+        assert all(comm.fits(part) for comm, part in zip(comms, parts))
+        half = comms[1].buffer[call % 2 * 1024:][:1000].view(torch.bfloat16).view(5, 100)
+        half.copy_(parts[1])
+        comms[0].signal[1] = 1  # flag (program 0, rank 1) on rank 0's side: rank 1 has arrived
+        outs = [comm(part.clone()) for comm, part in zip(comms, parts)]
+        assert torch.equal(outs[0], all_reduce_ref(parts)) and torch.equal(outs[1], all_reduce_ref(parts))
+        assert comms[0].signal.sum() == 1 and comms[1].signal.sum() == 0  # rank 1's own flag waits on rank 0
+        comms[0].signal.zero_()
+        sent.append(parts)
+    for r in range(2):  # halves 0, 1, 0: the first call's message was overwritten by the third's, not the second's
+        halves = comms[r].buffer[:2048].view(torch.bfloat16).view(2, 512)[:, :500]
+        assert torch.equal(halves[0], sent[2][r].view(-1)) and torch.equal(halves[1], sent[1][r].view(-1))
+    assert not comms[0].fits(torch.zeros(513, dtype=torch.bfloat16))  # 1026 bytes: over a half, NCCL's
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_a_group_with_a_rank_that_was_in_one_before_takes_nccl(monkeypatch, fresh):
+    """torch's rendezvous would hang a second symmetric-memory group in one process; the ranks agree on the
+    fallback (the smallest of their answers) before any enters it."""
+    built = []
+    monkeypatch.setattr(parallel_state, "_SYMM_MEM", None)
+    monkeypatch.setattr(parallel_state, "symm_mem_fresh", lambda: fresh)
+    monkeypatch.setattr(parallel_state, "min_over_ranks", lambda n, device: n)  # the peers are fresh
+    monkeypatch.setattr(parallel_state, "SymmMemAllReduce", lambda *args, **kw: built.append(kw) or "buffer")
+    monkeypatch.setattr(parallel_state.dist, "group", type("G", (), {"WORLD": type("W", (), {"group_name": "0"})}))
+    monkeypatch.setattr(parallel_state.dist, "get_world_size", lambda: 2)
+    if fresh:
+        parallel_state._init_symm_mem(torch.device("cuda", 0), 7.0)
+        assert built == [{"timeout_s": 7.0}] and parallel_state._SYMM_MEM == "buffer"
+    else:
+        with pytest.warns(UserWarning, match="takes NCCL"):
+            parallel_state._init_symm_mem(torch.device("cuda", 0), 7.0)
+        assert built == [] and parallel_state._SYMM_MEM is None
+
+
+def test_only_a_process_that_never_entered_a_rendezvous_is_fresh(monkeypatch):
+    monkeypatch.setattr(ar, "_RENDEZVOUS_TRIED", False)
+    assert ar.symm_mem_fresh()
+    monkeypatch.setattr(ar, "_RENDEZVOUS_TRIED", True)
+    assert not ar.symm_mem_fresh()
+
+
 class OneRankBuffer(ar.SymmMemAllReduce):
     """The real buffer class over CPU memory, without a rendezvous: a group of one rank, its kernels run by
     the interpreter; records which slot each message took."""
 
     def __init__(self, slot_bytes: int = ar.ONE_SHOT_SLOT_MAX_BYTES):
         self.max_bytes, self.rank, self.world_size, self.used = 0, 0, 1, []  # max_bytes 0: nothing copies in
+        self.timeout_s = ar.TIMEOUT_S
         self.slots = torch.zeros(2, slot_bytes, dtype=torch.uint8)
         self.signal, self.offsets = torch.zeros(64, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
         self.set_inbox(torch.zeros(2 * slot_bytes, dtype=torch.uint8))
@@ -260,8 +313,8 @@ def test_push_kernel_fills_the_peer_inbox_empties_its_own_and_alternates_halves(
 def test_add_rmsnorm_pushes_16_bit_messages_that_fit_the_inbox_and_pulls_the_rest(monkeypatch):
     from nanovllm.kernels import all_reduce as kernels
     calls = []
-    monkeypatch.setattr(kernels, "push_all_reduce_add_rmsnorm", lambda slot, *a: calls.append("push"))
-    monkeypatch.setattr(kernels, "one_shot_all_reduce_add_rmsnorm", lambda slot, *a: calls.append("pull"))
+    monkeypatch.setattr(kernels, "push_all_reduce_add_rmsnorm", lambda slot, *a, **kw: calls.append("push"))
+    monkeypatch.setattr(kernels, "one_shot_all_reduce_add_rmsnorm", lambda slot, *a, **kw: calls.append("pull"))
     comm = OneRankBuffer(slot_bytes=4096)  # an inbox of 2 x 1 x 4096 bytes
     residual, weight = torch.zeros(4, 512), torch.ones(512)
     for shape, dtype in [((1, 8), torch.bfloat16), ((4, 512), torch.float16), ((4, 512), torch.float32),

@@ -3,7 +3,9 @@ kernels against the rank-order sum at odd sizes and dtypes, many calls back to b
 alternating as the decoder layers alternate them, so a rank that runs ahead into the next call while a peer
 still reads the last one would show as a wrong sum; and the same with the decoder's residual add and
 RMSNorm in the kernel, its 16-bit messages through the push kernel in five calls of eight and through the
-pull kernel in the others."""
+pull kernel in the others; messages outside the slots, copied into the buffer's halves in turn. And a peer
+that never comes: each kernel must fail after the timeout instead of waiting forever."""
+import os
 import socket
 import time
 
@@ -14,6 +16,8 @@ import torch.multiprocessing as mp
 CALLS = 64
 CASES = [(1, torch.float32), (3, torch.bfloat16), (4097, torch.float32), (5000, torch.float16),
          (256 * 4096, torch.bfloat16)]  # the last: a batch-256 decode step of a 4096-wide model
+# messages outside the slots (the embedding's), copied in; the last fills a half of the buffer's first part
+GENERIC_CASES = [(3, torch.bfloat16), (5000, torch.float16), (4097, torch.float32), (8 * 2**20, torch.bfloat16)]
 # (rows, hidden, dtype): the decoder's all-reduce + add + RMSNorm; the last fills the push kernel's inbox
 NORM_CASES = [(1, 4096, torch.bfloat16), (3, 200, torch.float32), (200, 1024, torch.bfloat16),
               (256, 4096, torch.bfloat16), (7, 1000, torch.float16), (512, 4096, torch.bfloat16)]
@@ -56,6 +60,16 @@ def _worker(rank: int, world_size: int, port: int) -> None:
             for call in range(CALLS):
                 expected = all_reduce_ref([parts(r, call, numel, dtype) for r in range(world_size)])
                 assert torch.equal(sums[call], expected), (numel, dtype, call)
+        for numel, dtype in GENERIC_CASES:
+            sums = []
+            for call in range(CALLS):
+                lag(rank, call)
+                x = parts(rank, call, numel, dtype)
+                assert comm.fits(x) and not comm.in_slot(x)
+                sums.append(comm(x))  # in place
+            for call in range(CALLS):
+                expected = all_reduce_ref([parts(r, call, numel, dtype) for r in range(world_size)])
+                assert torch.equal(sums[call], expected), ("copied in", numel, dtype, call)
         for rows, n, dtype in NORM_CASES:
             residual, weight = parts(99, 0, rows * n, dtype).view(rows, n), parts(98, 0, n, torch.float32) + 2
             results = []
@@ -97,3 +111,53 @@ def test_all_reduce_kernels_on_the_gpus_sum_every_call_in_rank_order(world_size)
             for process in context.processes:
                 process.kill()
             pytest.fail("the all-reduce workers did not finish in 240 s")
+
+
+def _absent_peer_worker(rank: int, port: int, path: str, report: str) -> None:
+    """Rank 0 all-reduces through `path` with a 2 s timeout; rank 1 joins the buffer, then never calls and
+    stays alive (its memory mapped) until rank 0 has reported."""
+    import torch.distributed as dist
+
+    from nanovllm.distributed.all_reduce import SymmMemAllReduce
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, device_id=device)
+    comm = SymmMemAllReduce(dist.group.WORLD.group_name, device, 2, timeout_s=2.0)
+    if rank == 1:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(report) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(0)
+    start, outcome = time.monotonic(), "returned"
+    try:
+        if path == "generic":
+            comm(torch.ones(1000, device=device))
+        else:
+            comm.push_max_bytes = 0 if path == "pull" else comm.push_max_bytes
+            slot = comm.slot(0, (4, 4096), torch.bfloat16).fill_(1)
+            comm.add_rmsnorm(slot, torch.zeros_like(slot), torch.ones(4096, device=device), 1e-6)
+        torch.cuda.synchronize()
+    except RuntimeError as e:  # the trap: the context is lost, so this process only reports and exits
+        outcome = f"raised {type(e).__name__}: {str(e).splitlines()[0]}"
+    with open(report + ".tmp", "w") as f:
+        f.write(f"{outcome} after {time.monotonic() - start:.1f} s")
+    os.rename(report + ".tmp", report)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("path", ["push", "pull", "generic"])
+def test_a_peer_that_never_comes_fails_the_kernel_after_the_timeout(path, tmp_path):
+    """What a rank sees when its peer died mid-step: a CUDA error within seconds of the timeout (2 s here,
+    plus the kernel's compile), not a step that waits forever."""
+    report = str(tmp_path / "report")
+    context = mp.start_processes(_absent_peer_worker, args=(free_port(), path, report), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 150
+    while not context.join(timeout=2) and time.monotonic() < deadline:
+        pass
+    for process in context.processes:
+        process.kill()
+    assert os.path.exists(report), f"rank 0 did not report within 150 s ({path}): the kernel hung"
+    outcome = open(report).read()
+    print(path, outcome)
+    assert outcome.startswith("raised") and float(outcome.split(" after ")[1].split()[0]) < 60, outcome

@@ -12,30 +12,34 @@ it takes 4.5 us at 8 KB and 11.6 us at 2 MB (batch 1 and 256 of a 4096-wide mode
 29.7 us. Up to PUSH_MAX_BYTES of 16 bits, `add_rmsnorm` takes the push kernel instead: every rank stores its
 slot into the peers' inboxes (a third part of the buffer) and reads only local memory, no flags.
 
-Any other tensor is copied into the buffer's first part, reduced by torch's kernels, and the sum lands back
-in the caller's tensor: up to ONE_SHOT_MAX_BYTES one kernel that copies in and sums (one-shot: each rank
-reads the whole message of every peer), above it a copy and the two-shot kernel (each rank sums 1/tp of the
-message, then every rank gathers the sums): 7.3 and 20.4 us at the sizes above.
+Any other tensor (the vocab-parallel embedding's rows) is copied into one half of the buffer's first part and
+summed by the one-shot kernel into the caller's tensor. Calls alternate between the two halves, for the reason
+the slots alternate.
 
 Only peer-to-peer kernels are used, never NVLink multicast (multimem): the buffer is created without a
 multicast object. Messages that do not fit (over the buffer, another dtype, odd sizes) take NCCL.
-Opt-in with NANOVLLM_SYMM_MEM=1; by default everything takes NCCL.
 
-Unlike NCCL's, these kernels wait for their peers without a timeout: a peer that dies mid-step leaves the
-step waiting forever instead of failing after the collective timeout.
+On by default where supported; NANOVLLM_SYMM_MEM=0 takes NCCL for everything. Every kernel's wait on a peer
+ends after the group's timeout with a trap (kernels/all_reduce.py), so a peer that dies mid-step fails the
+step, as NCCL's collective timeout would, instead of hanging it.
+
+torch (2.11 at least) numbers a process's rendezvous exchanges per process (pytorch/pytorch#196082), so a
+second group in one process, e.g. a second tensor-parallel engine after the first closed, would wait on keys
+that its fresh workers never write. Such a group takes NCCL (`symm_mem_fresh`).
 """
 import math
 import os
 
 import torch
 
-MAX_BYTES = 64 * 2**20  # 8192 tokens x 4096 hidden x bf16, vLLM's cap for 2 x H100 too; larger goes to NCCL
-ONE_SHOT_MAX_BYTES = 256 * 2**10  # below: one fused kernel beats copy + two-shot (estimated; see bench_allreduce)
-WORLD_SIZES = (2, 4, 8)  # the sizes torch's two-shot kernel is built for
-DTYPES = (torch.bfloat16, torch.float32)  # the dtypes torch's kernels reduce
-SLOT_BYTES = MAX_BYTES  # per slot at two ranks: an 8192-token prefill chunk at hidden 4096 in bf16
-# Per slot at more ranks: larger messages copy in for torch's two-shot kernel, as one-shot reads (tp - 1)
-# messages per rank where two-shot moves 2 (tp - 1) / tp. Not measured beyond two GPUs.
+from nanovllm.kernels.all_reduce import TIMEOUT_S
+
+MAX_BYTES = 64 * 2**20  # the first part: two halves for copied-in messages, larger ones go to NCCL
+WORLD_SIZES = (2, 4, 8)  # powers of two: the kernels hold one flag per rank in a vector
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the kernels sum (in fp32)
+SLOT_BYTES = 64 * 2**20  # per slot at two ranks: an 8192-token prefill chunk at hidden 4096 in bf16
+# Per slot at more ranks, where the one-shot kernel reads (tp - 1) messages per rank; larger ones go to NCCL.
+# Not measured beyond two GPUs.
 ONE_SHOT_SLOT_MAX_BYTES = 16 * 2**20
 SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per program
 # Up to this many bytes a 16-bit slot's all-reduce + add + RMSNorm takes the push kernel (kernels/all_reduce.py:
@@ -46,20 +50,26 @@ SIGNAL_BYTES = 2**16  # the one-shot kernel's flags: world_size int32 per progra
 PUSH_MAX_BYTES = int(os.environ.get("NANOVLLM_PUSH_MAX_BYTES", 4 * 2**20)) // 64 * 64  # 512 tokens at 4096 wide
 
 
+_RENDEZVOUS_TRIED = False  # whether this process has entered a symmetric-memory rendezvous
+
+
 def symm_mem_requested() -> bool:
-    """NANOVLLM_SYMM_MEM=1 asks for it. Opt-in although faster (on 2 x H200 TP 2 gives 1.66x the throughput of
-    TP 1 with it, benchmarks/results/tp-h200.json, 1.45x with NCCL: tp-h200-with-nccl.json): a dead peer would
-    hang it instead of failing."""
-    return os.environ.get("NANOVLLM_SYMM_MEM", "0") == "1"
+    """On unless NANOVLLM_SYMM_MEM=0 (on 2 x H200 TP 2 gives 1.66x the throughput of TP 1 with it,
+    benchmarks/results/tp-h200.json, 1.45x with NCCL: tp-h200-with-nccl.json)."""
+    return os.environ.get("NANOVLLM_SYMM_MEM", "1") != "0"
+
+
+def symm_mem_fresh() -> bool:
+    """Whether this process has never entered a symmetric-memory rendezvous, the only state in which torch's
+    rendezvous meets a group of fresh processes (see the module docstring)."""
+    return not _RENDEZVOUS_TRIED
 
 
 def symm_mem_supported(world_size: int, device: torch.device) -> bool:
-    """CUDA ranks, one GPU each (rank r on cuda:r), that can all read each other's memory, a torch that has
-    the two kernels, and a Triton that gives every thread the result of a vector atomic: before 3.5 only
-    the owning thread got it (triton-lang/triton#7402), and the one-shot kernel's flag loop would spin."""
+    """CUDA ranks, one GPU each (rank r on cuda:r), that can all read each other's memory, and a Triton that
+    gives every thread the result of a vector atomic: before 3.5 only the owning thread got it
+    (triton-lang/triton#7402), and the one-shot kernel's flag loop would spin."""
     if device.type != "cuda" or world_size not in WORLD_SIZES or not triton_broadcasts_atomics():
-        return False
-    if not all(hasattr(torch.ops.symm_mem, op) for op in ("one_shot_all_reduce_copy_out", "two_shot_all_reduce_out")):
         return False
     return all(torch.cuda.can_device_access_peer(device.index, peer)
                for peer in range(world_size) if peer != device.index)
@@ -84,16 +94,19 @@ class SymmMemAllReduce:
     """One rank's side of the persistent buffer. Construct it on every rank of the group at the same
     point (the rendezvous is collective); drop it on every rank before the group goes."""
 
-    def __init__(self, group_name: str, device: torch.device, world_size: int, max_bytes: int = MAX_BYTES):
+    def __init__(self, group_name: str, device: torch.device, world_size: int, max_bytes: int = MAX_BYTES,
+                 timeout_s: float = TIMEOUT_S):
+        global _RENDEZVOUS_TRIED
         # Peer-to-peer only: without this torch would also try to bind the buffer to a multicast object.
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         import torch.distributed._symmetric_memory as symm_mem
-        self.group_name, self.max_bytes = group_name, max_bytes
-        # bytes, any dtype views it: [torch's kernels' area | signal | slot 0 | slot 1 | inbox]
+        self.max_bytes, self.timeout_s, self.turn = max_bytes, timeout_s, 0
+        # bytes, any dtype views it: [copied-in messages, two halves | signal | slot 0 | slot 1 | inbox]
         slot_bytes = SLOT_BYTES if world_size == 2 else ONE_SHOT_SLOT_MAX_BYTES
         inbox_bytes = 2 * world_size * PUSH_MAX_BYTES
         self.buffer = symm_mem.empty(max_bytes + SIGNAL_BYTES + 2 * slot_bytes + inbox_bytes, dtype=torch.uint8,
                                      device=device)
+        _RENDEZVOUS_TRIED = True
         handle = symm_mem.rendezvous(self.buffer, group_name)
         self.rank, self.world_size = handle.rank, handle.world_size
         mine = handle.buffer_ptrs[self.rank]
@@ -131,7 +144,7 @@ class SymmMemAllReduce:
             return True
         # A view must start 16-byte aligned, as the buffer does: the kernels use one vector width for both.
         aligned = x.storage_offset() * x.element_size() % 16 == 0
-        return aligned and fits(x.dtype, x.numel() * x.element_size(), x.is_contiguous(), self.max_bytes)
+        return aligned and fits(x.dtype, x.numel() * x.element_size(), x.is_contiguous(), self.max_bytes // 2)
 
     def add_rmsnorm(self, slot: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -139,22 +152,20 @@ class SymmMemAllReduce:
         from nanovllm.kernels.all_reduce import one_shot_all_reduce_add_rmsnorm, push_all_reduce_add_rmsnorm
         if slot.element_size() == 2 and slot.numel() * 2 <= min(self.push_max_bytes, self.inbox.shape[2] * 2):
             return push_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.inbox, self.calls, self.offsets,
-                                               self.rank, self.world_size)
+                                               self.rank, self.world_size, timeout_s=self.timeout_s)
         return one_shot_all_reduce_add_rmsnorm(slot, residual, weight, eps, self.signal, self.offsets, self.rank,
-                                               self.world_size)
+                                               self.world_size, timeout_s=self.timeout_s)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sums x over the ranks into x (in place, as NCCL's all-reduce); every rank gets the same bits.
         A slot's message is summed into a new tensor instead, which is returned."""
+        from nanovllm.kernels.all_reduce import one_shot_all_reduce
         if self.in_slot(x):
-            from nanovllm.kernels.all_reduce import one_shot_all_reduce
             return one_shot_all_reduce(x, torch.empty_like(x), self.signal, self.offsets, self.rank,
-                                       self.world_size)
-        nbytes = x.numel() * x.element_size()
-        symm, flat = self.buffer[:nbytes].view(x.dtype), x.view(-1)  # (numel,) each
-        if nbytes <= ONE_SHOT_MAX_BYTES:
-            torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm, flat, "sum", self.group_name, flat)
-        else:
-            symm.copy_(flat)
-            torch.ops.symm_mem.two_shot_all_reduce_out(symm, "sum", self.group_name, flat)
+                                       self.world_size, timeout_s=self.timeout_s)
+        half = self.max_bytes // 2
+        staged = self.buffer[self.turn * half:][:x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+        self.turn ^= 1  # the next copied-in message takes the other half, as consecutive slot messages do
+        one_shot_all_reduce(staged.copy_(x), x, self.signal, self.offsets, self.rank, self.world_size,
+                            timeout_s=self.timeout_s)
         return x

@@ -3,8 +3,8 @@
 Layers read `get_tp_rank()` / `get_tp_size()` when they are built, so the group must exist before the model
 is: rank 0 (the engine's process) and every worker call `init_tensor_parallel` first. Without it the size
 is 1 and every collective here is a no-op, so a single-process model never touches torch.distributed.
-With NANOVLLM_SYMM_MEM=1 the CUDA all-reduce goes through a symmetric-memory buffer when the message fits
-(all_reduce.py).
+On CUDA the all-reduce goes through a symmetric-memory buffer when the message fits (all_reduce.py), unless
+NANOVLLM_SYMM_MEM=0.
 """
 import warnings
 from collections.abc import Iterator
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.config import ModelConfig
-from nanovllm.distributed.all_reduce import SymmMemAllReduce, symm_mem_requested, symm_mem_supported
+from nanovllm.distributed.all_reduce import SymmMemAllReduce, symm_mem_fresh, symm_mem_requested, symm_mem_supported
 
 _TP_RANK, _TP_SIZE = 0, 1
 _SYMM_MEM: SymmMemAllReduce | None = None  # CUDA groups: the all-reduce's persistent buffer
@@ -43,8 +43,8 @@ def single_rank() -> Iterator[None]:
 
 def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: torch.device,
                          timeout_s: float) -> None:
-    """Joins the group: gloo on CPU, NCCL on CUDA. A collective that waits longer than timeout_s raises,
-    so a hung peer cannot hang the engine forever."""
+    """Joins the group: gloo on CPU, NCCL on CUDA (and the symmetric-memory all-reduce where it can). A
+    collective that waits longer than timeout_s fails, so a hung peer cannot hang the engine forever."""
     global _TP_RANK, _TP_SIZE
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
@@ -53,15 +53,21 @@ def init_tensor_parallel(rank: int, world_size: int, store: dist.Store, device: 
                             timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
     _TP_RANK, _TP_SIZE = rank, world_size
     if backend == "nccl" and symm_mem_requested() and symm_mem_supported(world_size, device):
-        _init_symm_mem(device)
+        _init_symm_mem(device, timeout_s)
 
 
-def _init_symm_mem(device: torch.device) -> None:
+def _init_symm_mem(device: torch.device, timeout_s: float) -> None:
     """Every rank uses the buffer, or none does: a rank that could not set it up falls back to NCCL, and
-    the others must too, or their all-reduces would never meet."""
+    the others must too, or their all-reduces would never meet. So must a group with a rank whose process
+    has been in a group before (all_reduce.symm_mem_fresh), which would hang in the rendezvous: the ranks
+    agree on it before any of them enters."""
     global _SYMM_MEM
+    if not min_over_ranks(int(symm_mem_fresh()), device):
+        warnings.warn("a second tensor-parallel group in one process cannot map symmetric memory "
+                      "(pytorch/pytorch#196082): its all-reduce takes NCCL", stacklevel=3)
+        return
     try:
-        symm_mem = SymmMemAllReduce(dist.group.WORLD.group_name, device, dist.get_world_size())
+        symm_mem = SymmMemAllReduce(dist.group.WORLD.group_name, device, dist.get_world_size(), timeout_s=timeout_s)
     except RuntimeError as e:
         symm_mem = None
         warnings.warn(f"symmetric-memory all-reduce unavailable, using NCCL: {e}", stacklevel=2)

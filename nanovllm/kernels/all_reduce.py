@@ -21,6 +21,10 @@ There is no barrier at the end: a rank may run ahead and write its next message 
 reads this one. The caller keeps the two in different slots: consecutive all-reduces alternate between two
 slots (attention's o_proj and the MLP's down_proj, layers/linear.py), and a rank writes a slot again only
 after the peer's next all-reduce has met it, which the peer starts once it has finished reading.
+
+Every wait on a peer (the flags here, the push kernel's inbox) gives up after `timeout_s`: the kernel then
+executes `trap`, the step fails with a CUDA error, and the engine reports it instead of hanging on a peer
+that died. The interpreter has no clock, and there the waits have no limit.
 """
 from __future__ import annotations
 
@@ -36,12 +40,15 @@ except ImportError:  # CPU installs without Triton use the reference
     triton = tl = None
 
 if triton is not None:
+    from triton.language.extra.cuda import globaltimer
+
     from nanovllm.kernels.add_rmsnorm import rms_rstd
     from nanovllm.kernels.fused_attention_output import _INTERPRET, _round
     from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
 
 MAX_PROGRAMS = 128  # one wave: a program spins until its namesake on each rank runs, so keep them all resident
 BLOCK = 2048  # elements per program per round: 16 bytes per thread with 8 warps of bf16
+TIMEOUT_S = 300.0  # a wait on a peer longer than this ends the kernel with a trap (the engine's TP_TIMEOUT_S)
 
 
 def all_reduce_ref(partials: list[torch.Tensor]) -> torch.Tensor:
@@ -54,26 +61,46 @@ def all_reduce_ref(partials: list[torch.Tensor]) -> torch.Tensor:
 
 def one_shot_all_reduce(slot: torch.Tensor, out: torch.Tensor, signal: torch.Tensor, offsets: torch.Tensor,
                         rank: int, world_size: int, max_programs: int = MAX_PROGRAMS, block: int = BLOCK,
-                        num_warps: int = 8) -> torch.Tensor:
+                        num_warps: int = 8, timeout_s: float = TIMEOUT_S) -> torch.Tensor:
     """out <- the sum over ranks of the tensor at `slot`'s place in each rank's buffer.
 
     slot: this rank's partial, contiguous, inside its symmetric buffer; out: a tensor like it. signal
     (int32): this rank's signal region, at least world_size * programs flags, in the same buffer.
     offsets (world_size,) int64: each rank's buffer minus this rank's, in bytes, as this process maps
-    them (0 for itself); multiples of 64, so peer slots keep the slot's alignment."""
+    them (0 for itself); multiples of 64, so peer slots keep the slot's alignment. A peer that has not
+    arrived after timeout_s fails the kernel (a trap)."""
     numel = slot.numel()
     assert slot.is_contiguous() and out.is_contiguous() and out.shape == slot.shape and out.dtype == slot.dtype
     assert slot.element_size() <= 4 and slot.data_ptr() % (16 * slot.element_size()) == 0, "the loads' hints"
     programs = max(1, min(max_programs, triton.cdiv(numel, block), signal.numel() // world_size))
-    _one_shot_all_reduce_kernel[(programs,)](slot, out, signal, offsets, numel, RANK=rank, WORLD=world_size,
-                                             BLOCK=block, ELEM_BYTES=slot.element_size(),
+    _one_shot_all_reduce_kernel[(programs,)](slot, out, signal, offsets, numel, int(timeout_s * 1e9), RANK=rank,
+                                             WORLD=world_size, BLOCK=block, ELEM_BYTES=slot.element_size(),
                                              INTERPRET=_INTERPRET, num_warps=num_warps)
     return out
 
 
 @jit
-def _meet(signal_ptr, offsets_ptr, block_id, RANK: tl.constexpr, WORLD: tl.constexpr):
-    """Returns once program `block_id` of every rank has arrived (see the module docstring)."""
+def _now(INTERPRET: tl.constexpr):
+    """The GPU's global timer in ns (0 in the interpreter, which has no clock)."""
+    if INTERPRET:
+        return 0
+    return globaltimer()
+
+
+@jit
+def _fail_after(start, timeout_ns, INTERPRET: tl.constexpr):
+    """Ends the kernel with a trap once timeout_ns have passed since start (never in the interpreter)."""
+    if not INTERPRET:
+        if globaltimer() - start > timeout_ns:
+            tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@jit
+def _meet(signal_ptr, offsets_ptr, block_id, timeout_ns, RANK: tl.constexpr, WORLD: tl.constexpr,
+          INTERPRET: tl.constexpr):
+    """Returns once program `block_id` of every rank has arrived (see the module docstring); traps after
+    timeout_ns without them."""
+    start = _now(INTERPRET)
     ranks = tl.arange(0, WORLD)
     theirs = signal_ptr + tl.load(offsets_ptr + ranks) // 4  # (WORLD,) each rank's region, as int32
     ones, zeros = tl.full([WORLD], 1, tl.int32), tl.full([WORLD], 0, tl.int32)
@@ -82,11 +109,13 @@ def _meet(signal_ptr, offsets_ptr, block_id, RANK: tl.constexpr, WORLD: tl.const
         old = tl.atomic_cas(theirs + block_id * WORLD + RANK, tl.where(done, -1, 0), ones, sem="release",
                             scope="sys")
         done = done | (old == 0)
+        _fail_after(start, timeout_ns, INTERPRET)
     done = ranks == RANK
     while tl.min(done.to(tl.int32)) == 0:  # take every peer's flag on ours back to 0
         old = tl.atomic_cas(signal_ptr + block_id * WORLD + ranks, tl.where(done, -1, 1), zeros, sem="acquire",
                             scope="sys")
         done = done | (old == 1)
+        _fail_after(start, timeout_ns, INTERPRET)
     tl.debug_barrier()  # the acquiring threads' view, for every thread of the program
 
 
@@ -105,11 +134,11 @@ def _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD: tl.constexpr, ELEM_BYTE
 
 
 @jit
-def _one_shot_all_reduce_kernel(slot_ptr, out_ptr, signal_ptr, offsets_ptr, numel, RANK: tl.constexpr,
+def _one_shot_all_reduce_kernel(slot_ptr, out_ptr, signal_ptr, offsets_ptr, numel, timeout_ns, RANK: tl.constexpr,
                                 WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEM_BYTES: tl.constexpr,
                                 INTERPRET: tl.constexpr):
     pid, programs = tl.program_id(0), tl.num_programs(0)
-    _meet(signal_ptr, offsets_ptr, pid, RANK, WORLD)
+    _meet(signal_ptr, offsets_ptr, pid, timeout_ns, RANK, WORLD, INTERPRET)
     for start in range(pid * BLOCK, numel, programs * BLOCK):
         offs = start + tl.arange(0, BLOCK)  # (BLOCK,) into the message
         mask = offs < numel
@@ -129,7 +158,8 @@ def all_reduce_add_rmsnorm_ref(partials: list[torch.Tensor], residual: torch.Ten
 
 def one_shot_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                                     eps: float, signal: torch.Tensor, offsets: torch.Tensor, rank: int,
-                                    world_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                    world_size: int, timeout_s: float = TIMEOUT_S
+                                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The all-reduce of a (rows, n) slot, then the decoder's next residual add and RMSNorm, in one kernel:
     returns (stream, normed) as all_reduce_add_rmsnorm_ref does (normed None without `weight`). residual
     (rows, n) with unit column stride, read only; both outputs are new tensors. One program per row at a
@@ -144,8 +174,8 @@ def one_shot_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor |
     _one_shot_all_reduce_rmsnorm_kernel[(programs,)](
         slot, residual if residual is not None else slot, weight if weight is not None else slot, stream,
         normed if normed is not None else stream, signal, offsets, rows, n,
-        residual.stride(0) if residual is not None else 0, eps, RANK=rank, WORLD=world_size, BLOCK_N=block_n,
-        HAS_RESIDUAL=residual is not None, NORM=weight is not None, ELEM_BYTES=slot.element_size(),
+        residual.stride(0) if residual is not None else 0, eps, int(timeout_s * 1e9), RANK=rank, WORLD=world_size,
+        BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, NORM=weight is not None, ELEM_BYTES=slot.element_size(),
         ALIGNED=n % 16 == 0 and slot.data_ptr() % (16 * slot.element_size()) == 0, PDL=pdl,
         INTERPRET=_INTERPRET, num_warps=min(16, max(4, block_n // 256)),
         launch_pdl=pdl)
@@ -154,7 +184,7 @@ def one_shot_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor |
 
 @jit(do_not_specialize=["rows"])  # changes every step: one compile serves all
 def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_ptr, normed_ptr, signal_ptr,
-                                        offsets_ptr, rows, n, stride_r, eps, RANK: tl.constexpr,
+                                        offsets_ptr, rows, n, stride_r, eps, timeout_ns, RANK: tl.constexpr,
                                         WORLD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                                         NORM: tl.constexpr, ELEM_BYTES: tl.constexpr, ALIGNED: tl.constexpr,
                                         PDL: tl.constexpr, INTERPRET: tl.constexpr):
@@ -164,7 +194,7 @@ def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_pt
     pid, programs = tl.program_id(0), tl.num_programs(0)
     cols, mask, w = _row_setup(weight_ptr, n, NORM, BLOCK_N)
     wait_previous(PDL)
-    _meet(signal_ptr, offsets_ptr, pid, RANK, WORLD)
+    _meet(signal_ptr, offsets_ptr, pid, timeout_ns, RANK, WORLD, INTERPRET)
     for row in range(pid, rows, programs):
         offs = row * n + cols  # (BLOCK_N,) into the slot and the outputs, all (rows, n) dense (int32: a slot is small)
         res = _residual_row(res_ptr, row, stride_r, cols, mask, HAS_RESIDUAL)
@@ -233,7 +263,8 @@ EMPTY = tl.constexpr(EMPTY_BITS) if tl is not None else EMPTY_BITS  # the kernel
 def push_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                                 eps: float, inbox: torch.Tensor, calls: torch.Tensor, offsets: torch.Tensor,
                                 rank: int, world_size: int, max_programs: int = PUSH_MAX_PROGRAMS,
-                                num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                num_warps: int | None = None, timeout_s: float = TIMEOUT_S
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What one_shot_all_reduce_add_rmsnorm returns, to the bit, for a 16-bit slot (which only this rank
     reads). inbox: this rank's (2, world_size, m) int16 inbox, m >= slot.numel(), all EMPTY between calls,
     at the same place of every rank's symmetric buffer; calls: (PUSH_MAX_PROGRAMS,) int32, all equal, and
@@ -251,7 +282,8 @@ def push_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor | Non
     _push_all_reduce_rmsnorm_kernel[(programs,)](
         slot, residual if residual is not None else slot, weight if weight is not None else slot, stream,
         normed if normed is not None else stream, inbox, calls, offsets, rows, n,
-        residual.stride(0) if residual is not None else 0, eps, inbox.shape[2], NUM_CALLS=calls.numel(), RANK=rank,
+        residual.stride(0) if residual is not None else 0, eps, inbox.shape[2], int(timeout_s * 1e9),
+        NUM_CALLS=calls.numel(), RANK=rank,
         WORLD=world_size, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, NORM=weight is not None,
         ALIGNED=n % 8 == 0 and slot.data_ptr() % 16 == 0 and inbox.data_ptr() % 16 == 0 and inbox.shape[2] % 8 == 0,
         PDL=pdl, INTERPRET=_INTERPRET, num_warps=num_warps or min(16, max(4, block_n // 256)), launch_pdl=pdl)
@@ -260,7 +292,7 @@ def push_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor | Non
 
 @jit(do_not_specialize=["rows"])
 def _push_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_ptr, normed_ptr, inbox_ptr, calls_ptr,
-                                    offsets_ptr, rows, n, stride_r, eps, inbox_n, NUM_CALLS: tl.constexpr,
+                                    offsets_ptr, rows, n, stride_r, eps, inbox_n, timeout_ns, NUM_CALLS: tl.constexpr,
                                     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK_N: tl.constexpr,
                                     HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, ALIGNED: tl.constexpr,
                                     PDL: tl.constexpr, INTERPRET: tl.constexpr):
@@ -290,7 +322,7 @@ def _push_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_ptr, n
                 bits = mine
             else:
                 ours = _vector_offsets(half + r * inbox_n + row * n + cols, ALIGNED, BLOCK_N)
-                bits = _receive(inbox_ptr + ours, mask)
+                bits = _receive(inbox_ptr + ours, mask, timeout_ns, INTERPRET)
             acc += bits.to(stream_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         _finish_row(acc, res, offs, mask, n, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL, NORM, INTERPRET)
     entries = tl.arange(0, NUM_CALLS)  # one vector store: a loop of scalar ones cost ~2 us at one or two programs
@@ -314,10 +346,13 @@ def _sendable(values):
 
 
 @jit
-def _receive(ptrs, mask):
-    """The int16 bits at ptrs (local inbox elements) once none is EMPTY, which leaves them EMPTY again."""
+def _receive(ptrs, mask, timeout_ns, INTERPRET: tl.constexpr):
+    """The int16 bits at ptrs (local inbox elements) once none is EMPTY, which leaves them EMPTY again;
+    traps after timeout_ns without them."""
     bits = tl.load(ptrs, mask=mask, other=0, volatile=True)
+    start = _now(INTERPRET)
     while tl.sum(((bits == EMPTY) & mask).to(tl.int32)) > 0:
         bits = tl.load(ptrs, mask=mask, other=0, volatile=True)
+        _fail_after(start, timeout_ns, INTERPRET)
     tl.store(ptrs, tl.full(bits.shape, EMPTY, tl.int16), mask=mask)
     return bits
