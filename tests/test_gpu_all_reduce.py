@@ -17,7 +17,7 @@ CALLS = 64
 CASES = [(1, torch.float32), (3, torch.bfloat16), (4097, torch.float32), (5000, torch.float16),
          (256 * 4096, torch.bfloat16)]  # the last: a batch-256 decode step of a 4096-wide model
 # messages outside the slots (the embedding's), copied in; the last fills a half of the buffer's first part
-GENERIC_CASES = [(3, torch.bfloat16), (5000, torch.float16), (4097, torch.float32), (8 * 2**20, torch.bfloat16)]
+GENERIC_CASES = [(6, torch.bfloat16), (5000, torch.float16), (4097, torch.float32), (8 * 2**20, torch.bfloat16)]
 # (rows, hidden, dtype): the decoder's all-reduce + add + RMSNorm; the last fills the push kernel's inbox
 NORM_CASES = [(1, 4096, torch.bfloat16), (3, 200, torch.float32), (200, 1024, torch.bfloat16),
               (256, 4096, torch.bfloat16), (7, 1000, torch.float16), (512, 4096, torch.bfloat16)]
