@@ -158,30 +158,18 @@ def all_reduce_add_rmsnorm_ref(partials: list[torch.Tensor], residual: torch.Ten
 
 def one_shot_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                                     eps: float, signal: torch.Tensor, offsets: torch.Tensor, rank: int,
-                                    world_size: int, timeout_s: float = TIMEOUT_S, max_programs: int = MAX_PROGRAMS,
-                                    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                                    block_rows: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+                                    world_size: int, timeout_s: float = TIMEOUT_S
+                                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The all-reduce of a (rows, n) slot, then the decoder's next residual add and RMSNorm, in one kernel:
     returns (stream, normed) as all_reduce_add_rmsnorm_ref does (normed None without `weight`). residual
-    (rows, n) with unit column stride, read only; both outputs are new tensors, or `out`'s (contiguous, like
-    the slot). One program per row at a time (the norm needs the whole row), at most max_programs of them;
-    with block_rows > 1 (a power of two), block_rows rows at a time, whose loads are all in flight at once:
-    what lets a few programs keep the link busy while the rest of the GPU runs something else."""
+    (rows, n) with unit column stride, read only; both outputs are new tensors. One program per row at a
+    time (the norm needs the whole row), at most MAX_PROGRAMS of them."""
     rows, n = slot.shape
     assert slot.is_contiguous() and (residual is None or (residual.shape == slot.shape and residual.stride(1) == 1))
-    stream, normed = out if out is not None else (torch.empty_like(slot),
-                                                  torch.empty_like(slot) if weight is not None else None)
-    assert stream.is_contiguous() and (normed is None) == (weight is None)
+    stream = torch.empty_like(slot)
+    normed = torch.empty_like(slot) if weight is not None else None
     block_n = triton.next_power_of_2(n)
-    programs = max(1, min(max_programs, triton.cdiv(rows, block_rows), signal.numel() // world_size))
-    if block_rows > 1:
-        _one_shot_all_reduce_rmsnorm_rows_kernel[(programs,)](
-            slot, residual if residual is not None else slot, weight if weight is not None else slot, stream,
-            normed if normed is not None else stream, signal, offsets, rows, n,
-            residual.stride(0) if residual is not None else 0, eps, int(timeout_s * 1e9), RANK=rank, WORLD=world_size,
-            ROWS=block_rows, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, NORM=weight is not None,
-            ELEM_BYTES=slot.element_size(), INTERPRET=_INTERPRET, num_warps=min(16, max(4, block_n // 256)))
-        return stream, normed
+    programs = max(1, min(MAX_PROGRAMS, rows, signal.numel() // world_size))
     pdl = pdl_enabled(slot.device, rows)
     _one_shot_all_reduce_rmsnorm_kernel[(programs,)](
         slot, residual if residual is not None else slot, weight if weight is not None else slot, stream,
@@ -212,38 +200,6 @@ def _one_shot_all_reduce_rmsnorm_kernel(slot_ptr, res_ptr, weight_ptr, stream_pt
         res = _residual_row(res_ptr, row, stride_r, cols, mask, HAS_RESIDUAL)
         acc = _sum_ranks(slot_ptr, offsets_ptr, offs, mask, WORLD, ELEM_BYTES, ALIGNED, BLOCK_N)
         _finish_row(acc, res, offs, mask, n, w, eps, stream_ptr, normed_ptr, HAS_RESIDUAL, NORM, INTERPRET)
-
-
-@jit(do_not_specialize=["rows"])
-def _one_shot_all_reduce_rmsnorm_rows_kernel(slot_ptr, res_ptr, weight_ptr, stream_ptr, normed_ptr, signal_ptr,
-                                             offsets_ptr, rows, n, stride_r, eps, timeout_ns, RANK: tl.constexpr,
-                                             WORLD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                             HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr,
-                                             ELEM_BYTES: tl.constexpr, INTERPRET: tl.constexpr):
-    """The kernel above on (ROWS, BLOCK_N) tiles: the same sums and roundings, so the same bits (the norm's
-    fp64 sum of squares does not depend on the layout, see rms_rstd)."""
-    pid, programs = tl.program_id(0), tl.num_programs(0)
-    cols, col_mask, w = _row_setup(weight_ptr, n, NORM, BLOCK_N)
-    dtype = stream_ptr.dtype.element_ty
-    _meet(signal_ptr, offsets_ptr, pid, timeout_ns, RANK, WORLD, INTERPRET)
-    for first in range(pid * ROWS, rows, programs * ROWS):
-        row = first + tl.arange(0, ROWS)
-        mask = (row < rows)[:, None] & col_mask[None, :]
-        offs = row[:, None] * n + cols[None, :]  # (ROWS, BLOCK_N) into the slot and the outputs
-        if HAS_RESIDUAL:
-            res = tl.load(res_ptr + row[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        for q in tl.static_range(WORLD):  # rank order, as _sum_ranks
-            theirs = tl.multiple_of(tl.load(offsets_ptr + q) // ELEM_BYTES, 16)  # buffers are 64-byte aligned
-            acc += tl.load(slot_ptr + theirs + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        x = _round(acc, dtype, INTERPRET).to(tl.float32)
-        if HAS_RESIDUAL:
-            x = _round(x + res, dtype, INTERPRET).to(tl.float32)
-        tl.store(stream_ptr + offs, x.to(dtype), mask=mask)
-        if NORM:
-            x64 = x.to(tl.float64)
-            rstd = tl.rsqrt((tl.sum(x64 * x64, 1) / n).to(tl.float32) + eps)  # rms_rstd, row by row
-            tl.store(normed_ptr + offs, _round(x * rstd[:, None] * w[None, :], dtype, INTERPRET), mask=mask)
 
 
 @jit
