@@ -47,6 +47,8 @@ def test_symm_mem_needs_cuda_ranks_of_a_supported_count(monkeypatch):
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: (a, b) != (1, 2))
     assert ar.symm_mem_supported(4, torch.device("cuda", 0))
     assert not ar.symm_mem_supported(4, torch.device("cuda", 1))  # rank 1 cannot read rank 2's memory
+    monkeypatch.setattr(ar, "torch_maps_symmetric_memory", lambda: False)  # a torch without it
+    assert not ar.symm_mem_supported(4, torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("value, expected", [(None, True), ("1", True), ("0", False)])

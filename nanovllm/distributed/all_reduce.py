@@ -66,13 +66,24 @@ def symm_mem_fresh() -> bool:
 
 
 def symm_mem_supported(world_size: int, device: torch.device) -> bool:
-    """CUDA ranks, one GPU each (rank r on cuda:r), that can all read each other's memory, and a Triton that
-    gives every thread the result of a vector atomic: before 3.5 only the owning thread got it
-    (triton-lang/triton#7402), and the one-shot kernel's flag loop would spin."""
+    """CUDA ranks, one GPU each (rank r on cuda:r), that can all read each other's memory, a torch that maps
+    symmetric memory, and a Triton that gives every thread the result of a vector atomic: before 3.5 only the
+    owning thread got it (triton-lang/triton#7402), and the one-shot kernel's flag loop would spin."""
     if device.type != "cuda" or world_size not in WORLD_SIZES or not triton_broadcasts_atomics():
+        return False
+    if not torch_maps_symmetric_memory():
         return False
     return all(torch.cuda.can_device_access_peer(device.index, peer)
                for peer in range(world_size) if peer != device.index)
+
+
+def torch_maps_symmetric_memory() -> bool:
+    """A torch with symmetric memory's allocator and rendezvous (2.5 and later; the project allows 2.4)."""
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except ImportError:
+        return False
+    return hasattr(symm_mem, "empty") and hasattr(symm_mem, "rendezvous")
 
 
 def triton_broadcasts_atomics() -> bool:
