@@ -37,8 +37,8 @@ HIDDEN = 4096
 TOKENS = [1, 2, 8, 32, 64, 128, 145, 256, 512, 1024, 2048, 8192]  # decode batches, then prefill chunks
 
 
-def time_graph(fn) -> float:
-    """Median microseconds per call of `fn` captured REPEAT times in one graph."""
+def time_graph(fn, repeat: int = REPEAT) -> float:
+    """Median microseconds per call of `fn` captured `repeat` times in one graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -47,7 +47,7 @@ def time_graph(fn) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(REPEAT):
+        for _ in range(repeat):
             fn()
     graph.replay()
     torch.cuda.synchronize()
@@ -58,7 +58,7 @@ def time_graph(fn) -> float:
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / REPEAT)
+        times.append(start.elapsed_time(end) * 1e3 / repeat)
     return sorted(times)[len(times) // 2]
 
 

@@ -7,8 +7,8 @@ stays in the L2 from one layer to the next) with a *gap* kernel where the step h
 from the HBM: the all-reduce after o_proj and down_proj of a TP-2 rank of Qwen3-8B (~8 µs on 2 x H100 at 145
 to 256 rows, results/allreduce-h100.json), or every small kernel between Qwen3-0.6B's projections at batch 1.
 The gap kernel spins for gap_us; with prefetch it first asks the L2 for the first prefetch_mb of the next
-projection's weight (prefetch_l2 below). Each time is the median replay of one CUDA graph of the chain,
-per layer.
+projection's weight (prefetch_l2 below). Each time is the median replay of one CUDA graph of the chain
+(bench_allreduce.time_graph), per layer.
 """
 import argparse
 import json
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from bench_allreduce import time_graph
 from bench_latency import card_name, write_json
 from triton.language.extra.cuda import globaltimer
 
-REPLAYS = 20
 CHUNK = 16384  # bytes per prefetch instruction
 
 
@@ -63,26 +63,6 @@ def gap(weight: torch.Tensor, prefetch_bytes: int, gap_ns: int, programs: int = 
                              num_warps=4)
 
 
-def time_chain(fn) -> float:
-    """Median µs per replay of one graph of fn()."""
-    for _ in range(2):
-        fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def run_scenario(name, rows_list, shapes, gaps, layers, gap_us_list, prefetch_mb_list) -> list[dict]:
     weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
                for _ in range(layers)]
@@ -97,11 +77,11 @@ def run_scenario(name, rows_list, shapes, gaps, layers, gap_us_list, prefetch_mb
                 if gap_ns and i % 4 in gaps:
                     gap(flat[(i + 1) % len(flat)], prefetch_bytes, gap_ns)
 
-        gemms_us = time_chain(lambda: chain(0, 0)) / layers
+        gemms_us = time_graph(lambda: chain(0, 0), repeat=1) / layers
         for gap_us in gap_us_list:
             row = {"scenario": name, "rows": rows, "gap_us": gap_us, "gemms_only_us_per_layer": round(gemms_us, 2)}
             for mb in prefetch_mb_list:
-                us = time_chain(lambda: chain(int(gap_us * 1e3), int(mb * 2**20))) / layers  # noqa: B023
+                us = time_graph(lambda: chain(int(gap_us * 1e3), int(mb * 2**20)), repeat=1) / layers  # noqa: B023
                 row[f"prefetch_{mb}mb_us_per_layer"] = round(us, 2)
             base = row[f"prefetch_{prefetch_mb_list[0]}mb_us_per_layer"]
             best = min(v for k, v in row.items() if k.startswith("prefetch"))
