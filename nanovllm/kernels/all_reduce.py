@@ -283,8 +283,8 @@ def push_all_reduce_add_rmsnorm(slot: torch.Tensor, residual: torch.Tensor | Non
         slot, residual if residual is not None else slot, weight if weight is not None else slot, stream,
         normed if normed is not None else stream, inbox, calls, offsets, rows, n,
         residual.stride(0) if residual is not None else 0, eps, inbox.shape[2], int(timeout_s * 1e9),
-        NUM_CALLS=calls.numel(), RANK=rank,
-        WORLD=world_size, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None, NORM=weight is not None,
+        NUM_CALLS=calls.numel(), RANK=rank, WORLD=world_size, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
+        NORM=weight is not None,
         ALIGNED=n % 8 == 0 and slot.data_ptr() % 16 == 0 and inbox.data_ptr() % 16 == 0 and inbox.shape[2] % 8 == 0,
         PDL=pdl, INTERPRET=_INTERPRET, num_warps=num_warps or min(16, max(4, block_n // 256)), launch_pdl=pdl)
     return stream, normed
