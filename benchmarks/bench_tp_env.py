@@ -18,7 +18,6 @@ from bench_tp import CONFIGS, greedy_run, make_engine, measure_throughput, promp
 
 def main() -> None:
     tp, out = int(sys.argv[1]), sys.argv[2]
-    os.environ.setdefault("NANOVLLM_SYMM_MEM", "1")
     t0 = time.perf_counter()
     llm = make_engine(model_dir(os.path.join(CONFIGS, "qwen3-8b.json")), tensor_parallel_size=tp,
                       async_scheduling=True)

@@ -37,7 +37,7 @@ timeout "${TP_TIMEOUT:-400}" python3 benchmarks/bench_tp.py --out-dir "$OUT" --r
 echo "== bench_tp exit ${PIPESTATUS[0]}"
 if [ "${PROFILE:-0}" = 1 ]; then  # where the 8B workload's time goes at TP 1 and 2 (symmetric memory)
     for tp in ${PROFILE_TPS:-1 2}; do
-        NANOVLLM_SYMM_MEM=1 timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_throughput.py \
+        timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_throughput.py \
             --config qwen3-8b --tp $tp --out-dir "$OUT" 2>&1 | grep -v "^\s*[0-9.]* us" | tee "$OUT/profile-tp$tp.log"
     done
 fi
