@@ -226,7 +226,6 @@ class ModelRunner:
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = self.k_cache[i], self.v_cache[i]
         self.num_blocks = num_blocks
-        self._attach_decode_kernel()
         # NANOVLLM_UNCAPTURED_GRAPHS=1 sends CPU decode steps through the graphs' code path, uncaptured: it
         # tests their padding and their tensor-parallel protocol without a GPU.
         uncaptured = self.device.type == "cpu" and os.environ.get("NANOVLLM_UNCAPTURED_GRAPHS") == "1"
@@ -244,17 +243,6 @@ class ModelRunner:
         gc.collect()
         gc.freeze()
         return num_blocks
-
-    def _attach_decode_kernel(self) -> None:
-        """With NANOVLLM_DECODE_KERNEL=1, batch-1 decode steps run every decoder layer in one persistent
-        kernel (kernels/decode_layers.py) on CUDA, for the models it supports. Off by default: on an H100 it
-        took 1.26 ms a step against the layer path's 0.83 (benchmarks/results/decode_layers-h100.json)."""
-        if self.device.type != "cuda" or os.environ.get("NANOVLLM_DECODE_KERNEL", "0") != "1":
-            return
-        from nanovllm.kernels.decode_layers import DecodeLayers, unsupported_reason
-        decoder = getattr(self.model, "model", None)
-        if hasattr(decoder, "decode_layers") and unsupported_reason(decoder) is None:
-            decoder.decode_layers = DecodeLayers(decoder, self.k_cache, self.v_cache)
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
         if self.device.type != "cuda":

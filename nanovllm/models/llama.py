@@ -145,14 +145,8 @@ class LlamaModel(nn.Module):
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.norm.feeds_projection = False  # the LM head never folds it: under TP the last all-reduce applies it
-        self.decode_layers = None  # every layer of a one-token decode step in one kernel (set by the runner)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.decode_layers is not None and input_ids.numel() == 1:
-            context = get_context()
-            if context is not None and context.is_decode:
-                return self.norm(self.decode_layers(input_ids, positions, context.slot_mapping,
-                                                    context.context_lens_t, context.block_tables[0]))
         hidden_states, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         for layer, next_norm in zip(self.layers, next_norms):
