@@ -1,0 +1,88 @@
+"""Where a batch-1 decode step's GPU time goes along its chain of kernels (Qwen3-0.6B, random bf16 weights).
+
+Under programmatic dependent launch a kernel starts before the one ahead of it ends and waits for it, so
+kernel durations overlap and their sum says little (bench_latency's replay_us_by_kernel). What a kernel
+adds to the step is the time from the previous kernel's end to its own end. This profiles replays of the
+batch-1 greedy decode graph (after a 128-token prompt and 16 decoded tokens) and reports, for each kernel
+of a decoder layer by its place in the layer, the median over layers and replays of that increment, of its
+duration, and of the gap from the previous kernel's end to its start (negative: it was resident early);
+then the same for each kernel before and after the layers. Writes decode_chain-<card>.json.
+
+    python benchmarks/profile_decode_chain.py [--replays 20] [--out-dir benchmarks/results]
+    NANOVLLM_PDL=0 python benchmarks/profile_decode_chain.py --suffix -no-pdl
+"""
+import argparse
+import os
+import statistics
+
+import torch
+from bench_latency import card_name, model_dir, short, write_json
+from torch.profiler import ProfilerActivity, profile
+
+from nanovllm import LLM, SamplingParams
+
+
+def replay_kernels(graph, replays: int) -> list[list[tuple[str, float, float]]]:
+    """(name, start µs, end µs) of each kernel of each replay, in start order."""
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+            torch.cuda.synchronize()
+    events = sorted((e.time_range.start, e.time_range.end, short(e.name)) for e in prof.events()
+                    if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
+                    and "memset" not in e.name.lower())
+    per = len(events) // replays
+    assert per * replays == len(events), f"{len(events)} kernels in {replays} replays"
+    return [[(name, s, e) for s, e, name in events[r * per:(r + 1) * per]] for r in range(replays)]
+
+
+def summarize(runs: list[list[tuple[str, float, float]]], num_layers: int) -> dict:
+    names = [name for name, _, _ in runs[0]]
+    ropes = [i for i, name in enumerate(names) if "rope" in name]
+    assert len(ropes) == num_layers, "one RoPE kernel per layer"
+    per_layer, first = ropes[1] - ropes[0], ropes[0] - 1  # qkv_proj's kernel precedes RoPE
+    rows: dict[str, dict[str, list[float]]] = {}
+    for kernels in runs:
+        for i in range(1, len(kernels)):
+            name, start, end = kernels[i]
+            prev_end = kernels[i - 1][2]
+            layer, place = divmod(i - first, per_layer)
+            key = f"layer[{place}] {name}" if 0 <= layer < num_layers else f"step[{i}] {name}"
+            row = rows.setdefault(key, {"increment_us": [], "duration_us": [], "gap_us": []})
+            row["increment_us"].append(end - prev_end)
+            row["duration_us"].append(end - start)
+            row["gap_us"].append(start - prev_end)
+    table = {key: {m: statistics.median(v) for m, v in row.items()} for key, row in rows.items()}
+    steps = [kernels[-1][2] - kernels[0][1] for kernels in runs]
+    layer_us = sum(row["increment_us"] for key, row in table.items() if key.startswith("layer["))
+    return {"kernels_per_replay": len(names), "kernels_per_layer": per_layer, "step_us": statistics.median(steps),
+            "layer_us": layer_us, "by_kernel": table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--suffix", default="", help="appended to the file name, e.g. -no-pdl")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    name, tag = card_name()
+    llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
+    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.generate([prompt], SamplingParams(temperature=0, ignore_eos=True, max_tokens=16), use_tqdm=False)
+    runner = llm.engine.model_runner
+    num_layers = len(runner.model.model.layers)
+    result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "context": 144,
+              "pdl": os.environ.get("NANOVLLM_PDL", "1") != "0",
+              **summarize(replay_kernels(runner.graphs.graphs[1, False], args.replays), num_layers)}
+    print(f"step {result['step_us']:.1f} µs, layers {result['layer_us']:.1f} µs a layer x {num_layers}")
+    for key, row in result["by_kernel"].items():
+        print(f"{key:60s} +{row['increment_us']:6.2f}  dur {row['duration_us']:6.2f}  gap {row['gap_us']:6.2f}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(os.path.join(args.out_dir, f"decode_chain-{tag}{args.suffix}.json"), result)
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()

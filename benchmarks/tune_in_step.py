@@ -1,0 +1,88 @@
+"""The batch-1 decode step's column-parallel gemvs tuned inside the step rather than alone (Qwen3-0.6B, bf16).
+
+At one token qkv_proj and gate_up_proj run the dispatcher's gemv with the RMSNorm folded into its load of x
+(gate_up_proj also SiLU-and-mul in its epilogue), launched with PDL between the kernels of the step. The
+tuner picks their tiling by timing the projection alone: no norm, no epilogue, each call after itself.
+Here every gemv tiling that can run the folded kernel is forced in turn (PDL on), the batch-1 decode graphs
+are recaptured and a bare replay of the step is timed (after a 128-token prompt and 16 decoded tokens).
+Writes tune_in_step-<card>.json.
+
+    python benchmarks/tune_in_step.py [--out-dir benchmarks/results]
+"""
+import argparse
+import os
+
+import torch
+from bench_latency import card_name, model_dir, replay_ms, write_json
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.kernels import fused_attention_output as foa
+
+
+def step_ms(runner) -> float:
+    """GPU ms of the batch-1 greedy step, its graphs recaptured with the current choices (the static inputs
+    kept: capture clears them)."""
+    graphs = runner.graphs
+    saved = graphs.dev64.clone(), graphs.dev32.clone()
+    graphs._capture(runner.model)
+    graphs.dev64.copy_(saved[0])
+    graphs.dev32.copy_(saved[1])
+    return replay_ms(runner, 1, reps=300)
+
+
+def sweep(runner, key: tuple, gated: bool, save) -> dict:
+    """The step's time with each tiling for this projection; `save(rows)` after each (a partial record)."""
+    chosen = foa._BEST[key]
+    rows = [{"config": str(chosen), "alone_choice": True, "ms": step_ms(runner)}]
+    for config in foa.candidate_configs(1, key[2], key[3], key[1], pdl=True):
+        if config.kernel != "gemv" or not config.pdl or config == chosen or (gated and not foa._gates(config, None)):
+            continue
+        foa._BEST[key] = config
+        try:
+            rows.append({"config": str(config), "ms": step_ms(runner)})
+        except Exception as e:  # e.g. too much shared memory: note it, go on
+            rows.append({"config": str(config), "error": f"{type(e).__name__}: {e}"[:200]})
+        print(rows[-1], flush=True)
+        save(rows)
+    timed = [r for r in rows if "ms" in r]
+    best = min(timed, key=lambda r: r["ms"])
+    foa._BEST[key] = next(c for c in foa.candidate_configs(1, key[2], key[3], key[1], pdl=True)
+                          if str(c) == best["config"])
+    return {"alone_choice": str(chosen), "best_in_step": best["config"], "rows": rows}
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    name, tag = card_name()
+    llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
+    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.generate([prompt], SamplingParams(temperature=0, ignore_eos=True, max_tokens=16), use_tqdm=False)
+    runner, cfg = llm.engine.model_runner, llm.engine.model_config
+    qkv_n = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    projections = {"gate_up_proj": (2 * cfg.intermediate_size, True), "qkv_proj": (qkv_n, False)}
+    projections = {p: projections[p] for p in os.environ.get("TUNE_PROJECTIONS", "gate_up_proj qkv_proj").split()}
+    keys = {p: next(k for k in foa._BEST if k[2:4] == (n, cfg.hidden_size) and k[5] == 1 and not k[7])
+            for p, (n, _) in projections.items()}  # as warmup tuned them (device, dtype, n, k, bias, m, pdl, fused)
+    original = {p: foa._BEST[k] for p, k in keys.items()}
+    result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "context": 144}
+    path = os.path.join(args.out_dir, f"tune_in_step-{tag}.json")
+    os.makedirs(args.out_dir, exist_ok=True)
+    for p, (_, gated) in projections.items():
+        result[p] = sweep(runner, keys[p], gated, lambda rows, p=p: write_json(path, {**result, p: rows}))
+    chosen = {p: foa._BEST[k] for p, k in keys.items()}
+    ab = []
+    for setting in ("alone", "in_step", "alone", "in_step"):  # alternated, so drift shows
+        for p, k in keys.items():
+            foa._BEST[k] = original[p] if setting == "alone" else chosen[p]
+        ab.append({"choices": setting, "ms": step_ms(runner)})
+    result["alternated"] = ab
+    print(ab)
+    write_json(path, result)
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
