@@ -9,7 +9,7 @@ duration, and of the gap from the previous kernel's end to its start (negative: 
 then the same for each kernel before and after the layers. Writes decode_chain-<card>.json.
 
     python benchmarks/profile_decode_chain.py [--replays 20] [--out-dir benchmarks/results]
-    NANOVLLM_PDL=0 python benchmarks/profile_decode_chain.py --suffix -no-pdl
+    NANOVLLM_PDL=0 python benchmarks/profile_decode_chain.py --suffix=-no-pdl
 """
 import argparse
 import os
