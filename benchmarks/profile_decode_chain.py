@@ -22,6 +22,15 @@ from torch.profiler import ProfilerActivity, profile
 from nanovllm import LLM, SamplingParams
 
 
+def batch1_engine() -> LLM:
+    """An engine of batch 1 whose decode graphs' static inputs hold a real step: 16 tokens decoded after a
+    128-token prompt (context 144)."""
+    llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
+    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm.generate([prompt], SamplingParams(temperature=0, ignore_eos=True, max_tokens=16), use_tqdm=False)
+    return llm
+
+
 def replay_kernels(graph, replays: int) -> list[list[tuple[str, float, float]]]:
     """(name, start µs, end µs) of each kernel of each replay, in start order."""
     graph.replay()
@@ -68,9 +77,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     name, tag = card_name()
-    llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
-    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm.generate([prompt], SamplingParams(temperature=0, ignore_eos=True, max_tokens=16), use_tqdm=False)
+    llm = batch1_engine()
     runner = llm.engine.model_runner
     num_layers = len(runner.model.model.layers)
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "context": 144,

@@ -13,9 +13,9 @@ import argparse
 import os
 
 import torch
-from bench_latency import card_name, model_dir, replay_ms, write_json
+from bench_latency import card_name, replay_ms, write_json
+from profile_decode_chain import batch1_engine
 
-from nanovllm import LLM, SamplingParams
 from nanovllm.kernels import fused_attention_output as foa
 
 
@@ -57,9 +57,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     name, tag = card_name()
-    llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
-    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm.generate([prompt], SamplingParams(temperature=0, ignore_eos=True, max_tokens=16), use_tqdm=False)
+    llm = batch1_engine()
     runner, cfg = llm.engine.model_runner, llm.engine.model_config
     qkv_n = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     projections = {"gate_up_proj": (2 * cfg.intermediate_size, True), "qkv_proj": (qkv_n, False)}
