@@ -20,6 +20,7 @@ from bench_latency import card_name, model_dir, short, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.kernels.pdl import pdl_enabled
 
 
 def batch1_engine() -> LLM:
@@ -81,7 +82,7 @@ def main() -> None:
     runner = llm.engine.model_runner
     num_layers = len(runner.model.model.layers)
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "context": 144,
-              "pdl": os.environ.get("NANOVLLM_PDL", "1") != "0",
+              "pdl": pdl_enabled(runner.device),
               **summarize(replay_kernels(runner.graphs.graphs[1, False], args.replays), num_layers)}
     print(f"step {result['step_us']:.1f} µs, layers {result['layer_us']:.1f} µs a layer x {num_layers}")
     for key, row in result["by_kernel"].items():

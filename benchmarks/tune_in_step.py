@@ -33,22 +33,21 @@ def step_ms(runner) -> float:
 def sweep(runner, key: tuple, gated: bool, save) -> dict:
     """The step's time with each tiling for this projection; `save(rows)` after each (a partial record)."""
     chosen = foa._BEST[key]
-    rows = [{"config": str(chosen), "alone_choice": True, "ms": step_ms(runner)}]
+    timed = [(step_ms(runner), chosen)]  # (ms, config) of each tiling that ran
+    rows = [{"config": str(chosen), "alone_choice": True, "ms": timed[0][0]}]
     for config in foa.candidate_configs(1, key[2], key[3], key[1], pdl=True):
         if config.kernel != "gemv" or not config.pdl or config == chosen or (gated and not foa._gates(config, None)):
             continue
         foa._BEST[key] = config
         try:
-            rows.append({"config": str(config), "ms": step_ms(runner)})
+            timed.append((step_ms(runner), config))
+            rows.append({"config": str(config), "ms": timed[-1][0]})
         except Exception as e:  # e.g. too much shared memory: note it, go on
             rows.append({"config": str(config), "error": f"{type(e).__name__}: {e}"[:200]})
         print(rows[-1], flush=True)
         save(rows)
-    timed = [r for r in rows if "ms" in r]
-    best = min(timed, key=lambda r: r["ms"])
-    foa._BEST[key] = next(c for c in foa.candidate_configs(1, key[2], key[3], key[1], pdl=True)
-                          if str(c) == best["config"])
-    return {"alone_choice": str(chosen), "best_in_step": best["config"], "rows": rows}
+    foa._BEST[key] = best = min(timed, key=lambda pair: pair[0])[1]
+    return {"alone_choice": str(chosen), "best_in_step": str(best), "rows": rows}
 
 
 @torch.inference_mode()
