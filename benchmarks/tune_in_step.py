@@ -1,13 +1,16 @@
 """The batch-1 decode step's column-parallel gemvs tuned inside the step rather than alone (Qwen3-0.6B, bf16).
 
 At one token qkv_proj and gate_up_proj run the dispatcher's gemv with the RMSNorm folded into its load of x
-(gate_up_proj also SiLU-and-mul in its epilogue), launched with PDL between the kernels of the step. The
-tuner picks their tiling by timing the projection alone: no norm, no epilogue, each call after itself.
-Here every gemv tiling that can run the folded kernel is forced in turn (PDL on), the batch-1 decode graphs
-are recaptured and a bare replay of the step is timed (after a 128-token prompt and 16 decoded tokens).
-Writes tune_in_step-<card>.json.
+(gate_up_proj also SiLU-and-mul in its epilogue), o_proj and down_proj the gemv with the residual add,
+launched with PDL between the kernels of the step. The tuner picks each tiling by timing the projection
+alone: no norm, no epilogue, each call after itself. Here every PDL tiling of the chosen kernels
+(TUNE_KERNELS, default "gemv"; "staged" for staged_gemv) that can run the projection's epilogue is forced
+in turn, projection after projection (TUNE_PROJECTIONS, default "gate_up_proj qkv_proj"; each keeps its
+best before the next is swept), the batch-1 decode graphs are recaptured and a bare replay of the step is
+timed (after a 128-token prompt and 16 decoded tokens). Writes tune_in_step-<card><suffix>.json.
 
-    python benchmarks/tune_in_step.py [--out-dir benchmarks/results]
+    python benchmarks/tune_in_step.py [--out-dir benchmarks/results] [--suffix -staged]
+    TUNE_KERNELS=staged TUNE_PROJECTIONS="qkv_proj o_proj gate_up_proj down_proj" python benchmarks/tune_in_step.py
 """
 import argparse
 import os
@@ -30,13 +33,14 @@ def step_ms(runner) -> float:
     return replay_ms(runner, 1, reps=300)
 
 
-def sweep(runner, key: tuple, gated: bool, save) -> dict:
+def sweep(runner, key: tuple, gated: bool, kinds: list[str], save) -> dict:
     """The step's time with each tiling for this projection; `save(rows)` after each (a partial record)."""
     chosen = foa._BEST[key]
     timed = [(step_ms(runner), chosen)]  # (ms, config) of each tiling that ran
     rows = [{"config": str(chosen), "alone_choice": True, "ms": timed[0][0]}]
     for config in foa.candidate_configs(1, key[2], key[3], key[1], pdl=True):
-        if config.kernel != "gemv" or not config.pdl or config == chosen or (gated and not foa._gates(config, None)):
+        if (config.kernel not in kinds or not config.pdl or config == chosen
+                or (gated and not foa._gates(config, None))):
             continue
         foa._BEST[key] = config
         try:
@@ -47,28 +51,35 @@ def sweep(runner, key: tuple, gated: bool, save) -> dict:
         print(rows[-1], flush=True)
         save(rows)
     foa._BEST[key] = best = min(timed, key=lambda pair: pair[0])[1]
-    return {"alone_choice": str(chosen), "best_in_step": str(best), "rows": rows}
+    alone = foa.TUNING_LOG.get(key)  # µs of each tiling alone, if this process tuned it (not recalled)
+    return {"alone_choice": str(chosen), "best_in_step": str(best), "rows": rows, "alone_us": alone}
 
 
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suffix", default="", help="appended to the file name")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     name, tag = card_name()
     llm = batch1_engine()
     runner, cfg = llm.engine.model_runner, llm.engine.model_config
     qkv_n = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    projections = {"gate_up_proj": (2 * cfg.intermediate_size, True), "qkv_proj": (qkv_n, False)}
+    q_k = cfg.num_attention_heads * cfg.head_dim
+    projections = {  # (n, k, gated, fused: with the residual add)
+        "gate_up_proj": (2 * cfg.intermediate_size, cfg.hidden_size, True, False),
+        "qkv_proj": (qkv_n, cfg.hidden_size, False, False), "o_proj": (cfg.hidden_size, q_k, False, True),
+        "down_proj": (cfg.hidden_size, cfg.intermediate_size, False, True)}
     projections = {p: projections[p] for p in os.environ.get("TUNE_PROJECTIONS", "gate_up_proj qkv_proj").split()}
-    keys = {p: next(k for k in foa._BEST if k[2:4] == (n, cfg.hidden_size) and k[5] == 1 and not k[7])
-            for p, (n, _) in projections.items()}  # as warmup tuned them (device, dtype, n, k, bias, m, pdl, fused)
+    kinds = os.environ.get("TUNE_KERNELS", "gemv").split()
+    keys = {p: next(k for k in foa._BEST if k[2:4] == (n, kk) and k[5] == 1 and k[7] == fused)
+            for p, (n, kk, _, fused) in projections.items()}  # as warmup tuned them: see foa.tuning_key
     original = {p: foa._BEST[k] for p, k in keys.items()}
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "context": 144}
-    path = os.path.join(args.out_dir, f"tune_in_step-{tag}.json")
+    path = os.path.join(args.out_dir, f"tune_in_step-{tag}{args.suffix}.json")
     os.makedirs(args.out_dir, exist_ok=True)
-    for p, (_, gated) in projections.items():
-        result[p] = sweep(runner, keys[p], gated, lambda rows, p=p: write_json(path, {**result, p: rows}))
+    for p, (_, _, gated, _) in projections.items():
+        result[p] = sweep(runner, keys[p], gated, kinds, lambda rows, p=p: write_json(path, {**result, p: rows}))
     chosen = {p: foa._BEST[k] for p, k in keys.items()}
     ab = []
     for setting in ("alone", "in_step", "alone", "in_step"):  # alternated, so drift shows

@@ -530,8 +530,8 @@ def test_gpu_folded_norm_is_the_norm_kernel_then_the_gemv_bit_for_bit(k, n):
     x, residual, norm_weight, weight, bias = norm_inputs(k, n, "cuda", seed=k + n)
     kinds, pdl = {}, fao.pdl_supported(x.device)
     for c in fao.candidate_configs(1, n, k, torch.bfloat16, pdl=pdl):
-        if c.kernel == "gemv" and c.pdl == pdl and not c.tma:
-            kinds.setdefault((c.use_dot, c.split_k > 1), c)
+        if c.kernel in ("gemv", "staged") and c.pdl == pdl and not c.tma:
+            kinds.setdefault((c.kernel, c.use_dot, c.split_k > 1), c)
     for config in kinds.values():
         for add in (None, residual):
             try:
@@ -554,7 +554,7 @@ def test_gpu_gated_fold_is_the_silu_and_mul_kernel_bit_for_bit():
     x, residual, norm_weight, weight, _ = norm_inputs(k, n, "cuda", seed=12)
     pdl, tried = fao.pdl_supported(x.device), 0
     for config in fao.candidate_configs(1, n, k, torch.bfloat16, pdl=pdl):
-        if config.kernel != "gemv" or config.split_k > 1 or config.block_n % 2 or config.pdl != pdl:
+        if config.kernel not in ("gemv", "staged") or config.split_k > 1 or config.block_n % 2 or config.pdl != pdl:
             continue
         try:
             proj, _ = folded(config, x, residual, norm_weight, weight, None)
@@ -605,3 +605,33 @@ def test_gpu_rmsnorm_project_chain_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(g, w) for g, w in zip(got, want)), "in a CUDA graph"
+
+
+@cuda
+@pytest.mark.parametrize("rows,warps", [(8, 4), (16, 8), (64, 4)])
+def test_gpu_staged_gemv_on_ragged_shapes(rows, warps):
+    """The staged gemv (one row; Hopper and Gluon) with N ragged against its rows and K against its boxes of
+    256 (TMA zero-fills both): with bias and residual, alone (the product its fused call adds to), with the
+    add + norm folded (the norm kernel's bits) and gated (the SiLU-and-mul kernel's bits)."""
+    from nanovllm.kernels import staged_gemv
+    from nanovllm.kernels.silu_and_mul import silu_and_mul
+    if not staged_gemv.available(torch.empty(1, dtype=torch.bfloat16, device="cuda")):
+        pytest.skip("the staged gemv needs Gluon and sm_90")
+    for k, n in [(200, 96), (96, 200), (1000, 520), (2048, 1024)]:
+        box_k = min(256, 1 << (k - 1).bit_length())
+        smem = staged_gemv.smem_bytes(rows, box_k, k)
+        if 1 << (k - 1).bit_length() < 32 * warps or smem > staged_gemv.MAX_SMEM_BYTES:
+            continue  # not a candidate (candidate_configs): a column of x a thread, and the card's shared memory
+        config = KernelConfig("staged", 1, rows, box_k, num_warps=warps, pdl=True)
+        x, weight, residual, b = make_inputs(1, k, n, torch.bfloat16, device="cuda", bias=True, seed=k)
+        out = launch(config, x, weight, residual, b, out=poisoned(1, n, torch.bfloat16, "cuda"))
+        assert_matches_ref(out, x, weight, residual, b)
+        assert torch.equal(launch(config, x, weight, None, b) + residual, out)
+        x, residual, norm_weight, weight, _ = norm_inputs(k, 2 * n, "cuda", seed=k + 1)
+        for add in (None, residual):
+            want, want_stream = norm_then_project(config, x, add, norm_weight, weight, None)
+            got, stream = folded(config, x, add, norm_weight, weight, None)
+            assert torch.equal(got, want) and torch.equal(stream, want_stream), f"{config}, add {add is not None}"
+        gated = launch(config, x, weight, None, None, out=poisoned(1, n, torch.bfloat16, "cuda"),
+                       norm=FoldedNorm(norm_weight, EPS, residual, torch.empty_like(x)), gated=True)
+        assert torch.equal(gated, silu_and_mul(folded(config, x, residual, norm_weight, weight, None)[0]))

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from nanovllm.kernels import jit
+from nanovllm.kernels import jit, staged_gemv
 from nanovllm.kernels.add_rmsnorm import add_rmsnorm, rms_rstd, rmsnorm, rmsnorm_ref
 from nanovllm.kernels.pdl import pdl_enabled, pdl_supported  # noqa: F401 (pdl_supported: re-exported)
 from nanovllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
@@ -80,8 +80,10 @@ def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residua
 
 @dataclass(frozen=True, slots=True)
 class KernelConfig:
-    """One way to compute the op. kernel: "gemv" (tiled_gemv_kernel), "gemm" (the tensor-core kernel)
-    or "cublas" (the unfused path itself: cuBLAS matmul into out, then an in-place add). use_dot: the
+    """One way to compute the op. kernel: "gemv" (tiled_gemv_kernel), "gemm" (the tensor-core kernel),
+    "staged" (one row, Hopper: staged_gemv.staged_gemv_kernel, block_n rows of W a program, all of its K in
+    shared memory in boxes of block_k) or "cublas" (the unfused path itself: cuBLAS matmul into out, then an
+    in-place add). use_dot: the
     gemv multiplies on tensor cores, else on CUDA cores. tma: the gemv loads W tiles with the tensor
     memory accelerator (one bulk copy per tile) instead of per-thread loads. pdl: the gemv is launched
     with programmatic dependent launch (Hopper): it may start while the kernel before it finishes, loads
@@ -139,6 +141,8 @@ _SWAP_GEMV_CONFIGS = [
     (64, 128, 2, 4, 4, True), (64, 128, 4, 4, 4, True), (64, 256, 2, 4, 3, True), (64, 128, 4, 4, 4, False),
     (64, 256, 4, 4, 3, False), (64, 128, 2, 4, 8, True),
 ]
+# staged_gemv at one row, with PDL: (block_n, num_warps); K boxes of 256 (or K's next power of two).
+_STAGED_CONFIGS = [(8, 4), (16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8)]
 _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
@@ -169,6 +173,12 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = Fa
             configs.append(KernelConfig("gemv", bm, bn, bk, split, True, warps, stages, tma, swap=True))
     if pdl:
         configs += [replace(c, pdl=True) for c in configs if c.kernel == "gemv"]
+    if pdl and m == 1 and dtype != torch.float32 and staged_gemv.enabled() and not _INTERPRET:
+        box_k = min(256, max(8, 1 << (k - 1).bit_length()))
+        for bn, warps in _STAGED_CONFIGS:
+            if (k % 8 == 0 and staged_gemv.smem_bytes(bn, box_k, k) <= staged_gemv.MAX_SMEM_BYTES
+                    and 1 << (k - 1).bit_length() >= 32 * warps):
+                configs.append(KernelConfig("staged", 1, bn, box_k, 1, False, warps, 1, pdl=True))
     for bm, bn, bk, warps, stages in _GEMM_CONFIGS if m >= 32 else []:
         if bm <= m and (m // bm <= 8 if m <= 256 else bm >= 64):
             configs.append(KernelConfig("gemm", bm, bn, bk, 1, True, warps, stages))
@@ -219,6 +229,13 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
         fused_o_proj_add_residual_kernel[(num_m * num_n,)](*args, m, n, k, *strides, GROUP_M=8, **meta)
         return out
     assert not gated or (_gates(config, bias) and not has_residual)
+    if config.kernel == "staged" and not staged_gemv.supports(x, weight, out, residual if has_residual else None):
+        assert norm is None and not gated, "a folded norm or gate needs unit strides"
+        return launch(_CUBLAS, x, weight, residual if has_residual else None, bias, out)
+    if config.kernel == "staged":
+        return staged_gemv.launch(x, weight, out, residual if has_residual else None, bias,
+                                  config.block_n // (2 if gated else 1), config.block_k, config.num_warps,
+                                  config.pdl, pdl_enabled(x.device, 1), norm, gated)
     if config.tma and _tma_ok(weight) and not gated:  # W as a descriptor: the kernel then loads it with TMA
         args = (x, TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k]),
                 *args[2:])
@@ -294,7 +311,7 @@ def _best(key: tuple) -> KernelConfig | None:
     return config
 
 
-_TUNING_VERSION = 3  # bump when the candidate tilings or the kernels change: older choices are then ignored
+_TUNING_VERSION = 4  # bump when the candidate tilings or the kernels change: older choices are then ignored
 TUNING_LOG: dict[tuple, dict[str, float]] = {}  # same key -> {config: µs per call}, for benchmarks and notes
 TUNING_ERRORS: dict[str, str] = {}  # config -> why it could not run
 
@@ -341,7 +358,8 @@ def _disk_key(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias
               pdl: bool, fused: bool) -> str:
     """The choice depends on the card and the software that compiled and timed it, not on a device index."""
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    versions = (_TUNING_VERSION, torch.__version__, triton.__version__ if triton else None, pdl)
+    versions = (_TUNING_VERSION, torch.__version__, triton.__version__ if triton else None, pdl,
+                *(["staged"] if pdl and m == 1 and staged_gemv.enabled() else []))
     return json.dumps([card, *versions, str(dtype), n, k, has_bias, m, *([] if fused else ["projection"])])
 
 
@@ -537,10 +555,10 @@ def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
 
 
 def _fold_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> KernelConfig | None:
-    """`project`'s configuration for one row, if it is a gemv (the norm folds into its x load): the same
-    choice whether the decoder layer adds the residual first (fused output off) or not (on)."""
+    """`project`'s configuration for one row, if it is a gemv or the staged gemv (the norm folds into its x
+    load): the same choice whether the decoder layer adds the residual first (fused output off) or not (on)."""
     config = _best(tuning_key(x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, 1, False))
-    return config if config is not None and config.kernel == "gemv" else None
+    return config if config is not None and config.kernel in ("gemv", "staged") else None
 
 
 def _dispatch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
