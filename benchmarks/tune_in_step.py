@@ -9,10 +9,15 @@ in turn, projection after projection (TUNE_PROJECTIONS, default "gate_up_proj qk
 best before the next is swept), the batch-1 decode graphs are recaptured and a bare replay of the step is
 timed (after a 128-token prompt and 16 decoded tokens). Writes tune_in_step-<card><suffix>.json.
 
-    python benchmarks/tune_in_step.py [--out-dir benchmarks/results] [--suffix -staged]
+With TUNE_COMBOS (a JSON list of {projection: tiling name}) it times those joint choices instead, each
+twice in alternation, beside the tuner's own: what one projection's tiling costs depends on what the
+kernels around it leave free of each SM (registers, shared memory) for its programs to start early.
+
+    python benchmarks/tune_in_step.py [--out-dir benchmarks/results] [--suffix=-staged]
     TUNE_KERNELS=staged TUNE_PROJECTIONS="qkv_proj o_proj gate_up_proj down_proj" python benchmarks/tune_in_step.py
 """
 import argparse
+import json
 import os
 
 import torch
@@ -55,6 +60,22 @@ def sweep(runner, key: tuple, gated: bool, kinds: list[str], save) -> dict:
     return {"alone_choice": str(chosen), "best_in_step": str(best), "rows": rows, "alone_us": alone}
 
 
+def combos(runner, keys: dict, original: dict, wanted: list[dict]) -> list[dict]:
+    """The step's time with each joint choice (projections it leaves out keep the tuner's), twice each in
+    alternation; the first row is the tuner's own choices."""
+    by_name = {p: {str(c): c for c in foa.candidate_configs(1, k[2], k[3], k[1], pdl=True)} for p, k in keys.items()}
+    settings = [{p: str(c) for p, c in original.items()}] + [{**{p: str(c) for p, c in original.items()}, **w}
+                                                              for w in wanted]
+    rows = [{"choices": setting, "ms": []} for setting in settings]
+    for _ in range(2):
+        for row in rows:
+            for p, name in row["choices"].items():
+                foa._BEST[keys[p]] = by_name[p][name]
+            row["ms"].append(step_ms(runner))
+            print(row, flush=True)
+    return rows
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,6 +99,11 @@ def main() -> None:
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "context": 144}
     path = os.path.join(args.out_dir, f"tune_in_step-{tag}{args.suffix}.json")
     os.makedirs(args.out_dir, exist_ok=True)
+    if os.environ.get("TUNE_COMBOS"):
+        result["combos"] = combos(runner, keys, original, json.loads(os.environ["TUNE_COMBOS"]))
+        write_json(path, result)
+        llm.close()
+        return
     for p, (_, _, gated, _) in projections.items():
         result[p] = sweep(runner, keys[p], gated, kinds, lambda rows, p=p: write_json(path, {**result, p: rows}))
     chosen = {p: foa._BEST[k] for p, k in keys.items()}
