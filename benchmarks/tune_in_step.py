@@ -9,7 +9,8 @@ in turn, projection after projection (TUNE_PROJECTIONS, default "gate_up_proj qk
 best before the next is swept), the batch-1 decode graphs are recaptured and a bare replay of the step is
 timed (after a 128-token prompt and 16 decoded tokens). Writes tune_in_step-<card><suffix>.json.
 
-With TUNE_COMBOS (a JSON list of {projection: tiling name}) it times those joint choices instead, each
+With TUNE_COMBOS (a JSON list of {projection: tiling name, optionally "env": {variable: value} set while
+the graphs are recaptured}) it times those joint choices instead, each
 twice in alternation, beside the tuner's own: what one projection's tiling costs depends on what the
 kernels around it leave free of each SM (registers, shared memory) for its programs to start early.
 
@@ -66,12 +67,17 @@ def combos(runner, keys: dict, original: dict, wanted: list[dict]) -> list[dict]
     by_name = {p: {str(c): c for c in foa.candidate_configs(1, k[2], k[3], k[1], pdl=True)} for p, k in keys.items()}
     settings = [{p: str(c) for p, c in original.items()}] + [{**{p: str(c) for p, c in original.items()}, **w}
                                                               for w in wanted]
-    rows = [{"choices": setting, "ms": []} for setting in settings]
+    rows = [{"choices": {p: n for p, n in setting.items() if p != "env"}, "env": setting.get("env", {}), "ms": []}
+            for setting in settings]
     for _ in range(2):
         for row in rows:
             for p, name in row["choices"].items():
                 foa._BEST[keys[p]] = by_name[p][name]
+            saved = {v: os.environ.get(v) for v in row["env"]}
+            os.environ.update(row["env"])  # e.g. NANOVLLM_FUSED_DECODE_ROPE, read as the graphs are captured
             row["ms"].append(step_ms(runner))
+            for v, value in saved.items():
+                os.environ.pop(v) if value is None else os.environ.__setitem__(v, value)
             print(row, flush=True)
     return rows
 
