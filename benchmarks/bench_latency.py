@@ -331,9 +331,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--plot", help="only redraw the PNG of this latency JSON")
+    parser.add_argument("--default-loop-only", action="store_true",
+                        help="only print batch 1's ms per token in the engine's default loop (async_ms_per_token)")
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)
+    if args.default_loop_only:
+        return print(json.dumps({"card": card_name()[0], **async_ms_per_token(model_dir())}))
     card, tag = card_name()
     bw = copy_bandwidth_gbps()
     print(f"{card}: device copy {bw:.0f} GB/s (read + write)", flush=True)

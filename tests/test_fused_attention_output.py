@@ -635,3 +635,29 @@ def test_gpu_staged_gemv_on_ragged_shapes(rows, warps):
         gated = launch(config, x, weight, None, None, out=poisoned(1, n, torch.bfloat16, "cuda"),
                        norm=FoldedNorm(norm_weight, EPS, residual, torch.empty_like(x)), gated=True)
         assert torch.equal(gated, silu_and_mul(folded(config, x, residual, norm_weight, weight, None)[0]))
+
+
+def test_in_step_tuning_keeps_what_makes_the_step_fastest_and_recalls_it(tmp_path, monkeypatch):
+    """tune_in_step tries each one-row PDL key's candidates by the step's time, the other keys fixed, keeps
+    the fastest, leaves other keys alone, and remembers the joint choice: a later process (its own alone
+    choices) recalls it without timing."""
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fao, "_BEST", {})
+    cpu = torch.device("cpu")
+    keys = [(cpu, torch.bfloat16, 96, 200, False, 1, True, True), (cpu, torch.bfloat16, 64, 128, False, 1, True, False)]
+    other = (cpu, torch.bfloat16, 96, 200, False, 8, True, True)  # M = 8: not in a batch-1 step
+    a = KernelConfig("gemv", 1, 4, 64, use_dot=False, pdl=True)
+    b = KernelConfig("staged", 1, 8, 256, num_warps=4, num_stages=2, pdl=True)
+    monkeypatch.setattr(fao, "in_step_candidates", lambda key: [fao._BEST[key], *({a, b} - {fao._BEST[key]})])
+    fao._BEST.update({keys[0]: a, keys[1]: b, other: a})
+    timed = []
+
+    def step_us():  # fastest with b for the first key and a for the second
+        timed.append(dict(fao._BEST))
+        return 1.0 + (fao._BEST[keys[0]] != b) + 0.5 * (fao._BEST[keys[1]] != a)
+    assert fao.tune_in_step(cpu, step_us) == {keys[0]: b, keys[1]: a}
+    assert fao._BEST[keys[0]] == b and fao._BEST[keys[1]] == a and fao._BEST[other] == a
+    assert all(t[other] == a for t in timed) and len(timed) == 9  # the start, 2 keys x 2 candidates x 2 rounds
+    fao._BEST.update({keys[0]: a, keys[1]: b})  # a new process's alone choices
+    assert fao.tune_in_step(cpu, lambda: pytest.fail("timed again")) == {keys[0]: b, keys[1]: a}
+    assert fao._BEST[keys[0]] == b

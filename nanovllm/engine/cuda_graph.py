@@ -167,7 +167,62 @@ class DecodeGraphs:
                     reset_context()
                 pool = graph.pool()
                 self.graphs[bs, sampling] = graph
+        self.pool = pool
         torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def tune_batch1(self, model: nn.Module, context_len: int, num_blocks: int) -> dict:
+        """Tunes the batch-1 step's one-row projections by the step's own time (fused_attention_output.
+        tune_in_step: what the tuner chose timing each alone is where it starts), with one seq of
+        context_len keys over the first cache blocks (nothing is stored: slot -1), then captures the
+        batch-1 graphs again with the choices. Returns them."""
+        from nanovllm.kernels.fused_attention_output import tune_in_step
+        self.context_lens[0], self.positions[0], self.slot_mapping[0] = context_len, context_len - 1, -1
+        self.block_tables[0] = torch.arange(self.max_num_blocks, device=self.device) % num_blocks
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        stream = torch.cuda.Stream(self.device)
+
+        def step_us() -> float:
+            set_context(self.context(1))
+            graph = torch.cuda.CUDAGraph()
+            try:
+                self._forward(model, 1, False)  # compiles a new tiling outside the capture
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # not torch.cuda.graph(): its gc.collect() per capture is slow
+                    graph.capture_begin(pool=self.pool)
+                    try:
+                        self._forward(model, 1, False)
+                    finally:
+                        graph.capture_end()
+                torch.cuda.current_stream().wait_stream(stream)
+            finally:
+                reset_context()
+            for _ in range(3):
+                graph.replay()
+            times = []
+            for _ in range(5):
+                start.record()
+                for _ in range(20):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3 / 20)
+            return sorted(times)[2]
+
+        choices = tune_in_step(self.device, step_us)
+        self.context_lens.zero_()
+        self.block_tables.zero_()
+        for sampling in (True, False):  # the batch-1 graphs with the choices (other buckets: M > 1)
+            set_context(self.context(1))
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, self.pool):
+                    self._forward(model, 1, sampling)
+            finally:
+                reset_context()
+            self.graphs[1, sampling] = graph
+        torch.cuda.synchronize()
+        return choices
 
     def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None,
                prev_ids: torch.Tensor | None = None, src_rows: list[int] | None = None,

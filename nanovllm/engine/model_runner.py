@@ -235,6 +235,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.config.max_num_seqs, -(-max_model_len // bs), bs,
                                        self.model_config.vocab_size, self.dtype, self.device,
                                        capture=not uncaptured, host_buffers=host_buffers)
+            if self._tunes_in_step():
+                self.graphs.tune_batch1(self.model, min(128, max_model_len), num_blocks)
         # What exists now (modules, weights, graphs, everything imported) lives as long as the engine. Frozen,
         # it is out of the cyclic collector's sight, so a full collection while serving walks only what the
         # requests create; one that walked it all took 140 ms in the middle of a timed H100 run
@@ -243,6 +245,14 @@ class ModelRunner:
         gc.collect()
         gc.freeze()
         return num_blocks
+
+    def _tunes_in_step(self) -> bool:
+        """Whether the batch-1 graph's one-row projections are tuned inside the step (DecodeGraphs.
+        tune_batch1): on a card whose batch-1 steps launch with PDL, one process (no TP), unless
+        NANOVLLM_TUNE_IN_STEP=0. Its choices persist in the tuning file, so a later start only recalls them."""
+        from nanovllm.kernels.pdl import pdl_enabled
+        return (self.device.type == "cuda" and self.config.tensor_parallel_size == 1 and pdl_enabled(self.device, 1)
+                and os.environ.get("NANOVLLM_TUNE_IN_STEP", "1") != "0")
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
         if self.device.type != "cuda":

@@ -82,8 +82,9 @@ def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residua
 class KernelConfig:
     """One way to compute the op. kernel: "gemv" (tiled_gemv_kernel), "gemm" (the tensor-core kernel),
     "staged" (one row, Hopper: staged_gemv.staged_gemv_kernel, block_n rows of W a program, all of its K in
-    shared memory in boxes of block_k) or "cublas" (the unfused path itself: cuBLAS matmul into out, then an
-    in-place add). use_dot: the
+    shared memory in boxes of block_k; num_stages 1 reads x through shared memory, 2 straight from global
+    memory, its DIRECT) or "cublas" (the unfused path itself: cuBLAS matmul into out, then an in-place
+    add). use_dot: the
     gemv multiplies on tensor cores, else on CUDA cores. tma: the gemv loads W tiles with the tensor
     memory accelerator (one bulk copy per tile) instead of per-thread loads. pdl: the gemv is launched
     with programmatic dependent launch (Hopper): it may start while the kernel before it finishes, loads
@@ -141,7 +142,8 @@ _SWAP_GEMV_CONFIGS = [
     (64, 128, 2, 4, 4, True), (64, 128, 4, 4, 4, True), (64, 256, 2, 4, 3, True), (64, 128, 4, 4, 4, False),
     (64, 256, 4, 4, 3, False), (64, 128, 2, 4, 8, True),
 ]
-# staged_gemv at one row, with PDL: (block_n, num_warps); K boxes of 256 (or K's next power of two).
+# staged_gemv at one row, with PDL: (block_n, num_warps), each with x through shared memory and direct
+# (num_stages 1 and 2); K boxes of 256 (or K's next power of two).
 _STAGED_CONFIGS = [(8, 4), (16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8)]
 _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
@@ -178,7 +180,7 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = Fa
         for bn, warps in _STAGED_CONFIGS:
             if (k % 8 == 0 and staged_gemv.smem_bytes(bn, box_k, k) <= staged_gemv.MAX_SMEM_BYTES
                     and 1 << (k - 1).bit_length() >= 32 * warps):
-                configs.append(KernelConfig("staged", 1, bn, box_k, 1, False, warps, 1, pdl=True))
+                configs += [KernelConfig("staged", 1, bn, box_k, 1, False, warps, v, pdl=True) for v in (1, 2)]
     for bm, bn, bk, warps, stages in _GEMM_CONFIGS if m >= 32 else []:
         if bm <= m and (m // bm <= 8 if m <= 256 else bm >= 64):
             configs.append(KernelConfig("gemm", bm, bn, bk, 1, True, warps, stages))
@@ -235,7 +237,7 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
     if config.kernel == "staged":
         return staged_gemv.launch(x, weight, out, residual if has_residual else None, bias,
                                   config.block_n // (2 if gated else 1), config.block_k, config.num_warps,
-                                  config.pdl, pdl_enabled(x.device, 1), norm, gated)
+                                  config.pdl, pdl_enabled(x.device, 1), norm, gated, config.num_stages == 2)
     if config.tma and _tma_ok(weight) and not gated:  # W as a descriptor: the kernel then loads it with TMA
         args = (x, TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k]),
                 *args[2:])
@@ -374,19 +376,7 @@ def _read_tuning(path: str) -> dict[str, dict]:
 def _remember(disk_key: str, config: KernelConfig) -> None:
     """Adds one choice to the tuning file: read, update, then an atomic rename, so processes tuning at the
     same time (tensor-parallel ranks) lose at most each other's newest entries, never the file."""
-    path = _tuning_file()
-    if path is None:
-        return
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        table = _read_tuning(path)
-        table[disk_key] = asdict(config)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=0)
-        os.replace(tmp, path)
-    except OSError:  # a read-only home: tuning still works, per process
-        pass
+    _remember_entry(disk_key, asdict(config))
 
 
 def _recalled(disk_key: str) -> KernelConfig | None:
@@ -441,6 +431,79 @@ def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, h
     best = min(times, key=times.get)
     TUNING_LOG[(device, dtype, n, k, has_bias, m, pdl, fused)] = {str(c): t for c, t in times.items()}
     return best
+
+
+def _remember_entry(entry: str, value) -> None:
+    """Writes one entry of the tuning file (see _remember)."""
+    path = _tuning_file()
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        table = _read_tuning(path)
+        table[entry] = value
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=0)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: tuning still works, per process
+        pass
+
+
+def in_step_candidates(key: tuple) -> list[KernelConfig]:
+    """What in-step tuning tries for a one-row key: its current choice, every staged tiling and the two
+    fastest tiled gemvs alone (where this process timed them), all with PDL."""
+    device, dtype, n, k, has_bias, m, pdl, fused = key
+    configs = {str(c): c for c in candidate_configs(1, n, k, dtype, pdl=True) if c.pdl}
+    alone = sorted((t, name) for name, t in TUNING_LOG.get(key, {}).items()
+                   if name in configs and configs[name].kernel == "gemv" and math.isfinite(t))
+    chosen = [_BEST[key], *(c for c in configs.values() if c.kernel == "staged"),
+              *(configs[name] for _, name in alone[:2])]
+    return list(dict.fromkeys(chosen))  # in order, once each
+
+
+def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, KernelConfig]:
+    """Tunes the one-row projections that a batch-1 decode step launches with PDL (every tuned key of M = 1
+    with PDL on `device`) by the step's own time, `step_us()` (the caller captures and replays the step
+    with the current choices). Alone, a tiling is timed after itself; in the step it runs after other
+    kernels, and what it leaves free of each SM (registers, shared memory) decides whether the next
+    kernels can start early and load their weights: the fastest alone is often not the fastest there
+    (benchmarks/results/tune_in_step-h100-combos*.json). Each key in turn tries its `in_step_candidates`
+    with the others fixed, then a second round its `top` best of the first; the choices are remembered
+    together in the tuning file, for this set of keys, so a later process recalls them without timing."""
+    if device.type == "cuda" and device.index is None:  # as warmup keys them
+        device = torch.device("cuda", torch.cuda.current_device())
+    keys = sorted((k for k in _BEST if k[0] == device and k[5] == 1 and k[6]), key=str)
+    if not keys:
+        return {}
+    entry = json.dumps(["in_step", *[_disk_key(*k) for k in keys]])
+    path = _tuning_file()
+    recalled = _read_tuning(path).get(entry) if path else None
+    if recalled:
+        try:
+            choices = {k: KernelConfig(**recalled["choices"][i]) for i, k in enumerate(keys)}
+            _BEST.update(choices)
+            return choices
+        except (TypeError, IndexError, KeyError):  # written by another version: tune again
+            pass
+    rounds = {k: in_step_candidates(k) for k in keys}
+    first_us = best_us = step_us()
+    for _ in range(2):
+        for key in keys:
+            timed = []
+            for config in rounds[key]:
+                _BEST[key] = config
+                try:
+                    timed.append((step_us(), config))
+                except Exception as e:  # e.g. over this card's shared memory beside its neighbours
+                    TUNING_ERRORS[f"in step: {config}"] = f"{type(e).__name__}: {e}"[:300]
+            timed.sort(key=lambda pair: pair[0])
+            best_us, _BEST[key] = timed[0]
+            rounds[key] = [c for _, c in timed[:top]]
+    choices = {k: _BEST[k] for k in keys}
+    _remember_entry(entry, {"choices": [asdict(choices[k]) for k in keys],
+                            "step_us": {"alone_choices": first_us, "in_step_choices": best_us}})
+    return choices
 
 
 def warmup(n: int, k: int, dtype: torch.dtype, device: torch.device | str = "cuda", max_m: int = 256,

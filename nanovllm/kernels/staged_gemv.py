@@ -6,8 +6,10 @@ runs, but a register-tiled gemv (fused_attention_output.tiled_gemv_kernel) can o
 before its wait: the rest of the weight is read after the kernel ahead has finished, so the chain never
 keeps HBM busy. Here each program copies its whole slice of W (ROWS rows of K, up to ~200 KB) into shared
 memory with the tensor memory accelerator first, then waits for the kernel ahead, then reads x (2-6 KB)
-and multiplies from shared memory. With one program per SM, the next projection's weights stream while
-the current kernel and the attention kernels between them run.
+and multiplies from shared memory: the next projection's weights stream while the current kernel and the
+attention kernels between them run, as far as shared memory holds them. How many rows a program takes
+decides what it leaves free of each SM for the kernels after it, so a batch-1 step's tilings are chosen
+by the step's own time (fused_attention_output.tune_in_step), not each kernel's alone.
 
 `staged_gemv_kernel` has the epilogues of the tiled gemv, with its rounding, so either kernel gives what
 the unfused path stores: bias, residual add (o_proj, down_proj), a folded RMSNorm of x [+ add] (qkv_proj,
@@ -63,7 +65,7 @@ def _next_pow2(n: int) -> int:
 
 def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None,
            bias: torch.Tensor | None, rows: int, box_k: int, num_warps: int, pdl: bool, launch_pdl: bool,
-           norm=None, gated: bool = False) -> torch.Tensor:
+           norm=None, gated: bool = False, direct: bool = False) -> torch.Tensor:
     """out (1, N) = x (1, K) @ weight^T [+ bias] [+ residual]; norm (fused_attention_output.FoldedNorm):
     of rmsnorm(x [+ norm.add]); gated: weight is [gate; up] (2N, K) and out silu(gate) * up. Each program
     takes `rows` rows of W (of each half when gated) in K boxes of box_k. pdl: the kernel waits for the one
@@ -80,7 +82,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, residual: t
         desc, x, residual if has_res else out, bias if has_bias else out, out, norm_w, add, sum_out, eps, n, k,
         HAS_BIAS=has_bias, HAS_RESIDUAL=has_res, GATED=gated, NORM=norm is not None,
         NORM_ADD=norm is not None and norm.add is not None, PDL=pdl, ROWS=rows, BOX_K=box_k,
-        NUM_K=-(-k // box_k), BLOCK_R=_next_pow2(k), WARPS=num_warps, num_warps=num_warps, launch_pdl=launch_pdl)
+        NUM_K=-(-k // box_k), BLOCK_R=_next_pow2(k), WARPS=num_warps, DIRECT=direct, num_warps=num_warps,
+        launch_pdl=launch_pdl)
     return out
 
 
@@ -101,14 +104,29 @@ def _gdc_wait():
 
 
 @_gluon_jit
+def _x_box(x_ptr, add_ptr, sum_ptr, offs, K, NORM_ADD: gl.constexpr, STORE_SUM: gl.constexpr):
+    """x at offs, or with NORM_ADD the residual stream x + add rounded (which the first program stores)."""
+    x = gl.load(x_ptr + offs, mask=offs < K, other=0.0)
+    if NORM_ADD:
+        x = (x.to(gl.float32) + gl.load(add_ptr + offs, mask=offs < K, other=0.0).to(gl.float32)).to(x.dtype)
+        if STORE_SUM:
+            gl.store(sum_ptr + offs, x, mask=offs < gl.where(gl.program_id(0) == 0, K, 0))
+    return x
+
+
+@_gluon_jit
 def staged_gemv_kernel(w_desc, x_ptr, res_ptr, bias_ptr, out_ptr, nw_ptr, add_ptr, sum_ptr, eps, N, K,
                        HAS_BIAS: gl.constexpr, HAS_RESIDUAL: gl.constexpr, GATED: gl.constexpr,
                        NORM: gl.constexpr, NORM_ADD: gl.constexpr, PDL: gl.constexpr, ROWS: gl.constexpr,
-                       BOX_K: gl.constexpr, NUM_K: gl.constexpr, BLOCK_R: gl.constexpr, WARPS: gl.constexpr):
+                       BOX_K: gl.constexpr, NUM_K: gl.constexpr, BLOCK_R: gl.constexpr, WARPS: gl.constexpr,
+                       DIRECT: gl.constexpr):
     """Grid (cdiv(N, ROWS),): out[0, pid * ROWS:][:ROWS]. The program's W rows (gated: those of gate, then
     the same of up, N rows below) arrive by TMA in NUM_K boxes of (ROWS, BOX_K), all issued at once on one
-    mbarrier before the PDL wait; x (normalized, if NORM) goes to shared memory after it, so each box meets
-    its slice of x with 16-byte shared-memory loads and CUDA-core FMAs."""
+    mbarrier before the PDL wait. After it, x (normalized, if NORM) goes to shared memory, so each box meets
+    its slice of x with 16-byte shared-memory loads and CUDA-core FMAs; or, DIRECT, each box loads its
+    slice of x from global memory itself (no shared-memory round trip or barrier; for the norm, a first
+    pass over the slices), and the products are summed over K once at the end where registers allow.
+    Neither is faster everywhere (results/post_wait-h100.json)."""
     PARTS: gl.constexpr = 2 if GATED else 1
     row0 = gl.program_id(0) * ROWS
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [PARTS * NUM_K, ROWS, BOX_K], w_desc.layout)
@@ -130,39 +148,66 @@ def staged_gemv_kernel(w_desc, x_ptr, res_ptr, bias_ptr, out_ptr, nw_ptr, add_pt
     bias = 0.0
     if HAS_BIAS:
         bias = gl.load(bias_ptr + offs_r, mask=offs_r < N, other=0.0).to(gl.float32)
-    nw = 0.0
-    if NORM:
-        nw = gl.load(nw_ptr + offs_x, mask=offs_x < K, other=0.0).to(gl.float32)
     if PDL:
         _gdc_launch_dependents()
         _gdc_wait()
 
-    # x after the wait: the kernel ahead wrote it.
-    x = gl.load(x_ptr + offs_x, mask=offs_x < K, other=0.0)
-    if NORM:
-        xf = x.to(gl.float32)
-        if NORM_ADD:  # the residual stream x + add, rounded; the first program stores it
-            xf = (xf + gl.load(add_ptr + offs_x, mask=offs_x < K, other=0.0).to(gl.float32)).to(x.dtype)
-            gl.store(sum_ptr + offs_x, xf, mask=offs_x < gl.where(gl.program_id(0) == 0, K, 0))
-            xf = xf.to(gl.float32)
-        x64 = xf.to(gl.float64)  # rms_rstd's sum (add_rmsnorm.py): the same bits in any layout
-        rstd = gl.rsqrt((gl.sum(x64 * x64, 0) / K).to(gl.float32) + eps)
-        x = (xf * rstd * nw).to(x.dtype)
     res = 0.0
-    if HAS_RESIDUAL:
+    if HAS_RESIDUAL:  # after the wait: an earlier kernel's output
         res = gl.load(res_ptr + offs_r, mask=offs_r < N, other=0.0).to(gl.float32)
-    x_smem = gl.allocate_shared_memory(x.dtype, [BLOCK_R], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    x_smem.store(x)
-    gl.thread_barrier()
-
-    mbarrier.wait(bar, 0)
     acc = gl.zeros([ROWS], gl.float32, row_layout)
     acc_up = gl.zeros([ROWS], gl.float32, row_layout)
-    for i in gl.static_range(NUM_K):  # each box summed over its K at once: few registers a thread
-        xk = x_smem.slice(i * BOX_K, BOX_K).load(k_layout).to(gl.float32)[None, :]
-        acc += gl.sum(w_smem.index(i).load(layout).to(gl.float32) * xk, 1)
-        if GATED:
-            acc_up += gl.sum(w_smem.index(NUM_K + i).load(layout).to(gl.float32) * xk, 1)
+    if DIRECT:  # x straight from global memory in each box's K layout (every warp reads the same slice: L1)
+        rstd = 1.0
+        if NORM:  # a first pass for the rms; the second reads the same lines again from L1
+            sumsq = gl.sum(gl.zeros([BOX_K], gl.float64, k_layout), 0)
+            for i in gl.static_range(NUM_K):
+                xk = _x_box(x_ptr, add_ptr, sum_ptr, i * BOX_K + gl.arange(0, BOX_K, layout=k_layout), K, NORM_ADD,
+                            True).to(gl.float64)
+                sumsq += gl.sum(xk * xk, 0)  # rms_rstd's fp64 sum (add_rmsnorm.py): the same bits in any order
+            rstd = gl.rsqrt((sumsq / K).to(gl.float32) + eps)
+        mbarrier.wait(bar, 0)
+        # Elementwise products summed over the boxes, then over K once, if that fits 64 registers a thread.
+        ACC2D: gl.constexpr = PARTS * ROWS * BOX_K <= 64 * 32 * WARPS
+        acc2 = gl.zeros([ROWS, BOX_K], gl.float32, layout)
+        acc2_up = gl.zeros([ROWS, BOX_K], gl.float32, layout)
+        for i in gl.static_range(NUM_K):
+            offs_k = i * BOX_K + gl.arange(0, BOX_K, layout=k_layout)
+            xk = _x_box(x_ptr, add_ptr, sum_ptr, offs_k, K, NORM_ADD, False)
+            if NORM:
+                xk = (xk.to(gl.float32) * rstd * gl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(gl.float32))
+            xk = xk.to(x_ptr.dtype.element_ty).to(gl.float32)[None, :]
+            if ACC2D:
+                acc2 += w_smem.index(i).load(layout).to(gl.float32) * xk
+                if GATED:
+                    acc2_up += w_smem.index(NUM_K + i).load(layout).to(gl.float32) * xk
+            else:
+                acc += gl.sum(w_smem.index(i).load(layout).to(gl.float32) * xk, 1)
+                if GATED:
+                    acc_up += gl.sum(w_smem.index(NUM_K + i).load(layout).to(gl.float32) * xk, 1)
+        if ACC2D:
+            acc = gl.sum(acc2, 1)
+            acc_up = gl.sum(acc2_up, 1)
+    else:  # x through shared memory: one load of the row, normalized once
+        x = gl.load(x_ptr + offs_x, mask=offs_x < K, other=0.0)
+        if NORM:
+            xf = x.to(gl.float32)
+            if NORM_ADD:  # the residual stream x + add, rounded; the first program stores it
+                xf = (xf + gl.load(add_ptr + offs_x, mask=offs_x < K, other=0.0).to(gl.float32)).to(x.dtype)
+                gl.store(sum_ptr + offs_x, xf, mask=offs_x < gl.where(gl.program_id(0) == 0, K, 0))
+                xf = xf.to(gl.float32)
+            x64 = xf.to(gl.float64)  # rms_rstd's sum (add_rmsnorm.py): the same bits in any layout
+            rstd = gl.rsqrt((gl.sum(x64 * x64, 0) / K).to(gl.float32) + eps)
+            x = (xf * rstd * gl.load(nw_ptr + offs_x, mask=offs_x < K, other=0.0).to(gl.float32)).to(x.dtype)
+        x_smem = gl.allocate_shared_memory(x.dtype, [BLOCK_R], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        x_smem.store(x)
+        gl.thread_barrier()
+        mbarrier.wait(bar, 0)
+        for i in gl.static_range(NUM_K):  # each box summed over its K at once: few registers a thread
+            xk = x_smem.slice(i * BOX_K, BOX_K).load(k_layout).to(gl.float32)[None, :]
+            acc += gl.sum(w_smem.index(i).load(layout).to(gl.float32) * xk, 1)
+            if GATED:
+                acc_up += gl.sum(w_smem.index(NUM_K + i).load(layout).to(gl.float32) * xk, 1)
     mbarrier.invalidate(bar)
 
     # The tiled gemv's epilogue and rounding: the product (with its bias) rounded to out's dtype, then
