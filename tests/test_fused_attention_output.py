@@ -643,6 +643,7 @@ def test_in_step_tuning_keeps_what_makes_the_step_fastest_and_recalls_it(tmp_pat
     choices) recalls it without timing."""
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(fao, "_BEST", {})
+    monkeypatch.setattr(fao, "_IN_STEP", {})
     cpu = torch.device("cpu")
     keys = [(cpu, torch.bfloat16, 96, 200, False, 1, True, True), (cpu, torch.bfloat16, 64, 128, False, 1, True, False)]
     other = (cpu, torch.bfloat16, 96, 200, False, 8, True, True)  # M = 8: not in a batch-1 step
@@ -658,6 +659,10 @@ def test_in_step_tuning_keeps_what_makes_the_step_fastest_and_recalls_it(tmp_pat
     assert fao.tune_in_step(cpu, step_us) == {keys[0]: b, keys[1]: a}
     assert fao._BEST[keys[0]] == b and fao._BEST[keys[1]] == a and fao._BEST[other] == a
     assert all(t[other] == a for t in timed) and len(timed) == 9  # the start, 2 keys x 2 candidates x 2 rounds
-    fao._BEST.update({keys[0]: a, keys[1]: b})  # a new process's alone choices
+    for memo in ({}, fao._IN_STEP):  # a new process (the file), another engine of this one (memory too)
+        monkeypatch.setattr(fao, "_IN_STEP", memo)
+        fao._BEST.update({keys[0]: a, keys[1]: b})  # the alone choices
+        assert fao.tune_in_step(cpu, lambda: pytest.fail("timed again")) == {keys[0]: b, keys[1]: a}
+        assert fao._BEST[keys[0]] == b
+    monkeypatch.setenv("NANOVLLM_CACHE_DIR", "")  # no file: memory alone
     assert fao.tune_in_step(cpu, lambda: pytest.fail("timed again")) == {keys[0]: b, keys[1]: a}
-    assert fao._BEST[keys[0]] == b

@@ -462,6 +462,11 @@ def in_step_candidates(key: tuple) -> list[KernelConfig]:
     return list(dict.fromkeys(chosen))  # in order, once each
 
 
+# tune_in_step's joint choices by their tuning-file entry: every engine of a process runs the same ones for
+# the same keys, file or not (with fused output on and off the keys are the same, and so must the bits be).
+_IN_STEP: dict[str, dict] = {}
+
+
 def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, KernelConfig]:
     """Tunes the one-row projections that a batch-1 decode step launches with PDL (every tuned key of M = 1
     with PDL on `device`) by the step's own time, `step_us()` (the caller captures and replays the step
@@ -470,7 +475,8 @@ def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, Ker
     kernels can start early and load their weights: the fastest alone is often not the fastest there
     (benchmarks/results/tune_in_step-h100-combos*.json). Each key in turn tries its `in_step_candidates`
     with the others fixed, then a second round its `top` best of the first; the choices are remembered
-    together in the tuning file, for this set of keys, so a later process recalls them without timing."""
+    together, for this set of keys, in memory and in the tuning file, so a later engine or process
+    recalls them without timing."""
     if device.type == "cuda" and device.index is None:  # as warmup keys them
         device = torch.device("cuda", torch.cuda.current_device())
     keys = sorted((k for k in _BEST if k[0] == device and k[5] == 1 and k[6]), key=str)
@@ -478,7 +484,7 @@ def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, Ker
         return {}
     entry = json.dumps(["in_step", *[_disk_key(*k) for k in keys]])
     path = _tuning_file()
-    recalled = _read_tuning(path).get(entry) if path else None
+    recalled = _IN_STEP.get(entry) or (_read_tuning(path).get(entry) if path else None)
     if recalled:
         try:
             choices = {k: KernelConfig(**recalled["choices"][i]) for i, k in enumerate(keys)}
@@ -501,8 +507,9 @@ def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, Ker
             best_us, _BEST[key] = timed[0]
             rounds[key] = [c for _, c in timed[:top]]
     choices = {k: _BEST[k] for k in keys}
-    _remember_entry(entry, {"choices": [asdict(choices[k]) for k in keys],
-                            "step_us": {"alone_choices": first_us, "in_step_choices": best_us}})
+    _IN_STEP[entry] = {"choices": [asdict(choices[k]) for k in keys],
+                       "step_us": {"alone_choices": first_us, "in_step_choices": best_us}}
+    _remember_entry(entry, _IN_STEP[entry])
     return choices
 
 
