@@ -3,15 +3,17 @@
 At one token qkv_proj and gate_up_proj run the dispatcher's gemv with the RMSNorm folded into its load of x
 (gate_up_proj also SiLU-and-mul in its epilogue), o_proj and down_proj the gemv with the residual add,
 launched with PDL between the kernels of the step. The tuner picks each tiling by timing the projection
-alone: no norm, no epilogue, each call after itself. Here every PDL tiling of the chosen kernels
+alone (no norm, no epilogue, each call after itself); the engine then re-tunes them inside the step
+itself (DecodeGraphs.tune_batch1, since session 16), so with NANOVLLM_TUNE_IN_STEP=0 this starts from the
+alone choices, and otherwise from the engine's own. Here every PDL tiling of the chosen kernels
 (TUNE_KERNELS, default "gemv"; "staged" for staged_gemv) that can run the projection's epilogue is forced
 in turn, projection after projection (TUNE_PROJECTIONS, default "gate_up_proj qkv_proj"; each keeps its
 best before the next is swept), the batch-1 decode graphs are recaptured and a bare replay of the step is
 timed (after a 128-token prompt and 16 decoded tokens). Writes tune_in_step-<card><suffix>.json.
 
 With TUNE_COMBOS (a JSON list of {projection: tiling name, optionally "env": {variable: value} set while
-the graphs are recaptured}) it times those joint choices instead, each
-twice in alternation, beside the tuner's own: what one projection's tiling costs depends on what the
+the graphs are recaptured}) it times those joint choices instead, each twice in alternation, beside the
+engine's own: what one projection's tiling costs depends on what the
 kernels around it leave free of each SM (registers, shared memory) for its programs to start early.
 
     python benchmarks/tune_in_step.py [--out-dir benchmarks/results] [--suffix=-staged]
