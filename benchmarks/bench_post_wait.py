@@ -6,21 +6,23 @@ arrived before the wait, and what it does after it (read x, multiply, write). Th
 alone. Each projection runs after a spin kernel of SPIN_US that waits for the projection before it, then
 spins on the global timer: so a projection is launched early, has the whole spin to load its weights, and
 its wait returns when the spin ends. Its increment is the time of (spin, projection) pairs minus that of
-spins alone, each in a CUDA graph of PAIRS pairs. Rows: every PDL gemv and staged gemv tiling of each
-projection, with its epilogue as the step runs it (folded add + RMSNorm for qkv_proj and gate_up_proj,
-SiLU-and-mul for gate_up_proj, the residual add for o_proj and down_proj), and a kernel that only reads and
-writes one value (the chain's own cost). Writes post_wait-<card>.json.
+spins alone, each the median replay of a CUDA graph of PAIRS pairs (bench_allreduce.time_graph). Rows:
+every PDL gemv and staged gemv tiling of each projection, with its epilogue as the step runs it (folded
+add + RMSNorm for qkv_proj and gate_up_proj, SiLU-and-mul for gate_up_proj, the residual add for o_proj and
+down_proj), and a kernel that only reads and writes one value (the chain's own cost). Writes
+post_wait-<card>.json.
 
     python benchmarks/bench_post_wait.py [--spin-us 15] [--out-dir benchmarks/results]
 """
 import argparse
 import os
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+from bench_allreduce import time_graph
 from bench_latency import card_name, write_json
+from triton.language.extra.cuda import globaltimer
 
 from nanovllm.kernels import fused_attention_output as foa
 from nanovllm.kernels.pdl import launch_dependents, wait_previous
@@ -29,19 +31,14 @@ PAIRS, SLOTS = 24, 4
 
 
 @triton.jit
-def _globaltimer():
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-
-
-@triton.jit
 def _spin_kernel(out_ptr, ns):
     """Lets the next kernel launch, waits for the one before, then spins for ns nanoseconds."""
     launch_dependents(True)
     wait_previous(True)
-    start = _globaltimer()
+    start = globaltimer()
     now = start
     while now - start < ns:
-        now = _globaltimer()
+        now = globaltimer()
     tl.store(out_ptr + tl.program_id(0), now - start)
 
 
@@ -51,24 +48,6 @@ def _null_kernel(x_ptr, out_ptr):
     launch_dependents(True)
     wait_previous(True)
     tl.store(out_ptr + tl.program_id(0), tl.load(x_ptr + tl.program_id(0)) + 1)
-
-
-def graph_us(fn, reps: int = 7) -> float:
-    """Median µs of one replay of a CUDA graph of fn()."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps + 1):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times[1:])
 
 
 def increment_us(kernel, spin_ns: int, sms: int) -> float:
@@ -86,7 +65,7 @@ def increment_us(kernel, spin_ns: int, sms: int) -> float:
     def spins():
         for _ in range(PAIRS):
             spin()
-    return (graph_us(pairs) - graph_us(spins)) / PAIRS
+    return (time_graph(pairs, repeat=1) - time_graph(spins, repeat=1)) / PAIRS
 
 
 def projections(cfg: dict) -> dict:

@@ -618,11 +618,9 @@ def test_gpu_staged_gemv_on_ragged_shapes(rows, warps):
     if not staged_gemv.available(torch.empty(1, dtype=torch.bfloat16, device="cuda")):
         pytest.skip("the staged gemv needs Gluon and sm_90")
     for k, n in [(200, 96), (96, 200), (1000, 520), (2048, 1024)]:
-        box_k = min(256, 1 << (k - 1).bit_length())
-        smem = staged_gemv.smem_bytes(rows, box_k, k)
-        if 1 << (k - 1).bit_length() < 32 * warps or smem > staged_gemv.MAX_SMEM_BYTES:
-            continue  # not a candidate (candidate_configs): a column of x a thread, and the card's shared memory
-        config = KernelConfig("staged", 1, rows, box_k, num_warps=warps, pdl=True)
+        if not staged_gemv.fits(rows, warps, k):  # not a candidate (candidate_configs)
+            continue
+        config = KernelConfig("staged", 1, rows, staged_gemv.box_k(k), num_warps=warps, pdl=True)
         x, weight, residual, b = make_inputs(1, k, n, torch.bfloat16, device="cuda", bias=True, seed=k)
         out = launch(config, x, weight, residual, b, out=poisoned(1, n, torch.bfloat16, "cuda"))
         assert_matches_ref(out, x, weight, residual, b)

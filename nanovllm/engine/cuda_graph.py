@@ -154,21 +154,24 @@ class DecodeGraphs:
         self.slot_mapping.fill_(-1)
         self.context_lens.zero_()
         self.seq_order.copy_(torch.arange(self.max_bs))
-        pool = None
+        self.pool = None
         for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
             for sampling in (True, False):
-                set_context(self.context(bs))
-                try:
-                    self._forward(model, bs, sampling)  # compiles, picks cuBLAS algorithms outside capture
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool):
-                        self._forward(model, bs, sampling)
-                finally:
-                    reset_context()
-                pool = graph.pool()
-                self.graphs[bs, sampling] = graph
-        self.pool = pool
+                self.graphs[bs, sampling] = self._capture_one(model, bs, sampling)
+                self.pool = self.graphs[bs, sampling].pool()
         torch.cuda.synchronize()
+
+    def _capture_one(self, model: nn.Module, bs: int, sampling: bool) -> torch.cuda.CUDAGraph:
+        """One bucket's graph, in the graphs' shared memory pool."""
+        set_context(self.context(bs))
+        try:
+            self._forward(model, bs, sampling)  # compiles, picks cuBLAS algorithms outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, self.pool):
+                self._forward(model, bs, sampling)
+        finally:
+            reset_context()
+        return graph
 
     @torch.inference_mode()
     def tune_batch1(self, model: nn.Module, context_len: int, num_blocks: int) -> dict:
@@ -213,14 +216,7 @@ class DecodeGraphs:
         self.context_lens.zero_()
         self.block_tables.zero_()
         for sampling in (True, False):  # the batch-1 graphs with the choices (other buckets: M > 1)
-            set_context(self.context(1))
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, self.pool):
-                    self._forward(model, 1, sampling)
-            finally:
-                reset_context()
-            self.graphs[1, sampling] = graph
+            self.graphs[1, sampling] = self._capture_one(model, 1, sampling)
         torch.cuda.synchronize()
         return choices
 

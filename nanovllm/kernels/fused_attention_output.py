@@ -176,11 +176,8 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, pdl: bool = Fa
     if pdl:
         configs += [replace(c, pdl=True) for c in configs if c.kernel == "gemv"]
     if pdl and m == 1 and dtype != torch.float32 and staged_gemv.enabled() and not _INTERPRET:
-        box_k = min(256, max(8, 1 << (k - 1).bit_length()))
-        for bn, warps in _STAGED_CONFIGS:
-            if (k % 8 == 0 and staged_gemv.smem_bytes(bn, box_k, k) <= staged_gemv.MAX_SMEM_BYTES
-                    and 1 << (k - 1).bit_length() >= 32 * warps):
-                configs += [KernelConfig("staged", 1, bn, box_k, 1, False, warps, v, pdl=True) for v in (1, 2)]
+        configs += [KernelConfig("staged", 1, bn, staged_gemv.box_k(k), 1, False, warps, variant, pdl=True)
+                    for bn, warps in _STAGED_CONFIGS if staged_gemv.fits(bn, warps, k) for variant in (1, 2)]
     for bm, bn, bk, warps, stages in _GEMM_CONFIGS if m >= 32 else []:
         if bm <= m and (m // bm <= 8 if m <= 256 else bm >= 64):
             configs.append(KernelConfig("gemm", bm, bn, bk, 1, True, warps, stages))
@@ -231,13 +228,14 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
         fused_o_proj_add_residual_kernel[(num_m * num_n,)](*args, m, n, k, *strides, GROUP_M=8, **meta)
         return out
     assert not gated or (_gates(config, bias) and not has_residual)
-    if config.kernel == "staged" and not staged_gemv.supports(x, weight, out, residual if has_residual else None):
-        assert norm is None and not gated, "a folded norm or gate needs unit strides"
-        return launch(_CUBLAS, x, weight, residual if has_residual else None, bias, out)
     if config.kernel == "staged":
-        return staged_gemv.launch(x, weight, out, residual if has_residual else None, bias,
-                                  config.block_n // (2 if gated else 1), config.block_k, config.num_warps,
-                                  config.pdl, pdl_enabled(x.device, 1), norm, gated, config.num_stages == 2)
+        residual = residual if has_residual else None
+        if not (staged_gemv.supports(x, out, residual) and _tma_ok(weight)):
+            assert norm is None and not gated, "a folded norm or gate needs unit strides"
+            return launch(_CUBLAS, x, weight, residual, bias, out)
+        return staged_gemv.launch(x, weight, out, residual, bias, config.block_n // (2 if gated else 1),
+                                  config.block_k, config.num_warps, config.pdl, pdl_enabled(x.device, 1), norm,
+                                  gated, config.num_stages == 2)
     if config.tma and _tma_ok(weight) and not gated:  # W as a descriptor: the kernel then loads it with TMA
         args = (x, TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k]),
                 *args[2:])

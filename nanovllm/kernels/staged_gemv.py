@@ -51,12 +51,22 @@ def smem_bytes(rows: int, box_k: int, k: int) -> int:
     return rows * -(-k // box_k) * box_k * 2 + _next_pow2(k) * 2
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """The strides the kernel takes: one row of x, out and residual of unit stride; W's rows 16-byte
-    aligned, as TMA reads them."""
-    return (x.shape[0] == 1 and x.stride(1) == 1 and out.stride(1) == 1 and weight.stride(1) == 1
-            and (residual is None or residual.stride(1) == 1) and weight.stride(0) * weight.element_size() % 16 == 0
-            and weight.data_ptr() % 16 == 0)
+def box_k(k: int) -> int:
+    """The K width of the TMA boxes for a K-wide W: 256 elements, the most a box takes, or K's power of two."""
+    return min(256, max(8, _next_pow2(k)))
+
+
+def fits(rows: int, num_warps: int, k: int) -> bool:
+    """Whether a tiling of `rows` rows a program at num_warps runs for a K-wide W: rows 16-byte aligned for
+    TMA (K a multiple of 8), its shared memory under MAX_SMEM_BYTES, a column of the x row a thread."""
+    return k % 8 == 0 and smem_bytes(rows, box_k(k), k) <= MAX_SMEM_BYTES and _next_pow2(k) >= 32 * num_warps
+
+
+def supports(x: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """The strides the kernel takes: one row of x, out and residual of unit stride (W: as TMA reads it,
+    fused_attention_output._tma_ok)."""
+    return (x.shape[0] == 1 and x.stride(1) == 1 and out.stride(1) == 1
+            and (residual is None or residual.stride(1) == 1))
 
 
 def _next_pow2(n: int) -> int:
@@ -69,8 +79,8 @@ def launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, residual: t
     """out (1, N) = x (1, K) @ weight^T [+ bias] [+ residual]; norm (fused_attention_output.FoldedNorm):
     of rmsnorm(x [+ norm.add]); gated: weight is [gate; up] (2N, K) and out silu(gate) * up. Each program
     takes `rows` rows of W (of each half when gated) in K boxes of box_k. pdl: the kernel waits for the one
-    ahead (griddepcontrol); launch_pdl: it is launched so that it may start early. Checks: `supports`,
-    the caller's."""
+    ahead (griddepcontrol); launch_pdl: it is launched so that it may start early. Checks (`supports`, W's
+    alignment) are the caller's."""
     n, k = out.shape[1], x.shape[1]
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
     desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], [rows, box_k], layout)
