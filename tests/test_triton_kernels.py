@@ -399,14 +399,16 @@ class _LaunchRecorder:
 
 @pytest.mark.parametrize("enabled", [False, True])
 def test_decode_kernels_launch_with_pdl_as_the_switch_says(monkeypatch, enabled):
-    """Every kernel of a decode step (RMSNorm, RoPE + store, attention and its reduce, SiLU-and-mul) is
-    compiled for PDL (its PDL flag) and launched with it exactly when pdl_enabled says so."""
+    """Every kernel of a decode step (RMSNorm, RoPE + store, attention and its reduce, SiLU-and-mul, the
+    sampler's two passes) is compiled for PDL (its PDL flag) and launched with it exactly when pdl_enabled says so."""
     from nanovllm.kernels import add_rmsnorm as norm_mod
     from nanovllm.kernels import paged_attention as attn_mod
     from nanovllm.kernels import rope_kv_store as rope_mod
+    from nanovllm.kernels import sample as sample_mod
     from nanovllm.kernels import silu_and_mul as silu_mod
     kernels = {(norm_mod, "_rmsnorm_kernel"), (rope_mod, "_rope_kv_store_kernel"), (silu_mod, "_silu_and_mul_kernel"),
-               (attn_mod, "_decode_kernel"), (attn_mod, "_decode_reduce_kernel")}
+               (attn_mod, "_decode_kernel"), (attn_mod, "_decode_reduce_kernel"),
+               (sample_mod, "_chunk_best_kernel"), (sample_mod, "_row_best_kernel")}
     recorders = {}
     for mod, name in kernels:
         recorders[name] = _LaunchRecorder()
@@ -420,6 +422,7 @@ def test_decode_kernels_launch_with_pdl_as_the_switch_says(monkeypatch, enabled)
     rope_and_store_kv(q, k, v, positions, cos_sin, *caches, slots, *norms)
     q, k_cache, v_cache, tables, cu, ctx = paged_batch([1, 1], [100, 7], 4, 2, 64, 16, torch.float32)
     paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125, num_kv_splits=2)
+    sample_mod.sample(x, torch.zeros(2), torch.zeros(1, dtype=torch.int64), torch.empty(2, dtype=torch.int64))
     for name, recorder in recorders.items():
         assert recorder.launches, name
         assert all(kw["PDL"] is enabled and kw["launch_pdl"] is enabled for kw in recorder.launches), name
@@ -427,10 +430,12 @@ def test_decode_kernels_launch_with_pdl_as_the_switch_says(monkeypatch, enabled)
 
 @gpu_only
 def test_gpu_pdl_chain_in_a_cuda_graph_matches_without_pdl(monkeypatch):
-    """RMSNorm -> RoPE + KV store -> decode attention (split) -> SiLU-and-mul -> add + RMSNorm, each reading
-    what the kernel just before it wrote, captured in a CUDA graph with PDL: after new inputs are copied in,
-    a replay gives the bits of the same kernels run eagerly without PDL."""
+    """RMSNorm -> RoPE + KV store -> decode attention (split) -> SiLU-and-mul -> add + RMSNorm -> the
+    sampler's two argmax passes, each reading what the kernel just before it wrote, captured in a CUDA graph
+    with PDL: after new inputs are copied in, a replay gives the bits of the same kernels run eagerly
+    without PDL."""
     from nanovllm.kernels.pdl import pdl_enabled
+    from nanovllm.kernels.sample import sample
     monkeypatch.setenv("NANOVLLM_PDL_MAX_TOKENS", "8")  # PDL at batch 8 too, which the engine leaves off
     if not pdl_enabled(torch.device(DEVICE), 8):
         pytest.skip("programmatic dependent launch needs sm_90 (and NANOVLLM_PDL unset)")
@@ -449,22 +454,25 @@ def test_gpu_pdl_chain_in_a_cuda_graph_matches_without_pdl(monkeypatch):
         rope_and_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slots, *norms)
         o = paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, dim ** -0.5, num_kv_splits=4)
         a = silu_and_mul(o.view(batch, -1))  # (batch, heads * dim / 2)
-        return add_rmsnorm(a, residual[:, :a.shape[1]], w[:a.shape[1]], 1e-6)[0], k_cache.clone()
+        h = add_rmsnorm(a, residual[:, :a.shape[1]], w[:a.shape[1]], 1e-6)[0]
+        return h, k_cache.clone(), sample(h, temps, seed, torch.empty(batch, dtype=torch.int64, device=DEVICE))
 
+    temps, seed = torch.zeros(batch, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE)
     state = [t.clone() for t in (x, residual, k_cache, v_cache)]
     step()  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, kc = step()
+        out, kc, tokens = step()
     new_x = torch.randn_like(x)
     for t, s in zip((x, residual, k_cache, v_cache), state):
         t.copy_(s)
     x.copy_(new_x)
     graph.replay()
-    got = (out.clone(), kc.clone(), residual.clone())
+    got = (out.clone(), kc.clone(), residual.clone(), tokens.clone())
     for t, s in zip((x, residual, k_cache, v_cache), state):
         t.copy_(s)
     x.copy_(new_x)
     monkeypatch.setenv("NANOVLLM_PDL", "0")
-    want_out, want_kc = step()
+    want_out, want_kc, want_tokens = step()
     assert torch.equal(got[0], want_out) and torch.equal(got[1], want_kc) and torch.equal(got[2], residual)
+    assert torch.equal(got[3], want_tokens) and torch.equal(want_tokens, want_out.float().argmax(-1))

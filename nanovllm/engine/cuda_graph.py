@@ -8,8 +8,9 @@ kernel's split count, chosen from shapes alone, is fixed per bucket.
 
 The graphs end with the sampler where it can live there: each bucket has a greedy graph (LM head, argmax)
 and a sampling graph that draws temperature samples in one Triton pass over the logits (kernels/sample.py;
-rows with temperature 0 keep the argmax), so such a step copies back only B token ids. Anything else (seeds,
-top-k/p, min-p, penalties, logprobs) replays the greedy graph and runs the Sampler on its logits.
+rows with temperature 0 keep the argmax, and on CUDA the greedy graph's argmax is that pass at temperature
+0), so such a step copies back only B token ids. Anything else (seeds, top-k/p, min-p, penalties,
+logprobs) replays the greedy graph and runs the Sampler on its logits.
 
 Under tensor parallelism every rank captures the same graphs, collectives included (NCCL collectives are
 captured like kernels), and samples inside them without gathering the logits: each rank computes its slice
@@ -82,6 +83,7 @@ class DecodeGraphs:
         self.context_lens, self.seq_order = self.dev32[:max_bs], self.dev32[max_bs:2 * max_bs]
         self.block_tables = self.dev32[2 * max_bs:].view(max_bs, max_num_blocks)
         self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
+        self.greedy_temps = torch.zeros(max_bs, dtype=torch.float32, device=device)  # the greedy graphs' zeros
         self.seed = torch.randint(2**62, (1,), dtype=torch.int64).to(device)  # the sampling kernel's Philox key
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
         self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
@@ -106,7 +108,6 @@ class DecodeGraphs:
         self.head_weight, self.vocab_start = head.weight, head.vocab_start
         self.num_valid = min(width, vocab_size - head.vocab_start)  # the last rank's slice ends in padding
         self.local_logits = torch.empty(max_bs, width, dtype=dtype, device=device)
-        self.greedy_temps = torch.zeros(max_bs, dtype=torch.float32, device=device)
         self.sample_workspace = sample_workspace(max_bs, width, device)  # (max_bs, 2, chunks of the slice)
         self.gathered = torch.empty(self.tp_size * self.sample_workspace.numel(), device=device)
         dist.broadcast(self.seed, src=0)
@@ -138,16 +139,19 @@ class DecodeGraphs:
         logits = model.compute_logits(hidden, out=self.logits[:bs])  # (bs, vocab); None on a TP worker
         if logits is None:
             return
-        if not sampling:
-            torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
-            return
-        # Per-row temperature draws (0: argmax): Gumbel-max in one pass over the logits on CUDA, then a new
-        # seed for the next replay; the Sampler's exponential race in torch elsewhere (same distribution).
+        # On CUDA, kernels/sample.py: per-row temperature draws (Gumbel-max in one pass over the logits, then
+        # a new seed for the next replay), or at temperature 0 the argmax (ties to the lowest id, as
+        # torch.argmax), spread over the SMs, where torch's reduction of one row runs on one, and launched
+        # with PDL at one token. Elsewhere torch: argmax, or the Sampler's exponential race (same distribution).
         if logits.is_cuda:
-            sample(logits, self.temperatures[:bs], self.seed, self.next_tokens[:bs], self.sample_workspace)
-            self.seed.add_(1)
-        else:
+            temps = self.temperatures[:bs] if sampling else self.greedy_temps[:bs]
+            sample(logits, temps, self.seed, self.next_tokens[:bs], self.sample_workspace)
+            if sampling:
+                self.seed.add_(1)
+        elif sampling:
             sample_ref(logits, self.temperatures[:bs], self.next_tokens[:bs])
+        else:
+            torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
 
     def _capture(self, model: nn.Module) -> None:
         # Warm-up and capture really run: slot -1 and context 0 keep them away from the KV cache.

@@ -21,6 +21,7 @@ from nanovllm.distributed.worker import TP_TIMEOUT_S, WorkerGroup
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.embed_head import ParallelLMHead
 from nanovllm.layers.linear import RowParallelLinear
 from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
 from nanovllm.models import load_model, set_use_triton
@@ -190,6 +191,8 @@ class ModelRunner:
         if linear.COLUMN_PARALLEL_DISPATCHER:
             shapes = {(*m.weight.shape, m.bias is not None)
                       for m in self.model.modules() if isinstance(m, linear.ColumnParallelLinear)}
+            shapes |= {(*m.weight.shape, False) for m in self.model.modules()  # the LM head (embed_head.py)
+                       if isinstance(m, ParallelLMHead) and m.tp_size == 1}
             for n, k, has_bias in shapes:
                 warmup(n, k, self.dtype, self.device, max_m=linear.COLUMN_DISPATCHER_MAX_M, has_bias=has_bias,
                        fused=False)

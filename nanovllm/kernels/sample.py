@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from nanovllm.kernels import jit
+from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
 
 try:
     import triton
@@ -74,9 +75,11 @@ def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Te
     assert logits.stride(-1) == 1 and workspace.shape[2] >= -(-vocab // CHUNK) and workspace.shape[0] >= batch
     if batch:
         chunk = min(CHUNK, max(4, triton.next_power_of_2(vocab)))  # a small vocabulary: one chunk
+        pdl = pdl_enabled(logits.device, batch)
         _chunk_best_kernel[(batch, workspace.shape[2])](
             logits, logits.stride(0), temperatures, seed, workspace, workspace.stride(0), workspace.stride(1),
-            vocab, vocab_offset, CHUNK=chunk, BLOCK=min(_BLOCK, chunk), ALIGNED=vocab_offset % 4 == 0)
+            vocab, vocab_offset, CHUNK=chunk, BLOCK=min(_BLOCK, chunk), ALIGNED=vocab_offset % 4 == 0, PDL=pdl,
+            launch_pdl=pdl)
 
 
 def pick_bests(workspaces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -84,21 +87,27 @@ def pick_bests(workspaces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     vocabulary (R = 1 without TP) -> out (B,) int64, each row's best index, the lowest of equal scores."""
     ranks, batch, _, chunks = workspaces.shape
     if batch:
+        pdl = pdl_enabled(out.device, batch)
         _row_best_kernel[(batch,)](workspaces, workspaces.stride(0), workspaces.stride(1), workspaces.stride(2),
-                                   out, chunks, ranks * chunks, BLOCK=triton.next_power_of_2(ranks * chunks))
+                                   out, chunks, ranks * chunks, BLOCK=triton.next_power_of_2(ranks * chunks),
+                                   PDL=pdl, launch_pdl=pdl)
     return out
 
 
 @jit
 def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_ws, stride_kind, vocab,
-                       vocab_offset, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                       vocab_offset, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                       PDL: tl.constexpr):
     """Grid (B, chunks): the best score and its index in row's vocabulary [chunk * CHUNK, + CHUNK).
     ALIGNED: vocab_offset is a multiple of 4, so the tile's tokens are whole groups of 4 (one Philox call
-    each); otherwise each token makes its own call and keeps its lane, which draws the same numbers."""
+    each); otherwise each token makes its own call and keeps its lane, which draws the same numbers.
+    With PDL the temperature and the seed, step inputs, are read before the wait (nanovllm/kernels/pdl.py)."""
+    launch_dependents(PDL)
     row, chunk = tl.program_id(0), tl.program_id(1)
     temp = tl.load(temps_ptr + row)
     inv_temp = 1.0 / tl.where(temp > 0, temp, 1.0)
     seed = tl.load(seed_ptr)
+    wait_previous(PDL)  # the logits come from the LM head
     row_ptr = logits_ptr + row.to(tl.int64) * stride
     best = -float("inf")
     best_idx = 0
@@ -136,8 +145,11 @@ def _uniforms(seed, row, first, index, BLOCK: tl.constexpr, ALIGNED: tl.constexp
 
 
 @jit
-def _row_best_kernel(ws_ptr, stride_rank, stride_ws, stride_kind, out_ptr, chunks, total, BLOCK: tl.constexpr):
+def _row_best_kernel(ws_ptr, stride_rank, stride_ws, stride_kind, out_ptr, chunks, total, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     """Grid (B,): the row's best chunk over every rank (the first of equal scores) gives its token."""
+    launch_dependents(PDL)
+    wait_previous(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)  # rank * chunks + chunk: the order of the vocabulary
     ptrs = ws_ptr + (offs // chunks) * stride_rank + row * stride_ws + offs % chunks
