@@ -98,31 +98,29 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
             seq_order=None, block_n=None, num_warps=4, num_stages=3):
     batch, (_, num_heads, head_dim) = context_lens.shape[0], q.shape
     num_kv_heads, group = k_cache.shape[2], num_heads // k_cache.shape[2]
-    block_n = block_n or (64 if q.is_cuda else 16)
     if num_splits > 1:  # fp32 partial outputs and log-sum-exps, merged by the reduce kernel
         partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        dst, dst_strides = partial, (partial.stride(0), partial.stride(1), partial.stride(2))
     else:
-        partial = lse = out  # unused with one split
+        lse, dst, dst_strides = out, out, (out.stride(0), out.stride(1), 0)  # lse unused with one split
     pdl = pdl_enabled(q.device, q.shape[0])
     _decode_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
-        context_lens if seq_order is None else seq_order, out, partial, lse, scale * LOG2E,
+        context_lens if seq_order is None else seq_order, dst, lse, scale * LOG2E,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        out.stride(0), out.stride(1), partial.stride(0), partial.stride(1), partial.stride(2) if num_splits > 1 else 0,
-        lse.stride(0), lse.stride(1),
+        *dst_strides, lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=block_n, UPCAST=not q.is_cuda, PRECISION=_dot_precision(q),
+        BLOCK_N=block_n or (64 if q.is_cuda else 16), UPCAST=not q.is_cuda, PRECISION=_dot_precision(q),
         ORDERED=seq_order is not None, PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            partial, lse, out, cu_seqlens_q, context_lens, partial.stride(0), partial.stride(1), partial.stride(2),
+            partial, lse, out, cu_seqlens_q, partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_N=block_n,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl,
-            launch_pdl=pdl,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl,
         )
 
 
@@ -181,18 +179,11 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@jit
-def _split_len(ctx_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keys of each split of a seq: an equal share of ctx_len in whole tiles (at least one). So a short
-    seq fills only its first splits, and the rest are empty."""
-    return tl.maximum(tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
-
-
 @jit(do_not_specialize=["stride_bt"])  # the block table's width changes with eager batches
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
-                   seq_order_ptr, out_ptr, partial_ptr, lse_ptr, qk_scale, stride_qt, stride_qh,
+                   seq_order_ptr, dst_ptr, lse_ptr, qk_scale, stride_qt, stride_qh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                   stride_ot, stride_oh, stride_pb, stride_ph, stride_ps, stride_lt, stride_lh,
+                   stride_dt, stride_dh, stride_ds, stride_lt, stride_lh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -200,11 +191,6 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     """Grid (Hkv, B, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys.
     With PDL the seq's row and length (step inputs) are read before the wait (nanovllm/kernels/pdl.py), and
     so are the first tile's pages and its keys older than the step's new token.
-
-    A seq fills its first ctx_len / split_len splits; the programs of the others end at once, writing
-    nothing (at batch 1 a graph has up to 32 splits, and a short seq fills 2 or 3), and a seq that fills one
-    split writes its output straight into out, leaving the reduce kernel nothing to do for it: the same
-    bits as merging one partial (weight exp2(0) = 1).
 
     Programs start in grid order as SMs free up, and a seq's programs take time in proportion to its
     length, so a long seq that starts last runs on alone at the end. Hence the KV heads are the grid's
@@ -217,11 +203,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
         seq = tl.load(seq_order_ptr + seq)
     token = tl.load(cu_seqlens_q_ptr + seq)
     ctx_len = tl.load(context_lens_ptr + seq)
-    split_len = _split_len(ctx_len, NUM_SPLITS, BLOCK_N)
+    split_len = tl.cdiv(tl.cdiv(ctx_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, ctx_len)
-    if split > 0 and start >= end:  # an empty split: the reduce reads only the seq's filled ones
-        return
 
     offs_g, offs_d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
@@ -251,7 +235,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
         k_new, v_new = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, new & (pos < end), kv_head, offs_d,
                                       d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                       PAGE_SIZE)
-        if start < end:  # a padded seq (context 0) keeps m = -inf, l = 0, as the loop leaves them
+        if start < end:  # an empty split (or a padded seq) keeps m = -inf, l = 0, as the loop leaves them
             m_i, l_i, acc = _softmax_step(q, k + k_new, v + v_new, (pos < end)[None, :], m_i, l_i, acc, qk_scale,
                                           UPCAST, PRECISION)
         n_loop += BLOCK_N
@@ -262,41 +246,38 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
         m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
 
-    # A padded seq (context 0) leaves l_i = 0: write zeros.
+    # An empty split (or a padded seq with context 0) leaves l_i = 0: write zeros and lse = -inf.
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    mask = g_mask[:, None] & d_mask[None, :]
-    if ctx_len <= split_len:  # the seq's only split (always, with NUM_SPLITS 1): straight into out (T, H, D)
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:  # into the partials (B, H, NUM_SPLITS, D), and the log-sum-exps (log2 units)
-        tl.store(partial_ptr + seq * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-                 acc, mask=mask)
-        lse = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))
+    if NUM_SPLITS == 1:  # straight into out (T, H, D)
+        row = token
+    else:  # into the partials (B, H, NUM_SPLITS, D)
+        row = seq
+    dst = dst_ptr + row * stride_dt + heads[:, None] * stride_dh + split * stride_ds + offs_d[None, :]
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if NUM_SPLITS > 1:
+        lse = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))  # log2 units; -inf for an empty split
         tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=g_mask)
 
 
 @jit
-def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, stride_pb, stride_ph,
-                          stride_ps, stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Grid (B, H): merges the seq's filled splits' partial outputs, weighting each by its share of the softmax
-    mass. A seq of one split has its output already (the decode kernel wrote it)."""
+def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, stride_pb, stride_ph, stride_ps,
+                          stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PDL: tl.constexpr):
+    """Grid (B, H): merges the splits' partial outputs, weighting each by its share of the softmax mass."""
     launch_dependents(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
-    ctx_len = tl.load(context_lens_ptr + seq)  # step inputs
-    token = tl.load(cu_seqlens_q_ptr + seq)
-    split_len = _split_len(ctx_len, NUM_SPLITS, BLOCK_N)
-    wait_previous(PDL)  # also for a seq of one split: what runs next waits for this kernel alone
-    if ctx_len <= split_len:
-        return
     offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    s_mask, d_mask = offs_s < tl.cdiv(ctx_len, split_len), offs_d < HEAD_DIM
+    s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < HEAD_DIM
+    token = tl.load(cu_seqlens_q_ptr + seq)  # a step input
+    wait_previous(PDL)
     lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, 0))  # (BLOCK_S,): every filled split has keys, so lse is finite there
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # (BLOCK_S,), 0 for empty splits
     partial = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
                       + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (S, BLOCK_D)
-    result = tl.sum(partial * weight[:, None], 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    result = tl.sum(partial * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty),
              mask=d_mask)
 
