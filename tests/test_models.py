@@ -179,7 +179,7 @@ def test_norm_folded_into_projections_matches_hf(tiny, sequences, use_fused_outp
     if use_fused_output:
         model, _ = load_model(path, torch.float32, "cpu", use_fused_output=True)
     calls, gated = [], []
-    monkeypatch.setattr(linear, "_dispatches", lambda x: x.dim() == 2 and x.shape[0] == 1)
+    monkeypatch.setattr(linear, "dispatches", lambda x: x.dim() == 2 and x.shape[0] == 1)
     monkeypatch.setattr(fao, "rmsnorm_project",
                         lambda *a: calls.append(a[5] is None) or gated.append(a[6]) or rmsnorm_project_ref(*a))
     norms = [layer.input_layernorm for layer in model.model.layers]

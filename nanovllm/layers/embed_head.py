@@ -43,12 +43,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits. Unlike nano-vllm's it picks no rows: the runner passes only the rows it samples.
     Under tensor parallelism every rank must call it with the same rows; only rank 0 gets the logits.
-    Without TP, at one row on CUDA it goes through the projections' dispatcher, as qkv_proj does
-    (linear.COLUMN_PARALLEL_DISPATCHER): cuBLAS or a gemv launched with PDL, whichever was tuned faster."""
+    Without TP, where the column-parallel layers send x to the projections' dispatcher (linear.dispatches:
+    one row on CUDA), so does it: cuBLAS or a gemv launched with PDL, whichever was tuned faster."""
 
     def forward(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        if self.tp_size == 1 and hidden_states.is_cuda and linear.COLUMN_PARALLEL_DISPATCHER \
-                and hidden_states.shape[0] <= linear.COLUMN_DISPATCHER_MAX_M:
+        if self.tp_size == 1 and linear.dispatches(hidden_states):
             from nanovllm.kernels.fused_attention_output import project
             return project(hidden_states, self.weight, out=out)
         if self.tp_size == 1:

@@ -86,7 +86,7 @@ class ColumnParallelLinear(LinearBase):
         copy_weight(param.data, loaded_weight.chunk(self.tp_size, dim=0)[self.tp_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _dispatches(x):
+        if dispatches(x):
             # Imported here: the kernel module (and Triton) is only needed for the CUDA path.
             from nanovllm.kernels.fused_attention_output import project
             return project(x, self.weight, self.bias)  # (T, out)
@@ -115,7 +115,7 @@ class ColumnParallelLinear(LinearBase):
 def folds_norm(x: torch.Tensor, norm: RMSNorm) -> bool:
     """Whether the projection after this RMSNorm folds it into its own kernel for this input (a
     column-parallel layer at one token; never the LM head after the model's final norm)."""
-    return FOLD_NORM and norm.use_triton and norm.feeds_projection and x.shape[0] == 1 and _dispatches(x)
+    return FOLD_NORM and norm.use_triton and norm.feeds_projection and x.shape[0] == 1 and dispatches(x)
 
 
 def _runs_own_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -123,8 +123,9 @@ def _runs_own_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return runs_own_kernel(x, weight, bias)
 
 
-def _dispatches(x: torch.Tensor) -> bool:
-    """Whether a column-parallel layer sends x to the fused kernel's dispatcher (`project`)."""
+def dispatches(x: torch.Tensor) -> bool:
+    """Whether a column-parallel layer (and the LM head, without TP) sends x to the fused kernel's dispatcher
+    (`project`)."""
     return x.is_cuda and x.dim() == 2 and x.shape[0] <= COLUMN_DISPATCHER_MAX_M and COLUMN_PARALLEL_DISPATCHER
 
 
