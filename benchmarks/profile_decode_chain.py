@@ -8,10 +8,17 @@ of a decoder layer by its place in the layer, the median over layers and replays
 duration, and of the gap from the previous kernel's end to its start (negative: it was resident early);
 then the same for each kernel before and after the layers. Writes decode_chain-<card>.json.
 
+With --loop it profiles instead batch 1 in the engine's default loop (LLM.generate, async scheduling) and
+reports what the GPU does between two steps' graphs: from one step's last kernel to the next step's first
+projection, each copy and kernel (median start and duration over the steps), and the step's period.
+Writes decode_loop-<card>.json.
+
     python benchmarks/profile_decode_chain.py [--replays 20] [--out-dir benchmarks/results]
     NANOVLLM_PDL=0 python benchmarks/profile_decode_chain.py --suffix=-no-pdl
+    python benchmarks/profile_decode_chain.py --loop
 """
 import argparse
+import json
 import os
 import statistics
 
@@ -71,14 +78,50 @@ def summarize(runs: list[list[tuple[str, float, float]]], num_layers: int) -> di
             "layer_us": layer_us, "by_kernel": table}
 
 
+def loop_between_steps(llm: LLM, tokens: int = 96) -> dict:
+    """The GPU's work between consecutive decode graphs of one batch-1 request in the default loop."""
+    prompt = torch.randint(0, 10000, (128,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=tokens)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], params, use_tqdm=False)
+        torch.cuda.synchronize()
+    events = sorted((e.time_range.start, e.time_range.end, short(e.name)) for e in prof.events()
+                    if e.device_type.name == "CUDA")
+    ends = [i for i, (_, _, name) in enumerate(events) if "row_best" in name]  # each graph's last kernel
+    between: dict[str, dict[str, list[float]]] = {}
+    periods, heads = [], []
+    for a, b in zip(ends[8:], ends[9:]):  # steady decode steps only
+        t0 = events[a][1]
+        periods.append(events[b][1] - t0)
+        for i in range(a + 1, b):
+            start, end, name = events[i]
+            if "gemv" in name:  # the first layer's qkv projection: the graph's head is behind
+                heads.append(start - t0)
+                break
+            row = between.setdefault(f"{i - a} {name}", {"start_us": [], "duration_us": []})
+            row["start_us"].append(start - t0)
+            row["duration_us"].append(end - start)
+    return {"steps": len(periods), "period_us": statistics.median(periods),
+            "first_projection_starts_us": statistics.median(heads),
+            "between": {key: {m: statistics.median(v) for m, v in row.items()} | {"count": len(row["start_us"])}
+                        for key, row in between.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--loop", action="store_true", help="profile the default loop between steps instead")
     parser.add_argument("--suffix", default="", help="appended to the file name, e.g. -no-pdl")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     name, tag = card_name()
     llm = batch1_engine()
+    if args.loop:
+        result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", **loop_between_steps(llm)}
+        print(json.dumps(result, indent=1))
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_json(os.path.join(args.out_dir, f"decode_loop-{tag}{args.suffix}.json"), result)
+        return llm.close()
     runner = llm.engine.model_runner
     num_layers = len(runner.model.model.layers)
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "context": 144,
