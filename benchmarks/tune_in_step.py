@@ -34,9 +34,10 @@ def step_ms(runner) -> float:
     """GPU ms of the batch-1 greedy step, its graphs recaptured with the current choices (the static inputs
     kept: capture clears them)."""
     graphs = runner.graphs
-    saved = graphs.inputs.clone()
+    saved = graphs.dev64.clone(), graphs.dev32.clone()
     graphs._capture(runner.model)
-    graphs.inputs.copy_(saved)
+    graphs.dev64.copy_(saved[0])
+    graphs.dev32.copy_(saved[1])
     return replay_ms(runner, 1, reps=300)
 
 

@@ -44,44 +44,27 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
             return sizes
 
 
-def _input_views(buffer: torch.Tensor, max_bs: int, max_num_blocks: int):
-    """The decode graphs' inputs, laid out in one int32 buffer so that one copy moves a step's inputs (and
-    under TP one broadcast): int64 rows [input_ids; positions; slot_mapping; src_rows], then float32
-    temperatures, then int32 context_lens, seq_order and the (max_bs, max_num_blocks) block tables. The
-    fourth int64 row holds the rows of the previous step's ids that input_ids are gathered from."""
-    m = max_bs
-    int64 = buffer[:8 * m].view(torch.int64).view(4, m)
-    temps = buffer[8 * m:9 * m].view(torch.float32)
-    return int64, temps, buffer[9 * m:10 * m], buffer[10 * m:11 * m], buffer[11 * m:].view(m, max_num_blocks)
-
-
-def _input_size(max_bs: int, max_num_blocks: int) -> int:
-    return max_bs * (11 + max_num_blocks)
-
-
 class _PinnedInputs:
-    """One set of host staging buffers for a replay's inputs (pinned on CUDA), laid out as the device's
-    (_input_views). A replay's copy reads it after replay() has returned, so a set is rewritten only once
-    its step is known to be done: after the caller's read-back with one set, or two steps later with two
-    (async scheduling)."""
+    """One set of host staging buffers for a replay's inputs (pinned on CUDA). A replay's copies read them
+    after replay() has returned, so a set is rewritten only once its step is known to be done: after the
+    caller's read-back with one set, or two steps later with two (async scheduling)."""
 
     def __init__(self, max_bs: int, max_num_blocks: int, pin: bool):
-        self.buffer = torch.zeros(_input_size(max_bs, max_num_blocks), dtype=torch.int32, pin_memory=pin)
-        int64, temps, context_lens, seq_order, tables = _input_views(self.buffer, max_bs, max_num_blocks)
-        # numpy views: writes go to pinned memory
-        self.np64, self.temps, self.context_lens, self.seq_order, self.np_tables = (
-            t.numpy() for t in (int64, temps, context_lens, seq_order, tables))
+        self.int64 = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=pin)
+        self.int32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
+        self.temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
+        self.np64, self.np32 = self.int64.numpy(), self.int32.numpy()  # views: writes go to pinned memory
+        self.np_tables = self.np32[2 * max_bs:].reshape(max_bs, max_num_blocks)
         self.row_tables: list[list[int] | None] = [None] * max_bs  # what each row of np_tables holds
 
 
 class DecodeGraphs:
     """Captures `model` for decode batches of up to max_num_seqs seqs and replays it for a batch of seqs.
 
-    A step's inputs travel in one host-to-device copy from a pinned buffer (_input_views). Outputs: `logits`
-    (max_bs, vocab) in the model dtype (under TP: on rank 0, after a replay that gathers them) and
-    `next_tokens` (max_bs,) int64. `next_tokens` is `input_ids`: a graph's sampler writes the next step's
-    input ids where its embedding read this step's, so a decode step of the same seqs in the same rows
-    (async scheduling's steady state) copies no ids and gathers nothing before its replay.
+    Inputs travel in host-to-device copies from pinned buffers: int64 [input_ids; positions; slot_mapping],
+    int32 [context_lens | seq_order | block_tables] and, for the sampling graphs, float32 temperatures. Outputs:
+    `logits` (max_bs, vocab) in the model dtype (under TP: on rank 0, after a replay that gathers them) and
+    `next_tokens` (max_bs,) int64.
     """
 
     @torch.inference_mode()
@@ -94,15 +77,17 @@ class DecodeGraphs:
         self.block_size, self.max_num_blocks = block_size, max_num_blocks
         self.host = [_PinnedInputs(max_bs, max_num_blocks, device.type == "cuda") for _ in range(host_buffers)]
         self.num_replays = 0  # picks the host buffer set: replay i uses host[i % host_buffers]
-        self.inputs = torch.zeros(_input_size(max_bs, max_num_blocks), dtype=torch.int32, device=device)
-        int64, self.temperatures, self.context_lens, self.seq_order, self.block_tables = _input_views(
-            self.inputs, max_bs, max_num_blocks)
-        self.input_ids, self.positions, self.slot_mapping, self.src_rows = int64  # (max_bs,) each
+        self.dev64 = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
+        self.dev32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.dev64  # (max_bs,) each
+        self.context_lens, self.seq_order = self.dev32[:max_bs], self.dev32[max_bs:2 * max_bs]
+        self.block_tables = self.dev32[2 * max_bs:].view(max_bs, max_num_blocks)
+        self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
         self.greedy_temps = torch.zeros(max_bs, dtype=torch.float32, device=device)  # the greedy graphs' zeros
         self.seed = torch.randint(2**62, (1,), dtype=torch.int64).to(device)  # the sampling kernel's Philox key
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
         self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
-        self.next_tokens = self.input_ids  # see the class docstring; zeros, so padding rows read a valid id
+        self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
         self.device = device
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampling) -> graph
         self.model = model
@@ -253,48 +238,46 @@ class DecodeGraphs:
         bs = self.bucket[n]
         host = self.host[self.num_replays % len(self.host)]
         self.num_replays += 1
-        ids, positions, slots, src = host.np64
+        ids, positions, slots = host.np64
         pos = [seq.num_computed_tokens for seq in seqs]
-        # With prev_ids from a replay of these seqs in these rows (async scheduling's steady state), input_ids
-        # already hold the ids: next_tokens is input_ids. Otherwise the host sends them, or the rows of
-        # prev_ids to gather them from.
-        gather = prev_ids is not None and (prev_ids.data_ptr() != self.next_tokens.data_ptr() or any(
-            row != i for i, row in enumerate(src_rows)))
         if prev_ids is None:
             ids[:n] = [seq.token_ids[p] for seq, p in zip(seqs, pos)]
+        else:  # the ids row carries the source rows, resolved on the device below; padding reads id 0
+            ids[:n] = src_rows
             ids[n:bs] = 0
-        elif gather:
-            src[:n] = src_rows
         positions[:n] = pos
         slots[:n] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, pos)]
         slots[n:bs] = -1
-        context_lens = host.context_lens
+        context_lens = host.np32[:self.max_bs]
         context_lens[:n] = positions[:n] + 1
         context_lens[n:bs] = 0
-        host.seq_order[:bs] = longest_first(context_lens[:bs])
+        host.np32[self.max_bs:self.max_bs + bs] = longest_first(context_lens[:bs])
         self._write_block_tables(host, seqs)
+        self.dev64.copy_(host.int64, non_blocking=True)
+        used = self._int32_used(bs)
+        self.dev32[:used].copy_(host.int32[:used], non_blocking=True)
+        if prev_ids is not None:
+            self.input_ids[:n] = prev_ids[self.input_ids[:n]]  # (n,) gathered before the replay overwrites them
         if temperatures is not None:
-            host.temps[:n] = temperatures
-            host.temps[n:bs] = 0
-        first, used = 0 if prev_ids is None else 2 * self.max_bs, self._inputs_used(bs)  # int32 units
-        self.inputs[first:used].copy_(host.buffer[first:used], non_blocking=True)
-        if gather:  # (n,) gathered before the replay overwrites them
-            self.input_ids[:n] = prev_ids[self.src_rows[:n]]
+            host.temps.numpy()[:n] = temperatures
+            host.temps.numpy()[n:bs] = 0
+            self.temperatures.copy_(host.temps, non_blocking=True)
         sampling = temperatures is not None
         if self.tp_size > 1:
             send_decode(bs, sampling, logits)
-            broadcast_decode_inputs(self.inputs[:used])
+            broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
         self._replay(bs, sampling, logits)
 
     def follow(self, bs: int, sampling: int, gather_logits: int) -> None:
         """A TP worker's side of rank 0's replay (after its DECODE header): the same inputs, the same graph,
         and its share of the logits' gather when rank 0 asks for them."""
-        broadcast_decode_inputs(self.inputs[:self._inputs_used(bs)])
+        used = self._int32_used(bs)
+        broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
         self._replay(bs, bool(sampling), bool(gather_logits))
 
-    def _inputs_used(self, bs: int) -> int:
-        """How much of `inputs` a replay of bucket bs reads: all but the block tables' rows past bs."""
-        return _input_size(self.max_bs, self.max_num_blocks) - (self.max_bs - bs) * self.max_num_blocks
+    def _int32_used(self, bs: int) -> int:
+        """How much of dev32 a replay of bucket bs reads: context_lens, seq_order, bs block tables."""
+        return 2 * self.max_bs + bs * self.max_num_blocks
 
     def _replay(self, bs: int, sampling: bool, gather_logits: bool = False) -> None:
         if self.graphs:
