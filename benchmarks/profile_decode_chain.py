@@ -39,6 +39,14 @@ def batch1_engine() -> LLM:
     return llm
 
 
+def gpu_events(prof, copies: bool) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, short name) of what ran on the GPU under the profiler, in start order: kernels,
+    and with copies also memory copies and sets."""
+    return sorted((e.time_range.start, e.time_range.end, short(e.name)) for e in prof.events()
+                  if e.device_type.name == "CUDA" and (copies or not any(
+                      op in e.name.lower() for op in ("memcpy", "memset"))))
+
+
 def replay_kernels(graph, replays: int) -> list[list[tuple[str, float, float]]]:
     """(name, start µs, end µs) of each kernel of each replay, in start order."""
     graph.replay()
@@ -47,9 +55,7 @@ def replay_kernels(graph, replays: int) -> list[list[tuple[str, float, float]]]:
         for _ in range(replays):
             graph.replay()
             torch.cuda.synchronize()
-    events = sorted((e.time_range.start, e.time_range.end, short(e.name)) for e in prof.events()
-                    if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
-                    and "memset" not in e.name.lower())
+    events = gpu_events(prof, copies=False)
     per = len(events) // replays
     assert per * replays == len(events), f"{len(events)} kernels in {replays} replays"
     return [[(name, s, e) for s, e, name in events[r * per:(r + 1) * per]] for r in range(replays)]
@@ -85,8 +91,7 @@ def loop_between_steps(llm: LLM, tokens: int = 96) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         llm.generate([prompt], params, use_tqdm=False)
         torch.cuda.synchronize()
-    events = sorted((e.time_range.start, e.time_range.end, short(e.name)) for e in prof.events()
-                    if e.device_type.name == "CUDA")
+    events = gpu_events(prof, copies=True)
     ends = [i for i, (_, _, name) in enumerate(events) if "row_best" in name]  # each graph's last kernel
     between: dict[str, dict[str, list[float]]] = {}
     periods, heads = [], []

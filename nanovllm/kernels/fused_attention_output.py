@@ -80,18 +80,17 @@ def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residua
 
 @dataclass(frozen=True, slots=True)
 class KernelConfig:
-    """One way to compute the op. kernel: "gemv" (tiled_gemv_kernel), "gemm" (the tensor-core kernel),
-    "staged" (one row, Hopper: staged_gemv.staged_gemv_kernel, block_n rows of W a program, all of its K in
-    shared memory in boxes of block_k; num_stages 1 reads x through shared memory, 2 straight from global
-    memory, its DIRECT) or "cublas" (the unfused path itself: cuBLAS matmul into out, then an in-place
-    add). use_dot: the
-    gemv multiplies on tensor cores, else on CUDA cores. tma: the gemv loads W tiles with the tensor
-    memory accelerator (one bulk copy per tile) instead of per-thread loads. pdl: the gemv is launched
-    with programmatic dependent launch (Hopper): it may start while the kernel before it finishes, loads
-    its first W tile (W depends on no earlier kernel), and only then waits for that kernel
-    (griddepcontrol.wait) before it reads x or the residual or writes anything. swap: the tensor-core gemv
-    computes out^T = W x^T, so the W tile is the MMA's wide first operand (Hopper's wgmma wants 64 rows
-    there) and the few rows of x its narrow second one."""
+    """One way to compute the op. kernel: "gemv" (tiled_gemv_kernel), "gemm" (the tensor-core kernel), "staged"
+    (one row, Hopper: staged_gemv.staged_gemv_kernel, block_n rows of W a program, all of its K in shared
+    memory in boxes of block_k; num_stages 1 reads x through shared memory, 2 straight from global memory, its
+    DIRECT) or "cublas" (the unfused path itself: cuBLAS matmul into out, then an in-place add). use_dot: the
+    gemv multiplies on tensor cores, else on CUDA cores. tma: the gemv loads W tiles with the tensor memory
+    accelerator (one bulk copy per tile) instead of per-thread loads. pdl: the gemv is launched with
+    programmatic dependent launch (Hopper): it may start while the kernel before it finishes, loads its first
+    W tile (W depends on no earlier kernel), and only then waits for that kernel (griddepcontrol.wait) before
+    it reads x or the residual or writes anything. swap: the tensor-core gemv computes out^T = W x^T, so the W
+    tile is the MMA's wide first operand (Hopper's wgmma wants 64 rows there) and the few rows of x its narrow
+    second one."""
     kernel: str
     block_m: int = 16
     block_n: int = 64
@@ -371,10 +370,23 @@ def _read_tuning(path: str) -> dict[str, dict]:
         return {}
 
 
-def _remember(disk_key: str, config: KernelConfig) -> None:
-    """Adds one choice to the tuning file: read, update, then an atomic rename, so processes tuning at the
-    same time (tensor-parallel ranks) lose at most each other's newest entries, never the file."""
-    _remember_entry(disk_key, asdict(config))
+def _remember(entry: str, value: dict) -> None:
+    """Adds one entry (a choice, or tune_in_step's joint choices) to the tuning file: read, update, then an
+    atomic rename, so processes tuning at the same time (tensor-parallel ranks) lose at most each other's
+    newest entries, never the file."""
+    path = _tuning_file()
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        table = _read_tuning(path)
+        table[entry] = value
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=0)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: tuning still works, per process
+        pass
 
 
 def _recalled(disk_key: str) -> KernelConfig | None:
@@ -395,7 +407,7 @@ def _tune(device: torch.device, dtype: torch.dtype, n: int, k: int, has_bias: bo
     best = _recalled(disk_key)
     if best is None:
         best = _time_candidates(*key)
-        _remember(disk_key, best)
+        _remember(disk_key, asdict(best))
     _BEST[key] = best
     return best
 
@@ -429,23 +441,6 @@ def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, h
     best = min(times, key=times.get)
     TUNING_LOG[(device, dtype, n, k, has_bias, m, pdl, fused)] = {str(c): t for c, t in times.items()}
     return best
-
-
-def _remember_entry(entry: str, value) -> None:
-    """Writes one entry of the tuning file (see _remember)."""
-    path = _tuning_file()
-    if path is None:
-        return
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        table = _read_tuning(path)
-        table[entry] = value
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=0)
-        os.replace(tmp, path)
-    except OSError:  # a read-only home: tuning still works, per process
-        pass
 
 
 def in_step_candidates(key: tuple) -> list[KernelConfig]:
@@ -507,7 +502,7 @@ def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, Ker
     choices = {k: _BEST[k] for k in keys}
     _IN_STEP[entry] = {"choices": [asdict(choices[k]) for k in keys],
                        "step_us": {"alone_choices": first_us, "in_step_choices": best_us}}
-    _remember_entry(entry, _IN_STEP[entry])
+    _remember(entry, _IN_STEP[entry])
     return choices
 
 
