@@ -15,7 +15,13 @@ Writes decode_loop-<card>.json.
 
     python benchmarks/profile_decode_chain.py [--replays 20] [--out-dir benchmarks/results]
     NANOVLLM_PDL=0 python benchmarks/profile_decode_chain.py --suffix=-no-pdl
+With --knockout it recaptures the batch-1 greedy graph with some kernels not launched (the reduce of the
+KV splits, RoPE + KV store, all of attention, the final RMSNorm, the argmax's second pass) and times bare
+replays of each graph, alternated: what each removal saves bounds what fusing that kernel away could
+gain. The tokens such a graph makes are wrong; only its time is read. Writes decode_knockout-<card>.json.
+
     python benchmarks/profile_decode_chain.py --loop
+    python benchmarks/profile_decode_chain.py --knockout
 """
 import argparse
 import json
@@ -112,10 +118,67 @@ def loop_between_steps(llm: LLM, tokens: int = 96) -> dict:
                         for key, row in between.items()}}
 
 
+KNOCKOUTS = {  # name: the launchers (module, attribute) it takes out of the graph
+    "reduce": [("paged_attention", "_decode_reduce_kernel")],
+    "rope": [("rope_kv_store", "_rope_kv_store_kernel")],
+    "rope+reduce": [("rope_kv_store", "_rope_kv_store_kernel"), ("paged_attention", "_decode_reduce_kernel")],
+    "attention": [("rope_kv_store", "_rope_kv_store_kernel"), ("paged_attention", "_decode_kernel"),
+                  ("paged_attention", "_decode_reduce_kernel")],
+    "final_norm": [("add_rmsnorm", "_rmsnorm_kernel")],  # at batch 1 only the final norm runs alone
+    "argmax_pass2": [("sample", "_row_best_kernel")],
+}
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: kernel[grid](...) launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@torch.inference_mode()
+def knockouts(llm: LLM, rounds: int = 4) -> dict:
+    """Bare-replay µs of the batch-1 greedy graph as captured, and with each KNOCKOUTS entry left out."""
+    import importlib
+    runner = llm.engine.model_runner
+    graphs = {"none": runner.graphs.graphs[1, False]}
+    for name, targets in KNOCKOUTS.items():
+        modules = [importlib.import_module(f"nanovllm.kernels.{module}") for module, _ in targets]
+        saved = [getattr(module, attr) for module, (_, attr) in zip(modules, targets)]
+        try:
+            for module, (_, attr) in zip(modules, targets):
+                setattr(module, attr, _NoLaunch())
+            graphs[name] = runner.graphs._capture_one(runner.model, 1, False)
+        finally:
+            for module, (_, attr), kernel in zip(modules, targets, saved):
+                setattr(module, attr, kernel)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            for _ in range(5):
+                graph.replay()
+            each = []
+            for _ in range(7):
+                start.record()
+                for _ in range(50):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                each.append(start.elapsed_time(end) * 1e3 / 50)
+            times[name].append(statistics.median(each))
+    base = statistics.median(times["none"])
+    return {"context": 144, "step_us": base, "knocked_out": {
+        name: {"step_us": statistics.median(t), "saves_us": base - statistics.median(t),
+               "step_us_each_round": t, "kernels": [attr for _, attr in KNOCKOUTS.get(name, [])]}
+        for name, t in times.items() if name != "none"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--loop", action="store_true", help="profile the default loop between steps instead")
+    parser.add_argument("--knockout", action="store_true", help="time the step with kernels left out instead")
     parser.add_argument("--suffix", default="", help="appended to the file name, e.g. -no-pdl")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -126,6 +189,14 @@ def main() -> None:
         print(json.dumps(result, indent=1))
         os.makedirs(args.out_dir, exist_ok=True)
         write_json(os.path.join(args.out_dir, f"decode_loop-{tag}{args.suffix}.json"), result)
+        return llm.close()
+    if args.knockout:
+        result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", **knockouts(llm)}
+        print(f"step {result['step_us']:.1f} µs")
+        for key, row in result["knocked_out"].items():
+            print(f"without {key:14s} {row['step_us']:7.1f} µs, saves {row['saves_us']:5.1f}")
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_json(os.path.join(args.out_dir, f"decode_knockout-{tag}{args.suffix}.json"), result)
         return llm.close()
     runner = llm.engine.model_runner
     num_layers = len(runner.model.model.layers)

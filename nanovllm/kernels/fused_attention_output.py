@@ -458,6 +458,7 @@ def in_step_candidates(key: tuple) -> list[KernelConfig]:
 # tune_in_step's joint choices by their tuning-file entry: every engine of a process runs the same ones for
 # the same keys, file or not (with fused output on and off the keys are the same, and so must the bits be).
 _IN_STEP: dict[str, dict] = {}
+_STEP_VERSION = 2  # bump when the step's other kernels change (e.g. their launch): the joint choices are retuned
 
 
 def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, KernelConfig]:
@@ -475,7 +476,7 @@ def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, Ker
     keys = sorted((k for k in _BEST if k[0] == device and k[5] == 1 and k[6]), key=str)
     if not keys:
         return {}
-    entry = json.dumps(["in_step", *[_disk_key(*k) for k in keys]])
+    entry = json.dumps(["in_step", _STEP_VERSION, *[_disk_key(*k) for k in keys]])
     path = _tuning_file()
     recalled = _IN_STEP.get(entry) or (_read_tuning(path).get(entry) if path else None)
     if recalled:

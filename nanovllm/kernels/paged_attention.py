@@ -94,9 +94,21 @@ def _default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, devic
     return max(1, min(wanted, max_kv_len // 64, 32))
 
 
+def _decode_warps_stages(batch: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the decode kernel, timed inside the decode graphs on an H100
+    (benchmarks/bench_decode_launch.py). At a few seqs a program has one or two key tiles, and what costs is
+    its chain of dependent steps after the PDL wait, not its loop: 8 warps and no pipelining took the
+    batch-1 step from 754 to 691 µs at 144 keys and from 793 to 723 at 1,000 (no worse at 8,000), though
+    alone the kernel prefers 4 warps and 3 stages (NOTES-kernels.md). From batch 8 up 8 warps lose (+16 %
+    at 256) and 2 stages edge out 3 (~1 %). Two variants in all, both compiled when the graphs are captured."""
+    return (8, 1) if batch <= 4 else (4, 2)
+
+
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits,
-            seq_order=None, block_n=None, num_warps=4, num_stages=3):
+            seq_order=None, block_n=None, num_warps=None, num_stages=None):
     batch, (_, num_heads, head_dim) = context_lens.shape[0], q.shape
+    if num_warps is None:
+        num_warps, num_stages = _decode_warps_stages(batch)
     num_kv_heads, group = k_cache.shape[2], num_heads // k_cache.shape[2]
     if num_splits > 1:  # fp32 partial outputs and log-sum-exps, merged by the reduce kernel
         partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
