@@ -69,10 +69,9 @@ def replay_kernels(graph, replays: int) -> list[list[tuple[str, float, float]]]:
 
 def summarize(runs: list[list[tuple[str, float, float]]], num_layers: int) -> dict:
     names = [name for name, _, _ in runs[0]]
-    decodes = [i for i, name in enumerate(names) if name.endswith("_decode_kernel")]
-    assert len(decodes) == num_layers, "one decode attention kernel per layer"
-    # qkv_proj's kernel precedes it, and the RoPE + store kernel where that runs on its own
-    per_layer, first = decodes[1] - decodes[0], decodes[0] - (2 if "rope" in names[decodes[0] - 1] else 1)
+    ropes = [i for i, name in enumerate(names) if "rope" in name]
+    assert len(ropes) == num_layers, "one RoPE kernel per layer"
+    per_layer, first = ropes[1] - ropes[0], ropes[0] - 1  # qkv_proj's kernel precedes RoPE
     rows: dict[str, dict[str, list[float]]] = {}
     for kernels in runs:
         for i in range(1, len(kernels)):
@@ -119,8 +118,7 @@ def loop_between_steps(llm: LLM, tokens: int = 96) -> dict:
                         for key, row in between.items()}}
 
 
-KNOCKOUTS = {  # name: the launchers (module, attribute) it takes out of the graph (where the step runs them:
-    # at batch 1 RoPE + KV store now runs inside the decode kernel, so "rope" takes nothing out there)
+KNOCKOUTS = {  # name: the launchers (module, attribute) it takes out of the graph
     "reduce": [("paged_attention", "_decode_reduce_kernel")],
     "rope": [("rope_kv_store", "_rope_kv_store_kernel")],
     "rope+reduce": [("rope_kv_store", "_rope_kv_store_kernel"), ("paged_attention", "_decode_reduce_kernel")],

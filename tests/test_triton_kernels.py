@@ -161,68 +161,6 @@ def rope_inputs(num_tokens, num_heads, num_kv_heads, head_dim, dtype, block_size
     return qkv, positions, cos_sin, caches, slots.to(DEVICE), norms
 
 
-def decode_step_inputs(ctx_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
-    """A decode step before RoPE: raw q (in paged_batch's caches) and k, v of each seq's new token, which
-    goes to position ctx_len - 1 in its last block (a padded row, context 0, gets slot -1)."""
-    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * len(ctx_lens), [max(c, 1) for c in ctx_lens],
-                                                       num_heads, num_kv_heads, head_dim, block_size, dtype, seed)
-    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
-    (_, k, v), _, _, _, _, norms = rope_inputs(len(ctx_lens), num_heads, num_kv_heads, head_dim, dtype,
-                                               seed=seed + 1)
-    freqs = torch.arange(max(ctx_lens)).float()[:, None] / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
-    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(DEVICE)  # (positions, D)
-    positions = torch.tensor([max(c - 1, 0) for c in ctx_lens], device=DEVICE)
-    slots = torch.tensor([int(tables[b, (c - 1) // block_size]) * block_size + (c - 1) % block_size if c else -1
-                          for b, c in enumerate(ctx_lens)], device=DEVICE)
-    return q, k, v, k_cache, v_cache, tables, cu, ctx, positions, cos_sin, slots, norms
-
-
-@pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("num_kv_splits", [1, 3])
-@pytest.mark.parametrize("dtype,qk_norm", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
-def test_decode_with_new_tokens_equals_rope_kernel_then_decode(monkeypatch, pdl, num_kv_splits, dtype, qk_norm):
-    """The decode kernel taking the step's k, v and q before RoPE (NewTokens) gives the bits of the RoPE +
-    store kernel followed by the decode kernel, in the output and in both caches. The new token sits in a
-    first tile (37 keys in 3 splits), in a later tile of its split (100 keys), alone (1), or nowhere (0)."""
-    from nanovllm.kernels import paged_attention as pa
-    if pdl and torch.cuda.is_available() and not pdl_supported(torch.device(DEVICE)):
-        pytest.skip("programmatic dependent launch needs sm_90")
-    monkeypatch.setattr(pa, "pdl_enabled", lambda device, num_tokens=1: pdl)
-    q, k, v, k_cache, v_cache, tables, cu, ctx, positions, cos_sin, slots, norms = decode_step_inputs(
-        [37, 0, 100, 1], 4, 2, 64, 16, dtype)
-    qn, kn = norms if qk_norm else (None, None)
-    want_q, want_k, want_kc, want_vc = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
-    rope_and_store_kv(want_q, want_k, v, positions, cos_sin, want_kc, want_vc, slots, qn, kn)
-    want = paged_attention(want_q, want_kc, want_vc, tables, cu, ctx, 1, 0.125, num_kv_splits=num_kv_splits)
-    got = torch.full_like(q, float("nan"))
-    paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, 0.125, out=got, num_kv_splits=num_kv_splits,
-                    new_tokens=pa.NewTokens(k, v, positions, cos_sin, slots, qn, kn, 1e-6))
-    assert torch.equal(k_cache, want_kc) and torch.equal(v_cache, want_vc)
-    assert torch.equal(got, want)
-    ref_q, ref_k, ref_kc, ref_vc = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
-    rope_and_store_kv_ref(ref_q, ref_k, v, positions, cos_sin, ref_kc, ref_vc, slots, qn, kn)
-    torch.testing.assert_close(got, paged_attention_ref(ref_q, ref_kc, ref_vc, tables, cu, ctx, 1, 0.125),
-                               **tols(dtype))
-
-
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size", [(9, 3, 64, 32), (2, 1, 128, 16),
-                                                                        (16, 8, 128, 16)])
-def test_decode_with_new_tokens_head_shapes(num_heads, num_kv_heads, head_dim, block_size):
-    # SmolLM2's 9/3 heads, one KV head of a pair, Qwen3-0.6B's 16/8 x 128: the rotation pairs d with d + D/2.
-    from nanovllm.kernels import paged_attention as pa
-    q, k, v, k_cache, v_cache, tables, cu, ctx, positions, cos_sin, slots, norms = decode_step_inputs(
-        [5, 40], num_heads, num_kv_heads, head_dim, block_size, torch.bfloat16)
-    scale = head_dim ** -0.5
-    ref_q, ref_k, ref_kc, ref_vc = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
-    rope_and_store_kv_ref(ref_q, ref_k, v, positions, cos_sin, ref_kc, ref_vc, slots, *norms)
-    got = paged_attention(q, k_cache, v_cache, tables, cu, ctx, 1, scale, num_kv_splits=2,
-                          new_tokens=pa.NewTokens(k, v, positions, cos_sin, slots, *norms, 1e-6))
-    torch.testing.assert_close(k_cache, ref_kc, **tols(torch.bfloat16))
-    torch.testing.assert_close(v_cache, ref_vc, atol=0, rtol=0)
-    torch.testing.assert_close(got, paged_attention_ref(ref_q, ref_kc, ref_vc, tables, cu, ctx, 1, scale),
-                               **tols(torch.bfloat16))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim", [(5, 4, 2, 64), (3, 9, 3, 64),

@@ -458,7 +458,7 @@ def in_step_candidates(key: tuple) -> list[KernelConfig]:
 # tune_in_step's joint choices by their tuning-file entry: every engine of a process runs the same ones for
 # the same keys, file or not (with fused output on and off the keys are the same, and so must the bits be).
 _IN_STEP: dict[str, dict] = {}
-_STEP_VERSION = 3  # bump when the step's other kernels change (e.g. their launch): the joint choices are retuned
+_STEP_VERSION = 2  # bump when the step's other kernels change (e.g. their launch): the joint choices are retuned
 
 
 def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, KernelConfig]:

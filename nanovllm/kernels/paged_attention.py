@@ -10,7 +10,6 @@ One program serves all H // Hkv query heads of a KV head (GQA), so each K/V tile
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 
@@ -50,39 +49,15 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-class NewTokens(NamedTuple):
-    """A decode step's own keys and values, handed to the decode kernel before RoPE and the cache store:
-    k and v (T, Hkv, D) as qkv_proj made them, and what rope_and_store_kv (kernels/rope_kv_store.py) would
-    take to normalize (Qwen3), rotate and store them; q comes to paged_attention unrotated too."""
-    k: torch.Tensor
-    v: torch.Tensor
-    positions: torch.Tensor
-    cos_sin_cache: torch.Tensor
-    slot_mapping: torch.Tensor
-    q_norm_weight: torch.Tensor | None
-    k_norm_weight: torch.Tensor | None
-    eps: float
-
-
-def fuses_rope(num_tokens: int) -> bool:
-    """Whether a decode step of num_tokens seqs does RoPE + KV store inside the decode kernel (NewTokens):
-    at a few seqs it saves the RoPE kernel's link in the chain; every KV split's program redoes its q
-    heads' norm and rotation, which at batch 256 cost more than it saved (NOTES-gpu.md, session 13)."""
-    return num_tokens <= 4
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                     max_q_len: int, scale: float, out: torch.Tensor | None = None,
-                    num_kv_splits: int | None = None, seq_order: torch.Tensor | None = None,
-                    new_tokens: NewTokens | None = None) -> torch.Tensor:
+                    num_kv_splits: int | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
     """Returns out (T, H, D) in q's dtype. No host sync: safe inside a CUDA graph when the shapes are fixed.
 
     max_q_len == 1 takes the decode kernel, whose KV-split count (num_kv_splits, default from the shapes
     alone) is a compile-time constant; any other batch takes the varlen kernel. seq_order, a permutation
-    of the seqs, changes only when each seq's programs start, never the result. new_tokens (decode only):
-    q and the step's k, v are not yet normalized, rotated or stored; the decode kernel does it, with the
-    rounding of rope_and_store_kv, and stores k and v into the caches.
+    of the seqs, changes only when each seq's programs start, never the result.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -95,9 +70,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             num_kv_splits = _default_num_kv_splits(context_lens.shape[0], num_kv_heads,
                                                    block_tables.shape[1] * k_cache.shape[1], q.device)
         _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_kv_splits,
-                seq_order, new_tokens=new_tokens)
+                seq_order)
     else:
-        assert new_tokens is None, "RoPE + KV store run inside the decode kernel only"
         _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out)
     return out
 
@@ -131,7 +105,7 @@ def _decode_warps_stages(batch: int) -> tuple[int, int]:
 
 
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits,
-            seq_order=None, block_n=None, num_warps=None, num_stages=None, new_tokens=None):
+            seq_order=None, block_n=None, num_warps=None, num_stages=None):
     batch, (_, num_heads, head_dim) = context_lens.shape[0], q.shape
     if num_warps is None:
         num_warps, num_stages = _decode_warps_stages(batch)
@@ -143,25 +117,15 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
     else:
         lse, dst, dst_strides = out, out, (out.stride(0), out.stride(1), 0)  # lse unused with one split
     pdl = pdl_enabled(q.device, q.shape[0])
-    new = new_tokens
-    has_norm = new is not None and new.q_norm_weight is not None
-    if new is not None:  # unused pointers below take q in their place
-        assert head_dim % 2 == 0 and new.k.stride(-1) == new.v.stride(-1) == 1
-        assert has_norm == (new.k_norm_weight is not None), "q and k norms come together (Qwen3)"
     _decode_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
         context_lens if seq_order is None else seq_order, dst, lse, scale * LOG2E,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         *dst_strides, lse.stride(0), lse.stride(1),
-        *((new.k, new.v, new.positions, new.cos_sin_cache, new.slot_mapping) if new is not None else (q,) * 5),
-        *((new.q_norm_weight, new.k_norm_weight) if has_norm else (q, q)), new.eps if new is not None else 0.0,
-        *((new.k.stride(0), new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos_sin_cache.stride(0))
-          if new is not None else (0,) * 5),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=block_n or (64 if q.is_cuda else 16), UPCAST=not q.is_cuda, PRECISION=_dot_precision(q),
-        ORDERED=seq_order is not None, PDL=pdl, NEW=new is not None, HAS_NORM=has_norm,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        ORDERED=seq_order is not None, PDL=pdl, num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -227,38 +191,18 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@jit
-def _norm_rope_rows(x, xp, w, wp, cos, sin, first, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Rows (R, BLOCK_D) of heads, fp32, normalized (Qwen3's per-head RMSNorm, weight w) and rotated (neox
-    RoPE), as rope_kv_store._norm_rope_head does it to each half: xp holds each row with its halves swapped
-    (xp[d] = x[(d + D/2) % D]), wp the weight likewise; cos, sin (BLOCK_D,) repeat over the halves; first
-    is d < D/2. The norm's sum is fp64, exact in any order, so both kernels round alike."""
-    if HAS_NORM:
-        x64 = x.to(tl.float64)
-        rstd = tl.rsqrt((tl.sum(x64 * x64, 1) / HEAD_DIM).to(tl.float32) + eps)[:, None]
-        x, xp = x * rstd * w, xp * rstd * wp
-    return tl.where(first, x * cos - xp * sin, x * cos + xp * sin)
-
-
 @jit(do_not_specialize=["stride_bt"])  # the block table's width changes with eager batches
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
                    seq_order_ptr, dst_ptr, lse_ptr, qk_scale, stride_qt, stride_qh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                    stride_dt, stride_dh, stride_ds, stride_lt, stride_lh,
-                   k_new_ptr, v_new_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr, q_norm_ptr, k_norm_ptr, eps,
-                   stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   ORDERED: tl.constexpr, PDL: tl.constexpr, NEW: tl.constexpr, HAS_NORM: tl.constexpr):
+                   ORDERED: tl.constexpr, PDL: tl.constexpr):
     """Grid (Hkv, B, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys.
     With PDL the seq's row and length (step inputs) are read before the wait (nanovllm/kernels/pdl.py), and
     so are the first tile's pages and its keys older than the step's new token.
-
-    NEW (paged_attention's new_tokens): q and the new token's k, v come from qkv_proj as they are. Each
-    program normalizes and rotates its q heads; the program whose split holds the new token's position
-    also does k, stores k and v into the caches, and every program puts the new row into its tiles from
-    registers, never from the cache. So RoPE + KV store needs no kernel of its own.
 
     Programs start in grid order as SMs free up, and a seq's programs take time in proportion to its
     length, so a long seq that starts last runs on alone at the end. Hence the KV heads are the grid's
@@ -279,50 +223,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     heads = kv_head * GROUP + offs_g
     g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
     table_row_ptr = block_tables_ptr + seq * stride_bt
-    if NEW:  # step inputs and weights, so before the wait too: the rotation and the norm weights
-        half: tl.constexpr = HEAD_DIM // 2
-        first = offs_d < half
-        swapped = tl.where(first, offs_d + half, offs_d - half)  # each d's partner in the other half
-        cs_ptr = cos_sin_ptr + tl.load(positions_ptr + token) * stride_cs + offs_d % half
-        cos = tl.load(cs_ptr, mask=d_mask, other=0.0).to(tl.float32)
-        sin = tl.load(cs_ptr + half, mask=d_mask, other=0.0).to(tl.float32)
-        qw, qwp, kw, kwp = cos, cos, cos, cos  # unused without a norm
-        if HAS_NORM:
-            qw = tl.load(q_norm_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            qwp = tl.load(q_norm_ptr + swapped, mask=d_mask, other=0.0).to(tl.float32)
-            kw = tl.load(k_norm_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-            kwp = tl.load(k_norm_ptr + swapped, mask=d_mask, other=0.0).to(tl.float32)
-        slot = tl.load(slot_mapping_ptr + token)
-        owner = (start <= ctx_len - 1) & (ctx_len - 1 < end)  # this split holds the new token's key
     if PDL:  # the first tile's pages, and its keys older than the step's own, before the wait: see below
         pos = start + tl.arange(0, BLOCK_N)
         pages = tl.load(table_row_ptr + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
         k, v = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, pos < tl.minimum(end, ctx_len - 1), kv_head,
                               offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                               PAGE_SIZE)
-    wait_previous(PDL)  # q and the new token's K/V come from the kernel ahead (RoPE + store, or qkv_proj)
-    q_ptrs = q_ptr + token * stride_qt + heads[:, None] * stride_qh
-    q_mask = g_mask[:, None] & d_mask[None, :]
-    q = tl.load(q_ptrs + offs_d[None, :], mask=q_mask, other=0.0)  # (BLOCK_G, BLOCK_D)
-    if NEW:
-        qp = tl.load(q_ptrs + swapped[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        q = _norm_rope_rows(q.to(tl.float32), qp, qw[None, :], qwp[None, :], cos[None, :], sin[None, :],
-                            first[None, :], eps, HEAD_DIM, HAS_NORM).to(q_ptr.dtype.element_ty)
-        k_row_ptr = k_new_ptr + token * stride_knt + kv_head * stride_knh
-        v_row_ptr = v_new_ptr + token * stride_vnt + kv_head * stride_vnh
-        row_mask = offs_d < tl.where(owner, HEAD_DIM, 0)
-        v_row = tl.load(v_row_ptr + offs_d, mask=row_mask, other=0.0)[None, :]  # (1, BLOCK_D)
-        k_row = tl.load(k_row_ptr + offs_d, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        kp_row = tl.load(k_row_ptr + swapped, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        k_row = _norm_rope_rows(k_row, kp_row, kw[None, :], kwp[None, :], cos[None, :], sin[None, :],
-                                first[None, :], eps, HEAD_DIM, HAS_NORM).to(k_cache_ptr.dtype.element_ty)
-        v_row = v_row.to(v_cache_ptr.dtype.element_ty)
-        store_mask = (offs_d < tl.where(owner & (slot >= 0), HEAD_DIM, 0))[None, :]  # slot -1: a padded row
-        page, in_page = (slot // PAGE_SIZE).to(tl.int64), slot % PAGE_SIZE
-        tl.store(k_cache_ptr + page * stride_kb + in_page * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                 k_row, mask=store_mask)
-        tl.store(v_cache_ptr + page * stride_vb + in_page * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                 v_row, mask=store_mask)
+    wait_previous(PDL)  # q and the new token's K/V come from the RoPE + store kernel
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -335,26 +244,18 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
         # final before this kernel started; only the new token's row is loaded after the wait (zero
         # elsewhere, so the sum is exact). Same tile, same products, same order as without PDL.
         new = pos == ctx_len - 1
-        if NEW:
-            k = tl.where(new[:, None], k_row, k)
-            v = tl.where(new[:, None], v_row, v)
-        else:
-            k_new, v_new = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, new & (pos < end), kv_head,
-                                          offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                          stride_vh, PAGE_SIZE)
-            k, v = k + k_new, v + v_new
+        k_new, v_new = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, new & (pos < end), kv_head, offs_d,
+                                      d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      PAGE_SIZE)
         if start < end:  # an empty split (or a padded seq) keeps m = -inf, l = 0, as the loop leaves them
-            m_i, l_i, acc = _softmax_step(q, k, v, (pos < end)[None, :], m_i, l_i, acc, qk_scale, UPCAST,
-                                          PRECISION)
+            m_i, l_i, acc = _softmax_step(q, k + k_new, v + v_new, (pos < end)[None, :], m_i, l_i, acc, qk_scale,
+                                          UPCAST, PRECISION)
         n_loop += BLOCK_N
     for n0 in range(n_loop, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_mask = pos < end
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
-        if NEW:  # the new row from registers: this program's own store above may not be visible yet
-            is_new = (pos == ctx_len - 1)[:, None]
-            k, v = tl.where(is_new, k_row, k), tl.where(is_new, v_row, v)
         m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
 
     # An empty split (or a padded seq with context 0) leaves l_i = 0: write zeros and lse = -inf.

@@ -102,10 +102,8 @@ def _norm_rope_head(x_ptrs, mask, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr,
     (BLOCK_T, BLOCK_HALF) point at the first halves. Returns the rotated halves (fp32)."""
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_HALF)
     x2 = tl.load(x_ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NORM:  # the sum in fp64: exact in any order, so the decode kernel's RoPE (NewTokens) rounds alike
-        x1_64, x2_64 = x1.to(tl.float64), x2.to(tl.float64)
-        sumsq = tl.sum(x1_64 * x1_64, 1) + tl.sum(x2_64 * x2_64, 1)
-        rstd = tl.rsqrt((sumsq / HEAD_DIM).to(tl.float32) + eps)[:, None]
+    if HAS_NORM:
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
         x1, x2 = x1 * rstd * w1, x2 * rstd * w2
     r1 = x1 * cos - x2 * sin
     r2 = x2 * cos + x1 * sin

@@ -23,13 +23,9 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])
         self.use_triton = False
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_stored: bool = False,
-                new_tokens=None) -> torch.Tensor:
-        """new_tokens (paged_attention.NewTokens, Triton decode steps): q, k and v are not yet rotated or
-        stored; the decode kernel does both."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_stored: bool = False
+                ) -> torch.Tensor:
         context = get_context()
-        if new_tokens is not None:
-            return self.forward_triton(q, context, new_tokens).flatten(1)
         if self.k_cache.numel() == 0:
             return self.forward_no_cache(q, k, v, context).flatten(1)
         if not kv_stored:
@@ -48,11 +44,11 @@ class Attention(nn.Module):
         self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
         self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
 
-    def forward_triton(self, q: torch.Tensor, context: Context, new_tokens=None) -> torch.Tensor:
+    def forward_triton(self, q: torch.Tensor, context: Context) -> torch.Tensor:
         from nanovllm.kernels.paged_attention import paged_attention
         return paged_attention(q, self.k_cache, self.v_cache, context.block_tables, context.cu_seqlens_q,
                                context.context_lens_t, context.max_q_len, self.scale,
-                               seq_order=context.seq_order, new_tokens=new_tokens)
+                               seq_order=context.seq_order)
 
     def forward_native(self, q: torch.Tensor, context: Context, k: torch.Tensor | None = None,
                        v: torch.Tensor | None = None) -> torch.Tensor:

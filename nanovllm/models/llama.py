@@ -15,8 +15,7 @@ from nanovllm.utils.context import get_context
 class LlamaAttention(nn.Module):
     """input_layernorm -> qkv_proj -> (q/k RMSNorm per head, Qwen3) -> rope -> paged attention -> o_proj.
 
-    With `use_triton` and a KV cache, the q/k norm, rope and cache store are one kernel (rope_and_store_kv),
-    or at a decode step of a few seqs part of the decode attention kernel (paged_attention.NewTokens).
+    With `use_triton` and a KV cache, the q/k norm, rope and cache store are one kernel (rope_and_store_kv).
     The layer's norm comes in as an argument: at one token it folds into qkv_proj's kernel.
     """
     fuses_residual = False  # o_proj adds the residual (FusedOutputMixin)
@@ -47,12 +46,6 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.use_triton and self.attn.k_cache.numel():
-            from nanovllm.kernels.paged_attention import NewTokens, fuses_rope
-            if get_context().is_decode and fuses_rope(q.shape[0]):  # RoPE + store inside the decode kernel
-                q_norm, k_norm = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None,) * 2
-                eps = self.q_norm.eps if self.q_norm is not None else 1e-6
-                return self.attn(q, k, v, new_tokens=NewTokens(k, v, positions, self.rotary_emb.cos_sin_cache,
-                                                               get_context().slot_mapping, q_norm, k_norm, eps))
             self.rope_and_store_kv(positions, q, k, v)
             return self.attn(q, k, v, kv_stored=True)
         if self.q_norm is not None:
