@@ -17,7 +17,7 @@ import json
 import os
 
 import torch
-from bench_latency import card_name, free_cuda, model_dir, write_json
+from bench_latency import card_name, free_cuda, graph_replay_us, model_dir, write_json
 
 import nanovllm.kernels.paged_attention as paged_attention
 from nanovllm import LLM
@@ -39,21 +39,6 @@ def set_step(graphs, batch: int, context: int, num_blocks: int) -> None:
     graphs.block_tables[:batch] = torch.arange(batch * width, device=graphs.device).view(batch, width) % num_blocks
 
 
-def replay_us(graph, reps: int = 30, rounds: int = 7) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(rounds):
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[rounds // 2]
-
-
 @torch.inference_mode()
 def sweep(max_num_seqs: int, max_model_len: int, batches: list[int], contexts: list[int]) -> list[dict]:
     llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=max_num_seqs,
@@ -73,7 +58,7 @@ def sweep(max_num_seqs: int, max_model_len: int, batches: list[int], contexts: l
                         paged_attention._decode_warps_stages = policy
                     for context in contexts:
                         set_step(graphs, batch, context, runner.num_blocks)
-                        us.setdefault((batch, context, setting), []).append(replay_us(graph))
+                        us.setdefault((batch, context, setting), []).append(graph_replay_us(graph))
                     del graph
     finally:
         llm.close()

@@ -29,7 +29,7 @@ import os
 import statistics
 
 import torch
-from bench_latency import card_name, model_dir, short, write_json
+from bench_latency import card_name, graph_replay_us, model_dir, short, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
@@ -152,21 +152,10 @@ def knockouts(llm: LLM, rounds: int = 4) -> dict:
         finally:
             for module, (_, attr), kernel in zip(modules, targets, saved):
                 setattr(module, attr, kernel)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times: dict[str, list[float]] = {name: [] for name in graphs}
     for _ in range(rounds):
         for name, graph in graphs.items():
-            for _ in range(5):
-                graph.replay()
-            each = []
-            for _ in range(7):
-                start.record()
-                for _ in range(50):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                each.append(start.elapsed_time(end) * 1e3 / 50)
-            times[name].append(statistics.median(each))
+            times[name].append(graph_replay_us(graph, reps=50))
     base = statistics.median(times["none"])
     return {"context": 144, "step_us": base, "knocked_out": {
         name: {"step_us": statistics.median(t), "saves_us": base - statistics.median(t),
