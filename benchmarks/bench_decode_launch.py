@@ -17,10 +17,11 @@ import json
 import os
 
 import torch
-from bench_latency import card_name, free_cuda, graph_replay_us, model_dir, write_json
+from bench_latency import card_name, free_cuda, model_dir, write_json
 
 import nanovllm.kernels.paged_attention as paged_attention
 from nanovllm import LLM
+from nanovllm.engine.cuda_graph import replay_us
 
 SETTINGS = [(4, 3), (8, 1), (4, 2), (4, 1), (8, 2)]  # (num_warps, num_stages); the first is the old default
 RUNS = [  # (max_num_seqs, max_model_len, batches, contexts)
@@ -58,7 +59,7 @@ def sweep(max_num_seqs: int, max_model_len: int, batches: list[int], contexts: l
                         paged_attention._decode_warps_stages = policy
                     for context in contexts:
                         set_step(graphs, batch, context, runner.num_blocks)
-                        us.setdefault((batch, context, setting), []).append(graph_replay_us(graph))
+                        us.setdefault((batch, context, setting), []).append(replay_us(graph, reps=30, rounds=7))
                     del graph
     finally:
         llm.close()

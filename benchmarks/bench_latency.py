@@ -183,23 +183,6 @@ def replay_ms(runner, batch: int, reps: int = 50) -> float | None:
     return start.elapsed_time(end) / reps
 
 
-def graph_replay_us(graph, reps: int = 30, rounds: int = 7) -> float:
-    """Median over `rounds` of a CUDA graph's µs a replay, each round `reps` back-to-back replays between
-    two CUDA events, after 3 untimed ones."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(rounds):
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return statistics.median(times)
-
-
 def cuda_kernels(fn, reps: int = 1) -> list[tuple[str, float]]:
     """(name, µs) of each kernel fn launches, reps times (torch profiler; copies and memsets left out)."""
     from torch.profiler import ProfilerActivity, profile

@@ -29,10 +29,11 @@ import os
 import statistics
 
 import torch
-from bench_latency import card_name, graph_replay_us, model_dir, short, write_json
+from bench_latency import card_name, model_dir, short, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.cuda_graph import replay_us
 from nanovllm.kernels.pdl import pdl_enabled
 
 
@@ -155,11 +156,11 @@ def knockouts(llm: LLM, rounds: int = 4) -> dict:
     times: dict[str, list[float]] = {name: [] for name in graphs}
     for _ in range(rounds):
         for name, graph in graphs.items():
-            times[name].append(graph_replay_us(graph, reps=50))
+            times[name].append(replay_us(graph, reps=50, rounds=7))
     base = statistics.median(times["none"])
     return {"context": 144, "step_us": base, "knocked_out": {
         name: {"step_us": statistics.median(t), "saves_us": base - statistics.median(t),
-               "step_us_each_round": t, "kernels": [attr for _, attr in KNOCKOUTS.get(name, [])]}
+               "step_us_each_round": t, "kernels": [attr for _, attr in KNOCKOUTS[name]]}
         for name, t in times.items() if name != "none"}}
 
 

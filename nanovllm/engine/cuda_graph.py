@@ -35,6 +35,23 @@ from nanovllm.kernels.sample import chunk_bests, pick_bests, sample, sample_ref,
 from nanovllm.utils.context import Context, longest_first, reset_context, set_context
 
 
+def replay_us(graph: torch.cuda.CUDAGraph, reps: int, rounds: int) -> float:
+    """Median over `rounds` of a graph's µs a replay, each round `reps` back-to-back replays between two
+    CUDA events, after 3 untimed ones."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[rounds // 2]
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 32, 48, ...: the first bucket >= max_num_seqs is the last."""
     sizes = []
@@ -186,7 +203,6 @@ class DecodeGraphs:
         from nanovllm.kernels.fused_attention_output import tune_in_step
         self.context_lens[0], self.positions[0], self.slot_mapping[0] = context_len, context_len - 1, -1
         self.block_tables[0] = torch.arange(self.max_num_blocks, device=self.device) % num_blocks
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         stream = torch.cuda.Stream(self.device)
 
         def step_us() -> float:
@@ -204,17 +220,7 @@ class DecodeGraphs:
                 torch.cuda.current_stream().wait_stream(stream)
             finally:
                 reset_context()
-            for _ in range(3):
-                graph.replay()
-            times = []
-            for _ in range(5):
-                start.record()
-                for _ in range(20):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / 20)
-            return sorted(times)[2]
+            return replay_us(graph, reps=20, rounds=5)
 
         choices = tune_in_step(self.device, step_us)
         self.context_lens.zero_()
