@@ -30,16 +30,6 @@ RUNS = [  # (max_num_seqs, max_model_len, batches, contexts)
 ]
 
 
-def set_step(graphs, batch: int, context: int, num_blocks: int) -> None:
-    """The graph's static inputs: `batch` seqs of `context` keys over distinct cache blocks, storing nothing."""
-    graphs.context_lens[:batch] = context
-    graphs.positions[:batch] = context - 1
-    graphs.slot_mapping[:batch] = -1
-    graphs.seq_order[:batch] = torch.arange(batch, device=graphs.device)
-    width = graphs.max_num_blocks
-    graphs.block_tables[:batch] = torch.arange(batch * width, device=graphs.device).view(batch, width) % num_blocks
-
-
 @torch.inference_mode()
 def sweep(max_num_seqs: int, max_model_len: int, batches: list[int], contexts: list[int]) -> list[dict]:
     llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=max_num_seqs,
@@ -53,12 +43,12 @@ def sweep(max_num_seqs: int, max_model_len: int, batches: list[int], contexts: l
                 for setting in SETTINGS:
                     paged_attention._decode_warps_stages = lambda b, s=setting: s
                     try:
-                        set_step(graphs, batch, contexts[0], runner.num_blocks)
+                        graphs.set_static_step(batch, contexts[0], runner.num_blocks)
                         graph = graphs._capture_one(runner.model, batch, False)
                     finally:
                         paged_attention._decode_warps_stages = policy
                     for context in contexts:
-                        set_step(graphs, batch, context, runner.num_blocks)
+                        graphs.set_static_step(batch, context, runner.num_blocks)
                         us.setdefault((batch, context, setting), []).append(replay_us(graph, reps=30, rounds=7))
                     del graph
     finally:

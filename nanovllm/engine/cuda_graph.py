@@ -194,6 +194,14 @@ class DecodeGraphs:
             reset_context()
         return graph
 
+    def set_static_step(self, bs: int, context_len: int, num_blocks: int) -> None:
+        """Static inputs of a step that times the graphs, not one of the engine's: bs seqs of context_len
+        keys each over distinct cache blocks (block ids wrap at num_blocks), storing nothing (slot -1)."""
+        self.context_lens[:bs], self.positions[:bs], self.slot_mapping[:bs] = context_len, context_len - 1, -1
+        self.seq_order[:bs] = torch.arange(bs, device=self.device)
+        width = self.max_num_blocks
+        self.block_tables[:bs] = torch.arange(bs * width, device=self.device).view(bs, width) % num_blocks
+
     @torch.inference_mode()
     def tune_batch1(self, model: nn.Module, context_len: int, num_blocks: int) -> dict:
         """Tunes the batch-1 step's one-row projections by the step's own time (fused_attention_output.
@@ -201,8 +209,7 @@ class DecodeGraphs:
         context_len keys over the first cache blocks (nothing is stored: slot -1), then captures the
         batch-1 graphs again with the choices. Returns them."""
         from nanovllm.kernels.fused_attention_output import tune_in_step
-        self.context_lens[0], self.positions[0], self.slot_mapping[0] = context_len, context_len - 1, -1
-        self.block_tables[0] = torch.arange(self.max_num_blocks, device=self.device) % num_blocks
+        self.set_static_step(1, context_len, num_blocks)
         stream = torch.cuda.Stream(self.device)
 
         def step_us() -> float:
