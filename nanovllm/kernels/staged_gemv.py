@@ -199,13 +199,9 @@ def staged_gemv_kernel(w_desc, x_ptr, res_ptr, bias_ptr, out_ptr, nw_ptr, add_pt
             acc = gl.sum(acc2, 1)
             acc_up = gl.sum(acc2_up, 1)
     else:  # x through shared memory: one load of the row, normalized once
-        x = gl.load(x_ptr + offs_x, mask=offs_x < K, other=0.0)
+        x = _x_box(x_ptr, add_ptr, sum_ptr, offs_x, K, NORM_ADD, True)
         if NORM:
             xf = x.to(gl.float32)
-            if NORM_ADD:  # the residual stream x + add, rounded; the first program stores it
-                xf = (xf + gl.load(add_ptr + offs_x, mask=offs_x < K, other=0.0).to(gl.float32)).to(x.dtype)
-                gl.store(sum_ptr + offs_x, xf, mask=offs_x < gl.where(gl.program_id(0) == 0, K, 0))
-                xf = xf.to(gl.float32)
             x64 = xf.to(gl.float64)  # rms_rstd's sum (add_rmsnorm.py): the same bits in any layout
             rstd = gl.rsqrt((gl.sum(x64 * x64, 0) / K).to(gl.float32) + eps)
             x = (xf * rstd * gl.load(nw_ptr + offs_x, mask=offs_x < K, other=0.0).to(gl.float32)).to(x.dtype)
