@@ -375,6 +375,7 @@ def test_pdl_switch(monkeypatch):
     from nanovllm.kernels import pdl
     cuda = torch.device("cuda", 0)
     monkeypatch.delenv("NANOVLLM_PDL", raising=False)
+    monkeypatch.delenv("NANOVLLM_PDL_MAX_TOKENS", raising=False)
     assert not pdl.pdl_enabled(torch.device("cpu"))
     monkeypatch.setattr(pdl, "pdl_supported", lambda device: device.type == "cuda")
     monkeypatch.setattr(pdl, "_INTERPRET", False)
@@ -383,7 +384,7 @@ def test_pdl_switch(monkeypatch):
     assert not pdl.pdl_enabled(cuda)
     monkeypatch.setenv("NANOVLLM_PDL", "1")
     assert pdl.pdl_enabled(cuda)
-    assert pdl.pdl_enabled(cuda, 1) and not pdl.pdl_enabled(cuda, 2)  # one token by default
+    assert pdl.pdl_enabled(cuda, 4) and not pdl.pdl_enabled(cuda, 5)  # up to four tokens by default
     monkeypatch.setenv("NANOVLLM_PDL_MAX_TOKENS", "8")
     assert pdl.pdl_enabled(cuda, 8) and not pdl.pdl_enabled(cuda, 9)
     monkeypatch.setattr(pdl, "_INTERPRET", True)
