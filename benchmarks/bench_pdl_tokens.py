@@ -46,8 +46,8 @@ def plot(result: dict, path: str) -> None:
     base = result["settings"][0]
     for ax, keys in zip(axes, KEYS):
         for setting in result["settings"]:
-            rows = result["us"][str(setting)]
-            ax.plot(range(len(BATCHES)), [rows[f"{b}x{keys}"] / result["us"][str(base)][f"{b}x{keys}"] for b in BATCHES],
+            rows, base_rows = result["us"][str(setting)], result["us"][str(base)]
+            ax.plot(range(len(BATCHES)), [rows[f"{b}x{keys}"] / base_rows[f"{b}x{keys}"] for b in BATCHES],
                     marker="o", label=f"PDL up to {setting} tokens")
         ax.set(title=f"{keys} keys", xlabel="batch (seqs)", xticks=range(len(BATCHES)), xticklabels=BATCHES)
         ax.axhline(1.0, color="grey", lw=0.5)

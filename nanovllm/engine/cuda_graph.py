@@ -159,7 +159,8 @@ class DecodeGraphs:
         # On CUDA, kernels/sample.py: per-row temperature draws (Gumbel-max in one pass over the logits, then
         # a new seed for the next replay), or at temperature 0 the argmax (ties to the lowest id, as
         # torch.argmax), spread over the SMs, where torch's reduction of one row runs on one, and launched
-        # with PDL at small batches (kernels/pdl.py). Elsewhere torch: argmax, or the Sampler's exponential race (same distribution).
+        # with PDL at small batches (kernels/pdl.py). Elsewhere torch: argmax, or the Sampler's exponential
+        # race (same distribution).
         if logits.is_cuda:
             temps = self.temperatures[:bs] if sampling else self.greedy_temps[:bs]
             sample(logits, temps, self.seed, self.next_tokens[:bs], self.sample_workspace)
