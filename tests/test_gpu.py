@@ -249,6 +249,22 @@ def test_fused_output_on_and_off_give_identical_greedy_tokens(batch, model_dir):
     assert result["identical"], result
 
 
+
+def test_norm_folded_or_not_gives_identical_greedy_tokens_at_two_seqs(model_dir, monkeypatch):
+    """Decode steps of up to 2 seqs fold the RMSNorm before qkv_proj and gate_up_proj into their gemvs
+    (linear.folds_norm), steps of 1 and 2 seqs here. The fold must not change a bit, so 64 greedy tokens
+    per prompt match the separate norm kernel's exactly."""
+    from nanovllm.layers import linear
+    folder = model_dir("qwen3-0.6b")
+    args = {"max_num_seqs": 2, "num_kvcache_blocks": 512, "max_model_len": 512}
+    folded, _, _ = generate(folder, **args)
+    monkeypatch.setattr(linear, "FOLD_NORM", False)
+    unfolded, lps, _ = generate(folder, logprobs=20, **args)
+    result = agreement(folded, unfolded, lps)
+    print(json.dumps(result))
+    assert folded == unfolded, result
+
+
 @torch.inference_mode()
 def test_fused_residual_rounds_as_the_unfused_path(model_dir):
     """Why fused on/off give the same bits: for every configuration the dispatcher may pick at M = 8, the

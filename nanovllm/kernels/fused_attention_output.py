@@ -62,6 +62,7 @@ except ImportError:
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _WORKSPACE_NUMEL = 1 << 20  # fp32 split-K partials: split_k * M * N must fit (4 MiB per device)
 _COUNTERS_NUMEL = 1 << 16  # split-K arrival counters, one per output tile
+FOLD_MAX_M = 4  # rmsnorm_project folds the norm for up to this many rows (each program sums every row)
 
 
 def fused_o_proj_add_residual_ref(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
@@ -201,7 +202,8 @@ def launch(config: KernelConfig, x: torch.Tensor, weight: torch.Tensor, residual
            norm: FoldedNorm | None = None, gated: bool = False) -> torch.Tensor:
     """Runs one configuration (no checks, no tuning): what the dispatcher and the kernel tests call.
     Without a residual it stores the rounded product that the same configuration adds the residual to.
-    With `norm` (a gemv, M = 1, x and norm.add with unit stride) it projects rmsnorm(x [+ norm.add]).
+    With `norm` (a gemv of up to FOLD_MAX_M rows of unit stride, norm.add and norm.sum_out at x's strides;
+    the staged gemv: one row) it projects rmsnorm(x [+ norm.add]).
     With `gated` (a gemv without split-K, bias or residual, block_n even) weight is a gate_up_proj's
     [gate; up] (2I, K) and out (M, I) = silu(gate) * up of the rounded product, as SiLU-and-mul stores it."""
     (m, k), n = x.shape, weight.shape[0] // (2 if gated else 1)  # n: out's columns
@@ -261,10 +263,11 @@ def _norm_args(norm: FoldedNorm | None, x: torch.Tensor, out: torch.Tensor) -> t
     """(norm weight, add, sum_out, eps) for tiled_gemv_kernel; unused pointers get `out`, never read."""
     if norm is None:
         return out, out, out, 0.0
-    assert x.shape[0] == 1 and x.stride(1) == 1, "a folded norm needs one row of unit stride"
+    assert x.stride(1) == 1, "a folded norm needs rows of unit stride"
     if norm.add is None:
         return norm.weight, out, out, norm.eps
-    assert norm.add.stride(1) == 1 and norm.sum_out is not None and norm.sum_out.is_contiguous()
+    # The kernel reads add and writes sum_out at x's offsets.
+    assert norm.add.stride() == x.stride() and norm.sum_out is not None and norm.sum_out.stride() == x.stride()
     return norm.weight, norm.add, norm.sum_out, norm.eps
 
 
@@ -587,9 +590,9 @@ def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
     """(project(rmsnorm(s)), s), s the residual stream: x + residual (rounded), or x without a residual;
     gated (weight a gate_up_proj's [gate; up]): (silu_and_mul(project(rmsnorm(s))), s).
 
-    The RMSNorm before qkv_proj and gate_up_proj, folded into the projection at one token (x (1, K)): every
-    program of `project`'s gemv computes the row's rms itself (K is a few thousand: a few KB from L2) and
-    normalizes x as it loads it, rounded to x's dtype as the RMSNorm kernel stores it, so the product is the
+    The RMSNorm before qkv_proj and gate_up_proj, folded into the projection for up to FOLD_MAX_M tokens:
+    every program of `project`'s gemv computes its rows' rms itself (a few KB each from L2) and normalizes x
+    as it loads it, rounded to x's dtype as the RMSNorm kernel stores it, so the product is the
     unfolded kernels' bit for bit, and the decode step has one kernel (and one launch) fewer per norm.
     Gated, the gemv's epilogue also does SiLU-and-mul (one kernel fewer again, for the MLP), as that kernel
     would have stored it.
@@ -603,10 +606,10 @@ def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
             raise ValueError(f"{name} must be {want} on {x.device}; got {tuple(t.shape)} on {t.device}.")
     if triton is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return rmsnorm_project_ref(x, norm_weight, eps, weight, bias, residual, gated)
-    config = _fold_config(x, weight, bias) if x.shape[0] == 1 else None
+    config = _fold_config(x, weight, bias) if x.shape[0] <= FOLD_MAX_M and x.is_contiguous() else None
     if gated and config is not None and not _gates(config, bias):
         config = None
-    if config is None or x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+    if config is None or (residual is not None and not residual.is_contiguous()):
         if residual is None:
             stream, y = x, project(rmsnorm(x, norm_weight, eps), weight, bias)
         else:
@@ -619,9 +622,10 @@ def rmsnorm_project(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weig
 
 
 def _fold_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> KernelConfig | None:
-    """`project`'s configuration for one row, if it is a gemv or the staged gemv (the norm folds into its x
+    """`project`'s configuration for x's rows, if it is a gemv or the staged gemv (the norm folds into its x
     load): the same choice whether the decoder layer adds the residual first (fused output off) or not (on)."""
-    config = _best(tuning_key(x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None, 1, False))
+    config = _best(tuning_key(x.device, x.dtype, weight.shape[0], x.shape[1], bias is not None,
+                              _bucket(x.shape[0]), False))
     return config if config is not None and config.kernel in ("gemv", "staged") else None
 
 
@@ -718,25 +722,31 @@ def _norm_weight_tile(nw_ptr, offs_k, k, k_end):
 @jit
 def _normalize(x, nw, rstd):
     """rmsnorm of an x tile as _rmsnorm_kernel computes it (x * rstd * weight in fp32, rounded to x's
-    dtype), so the gemv multiplies the very values that kernel would have stored."""
-    return (x.to(tl.float32) * rstd * nw[None, :]).to(x.dtype)
+    dtype; rstd one per row), so the gemv multiplies the very values that kernel would have stored."""
+    return (x.to(tl.float32) * rstd[:, None] * nw[None, :]).to(x.dtype)
 
 
 @jit
-def _row_rstd(x_ptr, add_ptr, sum_ptr, K, eps, NORM_ADD: tl.constexpr, BLOCK_R: tl.constexpr):
-    """1 / rms of the row x (+ add), as _rmsnorm_kernel computes it (rms_rstd: the same bits whatever this
-    kernel's warps). Every program computes it (K <= a few thousand: a few KB from L2); with NORM_ADD the
-    first program also stores the rounded sum, the new residual stream, to sum_ptr."""
+def _rows_rstd(x_ptr, add_ptr, sum_ptr, offs_m, M, stride_xm, K, eps, NORM_ADD: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """1 / rms of each of the tile's rows of x (+ add), as _rmsnorm_kernel computes it (rms_rstd: the same
+    bits whatever this kernel's warps); 0 past M. Every program computes them (a few rows of a few thousand:
+    a few KB from L2), a row at a time so a row is all a thread holds; with NORM_ADD the first program of
+    the row tile also stores the rounded sums, the new residual stream, to sum_ptr (x's strides)."""
     offs = tl.arange(0, BLOCK_R)
-    mask = offs < K
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if NORM_ADD:
-        x += tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x = x.to(sum_ptr.dtype.element_ty)
-        first = tl.program_id(0) + tl.program_id(1) + tl.program_id(2) == 0
-        tl.store(sum_ptr + offs, x, mask=offs < tl.where(first, K, 0))
-        x = x.to(tl.float32)
-    return rms_rstd(x, K, eps)
+    first = tl.program_id(1) + tl.program_id(2) == 0
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for i in tl.static_range(BLOCK_M):
+        row = tl.program_id(0) * BLOCK_M + i
+        mask = offs < tl.where(row < M, K, 0)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        if NORM_ADD:
+            x += tl.load(add_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * stride_xm + offs, x, mask=offs < tl.where(first & (row < M), K, 0))
+            x = x.to(tl.float32)
+        rstd = tl.where(offs_m == row, rms_rstd(x, K, eps), rstd)
+    return rstd
 
 
 @jit
@@ -789,7 +799,7 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
     that is. With W_TMA, w_ptr is a TensorDescriptor of W with (BLOCK_N, BLOCK_K) boxes; K slices are whole
     tiles, so its zero fill past K is the only mask needed.
     With PDL (see KernelConfig) it loads its first W tile, then waits for the kernel before it. With NORM
-    (M = 1, see FoldedNorm) x is replaced by rmsnorm(x [+ add]) with weight nw_ptr, as it is loaded. With
+    (a few rows, see FoldedNorm) x is replaced by rmsnorm(x [+ add]) with weight nw_ptr, as it is loaded. With
     GATED, W is [gate; up] (2N, K) and out (M, N) silu(gate) * up: a program's BLOCK_N rows of W are the
     gate rows of its BLOCK_N // 2 columns, then their up rows (the grid's second axis: cdiv(N, BLOCK_N // 2)).
     """
@@ -812,7 +822,7 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_loop = k_start
-    rstd, nw = 0.0, 0.0  # the folded norm's (NORM only)
+    rstd, nw = tl.zeros((BLOCK_M,), dtype=tl.float32), 0.0  # the folded norm's (NORM only)
     if PDL:  # the first step, peeled: its W tile is loaded before the wait, overlapping the kernel before
         w = _w_tile(w_ptr, offs_n, offs_k, k_start, k_end, n_rows, stride_wn, stride_wk, W_TMA, BLOCK_N)
         if NORM:
@@ -827,7 +837,7 @@ def tiled_gemv_kernel(x_ptr, w_ptr, res_ptr, bias_ptr, out_ptr, part_ptr, count_
     res, bias = _epilogue_inputs(offs_m, offs_n, M, N, res_ptr, bias_ptr, stride_rm, stride_rn, HAS_BIAS,
                                  HAS_RESIDUAL)
     if NORM:
-        rstd = _row_rstd(x_ptr, add_ptr, sum_ptr, K, eps, NORM_ADD, BLOCK_R)
+        rstd = _rows_rstd(x_ptr, add_ptr, sum_ptr, offs_m, M, stride_xm, K, eps, NORM_ADD, BLOCK_M, BLOCK_R)
     if PDL:
         if NORM:
             x = _normalize(x, nw, rstd)

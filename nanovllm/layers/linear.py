@@ -29,11 +29,13 @@ ROW_PARALLEL_DISPATCHER = True
 # with PDL keeps the decode step's chain of early launches unbroken, which a cuBLAS kernel breaks. On the
 # H100 that took batch 1's decode step from 0.996 to 0.896 ms of GPU, but batch 8's from 1.311 to 1.361
 # (the tuner, timing each kernel after itself, picked tensor-core gemv tilings that lose inside the step;
-# benchmarks/results/pdl-h100.json), so only M = 1 takes it. Larger M: cuBLAS, untuned.
+# benchmarks/results/pdl-h100.json). At 2 tokens it pays again, with the norm folded in (below): the
+# graph of 2 seqs 10 % faster on the H100, that of 4 seqs 8-26 % slower (results/column_max_m-h100.json).
+# So only steps of up to 2 tokens take it. Larger M: cuBLAS, untuned.
 COLUMN_PARALLEL_DISPATCHER = True
-COLUMN_DISPATCHER_MAX_M = 1
-# At one token the RMSNorm before them folds into that gemv's load of x (rmsnorm_project): one kernel fewer
-# per norm, the same bits. Benchmarks set this False to time the separate norm kernel.
+COLUMN_DISPATCHER_MAX_M = 2
+# There the RMSNorm before them folds into that gemv's load of x (rmsnorm_project): one kernel fewer per
+# norm, the same bits. Benchmarks set this False to time the separate norm kernel.
 FOLD_NORM = True
 
 
@@ -96,7 +98,7 @@ class ColumnParallelLinear(LinearBase):
                        act: SiluAndMul | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(s)), s), s the residual stream: x + residual, or x without a residual (what
         `norm(x, residual)` adds), or residual.stream when residual is Normed (x is norm(s) already); with
-        `act` (a gate_up_proj), (act(self(norm(s))), s). At one token on CUDA the norm is folded into the
+        `act` (a gate_up_proj), (act(self(norm(s))), s). At a few tokens on CUDA the norm is folded into the
         projection's kernel, and SiLU-and-mul into its epilogue."""
         if isinstance(residual, Normed):
             y = self(x)
@@ -114,8 +116,9 @@ class ColumnParallelLinear(LinearBase):
 
 def folds_norm(x: torch.Tensor, norm: RMSNorm) -> bool:
     """Whether the projection after this RMSNorm folds it into its own kernel for this input (a
-    column-parallel layer at one token; never the LM head after the model's final norm)."""
-    return FOLD_NORM and norm.use_triton and norm.feeds_projection and x.shape[0] == 1 and dispatches(x)
+    column-parallel layer of a step that the dispatcher takes; never the LM head after the model's final
+    norm)."""
+    return FOLD_NORM and norm.use_triton and norm.feeds_projection and dispatches(x)
 
 
 def _runs_own_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
