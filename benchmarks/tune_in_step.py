@@ -4,7 +4,7 @@ At one token qkv_proj and gate_up_proj run the dispatcher's gemv with the RMSNor
 (gate_up_proj also SiLU-and-mul in its epilogue), o_proj and down_proj the gemv with the residual add,
 launched with PDL between the kernels of the step. The tuner picks each tiling by timing the projection
 alone (no norm, no epilogue, each call after itself); the engine then re-tunes them inside the step
-itself (DecodeGraphs.tune_batch1, since session 16), so with NANOVLLM_TUNE_IN_STEP=0 this starts from the
+itself (DecodeGraphs.tune_step, since session 16), so with NANOVLLM_TUNE_IN_STEP=0 this starts from the
 alone choices, and otherwise from the engine's own. Here every PDL tiling of the chosen kernels
 (TUNE_KERNELS, default "gemv"; "staged" for staged_gemv) that can run the projection's epilogue is forced
 in turn, projection after projection (TUNE_PROJECTIONS, default "gate_up_proj qkv_proj"; each keeps its

@@ -673,3 +673,6 @@ def test_in_step_tuning_keeps_what_makes_the_step_fastest_and_recalls_it(tmp_pat
         assert fao._BEST[keys[0]] == b
     monkeypatch.setenv("NANOVLLM_CACHE_DIR", "")  # no file: memory alone
     assert fao.tune_in_step(cpu, lambda: pytest.fail("timed again")) == {keys[0]: b, keys[1]: a}
+    # The step of 8 seqs tunes its own keys (here one), and leaves batch 1's alone.
+    assert fao.tune_in_step(cpu, lambda: 2.0 - (fao._BEST[other] == b), m=8) == {other: b}
+    assert fao._BEST[keys[0]] == b and fao._BEST[keys[1]] == a

@@ -204,25 +204,25 @@ class DecodeGraphs:
         self.block_tables[:bs] = torch.arange(bs * width, device=self.device).view(bs, width) % num_blocks
 
     @torch.inference_mode()
-    def tune_batch1(self, model: nn.Module, context_len: int, num_blocks: int) -> dict:
-        """Tunes the batch-1 step's one-row projections by the step's own time (fused_attention_output.
-        tune_in_step: what the tuner chose timing each alone is where it starts), with one seq of
-        context_len keys over the first cache blocks (nothing is stored: slot -1), then captures the
-        batch-1 graphs again with the choices. Returns them."""
+    def tune_step(self, model: nn.Module, bs: int, context_len: int, num_blocks: int) -> dict:
+        """Tunes the projections of the step of bs seqs by the step's own time (fused_attention_output.
+        tune_in_step: what the tuner chose timing each alone is where it starts), with bs seqs of
+        context_len keys over distinct cache blocks (nothing is stored: slot -1), then captures the bs
+        graphs again with the choices. Returns them."""
         from nanovllm.kernels.fused_attention_output import tune_in_step
-        self.set_static_step(1, context_len, num_blocks)
+        self.set_static_step(bs, context_len, num_blocks)
         stream = torch.cuda.Stream(self.device)
 
         def step_us() -> float:
-            set_context(self.context(1))
+            set_context(self.context(bs))
             graph = torch.cuda.CUDAGraph()
             try:
-                self._forward(model, 1, False)  # compiles a new tiling outside the capture
+                self._forward(model, bs, False)  # compiles a new tiling outside the capture
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):  # not torch.cuda.graph(): its gc.collect() per capture is slow
                     graph.capture_begin(pool=self.pool)
                     try:
-                        self._forward(model, 1, False)
+                        self._forward(model, bs, False)
                     finally:
                         graph.capture_end()
                 torch.cuda.current_stream().wait_stream(stream)
@@ -230,11 +230,11 @@ class DecodeGraphs:
                 reset_context()
             return replay_us(graph, reps=20, rounds=5)
 
-        choices = tune_in_step(self.device, step_us)
+        choices = tune_in_step(self.device, step_us, m=bs)
         self.context_lens.zero_()
         self.block_tables.zero_()
-        for sampling in (True, False):  # the batch-1 graphs with the choices (other buckets: M > 1)
-            self.graphs[1, sampling] = self._capture_one(model, 1, sampling)
+        for sampling in (True, False):  # the bs graphs with the choices (other buckets: other M)
+            self.graphs[bs, sampling] = self._capture_one(model, bs, sampling)
         torch.cuda.synchronize()
         return choices
 

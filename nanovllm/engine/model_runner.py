@@ -30,6 +30,9 @@ from nanovllm.utils.loader import load_model_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_CPU_KV_GB = 1.0
+# The decode graphs whose projections are tuned inside the step (DecodeGraphs.tune_step). Batch 2 gained
+# nothing from it on an H100 (benchmarks/NOTES-gpu.md, session 20).
+IN_STEP_BATCHES = (1,)
 _LOGITS_CHUNK = 1024  # prompt-logprob rows turned into logits at a time: bounds the (rows, vocab) fp32 peak
 # A started engine freezes the heap (_allocate_kv_cache); at exit the collector takes it back, so cycles close
 # as before (else nanobind reports Triton's IR objects as leaked).
@@ -238,8 +241,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.config.max_num_seqs, -(-max_model_len // bs), bs,
                                        self.model_config.vocab_size, self.dtype, self.device,
                                        capture=not uncaptured, host_buffers=host_buffers)
-            if self._tunes_in_step():
-                self.graphs.tune_batch1(self.model, min(128, max_model_len), num_blocks)
+            for bs in self._in_step_batches():
+                self.graphs.tune_step(self.model, bs, min(128, max_model_len), num_blocks)
         # What exists now (modules, weights, graphs, everything imported) lives as long as the engine. Frozen,
         # it is out of the cyclic collector's sight, so a full collection while serving walks only what the
         # requests create; one that walked it all took 140 ms in the middle of a timed H100 run
@@ -249,13 +252,15 @@ class ModelRunner:
         gc.freeze()
         return num_blocks
 
-    def _tunes_in_step(self) -> bool:
-        """Whether the batch-1 graph's one-row projections are tuned inside the step (DecodeGraphs.
-        tune_batch1): on a card whose batch-1 steps launch with PDL, one process (no TP), unless
-        NANOVLLM_TUNE_IN_STEP=0. Its choices persist in the tuning file, so a later start only recalls them."""
+    def _in_step_batches(self) -> list[int]:
+        """The graphs whose projections are tuned inside the step (DecodeGraphs.tune_step): that of 1 seq
+        where it launches with PDL, in one process (no TP), unless NANOVLLM_TUNE_IN_STEP=0. The choices
+        persist in the tuning file, so a later start only recalls them."""
         from nanovllm.kernels.pdl import pdl_enabled
-        return (self.device.type == "cuda" and self.config.tensor_parallel_size == 1 and pdl_enabled(self.device, 1)
-                and os.environ.get("NANOVLLM_TUNE_IN_STEP", "1") != "0")
+        if (self.device.type != "cuda" or self.config.tensor_parallel_size != 1
+                or os.environ.get("NANOVLLM_TUNE_IN_STEP", "1") == "0"):
+            return []
+        return [bs for bs in IN_STEP_BATCHES if bs in self.graphs.batch_sizes and pdl_enabled(self.device, bs)]
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
         if self.device.type != "cuda":

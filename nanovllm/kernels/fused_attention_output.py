@@ -447,10 +447,10 @@ def _time_candidates(device: torch.device, dtype: torch.dtype, n: int, k: int, h
 
 
 def in_step_candidates(key: tuple) -> list[KernelConfig]:
-    """What in-step tuning tries for a one-row key: its current choice, every staged tiling and the two
+    """What in-step tuning tries for a key: its current choice, every staged tiling (one row) and the two
     fastest tiled gemvs alone (where this process timed them), all with PDL."""
     device, dtype, n, k, has_bias, m, pdl, fused = key
-    configs = {str(c): c for c in candidate_configs(1, n, k, dtype, pdl=True) if c.pdl}
+    configs = {str(c): c for c in candidate_configs(m, n, k, dtype, pdl=True) if c.pdl}
     alone = sorted((t, name) for name, t in TUNING_LOG.get(key, {}).items()
                    if name in configs and configs[name].kernel == "gemv" and math.isfinite(t))
     chosen = [_BEST[key], *(c for c in configs.values() if c.kernel == "staged"),
@@ -464,10 +464,10 @@ _IN_STEP: dict[str, dict] = {}
 _STEP_VERSION = 2  # bump when the step's other kernels change (e.g. their launch): the joint choices are retuned
 
 
-def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, KernelConfig]:
-    """Tunes the one-row projections that a batch-1 decode step launches with PDL (every tuned key of M = 1
-    with PDL on `device`) by the step's own time, `step_us()` (the caller captures and replays the step
-    with the current choices). Alone, a tiling is timed after itself; in the step it runs after other
+def tune_in_step(device: torch.device, step_us, top: int = 4, m: int = 1) -> dict[tuple, KernelConfig]:
+    """Tunes the projections that a decode step of m seqs launches with PDL (every tuned key of M = m with
+    PDL on `device`) by the step's own time, `step_us()` (the caller captures and replays the step with
+    the current choices). Alone, a tiling is timed after itself; in the step it runs after other
     kernels, and what it leaves free of each SM (registers, shared memory) decides whether the next
     kernels can start early and load their weights: the fastest alone is often not the fastest there
     (benchmarks/results/tune_in_step-h100-combos*.json). Each key in turn tries its `in_step_candidates`
@@ -476,7 +476,7 @@ def tune_in_step(device: torch.device, step_us, top: int = 4) -> dict[tuple, Ker
     recalls them without timing."""
     if device.type == "cuda" and device.index is None:  # as warmup keys them
         device = torch.device("cuda", torch.cuda.current_device())
-    keys = sorted((k for k in _BEST if k[0] == device and k[5] == 1 and k[6]), key=str)
+    keys = sorted((k for k in _BEST if k[0] == device and k[5] == m and k[6]), key=str)
     if not keys:
         return {}
     entry = json.dumps(["in_step", _STEP_VERSION, *[_disk_key(*k) for k in keys]])
