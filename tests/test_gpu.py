@@ -249,7 +249,6 @@ def test_fused_output_on_and_off_give_identical_greedy_tokens(batch, model_dir):
     assert result["identical"], result
 
 
-
 def test_norm_folded_or_not_gives_identical_greedy_tokens_at_two_seqs(model_dir, monkeypatch):
     """Decode steps of up to 2 seqs fold the RMSNorm before qkv_proj and gate_up_proj into their gemvs
     (linear.folds_norm), steps of 1 and 2 seqs here. The fold must not change a bit, so 64 greedy tokens

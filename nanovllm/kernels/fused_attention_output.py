@@ -730,9 +730,10 @@ def _normalize(x, nw, rstd):
 def _rows_rstd(x_ptr, add_ptr, sum_ptr, offs_m, M, stride_xm, K, eps, NORM_ADD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """1 / rms of each of the tile's rows of x (+ add), as _rmsnorm_kernel computes it (rms_rstd: the same
-    bits whatever this kernel's warps); 0 past M. Every program computes them (a few rows of a few thousand:
-    a few KB from L2), a row at a time so a row is all a thread holds; with NORM_ADD the first program of
-    the row tile also stores the rounded sums, the new residual stream, to sum_ptr (x's strides)."""
+    bits whatever this kernel's warps); a row past M reads zeros (its products are never stored). Every
+    program computes them (a few rows of a few thousand: a few KB from L2), a row at a time so a row is all
+    a thread holds; with NORM_ADD the first program of the row tile also stores the rounded sums, the new
+    residual stream, to sum_ptr (x's strides)."""
     offs = tl.arange(0, BLOCK_R)
     first = tl.program_id(1) + tl.program_id(2) == 0
     rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)

@@ -44,7 +44,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits. Unlike nano-vllm's it picks no rows: the runner passes only the rows it samples.
     Under tensor parallelism every rank must call it with the same rows; only rank 0 gets the logits.
     Without TP, where the column-parallel layers send x to the projections' dispatcher (linear.dispatches:
-    one row on CUDA), so does it: cuBLAS or a gemv launched with PDL, whichever was tuned faster."""
+    up to COLUMN_DISPATCHER_MAX_M rows on CUDA), so does it: cuBLAS or a gemv launched with PDL, whichever
+    was tuned faster."""
 
     def forward(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.tp_size == 1 and linear.dispatches(hidden_states):
