@@ -1,4 +1,4 @@
-"""Decode latency at batch 1, 8, 64, 256 beside the bandwidth floor, kernels per layer, fused o_proj on/off.
+"""Decode latency at batch 1, 2, 4, 8, 64, 256 beside the bandwidth floor, kernels per layer, fused o_proj on/off.
 
 Qwen3-0.6B architecture with random bf16 weights (benchmarks/configs/qwen3-0.6b.json), CUDA graphs on.
 Each batch: B prompts of PROMPT_LEN random tokens are prefilled, then DECODE_STEPS engine steps are timed
@@ -30,7 +30,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.layers import linear
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "qwen3-0.6b.json")
-BATCHES = [1, 8, 64, 256]
+BATCHES = [1, 2, 4, 8, 64, 256]
 PROMPT_LEN, DECODE_STEPS, WARMUP_STEPS = 128, 64, 8
 
 
