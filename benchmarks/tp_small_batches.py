@@ -2,11 +2,13 @@
 
 Steps of up to 4 tokens launch with PDL and, at 2 tokens, run qkv_proj and gate_up_proj on the gemv with the
 RMSNorm folded in; under TP 2 those paths also meet the all-reduce. Four prompts whose outputs end one after
-another (24, 40, 56 and 72 tokens) make decode steps of 4, 3, 2 and 1 seqs. Runs: TP 2 with PDL, TP 2
-without (NANOVLLM_PDL=0) and TP 1. PDL itself changes no bit, but without it the tuner picks other projection
-kernels (the staged gemv needs PDL), whose sums round otherwise, and TP 1 sums in another order too: so the
-runs may part where two tokens of the random-weight model are nearly tied, as bench_tp.py reports for the
-8B. Random weights repeat a token for a while and then switch, and a near-tie moves a switch by a step.
+another (24, 40, 56 and 72 tokens) make decode steps of 4, 3, 2 and 1 seqs. Runs: TP 2 with PDL, the same
+again, TP 2 without PDL (NANOVLLM_PDL=0) and TP 1. The repeat reuses the kernels the first run tuned (the
+tuning file), so it must give the same tokens: a race would show there. PDL itself changes no bit, but
+without it the tuner picks other projection kernels (the staged gemv needs PDL), whose sums round
+otherwise, and TP 1 sums in another order too: so those runs may part where two tokens of the
+random-weight model are nearly tied, as bench_tp.py reports for the 8B. Random weights repeat a token for
+a while and then switch, and a near-tie moves a switch by a step.
 Qwen3-0.6B architecture, random bf16 weights, CUDA graphs; each engine in its own process.
 Writes tp_small_batches-<card>.json: each run's tokens and, per pair of runs, the first differing token of
 each prompt (null: none).
@@ -21,7 +23,7 @@ import sys
 
 PROMPTS = [[5, 17, 300, 42, 9], list(range(100, 117)), [7] * 3, [(i * 37) % 990 + 3 for i in range(33)]]
 MAX_TOKENS = [24, 40, 56, 72]
-RUNS = [("tp2_pdl", 2, {}), ("tp2_no_pdl", 2, {"NANOVLLM_PDL": "0"}), ("tp1", 1, {})]
+RUNS = [("tp2_pdl", 2, {}), ("tp2_pdl_again", 2, {}), ("tp2_no_pdl", 2, {"NANOVLLM_PDL": "0"}), ("tp1", 1, {})]
 
 
 def child(tp: int) -> None:
@@ -43,6 +45,7 @@ def first_differences(a: list[list[int]], b: list[list[int]]) -> list[int | None
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--runs", nargs="+", choices=[r[0] for r in RUNS], default=[r[0] for r in RUNS])
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -52,7 +55,7 @@ def main() -> None:
     if torch.cuda.device_count() < 2:
         sys.exit("needs 2 GPUs")
     tokens = {}
-    for name, tp, env in RUNS:
+    for name, tp, env in [r for r in RUNS if r[0] in args.runs]:
         done = subprocess.run([sys.executable, __file__, "--child", str(tp)], env={**os.environ, **env},
                               check=True, text=True, stdout=subprocess.PIPE, timeout=300)
         tokens[name] = json.loads(done.stdout.strip().splitlines()[-1])
