@@ -276,20 +276,29 @@ def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, strid
                           stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
                           NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                           PDL: tl.constexpr):
-    """Grid (B, H): merges the splits' partial outputs, weighting each by its share of the softmax mass."""
+    """Grid (B, H): merges the splits' partial outputs, weighting each by its share of the softmax mass.
+
+    Every thread loads each split's lse as a scalar of its own, so the max over splits is arithmetic in
+    registers: no shuffle stands between the lse loads and the partials' loads, and all of them leave
+    together right after the wait (one round trip on the chain, not two)."""
     launch_dependents(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
-    offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_D)
-    s_mask, d_mask = offs_s < NUM_SPLITS, offs_d < HEAD_DIM
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     token = tl.load(cu_seqlens_q_ptr + seq)  # a step input
+    lse_row = lse_ptr + seq * stride_lb + head * stride_lh
+    partial_row = partial_ptr + seq * stride_pb + head * stride_ph + offs_d
     wait_previous(PDL)
-    lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))  # (BLOCK_S,), 0 for empty splits
-    partial = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
-                      + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # (S, BLOCK_D)
-    total = tl.sum(weight, 0)
-    result = tl.sum(partial * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    lse_max = tl.full([], float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse_max = tl.maximum(lse_max, tl.load(lse_row + s))
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total, acc = tl.zeros([], tl.float32), tl.zeros([BLOCK_D], tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        weight = tl.exp2(tl.load(lse_row + s) - lse_max)  # 0 for an empty split (lse -inf)
+        total += weight
+        acc += tl.load(partial_row + s * stride_ps, mask=d_mask, other=0.0) * weight
+    result = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, result.to(out_ptr.dtype.element_ty),
              mask=d_mask)
 
