@@ -168,8 +168,6 @@ def staged_gemv_kernel(w_desc, x_ptr, res_ptr, bias_ptr, out_ptr, nw_ptr, add_pt
     res = 0.0
     if HAS_RESIDUAL:  # after the wait: an earlier kernel's output
         res = gl.load(res_ptr + offs_r, mask=offs_r < N, other=0.0).to(gl.float32)
-    acc = gl.zeros([ROWS], gl.float32, row_layout)
-    acc_up = gl.zeros([ROWS], gl.float32, row_layout)
     if DIRECT:  # x straight from global memory in each box's K layout (every warp reads the same slice: L1)
         rstd = 1.0
         if NORM:  # a first pass for the rms; the second reads the same lines again from L1
@@ -179,28 +177,6 @@ def staged_gemv_kernel(w_desc, x_ptr, res_ptr, bias_ptr, out_ptr, nw_ptr, add_pt
                             True).to(gl.float64)
                 sumsq += gl.sum(xk * xk, 0)  # rms_rstd's fp64 sum (add_rmsnorm.py): the same bits in any order
             rstd = gl.rsqrt((sumsq / K).to(gl.float32) + eps)
-        mbarrier.wait(bar, 0)
-        # Elementwise products summed over the boxes, then over K once, if that fits 64 registers a thread.
-        ACC2D: gl.constexpr = PARTS * ROWS * BOX_K <= 64 * 32 * WARPS
-        acc2 = gl.zeros([ROWS, BOX_K], gl.float32, layout)
-        acc2_up = gl.zeros([ROWS, BOX_K], gl.float32, layout)
-        for i in gl.static_range(NUM_K):
-            offs_k = i * BOX_K + gl.arange(0, BOX_K, layout=k_layout)
-            xk = _x_box(x_ptr, add_ptr, sum_ptr, offs_k, K, NORM_ADD, False)
-            if NORM:
-                xk = (xk.to(gl.float32) * rstd * gl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(gl.float32))
-            xk = xk.to(x_ptr.dtype.element_ty).to(gl.float32)[None, :]
-            if ACC2D:
-                acc2 += w_smem.index(i).load(layout).to(gl.float32) * xk
-                if GATED:
-                    acc2_up += w_smem.index(NUM_K + i).load(layout).to(gl.float32) * xk
-            else:
-                acc += gl.sum(w_smem.index(i).load(layout).to(gl.float32) * xk, 1)
-                if GATED:
-                    acc_up += gl.sum(w_smem.index(NUM_K + i).load(layout).to(gl.float32) * xk, 1)
-        if ACC2D:
-            acc = gl.sum(acc2, 1)
-            acc_up = gl.sum(acc2_up, 1)
     else:  # x through shared memory: one load of the row, normalized once
         x = _x_box(x_ptr, add_ptr, sum_ptr, offs_x, K, NORM_ADD, True)
         if NORM:
@@ -211,12 +187,34 @@ def staged_gemv_kernel(w_desc, x_ptr, res_ptr, bias_ptr, out_ptr, nw_ptr, add_pt
         x_smem = gl.allocate_shared_memory(x.dtype, [BLOCK_R], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         x_smem.store(x)
         gl.thread_barrier()
-        mbarrier.wait(bar, 0)
-        for i in gl.static_range(NUM_K):  # each box summed over its K at once: few registers a thread
+    mbarrier.wait(bar, 0)
+    # Elementwise products summed over the boxes, then over K once, if that fits 64 registers a thread
+    # (a reduction across lanes per box otherwise).
+    ACC2D: gl.constexpr = PARTS * ROWS * BOX_K <= 64 * 32 * WARPS
+    acc = gl.zeros([ROWS], gl.float32, row_layout)
+    acc_up = gl.zeros([ROWS], gl.float32, row_layout)
+    acc2 = gl.zeros([ROWS, BOX_K], gl.float32, layout)
+    acc2_up = gl.zeros([ROWS, BOX_K], gl.float32, layout)
+    for i in gl.static_range(NUM_K):
+        if DIRECT:
+            offs_k = i * BOX_K + gl.arange(0, BOX_K, layout=k_layout)
+            xk = _x_box(x_ptr, add_ptr, sum_ptr, offs_k, K, NORM_ADD, False)
+            if NORM:
+                xk = (xk.to(gl.float32) * rstd * gl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(gl.float32))
+            xk = xk.to(x_ptr.dtype.element_ty).to(gl.float32)[None, :]
+        else:
             xk = x_smem.slice(i * BOX_K, BOX_K).load(k_layout).to(gl.float32)[None, :]
+        if ACC2D:
+            acc2 += w_smem.index(i).load(layout).to(gl.float32) * xk
+            if GATED:
+                acc2_up += w_smem.index(NUM_K + i).load(layout).to(gl.float32) * xk
+        else:
             acc += gl.sum(w_smem.index(i).load(layout).to(gl.float32) * xk, 1)
             if GATED:
                 acc_up += gl.sum(w_smem.index(NUM_K + i).load(layout).to(gl.float32) * xk, 1)
+    if ACC2D:
+        acc = gl.sum(acc2, 1)
+        acc_up = gl.sum(acc2_up, 1)
     mbarrier.invalidate(bar)
 
     # The tiled gemv's epilogue and rounding: the product (with its bias) rounded to out's dtype, then
