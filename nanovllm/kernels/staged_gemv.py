@@ -135,8 +135,8 @@ def staged_gemv_kernel(w_desc, x_ptr, res_ptr, bias_ptr, out_ptr, nw_ptr, add_pt
     mbarrier before the PDL wait. After it, x (normalized, if NORM) goes to shared memory, so each box meets
     its slice of x with 16-byte shared-memory loads and CUDA-core FMAs; or, DIRECT, each box loads its
     slice of x from global memory itself (no shared-memory round trip or barrier; for the norm, a first
-    pass over the slices), and the products are summed over K once at the end where registers allow.
-    Neither is faster everywhere (results/post_wait-h100.json)."""
+    pass over the slices). Neither is faster everywhere (results/post_wait-h100.json). Either way the
+    products are summed over K once at the end where registers allow (results/staged_acc2d-h100.json)."""
     PARTS: gl.constexpr = 2 if GATED else 1
     row0 = gl.program_id(0) * ROWS
     w_smem = gl.allocate_shared_memory(w_desc.dtype, [PARTS * NUM_K, ROWS, BOX_K], w_desc.layout)
