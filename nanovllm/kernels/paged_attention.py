@@ -131,8 +131,8 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
         _decode_reduce_kernel[(batch, num_heads)](
             partial, lse, out, cu_seqlens_q, partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl,
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl,
+            launch_pdl=pdl,
         )
 
 
@@ -274,8 +274,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
 @jit
 def _decode_reduce_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, stride_pb, stride_ph, stride_ps,
                           stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PDL: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Grid (B, H): merges the splits' partial outputs, weighting each by its share of the softmax mass.
 
     Every thread loads each split's lse as a scalar of its own, so the max over splits is arithmetic in
