@@ -617,7 +617,7 @@ def test_gpu_rmsnorm_project_chain_in_a_cuda_graph():
 
 
 @cuda
-@pytest.mark.parametrize("rows,warps", [(8, 4), (16, 8), (64, 4)])
+@pytest.mark.parametrize("rows,warps", [(4, 4), (8, 4), (8, 8), (16, 8), (64, 4)])
 def test_gpu_staged_gemv_on_ragged_shapes(rows, warps):
     """The staged gemv (one row; Hopper and Gluon) with N ragged against its rows and K against its boxes of
     256 (TMA zero-fills both): with bias and residual, alone (the product its fused call adds to), with the

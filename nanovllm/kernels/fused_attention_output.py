@@ -143,8 +143,10 @@ _SWAP_GEMV_CONFIGS = [
     (64, 256, 4, 4, 3, False), (64, 128, 2, 4, 8, True),
 ]
 # staged_gemv at one row, with PDL: (block_n, num_warps), each with x through shared memory and direct
-# (num_stages 1 and 2); K boxes of 256 (or K's next power of two).
-_STAGED_CONFIGS = [(8, 4), (16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8)]
+# (num_stages 1 and 2); K boxes of 256 (or K's next power of two). (4, 4) and (8, 8) give each warp one row,
+# so it sums over K alone, with no reduction across warps: in the batch-1 step o_proj and down_proj take
+# (8, 8) (results/staged_row_per_warp-h100.json).
+_STAGED_CONFIGS = [(4, 4), (8, 4), (16, 4), (32, 4), (64, 4), (8, 8), (16, 8), (32, 8), (64, 8)]
 _GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
@@ -461,7 +463,7 @@ def in_step_candidates(key: tuple) -> list[KernelConfig]:
 # tune_in_step's joint choices by their tuning-file entry: every engine of a process runs the same ones for
 # the same keys, file or not (with fused output on and off the keys are the same, and so must the bits be).
 _IN_STEP: dict[str, dict] = {}
-_STEP_VERSION = 2  # bump when the step's other kernels change (e.g. their launch): the joint choices are retuned
+_STEP_VERSION = 3  # bump when the step's other kernels change (e.g. their launch): the joint choices are retuned
 
 
 def tune_in_step(device: torch.device, step_us, top: int = 4, m: int = 1) -> dict[tuple, KernelConfig]:
