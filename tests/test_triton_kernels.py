@@ -327,6 +327,20 @@ def test_elementwise_kernels_gpu():
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **tols(torch.bfloat16))
 
 
+@pytest.mark.parametrize("batch", [1, 5, 33])
+def test_feed_back_resolves_only_the_placeholders(batch):
+    # Async scheduling's placeholders -1 - r take prev[r] (rows in any order, some repeated); literal ids stay.
+    from nanovllm.kernels.sample import feed_back, feed_back_ref
+    gen = torch.Generator(DEVICE).manual_seed(batch)
+    prev = torch.randint(0, 151936, (64,), generator=gen, device=DEVICE)
+    ids = torch.randint(0, 151936, (batch,), generator=gen, device=DEVICE)
+    rows = torch.randint(0, 64, (batch,), generator=gen, device=DEVICE)
+    placeholder = torch.rand(batch, generator=gen, device=DEVICE) < 0.7
+    ids = torch.where(placeholder, -1 - rows, ids)
+    want = torch.where(placeholder, prev[rows], ids)
+    assert torch.equal(feed_back(ids.clone(), prev), want) and torch.equal(feed_back_ref(ids.clone(), prev), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sample_kernel_draws_softmax_over_temperature_and_argmax_at_zero(dtype):
     """Gumbel-max in one pass: rows at temperature T draw from softmax(logits / T) (chi-square against the

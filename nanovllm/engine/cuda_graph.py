@@ -31,7 +31,15 @@ from torch import nn
 from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
-from nanovllm.kernels.sample import chunk_bests, pick_bests, sample, sample_ref, sample_workspace
+from nanovllm.kernels.sample import (
+    chunk_bests,
+    feed_back,
+    feed_back_ref,
+    pick_bests,
+    sample,
+    sample_ref,
+    sample_workspace,
+)
 from nanovllm.utils.context import Context, longest_first, reset_context, set_context
 
 
@@ -139,6 +147,8 @@ class DecodeGraphs:
 
     def _forward(self, model: nn.Module, bs: int, sampling: bool) -> None:
         """What a graph holds: the model, the head and the sampler (under TP, their sharded form)."""
+        # The ids the replay before sampled, where the host had placeholders (see replay).
+        (feed_back if self.input_ids.is_cuda else feed_back_ref)(self.input_ids[:bs], self.next_tokens)
         hidden = model(self.input_ids[:bs], self.positions[:bs])  # (bs, hidden)
         if self.tp_size == 1:
             return self._head(model, hidden, bs, sampling)
@@ -247,17 +257,19 @@ class DecodeGraphs:
         No host sync.
 
         With prev_ids (the previous step's sampled ids on the device, async scheduling), seq i's input id is
-        prev_ids[src_rows[i]]: the host only has a placeholder for it."""
+        prev_ids[src_rows[i]]: the host only has a placeholder for it. Where the previous step was a replay
+        that sampled in its graph, prev_ids are next_tokens and the graph gathers them itself (feed_back)."""
         n, block_size = len(seqs), self.block_size
         bs = self.bucket[n]
         host = self.host[self.num_replays % len(self.host)]
         self.num_replays += 1
         ids, positions, slots = host.np64
         pos = [seq.num_computed_tokens for seq in seqs]
+        fed_in_graph = prev_ids is not None and prev_ids.data_ptr() == self.next_tokens.data_ptr()
         if prev_ids is None:
             ids[:n] = [seq.token_ids[p] for seq, p in zip(seqs, pos)]
-        else:  # the ids row carries the source rows, resolved on the device below; padding reads id 0
-            ids[:n] = src_rows
+        else:  # the ids row carries the source rows, resolved on the device; padding reads id 0
+            ids[:n] = [-1 - row for row in src_rows] if fed_in_graph else src_rows
             ids[n:bs] = 0
         positions[:n] = pos
         slots[:n] = [seq.block_table[p // block_size] * block_size + p % block_size for seq, p in zip(seqs, pos)]
@@ -270,7 +282,7 @@ class DecodeGraphs:
         self.dev64.copy_(host.int64, non_blocking=True)
         used = self._int32_used(bs)
         self.dev32[:used].copy_(host.int32[:used], non_blocking=True)
-        if prev_ids is not None:
+        if prev_ids is not None and not fed_in_graph:  # sampled elsewhere (the full Sampler, an eager step)
             self.input_ids[:n] = prev_ids[self.input_ids[:n]]  # (n,) gathered before the replay overwrites them
         if temperatures is not None:
             host.temps.numpy()[:n] = temperatures

@@ -94,6 +94,30 @@ def pick_bests(workspaces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def feed_back_ref(ids: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """ids (B,) int64 in place: an entry -1 - r becomes prev[r], the others stay."""
+    return ids.copy_(torch.where(ids < 0, prev[(-1 - ids).clamp(min=0)], ids))
+
+
+def feed_back(ids: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """feed_back_ref in one kernel. Async scheduling launches a decode step before the host has the ids the
+    step ahead samples, so the host writes -1 - (the seq's row in that step) and a decode graph whose last
+    kernel samples into prev resolves them with its first: outside the graph that gather took an index
+    kernel and a copy, each waiting its turn on the stream between two replays (benchmarks/NOTES-gpu.md,
+    session 18)."""
+    _feed_back_kernel[(1,)](ids, prev, ids.shape[0], BLOCK=max(16, triton.next_power_of_2(ids.shape[0])))
+    return ids
+
+
+@jit
+def _feed_back_kernel(ids_ptr, prev_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=0)
+    fed = ids < 0
+    prev = tl.load(prev_ptr + tl.where(fed, -1 - ids, 0), mask=(offs < n) & fed, other=0)
+    tl.store(ids_ptr + offs, tl.where(fed, prev, ids), mask=offs < n)
+
+
 @jit
 def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_ws, stride_kind, vocab,
                        vocab_offset, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
