@@ -145,6 +145,22 @@ def test_async_scheduling_gives_the_same_outputs(folder, reference, engine, monk
         assert sync_stats["num_preemptions"] > 0 and async_stats["num_preemptions"] > 0
 
 
+def test_sampling_graphs_read_each_rows_temperature(folder, reference, monkeypatch):
+    # What a sampling graph reads from its input buffers (uncaptured on CPU here) at each decode step of a
+    # batch: a greedy row's temperature 0 and a hot row's own, not zeros nor another step's.
+    llm = make_llm(folder, reference[0][9], True, monkeypatch, graphs=True)
+    graphs, seen = llm.engine.model_runner.graphs, []
+    replay = graphs._replay
+
+    def spy(bs, sampling, gather_logits=False):
+        seen.append((bs, sampling, graphs.temperatures[:bs].tolist()))
+        return replay(bs, sampling, gather_logits)
+    monkeypatch.setattr(graphs, "_replay", spy)
+    params = [greedy(6, ignore_eos=True), SamplingParams(temperature=0.5, max_tokens=6, ignore_eos=True)]
+    llm.generate([PROMPTS[0], PROMPTS[1]], params, use_tqdm=False)
+    assert seen == [(2, True, [0.0, 0.5])] * 5  # the first token of each comes from the prefill step
+
+
 def test_streams_and_aborts_in_flight(folder, reference, monkeypatch):
     """Aborting requests whose step is in flight: the others' outputs are unchanged, the aborted ones get
     nothing more, and every block comes back. Streamed deltas join to the final output."""
