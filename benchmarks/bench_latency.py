@@ -343,7 +343,8 @@ def main() -> None:
     print(f"{card}: device copy {bw:.0f} GB/s (read + write)", flush=True)
     folder = model_dir()
     # First, before anything here runs the torch profiler (count_kernels, last): once it has run, CUPTI stays
-    # hooked into the process (pytorch/pytorch#144455) and slows the host, which the default loop waits on.
+    # hooked into the process (pytorch/pytorch#144455), and timed after it this loop ran 0.666 ms a token
+    # against 0.643 in a fresh process on the same H100 (benchmarks/NOTES-gpu.md, session 23).
     bs1_default = async_ms_per_token(folder)
     print(f"batch 1 with the engine's default loop: {json.dumps(bs1_default)}", flush=True)
     free_cuda()
