@@ -117,14 +117,18 @@ def async_ms_per_token(folder: str, tokens: int = 256, requests: int = 5) -> dic
     return result
 
 
+def child_json(script: str, *args: str, env: dict | None = None, timeout: float | None = None):
+    """Runs `script` with args in a fresh Python process and returns the JSON its stdout ends with (its
+    stderr passes through; a failed child raises)."""
+    done = subprocess.run([sys.executable, os.path.abspath(script), *args], env=env, check=True, text=True,
+                          stdout=subprocess.PIPE, timeout=timeout)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def default_loop_in_processes(processes: int = DEFAULT_LOOP_PROCESSES) -> dict:
     """async_ms_per_token, each run in a fresh process (this script's --default-loop-only): the median over
     the processes, and every process's run."""
-    runs = []
-    for _ in range(processes):
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--default-loop-only"],
-                               capture_output=True, text=True, check=True)
-        runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    runs = [child_json(__file__, "--default-loop-only") for _ in range(processes)]
     per_process = [run["ms_per_token"] for run in runs]
     return {"ms_per_token": statistics.median(per_process), "per_process": per_process, "runs": runs}
 

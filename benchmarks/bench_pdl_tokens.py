@@ -15,11 +15,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 
 import torch
-from bench_latency import card_name, model_dir, write_json
+from bench_latency import card_name, child_json, model_dir, write_json
 
 BATCHES, KEYS = (1, 2, 4, 8), (144, 1000)
 
@@ -82,9 +80,7 @@ def main() -> None:
                 env["NANOVLLM_PDL_MAX_TOKENS"] = str(setting)
             else:
                 child_arg.append(str(setting))
-            done = subprocess.run([sys.executable, __file__, *child_arg], env=env, check=True, text=True,
-                                  stdout=subprocess.PIPE)
-            runs[setting].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs[setting].append(child_json(__file__, *child_arg, env=env))
             print(setting, runs[setting][-1], flush=True)
     name, tag = card_name()
     result = {"card": name, "knob": args.knob, "settings": args.settings, "rounds": args.rounds,

@@ -18,7 +18,6 @@ each prompt (null: none).
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 PROMPTS = [[5, 17, 300, 42, 9], list(range(100, 117)), [7] * 3, [(i * 37) % 990 + 3 for i in range(33)]]
@@ -51,14 +50,12 @@ def main() -> None:
     if args.child is not None:
         return child(args.child)
     import torch
-    from bench_latency import card_name, write_json
+    from bench_latency import card_name, child_json, write_json
     if torch.cuda.device_count() < 2:
         sys.exit("needs 2 GPUs")
     tokens = {}
     for name, tp, env in [r for r in RUNS if r[0] in args.runs]:
-        done = subprocess.run([sys.executable, __file__, "--child", str(tp)], env={**os.environ, **env},
-                              check=True, text=True, stdout=subprocess.PIPE, timeout=300)
-        tokens[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        tokens[name] = child_json(__file__, "--child", str(tp), env={**os.environ, **env}, timeout=300)
         print(name, [len(t) for t in tokens[name]], flush=True)
     names = list(tokens)
     pairs = {f"{a} vs {b}": first_differences(tokens[a], tokens[b]) for i, a in enumerate(names) for b in names[i + 1:]}
