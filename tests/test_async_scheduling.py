@@ -5,7 +5,7 @@ import gc
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import FixedLogits, make_tiny_model
 from tiny_tokenizer import save_tiny_tokenizer
 
 from nanovllm import LLM, SamplingParams
@@ -288,3 +288,26 @@ def test_a_prompt_chunked_over_steps_that_sample_nothing(folder, reference, monk
         outputs.append(llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids)
     assert outputs[0] == outputs[1] and len(outputs[0]) == 6
     assert launched.count((True, 0)) == 4  # chunks 2-5 of 6, ahead of the one before; chunk 6 samples
+
+
+@torch.inference_mode()
+def test_a_replays_ids_come_from_its_ring_row_until_the_row_is_reused():
+    """A graph replay's ids reach pinned memory in a ring of RING rows, each replay the next row (here the
+    graphs' code path uncaptured on CPU, which copies where the CUDA kernel writes). A read after RING later
+    replays took the row is an error, not another step's ids."""
+    from nanovllm.engine.cuda_graph import RING, DecodeGraphs
+    from nanovllm.engine.sequence import Sequence
+    logits = torch.zeros(20)
+    graphs = DecodeGraphs(FixedLogits(logits), 4, 1, 16, 20, torch.float32, torch.device("cpu"), capture=False)
+    seqs = [Sequence([1], SamplingParams()) for _ in range(3)]
+    for seq in seqs:
+        seq.block_table = [0]
+    rings = []
+    for i in range(RING + 1):
+        logits.zero_()[i] = 1.0  # replay i picks token i
+        rings.append(graphs.replay(seqs))
+    assert [ring.slot for ring in rings] == [i % RING for i in range(RING + 1)]
+    for i, ring in enumerate(rings[1:], start=1):
+        assert ring.ids().tolist() == [i] * 3
+    with pytest.raises(RuntimeError, match="reused"):
+        rings[0].ids()

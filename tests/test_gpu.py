@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 import torch
+from tiny_models import FixedLogits
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.models import load_model, set_use_triton
@@ -302,20 +303,6 @@ def test_fused_residual_rounds_as_the_unfused_path(model_dir):
     free_cuda()
 
 
-class _FixedLogits(torch.nn.Module):
-    """A stand-in model whose every row has the same logits: enough to test the graphs' sampler."""
-
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.row = logits  # (vocab,) float32
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return torch.ones(input_ids.shape[0], 1, device=input_ids.device)  # (T, 1)
-
-    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return torch.mm(hidden, self.row[None], out=out)  # (T, vocab)
-
-
 @torch.inference_mode()
 def test_fused_output_leaves_the_add_to_the_next_norm_where_cublas_runs(model_dir):
     """Where the dispatcher runs cuBLAS (typically M >= 128), o_proj's forward_add returns the product and
@@ -347,17 +334,20 @@ def test_sampling_inside_the_graph_follows_softmax_over_temperature():
     from nanovllm.engine.sequence import Sequence
     gen = torch.Generator("cuda").manual_seed(0)
     logits = torch.randn(50, generator=gen, device="cuda") * 2
-    graphs = DecodeGraphs(_FixedLogits(logits), 64, 1, 16, 50, torch.float32, torch.device("cuda"))
+    graphs = DecodeGraphs(FixedLogits(logits), 64, 1, 16, 50, torch.float32, torch.device("cuda"))
     seqs = [Sequence([1], SamplingParams()) for _ in range(64)]
     for seq in seqs:
         seq.block_table = [0]
     temperature = 0.7
     temps = [0.0] * 4 + [temperature] * 60
     counts = torch.zeros(50, device="cuda")
-    for _ in range(500):
-        graphs.replay(seqs, temps)
+    for i in range(500):
+        ring = graphs.replay(seqs, temps)
         tokens = graphs.next_tokens[:64]
         assert (tokens[:4] == logits.argmax()).all()
+        if i < 8:  # the sampler's kernel also wrote them into pinned memory (no copy on the stream)
+            torch.cuda.synchronize()
+            assert torch.equal(ring.ids(), tokens.cpu())
         counts += torch.bincount(tokens[4:], minlength=50)
     empirical = counts / counts.sum()
     expected = torch.softmax(logits / temperature, dim=-1)

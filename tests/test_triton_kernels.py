@@ -382,6 +382,23 @@ def test_sample_kernel_argmax_across_tiles():
     assert out.tolist() == [10, 3000, 4499, 700, 2048, 3333]
 
 
+
+def test_sample_kernel_writes_the_ids_into_the_host_ring_row_its_slot_names():
+    """HostOut: the ids also land in ring[slot] (pinned host memory on CUDA), the slot read on the device;
+    the other rows stay as they were."""
+    from nanovllm.kernels.sample import HostOut, sample
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ring = torch.full((4, 8), -7, dtype=torch.int64, pin_memory=CUDA)
+    slot = torch.tensor([2], dtype=torch.int64, device=DEVICE)
+    out = torch.empty(5, dtype=torch.int64, device=DEVICE)
+    sample(logits, torch.zeros(5, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE), out,
+           host_out=HostOut(ring, slot))
+    if CUDA:
+        torch.cuda.synchronize()
+    want = logits.argmax(-1).cpu()
+    assert torch.equal(out.cpu(), want) and torch.equal(ring[2, :5], want)
+    assert (ring[2, 5:] == -7).all() and (ring[[0, 1, 3]] == -7).all()
+
 # ---- programmatic dependent launch (nanovllm/kernels/pdl.py) ----
 
 def test_pdl_switch(monkeypatch):

@@ -48,3 +48,17 @@ def make_tiny_model(arch: str, tmp_dir: str, seed: int = 0, max_shard_size: str 
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose every row has the same logits: enough to test the decode graphs' sampler."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.row = logits  # (vocab,) float32
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.ones(input_ids.shape[0], 1, device=input_ids.device)  # (T, 1)
+
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(hidden, self.row[None], out=out)  # (T, vocab)

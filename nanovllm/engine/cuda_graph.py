@@ -32,6 +32,7 @@ from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.sample import (
+    HostOut,
     chunk_bests,
     feed_back,
     feed_back_ref,
@@ -69,13 +70,32 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
             return sizes
 
 
+RING = 4  # rows of the ids' ring: async scheduling reads a step's ids back while one more is in flight
+
+
+class RingIds:
+    """Where one replay's sampled ids land: a row of DecodeGraphs.ring (pinned), written by the graph's last
+    kernel, so valid once an event after the replay has completed and until RING replays later reuse the
+    row."""
+
+    def __init__(self, graphs: "DecodeGraphs", slot: int, replay: int, n: int):
+        self.graphs, self.slot, self.replay, self.n = graphs, slot, replay, n
+
+    def ids(self) -> torch.Tensor:
+        """(n,) int64 in pinned memory; call after the replay is known complete."""
+        if self.graphs.ring_owner[self.slot] != self.replay:
+            raise RuntimeError(f"decode step {self.replay}'s ids were read after {RING} later replays reused "
+                               "their ring row")
+        return self.graphs.ring[self.slot, :self.n]
+
+
 class _PinnedInputs:
     """One set of host staging buffers for a replay's inputs (pinned on CUDA). A replay's copies read them
     after replay() has returned, so a set is rewritten only once its step is known to be done: after the
     caller's read-back with one set, or two steps later with two (async scheduling)."""
 
     def __init__(self, max_bs: int, max_num_blocks: int, pin: bool):
-        self.int64 = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=pin)
+        self.int64 = torch.zeros(4, max_bs, dtype=torch.int64, pin_memory=pin)  # the 4th row: [ring slot, 0...]
         self.int32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
         self.temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
         self.np64, self.np32 = self.int64.numpy(), self.int32.numpy()  # views: writes go to pinned memory
@@ -86,10 +106,12 @@ class _PinnedInputs:
 class DecodeGraphs:
     """Captures `model` for decode batches of up to max_num_seqs seqs and replays it for a batch of seqs.
 
-    Inputs travel in host-to-device copies from pinned buffers: int64 [input_ids; positions; slot_mapping],
-    int32 [context_lens | seq_order | block_tables] and, for the sampling graphs, float32 temperatures. Outputs:
-    `logits` (max_bs, vocab) in the model dtype (under TP: on rank 0, after a replay that gathers them) and
-    `next_tokens` (max_bs,) int64.
+    Inputs travel in host-to-device copies from pinned buffers: int64 [input_ids; positions; slot_mapping;
+    ring slot], int32 [context_lens | seq_order | block_tables] and, for the sampling graphs, float32
+    temperatures. Outputs: `logits` (max_bs, vocab) in the model dtype (under TP: on rank 0, after a replay that
+    gathers them), `next_tokens` (max_bs,) int64, and on rank 0 the same ids in pinned memory, in the `ring`
+    row the replay's input names (RingIds): the sampler's last kernel writes them there, so no copy back
+    follows a replay on the stream.
     """
 
     @torch.inference_mode()
@@ -102,9 +124,12 @@ class DecodeGraphs:
         self.block_size, self.max_num_blocks = block_size, max_num_blocks
         self.host = [_PinnedInputs(max_bs, max_num_blocks, device.type == "cuda") for _ in range(host_buffers)]
         self.num_replays = 0  # picks the host buffer set: replay i uses host[i % host_buffers]
-        self.dev64 = torch.zeros(3, max_bs, dtype=torch.int64, device=device)
+        self.dev64 = torch.zeros(4, max_bs, dtype=torch.int64, device=device)
         self.dev32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, device=device)
-        self.input_ids, self.positions, self.slot_mapping = self.dev64  # (max_bs,) each
+        self.input_ids, self.positions, self.slot_mapping, ring_row = self.dev64  # (max_bs,) each
+        self.ring_slot = ring_row[:1]  # (1,): which ring row this replay's ids go to
+        self.ring = torch.zeros(RING, max_bs, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.ring_owner = [-1] * RING  # the replay (its number) whose ids each ring row holds
         self.context_lens, self.seq_order = self.dev32[:max_bs], self.dev32[max_bs:2 * max_bs]
         self.block_tables = self.dev32[2 * max_bs:].view(max_bs, max_num_blocks)
         self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
@@ -158,9 +183,19 @@ class DecodeGraphs:
         chunk_bests(local[:, :self.num_valid], temps, self.seed, workspace, self.vocab_start)
         gathered = all_gather(workspace, self.gathered[:self.tp_size * workspace.numel()].view(
             self.tp_size, *workspace.shape))  # (tp, bs, 2, chunks): a few KB, not the logits
-        pick_bests(gathered, self.next_tokens[:bs])
+        pick_bests(gathered, self.next_tokens[:bs], self._host_out())
+        self._ids_to_ring(bs)
         if sampling:
             self.seed.add_(1)
+
+    def _host_out(self) -> HostOut | None:
+        """Where rank 0's sampler also writes the ids (on CUDA: in its kernel)."""
+        return HostOut(self.ring, self.ring_slot) if self.rank == 0 and self.ring.is_pinned() else None
+
+    def _ids_to_ring(self, bs: int) -> None:
+        """Off CUDA (uncaptured graphs on CPU) rank 0 copies the ids to the ring eagerly, as the kernel would."""
+        if self.rank == 0 and not self.next_tokens.is_cuda:
+            self.ring[int(self.ring_slot)][:bs] = self.next_tokens[:bs]
 
     def _head(self, model: nn.Module, hidden: torch.Tensor, bs: int, sampling: bool) -> None:
         logits = model.compute_logits(hidden, out=self.logits[:bs])  # (bs, vocab); None on a TP worker
@@ -173,13 +208,14 @@ class DecodeGraphs:
         # race (same distribution).
         if logits.is_cuda:
             temps = self.temperatures[:bs] if sampling else self.greedy_temps[:bs]
-            sample(logits, temps, self.seed, self.next_tokens[:bs], self.sample_workspace)
+            sample(logits, temps, self.seed, self.next_tokens[:bs], self.sample_workspace, self._host_out())
             if sampling:
                 self.seed.add_(1)
         elif sampling:
             sample_ref(logits, self.temperatures[:bs], self.next_tokens[:bs])
         else:
             torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
+        self._ids_to_ring(bs)
 
     def _capture(self, model: nn.Module) -> None:
         # Warm-up and capture really run: slot -1 and context 0 keep them away from the KV cache.
@@ -250,7 +286,7 @@ class DecodeGraphs:
 
     def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None,
                prev_ids: torch.Tensor | None = None, src_rows: list[int] | None = None,
-               logits: bool = False) -> None:
+               logits: bool = False) -> "RingIds":
         """Runs one decode step of seqs (each computes its token at num_computed_tokens), sampling in the
         graph at these per-seq temperatures (0: greedy) or, without them, taking the argmax. The results
         are in next_tokens[:len(seqs)], and in logits[:len(seqs)] with logits=True (or at tp = 1, always).
@@ -258,12 +294,16 @@ class DecodeGraphs:
 
         With prev_ids (the previous step's sampled ids on the device, async scheduling), seq i's input id is
         prev_ids[src_rows[i]]: the host only has a placeholder for it. Where the previous step was a replay
-        that sampled in its graph, prev_ids are next_tokens and the graph gathers them itself (feed_back)."""
+        that sampled in its graph, prev_ids are next_tokens and the graph gathers them itself (feed_back).
+        Returns where the ids land in pinned memory (the greedy argmax when logits=True)."""
         n, block_size = len(seqs), self.block_size
         bs = self.bucket[n]
         host = self.host[self.num_replays % len(self.host)]
+        ring = RingIds(self, self.num_replays % RING, self.num_replays, n)
+        self.ring_owner[ring.slot] = self.num_replays
         self.num_replays += 1
-        ids, positions, slots = host.np64
+        ids, positions, slots, ring_row = host.np64
+        ring_row[0] = ring.slot
         pos = [seq.num_computed_tokens for seq in seqs]
         fed_in_graph = prev_ids is not None and prev_ids.data_ptr() == self.next_tokens.data_ptr()
         if prev_ids is None:
@@ -293,6 +333,7 @@ class DecodeGraphs:
             send_decode(bs, sampling, logits)
             broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
         self._replay(bs, sampling, logits)
+        return ring
 
     def follow(self, bs: int, sampling: int, gather_logits: int) -> None:
         """A TP worker's side of rank 0's replay (after its DECODE header): the same inputs, the same graph,

@@ -18,7 +18,7 @@ from nanovllm.distributed.parallel_state import (
     min_over_ranks,
 )
 from nanovllm.distributed.worker import TP_TIMEOUT_S, WorkerGroup
-from nanovllm.engine.cuda_graph import DecodeGraphs
+from nanovllm.engine.cuda_graph import DecodeGraphs, RingIds
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.embed_head import ParallelLMHead
@@ -56,16 +56,18 @@ class PendingStep:
     memory, not for the steps launched since, and builds the StepOutput; under TP it waits inside the
     worker group's guard, so a worker that died meanwhile is a clear error there too."""
 
-    def __init__(self, seqs: list[Sequence], sampled: SamplerOutput, guard: Callable | None = None):
+    def __init__(self, seqs: list[Sequence], sampled: SamplerOutput, guard: Callable | None = None,
+                 ring: RingIds | None = None):
         self.seqs = seqs
         self.token_ids = sampled.token_ids
         self.rows = {seq.seq_id: i for i, seq in enumerate(seqs)}  # seq_id -> row of token_ids
         self.guard = guard
-        # Copies now: a graph step's ids are overwritten by the next replay. On CUDA, to pinned memory without
-        # a sync (.tolist() later would wait for the whole stream, the steps launched since included).
+        self.ring = ring  # a graph step that sampled in its graph: its ids are on their way to the ring
+        # Else copies now: a graph step's ids are overwritten by the next replay. On CUDA, to pinned memory
+        # without a sync (.tolist() later would wait for the whole stream, the steps launched since included).
         self.event = torch.cuda.Event() if sampled.token_ids.is_cuda else None
         copy = _to_pinned if self.event is not None else torch.clone
-        self.host = SamplerOutput(*(t if t is None else copy(t) for t in (
+        self.host = None if ring is not None else SamplerOutput(*(t if t is None else copy(t) for t in (
             sampled.token_ids, sampled.logprobs, sampled.ranks, sampled.top_ids, sampled.top_logprobs)))
         if self.event is not None:
             self.event.record()
@@ -76,6 +78,8 @@ class PendingStep:
     def _result(self) -> StepOutput:
         if self.event is not None:
             self.event.synchronize()
+        if self.ring is not None:
+            self.host = SamplerOutput(self.ring.ids())
         out = StepOutput({}, {}, {})
         ModelRunner.collect_samples(self.seqs, self.host, out)
         return out
@@ -305,7 +309,7 @@ class ModelRunner:
     def _run(self, batch: ScheduledBatch) -> StepOutput:
         out = StepOutput({}, {}, {})
         if self._graph_ready(batch):
-            self.collect_samples(batch.seqs, self._replay(batch.seqs), out)
+            self.collect_samples(batch.seqs, self._replay(batch.seqs)[0], out)
             return out
         input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
         if self.workers is not None:
@@ -337,7 +341,8 @@ class ModelRunner:
         if self._graph_ready(batch) and (prev is None or all(seq.seq_id in prev.rows for seq in batch.seqs)):
             src_rows = None if prev is None else [prev.rows[seq.seq_id] for seq in batch.seqs]
             prev_ids = None if prev is None else prev.token_ids
-            return PendingStep(batch.seqs, self._replay(batch.seqs, prev_ids, src_rows), guard)
+            sampled, ring = self._replay(batch.seqs, prev_ids, src_rows)
+            return PendingStep(batch.seqs, sampled, guard, ring)
         input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
         assert not plp_rows, "prompt logprobs come from run(): such steps are not launched ahead"
         if prev is not None:  # the placeholders' ids, from prev's on the device
@@ -363,16 +368,17 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def _replay(self, seqs: list[Sequence], prev_ids: torch.Tensor | None = None,
-                src_rows: list[int] | None = None) -> SamplerOutput:
-        """One decode step of seqs from the captured graphs; the sampled ids (B,) stay on the device. With
-        prev_ids, seq i's input id is prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
+                src_rows: list[int] | None = None) -> tuple[SamplerOutput, RingIds | None]:
+        """One decode step of seqs from the captured graphs; the sampled ids (B,) stay on the device, and
+        where the graph sampled them also go to the ring (RingIds). With prev_ids, seq i's input id is
+        prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
         n = len(seqs)
         temperatures = [simple_temperature(seq) for seq in seqs]
         if None in temperatures:  # the full Sampler, on the greedy graph's logits
             self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
-            return self._sample_on_device(seqs, self.graphs.logits[:n])
-        self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
-        return SamplerOutput(self.graphs.next_tokens[:n])
+            return self._sample_on_device(seqs, self.graphs.logits[:n]), None
+        ring = self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
+        return SamplerOutput(self.graphs.next_tokens[:n]), ring
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden_size) -> logits (N, V). Under TP the workers compute their vocab slices of the

@@ -23,6 +23,8 @@ the second pass over all of them picks what the unsplit row would have.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from nanovllm.kernels import jit
@@ -55,14 +57,14 @@ def sample_workspace(max_rows: int, vocab: int, device: torch.device | str) -> t
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, out: torch.Tensor,
-           workspace: torch.Tensor | None = None) -> torch.Tensor:
+           workspace: torch.Tensor | None = None, host_out: HostOut | None = None) -> torch.Tensor:
     """logits (B, V) with unit stride on V, temperatures (B,) float32, seed (1,) int64 on the device (the
     caller advances it between draws), out (B,) int64, workspace from sample_workspace(>= B, V). No host
-    sync; no allocation when the workspace is given: CUDA-graph safe."""
+    sync; no allocation when the workspace is given: CUDA-graph safe. host_out: see pick_bests."""
     if workspace is None:
         workspace = sample_workspace(logits.shape[0], logits.shape[1], logits.device)
     chunk_bests(logits, temperatures, seed, workspace)
-    return pick_bests(workspace[None, :logits.shape[0]], out)
+    return pick_bests(workspace[None, :logits.shape[0]], out, host_out)
 
 
 def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, workspace: torch.Tensor,
@@ -82,14 +84,27 @@ def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Te
             launch_pdl=pdl)
 
 
-def pick_bests(workspaces: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+class HostOut(NamedTuple):
+    """Where pick_bests also writes the ids: row `slot[0]` of `ring` (S, >= B) int64 in pinned host memory,
+    the slot read on the device (a CUDA graph's input). The kernel's stores reach the host over the bus, so
+    the host reads them once an event after the kernel has completed, with no copy on the stream: a
+    device-to-host copy after each decode graph replay kept the GPU idle ~9 µs a step at batch 1
+    (benchmarks/NOTES-gpu.md, session 25)."""
+    ring: torch.Tensor
+    slot: torch.Tensor
+
+
+def pick_bests(workspaces: torch.Tensor, out: torch.Tensor, host_out: HostOut | None = None) -> torch.Tensor:
     """The second pass: workspaces (R, B, 2, chunks), R ranks' first passes over consecutive slices of the
-    vocabulary (R = 1 without TP) -> out (B,) int64, each row's best index, the lowest of equal scores."""
+    vocabulary (R = 1 without TP) -> out (B,) int64, each row's best index, the lowest of equal scores; with
+    host_out, the same ids into its ring's slot too."""
     ranks, batch, _, chunks = workspaces.shape
     if batch:
         pdl = pdl_enabled(out.device, batch)
+        ring, slot = host_out if host_out is not None else (out, out)  # unread without HOST
         _row_best_kernel[(batch,)](workspaces, workspaces.stride(0), workspaces.stride(1), workspaces.stride(2),
-                                   out, chunks, ranks * chunks, BLOCK=triton.next_power_of_2(ranks * chunks),
+                                   out, ring, ring.stride(0), slot, chunks, ranks * chunks,
+                                   BLOCK=triton.next_power_of_2(ranks * chunks), HOST=host_out is not None,
                                    PDL=pdl, launch_pdl=pdl)
     return out
 
@@ -169,10 +184,13 @@ def _uniforms(seed, row, first, index, BLOCK: tl.constexpr, ALIGNED: tl.constexp
 
 
 @jit
-def _row_best_kernel(ws_ptr, stride_rank, stride_ws, stride_kind, out_ptr, chunks, total, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr):
-    """Grid (B,): the row's best chunk over every rank (the first of equal scores) gives its token."""
+def _row_best_kernel(ws_ptr, stride_rank, stride_ws, stride_kind, out_ptr, ring_ptr, stride_ring, slot_ptr, chunks,
+                     total, BLOCK: tl.constexpr, HOST: tl.constexpr, PDL: tl.constexpr):
+    """Grid (B,): the row's best chunk over every rank (the first of equal scores) gives its token; with HOST
+    also into ring[slot] (host memory). The slot is a step input: read before the wait."""
     launch_dependents(PDL)
+    if HOST:
+        ring_ptr += tl.load(slot_ptr) * stride_ring
     wait_previous(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)  # rank * chunks + chunk: the order of the vocabulary
@@ -180,4 +198,7 @@ def _row_best_kernel(ws_ptr, stride_rank, stride_ws, stride_kind, out_ptr, chunk
     scores = tl.load(ptrs, mask=offs < total, other=-float("inf"))
     best = tl.argmax(scores, axis=0)
     best_ptr = ws_ptr + (best // chunks) * stride_rank + row * stride_ws + best % chunks + stride_kind
-    tl.store(out_ptr + row, tl.load(best_ptr.to(tl.pointer_type(tl.int32))).to(tl.int64))
+    token = tl.load(best_ptr.to(tl.pointer_type(tl.int32))).to(tl.int64)
+    tl.store(out_ptr + row, token)
+    if HOST:
+        tl.store(ring_ptr + row, token)
