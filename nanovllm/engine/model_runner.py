@@ -308,9 +308,9 @@ class ModelRunner:
     @torch.inference_mode()
     def _run(self, batch: ScheduledBatch) -> StepOutput:
         out = StepOutput({}, {}, {})
-        if self._graph_ready(batch):
-            self.collect_samples(batch.seqs, self._replay(batch.seqs)[0], out)
-            return out
+        if self._graph_ready(batch):  # read back as an async step is, at once
+            sampled, ring = self._replay(batch.seqs)
+            return PendingStep(batch.seqs, sampled, ring=ring).result()
         input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
         if self.workers is not None:
             send_forward(input_ids, positions, get_context())
