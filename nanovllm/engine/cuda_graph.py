@@ -286,7 +286,7 @@ class DecodeGraphs:
 
     def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None,
                prev_ids: torch.Tensor | None = None, src_rows: list[int] | None = None,
-               logits: bool = False) -> "RingIds":
+               logits: bool = False) -> RingIds:
         """Runs one decode step of seqs (each computes its token at num_computed_tokens), sampling in the
         graph at these per-seq temperatures (0: greedy) or, without them, taking the argmax. The results
         are in next_tokens[:len(seqs)], and in logits[:len(seqs)] with logits=True (or at tp = 1, always).
