@@ -382,7 +382,6 @@ def test_sample_kernel_argmax_across_tiles():
     assert out.tolist() == [10, 3000, 4499, 700, 2048, 3333]
 
 
-
 def test_sample_kernel_writes_the_ids_into_the_host_ring_row_its_slot_names():
     """HostOut: the ids also land in ring[slot] (pinned host memory on CUDA), the slot read on the device;
     the other rows stay as they were."""
@@ -398,6 +397,7 @@ def test_sample_kernel_writes_the_ids_into_the_host_ring_row_its_slot_names():
     want = logits.argmax(-1).cpu()
     assert torch.equal(out.cpu(), want) and torch.equal(ring[2, :5], want)
     assert (ring[2, 5:] == -7).all() and (ring[[0, 1, 3]] == -7).all()
+
 
 # ---- programmatic dependent launch (nanovllm/kernels/pdl.py) ----
 
