@@ -22,6 +22,12 @@ gain. The tokens such a graph makes are wrong; only its time is read. Writes dec
 
     python benchmarks/profile_decode_chain.py --loop
     python benchmarks/profile_decode_chain.py --knockout
+With --l2-resident it recaptures the graph with one projection of every layer (or all four) reading layer
+0's weight, so that after layer 0 it comes from the L2, and times bare replays of each graph, alternated:
+what the HBM's time for those weights costs the step, the most that staging them in the L2 could gain (the
+tokens are wrong). Writes decode_l2_resident-<card>.json.
+
+    python benchmarks/profile_decode_chain.py --l2-resident
 """
 import argparse
 import json
@@ -164,11 +170,51 @@ def knockouts(llm: LLM, rounds: int = 4) -> dict:
         for name, t in times.items() if name != "none"}}
 
 
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def _projection(layer, name: str):
+    return getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+
+
+@torch.inference_mode()
+def l2_resident(llm: LLM, rounds: int = 3) -> dict:
+    """Bare-replay µs of the batch-1 greedy graph, and of it with one projection (or all four) of every layer
+    reading layer 0's weight: after layer 0 those weights come from the L2 (a layer's 31 MB fit in its 50
+    MB), so the saving bounds what staging them in the L2 ahead of time could gain. Each graph is captured
+    right before it is timed, with nothing launched in between (bench_graph_taint.py: eager kernels between
+    or after a graph's replays can slow it for good)."""
+    runner = llm.engine.model_runner
+    layers = runner.model.model.layers
+    own = {name: [_projection(layer, name).weight.data for layer in layers] for name in PROJECTIONS}
+    variants = [("none", ()), *((name, (name,)) for name in PROJECTIONS), ("all", PROJECTIONS)]
+    times: dict[str, list[float]] = {key: [] for key, _ in variants}
+    for _ in range(rounds):
+        for key, names in variants:
+            try:
+                for name in names:
+                    for layer in layers:
+                        _projection(layer, name).weight.data = own[name][0]
+                graph = runner.graphs._capture_one(runner.model, 1, False)  # keeps the aliased pointers
+            finally:
+                for name in names:
+                    for layer, weight in zip(layers, own[name]):
+                        _projection(layer, name).weight.data = weight
+            times[key].append(replay_us(graph, reps=50, rounds=7))
+            del graph
+    base = statistics.median(times["none"])
+    return {"context": 144, "step_us": base, "step_us_each_round": times["none"], "from_l2": {
+        key: {"step_us": statistics.median(t), "saves_us": base - statistics.median(t), "step_us_each_round": t}
+        for key, t in times.items() if key != "none"}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--loop", action="store_true", help="profile the default loop between steps instead")
     parser.add_argument("--knockout", action="store_true", help="time the step with kernels left out instead")
+    parser.add_argument("--l2-resident", action="store_true",
+                        help="time the step with projections' weights read from the L2 instead")
     parser.add_argument("--suffix", default="", help="appended to the file name, e.g. -no-pdl")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -187,6 +233,14 @@ def main() -> None:
             print(f"without {key:14s} {row['step_us']:7.1f} µs, saves {row['saves_us']:5.1f}")
         os.makedirs(args.out_dir, exist_ok=True)
         write_json(os.path.join(args.out_dir, f"decode_knockout-{tag}{args.suffix}.json"), result)
+        return llm.close()
+    if args.l2_resident:
+        result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", **l2_resident(llm)}
+        print(f"step {result['step_us']:.1f} µs")
+        for key, row in result["from_l2"].items():
+            print(f"{key:14s} from the L2 {row['step_us']:7.1f} µs, saves {row['saves_us']:5.1f}")
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_json(os.path.join(args.out_dir, f"decode_l2_resident-{tag}{args.suffix}.json"), result)
         return llm.close()
     runner = llm.engine.model_runner
     num_layers = len(runner.model.model.layers)
