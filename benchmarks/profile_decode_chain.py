@@ -226,21 +226,15 @@ def main() -> None:
         os.makedirs(args.out_dir, exist_ok=True)
         write_json(os.path.join(args.out_dir, f"decode_loop-{tag}{args.suffix}.json"), result)
         return llm.close()
-    if args.knockout:
-        result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", **knockouts(llm)}
+    if args.knockout or args.l2_resident:  # bounds: the step recaptured without (or with) something
+        measure, key, label, stem = ((knockouts, "knocked_out", "without", "decode_knockout") if args.knockout
+                                     else (l2_resident, "from_l2", "from the L2:", "decode_l2_resident"))
+        result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", **measure(llm)}
         print(f"step {result['step_us']:.1f} µs")
-        for key, row in result["knocked_out"].items():
-            print(f"without {key:14s} {row['step_us']:7.1f} µs, saves {row['saves_us']:5.1f}")
+        for variant, row in result[key].items():
+            print(f"{label} {variant:14s} {row['step_us']:7.1f} µs, saves {row['saves_us']:5.1f}")
         os.makedirs(args.out_dir, exist_ok=True)
-        write_json(os.path.join(args.out_dir, f"decode_knockout-{tag}{args.suffix}.json"), result)
-        return llm.close()
-    if args.l2_resident:
-        result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", **l2_resident(llm)}
-        print(f"step {result['step_us']:.1f} µs")
-        for key, row in result["from_l2"].items():
-            print(f"{key:14s} from the L2 {row['step_us']:7.1f} µs, saves {row['saves_us']:5.1f}")
-        os.makedirs(args.out_dir, exist_ok=True)
-        write_json(os.path.join(args.out_dir, f"decode_l2_resident-{tag}{args.suffix}.json"), result)
+        write_json(os.path.join(args.out_dir, f"{stem}-{tag}{args.suffix}.json"), result)
         return llm.close()
     runner = llm.engine.model_runner
     num_layers = len(runner.model.model.layers)
