@@ -78,12 +78,13 @@ class RingIds:
     kernel, so valid once an event after the replay has completed and until RING replays later reuse the
     row."""
 
-    def __init__(self, graphs: "DecodeGraphs", slot: int, replay: int, n: int):
-        self.graphs, self.slot, self.replay, self.n = graphs, slot, replay, n
+    def __init__(self, graphs: "DecodeGraphs", replay: int, n: int):
+        self.graphs, self.replay, self.n = graphs, replay, n
+        self.slot = replay % RING  # replay r + RING reuses the row
 
     def ids(self) -> torch.Tensor:
         """(n,) int64 in pinned memory; call after the replay is known complete."""
-        if self.graphs.ring_owner[self.slot] != self.replay:
+        if self.graphs.num_replays - self.replay > RING:
             raise RuntimeError(f"decode step {self.replay}'s ids were read after {RING} later replays reused "
                                "their ring row")
         return self.graphs.ring[self.slot, :self.n]
@@ -129,7 +130,6 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_mapping, ring_row = self.dev64  # (max_bs,) each
         self.ring_slot = ring_row[:1]  # (1,): which ring row this replay's ids go to
         self.ring = torch.zeros(RING, max_bs, dtype=torch.int64, pin_memory=device.type == "cuda")
-        self.ring_owner = [-1] * RING  # the replay (its number) whose ids each ring row holds
         self.context_lens, self.seq_order = self.dev32[:max_bs], self.dev32[max_bs:2 * max_bs]
         self.block_tables = self.dev32[2 * max_bs:].view(max_bs, max_num_blocks)
         self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
@@ -299,8 +299,7 @@ class DecodeGraphs:
         n, block_size = len(seqs), self.block_size
         bs = self.bucket[n]
         host = self.host[self.num_replays % len(self.host)]
-        ring = RingIds(self, self.num_replays % RING, self.num_replays, n)
-        self.ring_owner[ring.slot] = self.num_replays
+        ring = RingIds(self, self.num_replays, n)
         self.num_replays += 1
         ids, positions, slots, ring_row = host.np64
         ring_row[0] = ring.slot
