@@ -133,6 +133,67 @@ def test_decode_seq_order_changes_no_bit(num_kv_splits):
         assert torch.equal(run(seq_order=order), want)
 
 
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,dtype",
+                         [(9, 3, 64, 32, torch.bfloat16), (4, 2, 80, 16, torch.float32)])
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+def test_decode_rope_does_what_the_rope_kernel_did(monkeypatch, num_kv_splits, num_heads, num_kv_heads, head_dim,
+                                                   block_size, dtype):
+    """The decode kernel with NewTokenRope (q and the new k as projected, the new k and v not yet stored)
+    against RoPE + store (rope_and_store_kv) and then the decode kernel: the same cache (v bit for bit) and
+    output, with the Qwen3 q/k norm or without; and the same bits with PDL as without. q, k and v are views
+    into one qkv row as the model makes them; head_dim 80 leaves columns past its halves in the kernel's
+    power-of-two blocks. The new token sits in a split's first tile (the peeled one under PDL) or in a later
+    one (100 keys in one split: 7 tiles of 16), beside a padded seq (context 0, slot -1) and one of a
+    single key."""
+    from nanovllm.kernels import paged_attention as pa
+    ctx_lens = [100, 0, 37, 1, 64, 50]
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch([1] * 6, ctx_lens, num_heads, num_kv_heads, head_dim,
+                                                       block_size, dtype)
+    (_, k, v), _, _, _, _, norms = rope_inputs(6, num_heads, num_kv_heads, head_dim, dtype, seed=1)
+    qkv = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)  # (T, (H + 2 Hkv) D)
+    q, k, v = (t.view(6, -1, head_dim) for t in qkv.split([num_heads * head_dim, *[num_kv_heads * head_dim] * 2], 1))
+    freqs = torch.arange(max(ctx_lens)).float()[:, None] / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(DEVICE)  # (positions, D)
+    positions = (ctx - 1).clamp(min=0).long()  # a decode step's new token sits at context_len - 1
+    slots = tables.long().gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
+    slots = torch.where(ctx > 0, slots, -1)
+    new = [(s // block_size, s % block_size) for s in slots.tolist() if s >= 0]
+    for q_norm, k_norm in ([None, None], norms):
+        want_q, want_k = q.clone(), k.clone()
+        want_caches = k_cache.clone(), v_cache.clone()
+        rope_and_store_kv(want_q, want_k, v, positions, cos_sin, *want_caches, slots, q_norm, k_norm)
+        want = paged_attention(want_q, *want_caches, tables, cu, ctx, 1, 0.125, num_kv_splits=num_kv_splits)
+        rope = pa.NewTokenRope(k, v, cos_sin, slots, q_norm, k_norm, 1e-6)
+        runs = []
+        for pdl in (False, True):
+            if pdl and torch.cuda.is_available() and not pdl_supported(torch.device(DEVICE)):
+                continue
+            monkeypatch.setattr(pa, "pdl_enabled", lambda device, num_tokens=1, pdl=pdl: pdl)
+            caches = k_cache.clone(), v_cache.clone()
+            out = torch.full_like(q, float("nan"))
+            paged_attention(q, *caches, tables, cu, ctx, 1, 0.125, out=out, num_kv_splits=num_kv_splits, rope=rope)
+            runs.append((out, *caches))
+        for out, got_k, got_v in runs:
+            assert all(torch.equal(a, b) for a, b in zip((out, got_k, got_v), runs[0]))  # PDL changes no bit
+            torch.testing.assert_close(out, want, **tols(dtype))
+            torch.testing.assert_close(got_k, want_caches[0], **tols(dtype))
+            assert torch.equal(got_v, want_caches[1])
+            assert not any(torch.equal(got_k[b, o], k_cache[b, o]) for b, o in new)  # every new key was stored
+        assert torch.equal(qkv[:, :num_heads * head_dim].view_as(q), q)  # q is left as projected
+
+
+def test_rope_in_decode_switch(monkeypatch):
+    """The decode kernel takes RoPE + store at 1 and at 8-32 seqs by default (where it measured faster),
+    everywhere with NANOVLLM_DECODE_ROPE=all, nowhere with 0."""
+    from nanovllm.kernels.paged_attention import rope_in_decode
+    monkeypatch.delenv("NANOVLLM_DECODE_ROPE", raising=False)
+    assert [n for n in range(1, 65) if rope_in_decode(n)] == [1, *range(8, 33)]
+    monkeypatch.setenv("NANOVLLM_DECODE_ROPE", "all")
+    assert all(rope_in_decode(n) for n in (1, 2, 64, 256))
+    monkeypatch.setenv("NANOVLLM_DECODE_ROPE", "0")
+    assert not any(rope_in_decode(n) for n in (1, 8, 32))
+
+
 def test_decode_padded_seq_gives_zeros():
     # CUDA-graph padding may run seqs with context 0: their rows must be finite (zeros), not NaN.
     q, k_cache, v_cache, tables, cu, ctx = paged_batch([1, 1], [5, 5], 4, 2, 64, 16, torch.float32)

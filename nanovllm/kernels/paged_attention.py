@@ -10,11 +10,14 @@ One program serves all H // Hkv query heads of a KV head (GQA), so each K/V tile
 from __future__ import annotations
 
 import functools
+import os
+from typing import NamedTuple
 
 import torch
 
 from nanovllm.kernels import jit
 from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
+from nanovllm.kernels.rope_kv_store import halves, norm_rope
 
 try:
     import triton
@@ -23,6 +26,30 @@ except ImportError:  # CPU installs without Triton use paged_attention_ref
     triton = tl = None
 
 LOG2E = 1.4426950408889634
+
+
+class NewTokenRope(NamedTuple):
+    """What rope_kv_store.rope_and_store_kv does to a decode step's new tokens, for the decode kernel to do
+    itself: q (given to paged_attention) and k as projected get Qwen3's per-head RMSNorm (with the norm
+    weights) and RoPE at position context_len - 1; k and v go into the cache at slot_mapping. k, v (T, Hkv,
+    D); the rest as rope_and_store_kv takes them."""
+    k: torch.Tensor
+    v: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    q_norm_weight: torch.Tensor | None
+    k_norm_weight: torch.Tensor | None
+    eps: float
+
+
+def rope_in_decode(num_seqs: int) -> bool:
+    """Whether a decode step of num_seqs seqs hands RoPE + KV store to the decode kernel (NewTokenRope): where
+    that was faster on an H100 at 144 and at 1,040 keys (results/decode_rope-h100.json, bench_decode_rope.py),
+    at 1 seq (-1.2 %) and at 8-32 (-2.5 to -3 %). At 2-4 seqs it gained nothing, and from 64 on it lost at
+    long contexts, where the split's tiles loop in halves. NANOVLLM_DECODE_ROPE (read per call): 0 never,
+    all in every decode step."""
+    setting = os.environ.get("NANOVLLM_DECODE_ROPE", "1")
+    return setting == "all" or (setting != "0" and (num_seqs == 1 or 8 <= num_seqs <= 32))
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -52,12 +79,15 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
                     max_q_len: int, scale: float, out: torch.Tensor | None = None,
-                    num_kv_splits: int | None = None, seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                    num_kv_splits: int | None = None, seq_order: torch.Tensor | None = None,
+                    rope: NewTokenRope | None = None) -> torch.Tensor:
     """Returns out (T, H, D) in q's dtype. No host sync: safe inside a CUDA graph when the shapes are fixed.
 
     max_q_len == 1 takes the decode kernel, whose KV-split count (num_kv_splits, default from the shapes
     alone) is a compile-time constant; any other batch takes the varlen kernel. seq_order, a permutation
-    of the seqs, changes only when each seq's programs start, never the result.
+    of the seqs, changes only when each seq's programs start, never the result. rope (decode only): q is as
+    projected and the new tokens' k and v are not in the cache yet; the decode kernel applies the q/k norm
+    and RoPE and stores k and v (q itself is left as it was).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -70,8 +100,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             num_kv_splits = _default_num_kv_splits(context_lens.shape[0], num_kv_heads,
                                                    block_tables.shape[1] * k_cache.shape[1], q.device)
         _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_kv_splits,
-                seq_order)
+                seq_order, rope=rope)
     else:
+        assert rope is None, "only the decode kernel applies RoPE itself"
         _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out)
     return out
 
@@ -105,7 +136,7 @@ def _decode_warps_stages(batch: int) -> tuple[int, int]:
 
 
 def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_splits,
-            seq_order=None, block_n=None, num_warps=None, num_stages=None):
+            seq_order=None, block_n=None, num_warps=None, num_stages=None, rope=None):
     batch, (_, num_heads, head_dim) = context_lens.shape[0], q.shape
     if num_warps is None:
         num_warps, num_stages = _decode_warps_stages(batch)
@@ -117,11 +148,21 @@ def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale
     else:
         lse, dst, dst_strides = out, out, (out.stride(0), out.stride(1), 0)  # lse unused with one split
     pdl = pdl_enabled(q.device, q.shape[0])
+    has_norm = rope is not None and rope.q_norm_weight is not None
+    if rope is not None:
+        assert head_dim % 2 == 0 and rope.k.stride(-1) == rope.v.stride(-1) == 1
+        assert has_norm == (rope.k_norm_weight is not None), "q and k norms come together (Qwen3)"
+        new_kv = (rope.k, rope.v, rope.cos_sin_cache, rope.slot_mapping, rope.q_norm_weight if has_norm else q,
+                  rope.k_norm_weight if has_norm else q, rope.eps, rope.k.stride(0), rope.k.stride(1),
+                  rope.v.stride(0), rope.v.stride(1), rope.cos_sin_cache.stride(0))
+    else:  # unused: the kernel's ROPE branches are compiled out
+        new_kv = (q, q, q, context_lens, q, q, 0.0, 0, 0, 0, 0, 0)
     _decode_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
-        context_lens if seq_order is None else seq_order, dst, lse, scale * LOG2E,
+        context_lens if seq_order is None else seq_order, dst, lse, scale * LOG2E, *new_kv,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        *dst_strides, lse.stride(0), lse.stride(1),
+        *dst_strides, lse.stride(0), lse.stride(1), ROPE=rope is not None, HAS_NORM=has_norm,
+        BLOCK_HALF=max(16, triton.next_power_of_2(head_dim // 2)),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=block_n or (64 if q.is_cuda else 16), UPCAST=not q.is_cuda, PRECISION=_dot_precision(q),
@@ -178,12 +219,45 @@ def _load_kv_pages(k_cache_ptr, v_cache_ptr, page, pos, pos_mask, kv_head, offs_
 
 
 @jit
+def _load_halves_pages(k_cache_ptr, v_cache_ptr, page, pos, pos_mask, kv_head, offs_h, offs_d, d_mask,
+                       stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE: tl.constexpr,
+                       HEAD_DIM: tl.constexpr):
+    """_load_kv_pages with K as its halves along D (BLOCK_N, BLOCK_HALF) each, as RoPE pairs them."""
+    k_rows = k_cache_ptr + page[:, None] * stride_kb + (pos % PAGE_SIZE)[:, None] * stride_ks + kv_head * stride_kh
+    mask = pos_mask[:, None] & (offs_h < HEAD_DIM // 2)[None, :]
+    k1 = tl.load(k_rows + offs_h[None, :], mask=mask, other=0.0)
+    k2 = tl.load(k_rows + HEAD_DIM // 2 + offs_h[None, :], mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + page[:, None] * stride_vb + (pos % PAGE_SIZE)[:, None] * stride_vs
+                + kv_head * stride_vh + offs_d[None, :], mask=pos_mask[:, None] & d_mask[None, :], other=0.0)
+    return k1, k2, v
+
+
+@jit
 def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax update (base 2) of rows q (M, D) with a K/V tile (N, D); s_mask (M, N)."""
     if UPCAST:  # the interpreter does bf16 math on raw bits, so everything goes through fp32 there
-        k, v = k.to(tl.float32), v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (M, N)
-    s = tl.where(s_mask, s, float("-inf"))
+        k = k.to(tl.float32)
+    return _softmax_update(tl.dot(q, tl.trans(k), input_precision=PRECISION), v, s_mask, m_i, l_i, acc, qk_scale,
+                           UPCAST, PRECISION)
+
+
+@jit
+def _softmax_step_halves(q1, q2, k1, k2, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """_softmax_step with q and K as their halves along D: the scores are the two halves' dots summed."""
+    if UPCAST:
+        k1, k2 = k1.to(tl.float32), k2.to(tl.float32)
+    s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+    s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+    return _softmax_update(s, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
+
+
+@jit
+def _softmax_update(s, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The online-softmax update of rows with raw scores s (M, N) against V (N, D)."""
+    if UPCAST:
+        v = v.to(tl.float32)
+    s = tl.where(s_mask, s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -193,16 +267,24 @@ def _softmax_step(q, k, v, s_mask, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr
 
 @jit(do_not_specialize=["stride_bt"])  # the block table's width changes with eager batches
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, context_lens_ptr,
-                   seq_order_ptr, dst_ptr, lse_ptr, qk_scale, stride_qt, stride_qh,
+                   seq_order_ptr, dst_ptr, lse_ptr, qk_scale,
+                   k_new_ptr, v_new_ptr, cos_sin_ptr, slot_mapping_ptr, q_norm_ptr, k_norm_ptr, eps,
+                   stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs, stride_qt, stride_qh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-                   stride_dt, stride_dh, stride_ds, stride_lt, stride_lh,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   stride_dt, stride_dh, stride_ds, stride_lt, stride_lh, ROPE: tl.constexpr, HAS_NORM: tl.constexpr,
+                   BLOCK_HALF: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    ORDERED: tl.constexpr, PDL: tl.constexpr):
     """Grid (Hkv, B, NUM_SPLITS): one query token per seq, its GROUP heads against one slice of the keys.
     With PDL the seq's row and length (step inputs) are read before the wait (nanovllm/kernels/pdl.py), and
     so are the first tile's pages and its keys older than the step's new token.
+
+    ROPE (NewTokenRope): q and the new token's k arrive as projected, and each program normalizes and
+    rotates them itself (rope_kv_store.norm_rope), keeping q and every K tile as their two halves along D so
+    that no element meets its RoPE partner across threads: the scores are the halves' dots summed. The split
+    that holds the new token stores its k and v into the cache, and its first tile takes them from
+    registers. One kernel link a layer fewer than the RoPE + store kernel ahead of this one.
 
     Programs start in grid order as SMs free up, and a seq's programs take time in proportion to its
     length, so a long seq that starts last runs on alone at the end. Hence the KV heads are the grid's
@@ -223,17 +305,60 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     heads = kv_head * GROUP + offs_g
     g_mask, d_mask = offs_g < GROUP, offs_d < HEAD_DIM
     table_row_ptr = block_tables_ptr + seq * stride_bt
+    offs_h = tl.arange(0, BLOCK_HALF)
     if PDL:  # the first tile's pages, and its keys older than the step's own, before the wait: see below
         pos = start + tl.arange(0, BLOCK_N)
         pages = tl.load(table_row_ptr + pos // PAGE_SIZE, mask=pos < end, other=0).to(tl.int64)
-        k, v = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, pos < tl.minimum(end, ctx_len - 1), kv_head,
-                              offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                              PAGE_SIZE)
-    wait_previous(PDL)  # q and the new token's K/V come from the RoPE + store kernel
-    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
-    if UPCAST:
-        q = q.to(tl.float32)
+        old = pos < tl.minimum(end, ctx_len - 1)
+        if ROPE:
+            k1, k2, v = _load_halves_pages(k_cache_ptr, v_cache_ptr, pages, pos, old, kv_head, offs_h, offs_d,
+                                           d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                           PAGE_SIZE, HEAD_DIM)
+        else:
+            k, v = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, old, kv_head, offs_d, d_mask, stride_kb,
+                                  stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
+    if ROPE:  # cos/sin at the new token's position, the norm weights and its slot: before the wait
+        cs_row = cos_sin_ptr + tl.maximum(ctx_len - 1, 0).to(tl.int64) * stride_cs + offs_h[None, :]
+        cos = tl.load(cs_row, mask=offs_h[None, :] < HEAD_DIM // 2, other=0.0).to(tl.float32)  # (1, BLOCK_HALF)
+        sin = tl.load(cs_row + HEAD_DIM // 2, mask=offs_h[None, :] < HEAD_DIM // 2, other=0.0).to(tl.float32)
+        qw1, qw2, kw1, kw2 = cos, sin, cos, sin  # unused without a norm
+        if HAS_NORM:
+            qw1, qw2 = halves(q_norm_ptr, HEAD_DIM, BLOCK_HALF)
+            kw1, kw2 = halves(k_norm_ptr, HEAD_DIM, BLOCK_HALF)
+        slot = tl.load(slot_mapping_ptr + token)
+    wait_previous(PDL)  # q and the new token's K/V: from the RoPE + store kernel, or (ROPE) the projection
+    q_rows = q_ptr + token * stride_qt + heads[:, None] * stride_qh
+    if ROPE:
+        # The new token's q and k halves and its v, in one round trip; then what the RoPE + store kernel
+        # would have stored.
+        h_mask = (offs_h < HEAD_DIM // 2)[None, :]
+        q1 = tl.load(q_rows + offs_h[None, :], mask=g_mask[:, None] & h_mask, other=0.0)  # (BLOCK_G, BLOCK_HALF)
+        q2 = tl.load(q_rows + HEAD_DIM // 2 + offs_h[None, :], mask=g_mask[:, None] & h_mask, other=0.0)
+        k_row = k_new_ptr + token * stride_knt + kv_head * stride_knh + offs_h[None, :]
+        k1_new = tl.load(k_row, mask=h_mask, other=0.0)  # (1, BLOCK_HALF)
+        k2_new = tl.load(k_row + HEAD_DIM // 2, mask=h_mask, other=0.0)
+        v_new = tl.load(v_new_ptr + token * stride_vnt + kv_head * stride_vnh + offs_d[None, :],
+                        mask=d_mask[None, :], other=0.0)
+        q1, q2 = norm_rope(q1, q2, qw1, qw2, cos, sin, eps, HEAD_DIM, HAS_NORM)
+        q1, q2 = q1.to(q_ptr.dtype.element_ty), q2.to(q_ptr.dtype.element_ty)
+        k1_new, k2_new = norm_rope(k1_new, k2_new, kw1, kw2, cos, sin, eps, HEAD_DIM, HAS_NORM)
+        k1_new, k2_new = k1_new.to(k_cache_ptr.dtype.element_ty), k2_new.to(k_cache_ptr.dtype.element_ty)
+        v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+        if (start <= ctx_len - 1) & (ctx_len - 1 < end) & (slot >= 0):  # the split that holds the new token
+            k_dst = (k_cache_ptr + (slot // PAGE_SIZE).to(tl.int64) * stride_kb + (slot % PAGE_SIZE) * stride_ks
+                     + kv_head * stride_kh + offs_h[None, :])
+            tl.store(k_dst, k1_new, mask=h_mask)
+            tl.store(k_dst + HEAD_DIM // 2, k2_new, mask=h_mask)
+            tl.store(v_cache_ptr + (slot // PAGE_SIZE).to(tl.int64) * stride_vb + (slot % PAGE_SIZE) * stride_vs
+                     + kv_head * stride_vh + offs_d[None, :], v_new, mask=d_mask[None, :])
+            if not PDL or start + BLOCK_N < end:  # a tile read from the cache holds it: the stores first
+                tl.debug_barrier()
+        if UPCAST:
+            q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+        if UPCAST:
+            q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -244,19 +369,34 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
         # final before this kernel started; only the new token's row is loaded after the wait (zero
         # elsewhere, so the sum is exact). Same tile, same products, same order as without PDL.
         new = pos == ctx_len - 1
-        k_new, v_new = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, new & (pos < end), kv_head, offs_d,
-                                      d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                      PAGE_SIZE)
-        if start < end:  # an empty split (or a padded seq) keeps m = -inf, l = 0, as the loop leaves them
-            m_i, l_i, acc = _softmax_step(q, k + k_new, v + v_new, (pos < end)[None, :], m_i, l_i, acc, qk_scale,
-                                          UPCAST, PRECISION)
+        if ROPE:  # the new row from registers (only the split that holds it has one)
+            k1, k2, v = (tl.where(new[:, None], k1_new, k1), tl.where(new[:, None], k2_new, k2),
+                         tl.where(new[:, None], v_new, v))
+            if start < end:  # an empty split (or a padded seq) keeps m = -inf, l = 0, as the loop leaves them
+                m_i, l_i, acc = _softmax_step_halves(q1, q2, k1, k2, v, (pos < end)[None, :], m_i, l_i, acc,
+                                                     qk_scale, UPCAST, PRECISION)
+        else:
+            k_new, v_new = _load_kv_pages(k_cache_ptr, v_cache_ptr, pages, pos, new & (pos < end), kv_head,
+                                          offs_d, d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                          stride_vh, PAGE_SIZE)
+            if start < end:
+                m_i, l_i, acc = _softmax_step(q, k + k_new, v + v_new, (pos < end)[None, :], m_i, l_i, acc,
+                                              qk_scale, UPCAST, PRECISION)
         n_loop += BLOCK_N
     for n0 in range(n_loop, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         pos_mask = pos < end
-        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
-                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
-        m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
+        if ROPE:
+            page = tl.load(table_row_ptr + pos // PAGE_SIZE, mask=pos_mask, other=0).to(tl.int64)
+            k1, k2, v = _load_halves_pages(k_cache_ptr, v_cache_ptr, page, pos, pos_mask, kv_head, offs_h, offs_d,
+                                           d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                           PAGE_SIZE, HEAD_DIM)
+            m_i, l_i, acc = _softmax_step_halves(q1, q2, k1, k2, v, pos_mask[None, :], m_i, l_i, acc, qk_scale,
+                                                 UPCAST, PRECISION)
+        else:
+            k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, pos, pos_mask, kv_head, offs_d, d_mask,
+                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE_SIZE)
+            m_i, l_i, acc = _softmax_step(q, k, v, pos_mask[None, :], m_i, l_i, acc, qk_scale, UPCAST, PRECISION)
 
     # An empty split (or a padded seq with context 0) leaves l_i = 0: write zeros and lse = -inf.
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

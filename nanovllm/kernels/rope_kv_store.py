@@ -5,6 +5,9 @@ rotated (in place); a KV head's program also writes k and v into the cache at sl
 docs/design.md: (num_blocks, block_size, Hkv, D); slot = block * block_size + offset; slot -1 skips the store,
 as padded CUDA-graph rows do). RoPE is neox style (HF rotate_half):
 with x = [x1 | x2] and cos_sin_cache[pos] = [cos | sin] (D/2 each), out = [x1*cos - x2*sin | x2*cos + x1*sin].
+
+Decode steps skip this kernel: the decode attention kernel normalizes and rotates its new token itself
+with `norm_rope` and stores its k and v (paged_attention.NewTokenRope).
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ def rope_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
 
 
 @jit
-def _halves(ptr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def halves(ptr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """The two halves (1, BLOCK_HALF) of a (HEAD_DIM,) norm weight, in fp32."""
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = offs_d < HEAD_DIM // 2
@@ -97,16 +100,24 @@ def _halves(ptr, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
 
 
 @jit
-def _norm_rope_head(x_ptrs, mask, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Normalizes (norm weight halves w1, w2) and rotates one head of a block of tokens in place: x_ptrs
-    (BLOCK_T, BLOCK_HALF) point at the first halves. Returns the rotated halves (fp32)."""
-    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_HALF)
-    x2 = tl.load(x_ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
+def norm_rope(x1, x2, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Rows of heads as halves x1, x2 (R, BLOCK_HALF), zero past HEAD_DIM // 2: RMSNorm of each row (norm
+    weight halves w1, w2) if HAS_NORM, then RoPE (cos, sin broadcast against the rows). Returns the
+    rotated halves in fp32."""
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
         x1, x2 = x1 * rstd * w1, x2 * rstd * w2
-    r1 = x1 * cos - x2 * sin
-    r2 = x2 * cos + x1 * sin
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@jit
+def _norm_rope_head(x_ptrs, mask, w1, w2, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Normalizes (norm weight halves w1, w2) and rotates one head of a block of tokens in place: x_ptrs
+    (BLOCK_T, BLOCK_HALF) point at the first halves. Returns the rotated halves (fp32)."""
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0)  # (BLOCK_T, BLOCK_HALF)
+    x2 = tl.load(x_ptrs + HEAD_DIM // 2, mask=mask, other=0.0)
+    r1, r2 = norm_rope(x1, x2, w1, w2, cos, sin, eps, HEAD_DIM, HAS_NORM)
     tl.store(x_ptrs, r1.to(x_ptrs.dtype.element_ty), mask=mask)
     tl.store(x_ptrs + HEAD_DIM // 2, r2.to(x_ptrs.dtype.element_ty), mask=mask)
     return r1, r2
@@ -135,7 +146,7 @@ def _rope_kv_store_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cac
     sin = tl.load(cs_ptrs + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
     w1, w2 = cos, sin  # unused without a norm: the norm pointers are then q and k, unreadable before the wait
     if HAS_NORM:
-        w1, w2 = _halves(tl.where(head < NUM_HEADS, q_norm_ptr, k_norm_ptr), HEAD_DIM, BLOCK_HALF)
+        w1, w2 = halves(tl.where(head < NUM_HEADS, q_norm_ptr, k_norm_ptr), HEAD_DIM, BLOCK_HALF)
     if STORE:
         slots = tl.load(slot_mapping_ptr + tokens, mask=in_range, other=-1)  # (BLOCK_T, 1)
     wait_previous(PDL)

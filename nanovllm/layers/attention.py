@@ -44,11 +44,13 @@ class Attention(nn.Module):
         self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, k)
         self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, slot_mapping, v)
 
-    def forward_triton(self, q: torch.Tensor, context: Context) -> torch.Tensor:
+    def forward_triton(self, q: torch.Tensor, context: Context, rope=None) -> torch.Tensor:
+        """rope (paged_attention.NewTokenRope, decode steps): the kernel normalizes and rotates q and the new
+        k and stores k and v itself."""
         from nanovllm.kernels.paged_attention import paged_attention
         return paged_attention(q, self.k_cache, self.v_cache, context.block_tables, context.cu_seqlens_q,
                                context.context_lens_t, context.max_q_len, self.scale,
-                               seq_order=context.seq_order)
+                               seq_order=context.seq_order, rope=rope)
 
     def forward_native(self, q: torch.Tensor, context: Context, k: torch.Tensor | None = None,
                        v: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from nanovllm.config import ModelConfig
+from nanovllm.kernels.paged_attention import NewTokenRope, rope_in_decode
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -15,7 +16,8 @@ from nanovllm.utils.context import get_context
 class LlamaAttention(nn.Module):
     """input_layernorm -> qkv_proj -> (q/k RMSNorm per head, Qwen3) -> rope -> paged attention -> o_proj.
 
-    With `use_triton` and a KV cache, the q/k norm, rope and cache store are one kernel (rope_and_store_kv).
+    With `use_triton` and a KV cache, the q/k norm, rope and cache store are one kernel (rope_and_store_kv),
+    or, in decode steps of some sizes (paged_attention.rope_in_decode), part of the decode attention kernel.
     The layer's norm comes in as an argument: at one token it folds into qkv_proj's kernel.
     """
     fuses_residual = False  # o_proj adds the residual (FusedOutputMixin)
@@ -46,6 +48,9 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.use_triton and self.attn.k_cache.numel():
+            context = get_context()
+            if context.max_q_len == 1 and rope_in_decode(q.shape[0]):  # one kernel link fewer
+                return self.attn.forward_triton(q, context, self.new_token_rope(k, v)).flatten(1)
             self.rope_and_store_kv(positions, q, k, v)
             return self.attn(q, k, v, kv_stored=True)
         if self.q_norm is not None:
@@ -57,10 +62,14 @@ class LlamaAttention(nn.Module):
                           v: torch.Tensor) -> None:
         """One Triton kernel: q/k RMSNorm (Qwen3), RoPE on q and k in place, k and v into the paged cache."""
         from nanovllm.kernels.rope_kv_store import rope_and_store_kv
+        rope = self.new_token_rope(k, v)
+        rope_and_store_kv(q, k, v, positions, rope.cos_sin_cache, self.attn.k_cache, self.attn.v_cache,
+                          rope.slot_mapping, rope.q_norm_weight, rope.k_norm_weight, rope.eps)
+
+    def new_token_rope(self, k: torch.Tensor, v: torch.Tensor) -> NewTokenRope:
         q_norm, k_norm = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
         eps = self.q_norm.eps if self.q_norm is not None else 1e-6
-        rope_and_store_kv(q, k, v, positions, self.rotary_emb.cos_sin_cache, self.attn.k_cache,
-                          self.attn.v_cache, get_context().slot_mapping, q_norm, k_norm, eps)
+        return NewTokenRope(k, v, self.rotary_emb.cos_sin_cache, get_context().slot_mapping, q_norm, k_norm, eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, norm: RMSNorm,
                 residual: torch.Tensor | Normed | None = None, next_norm: RMSNorm | None = None
