@@ -1,0 +1,77 @@
+"""Batch-1 ms per token by sampling kind, in the engine's default loop (Qwen3-0.6B, random bf16 weights).
+
+Greedy and temperature-only requests sample inside the decode graph (nanovllm/kernels/sample.py); a request
+with top-k, top-p, min-p, penalties or a seed takes the full Sampler (nanovllm/layers/sampler.py) on the
+logits the graph leaves, eagerly. This runs requests of each kind one after another in one engine, in the
+order given, and reports each request's ms per token from its token times (as bench_latency's default
+loop). Each order runs in a process of its own, so a kind's first request after startup and its later ones
+can be told apart. Writes sampling_loop-<card>.json.
+
+    python benchmarks/bench_sampling_loop.py
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from bench_latency import PROMPT_LEN, card_name, model_dir, write_json
+
+from nanovllm import LLM, SamplingParams
+
+TOKENS = 256
+KINDS = {
+    "greedy": dict(temperature=0),
+    "temperature": dict(temperature=0.8),
+    "top_k": dict(temperature=0.8, top_k=50),
+    "top_p": dict(temperature=0.8, top_p=0.9),
+    "top_p_seed": dict(temperature=0.8, top_p=0.9, seed=1),
+    "min_p": dict(temperature=0.8, min_p=0.05),
+    "repetition_penalty": dict(temperature=0, repetition_penalty=1.1),
+}
+ORDERS = [
+    "greedy,greedy,temperature,temperature,top_k,top_k,top_p,top_p,greedy,greedy",
+    "greedy,top_p_seed,top_p_seed,min_p,min_p,repetition_penalty,repetition_penalty,temperature,greedy,greedy",
+]
+
+
+def run_order(order: str) -> list[dict]:
+    """ms per token of each request, in one engine of batch 1."""
+    llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for kind in order.split(","):
+        prompt = torch.randint(0, 10000, (PROMPT_LEN,), generator=gen).tolist()
+        params = SamplingParams(ignore_eos=True, max_tokens=TOKENS, **KINDS[kind])
+        metrics = llm.generate([prompt], params, use_tqdm=False)[0].metrics
+        rows.append({"kind": kind, "ms_per_token": 1e3 * (metrics.last_token_time - metrics.first_token_time)
+                     / (TOKENS - 1)})
+    llm.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--order", help="run this one order here (what each child process does)")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+    if args.order:
+        print(json.dumps(run_order(args.order)))
+        return
+    name, tag = card_name()
+    runs = []
+    for order in ORDERS:
+        out = subprocess.run([sys.executable, __file__, "--order", order], check=True, capture_output=True,
+                             text=True).stdout
+        rows = json.loads(out.strip().splitlines()[-1])
+        runs.append({"order": order, "requests": rows})
+        print(" ".join(f"{r['kind']} {r['ms_per_token']:.3f}" for r in rows))
+    result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "tokens": TOKENS,
+              "kinds": KINDS, "processes": runs}
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_json(os.path.join(args.out_dir, f"sampling_loop-{tag}.json"), result)
+
+
+if __name__ == "__main__":
+    main()
