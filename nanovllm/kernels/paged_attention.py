@@ -283,8 +283,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens
     ROPE (NewTokenRope): q and the new token's k arrive as projected, and each program normalizes and
     rotates them itself (rope_kv_store.norm_rope), keeping q and every K tile as their two halves along D so
     that no element meets its RoPE partner across threads: the scores are the halves' dots summed. The split
-    that holds the new token stores its k and v into the cache, and its first tile takes them from
-    registers. One kernel link a layer fewer than the RoPE + store kernel ahead of this one.
+    that holds the new token stores its k and v into the cache; under PDL its first tile takes them from
+    registers, and a tile read from the cache after them waits for the stores at a CTA barrier. One kernel
+    link a layer fewer than the RoPE + store kernel ahead of this one.
 
     Programs start in grid order as SMs free up, and a seq's programs take time in proportion to its
     length, so a long seq that starts last runs on alone at the end. Hence the KV heads are the grid's
