@@ -267,7 +267,7 @@ def test_sample_kernel_draws_do_not_depend_on_the_chunking(monkeypatch):
     out = lambda: torch.empty(rows, dtype=torch.int64, device=device)  # noqa: E731
     draws = {}
     for chunk in (4096, 1024, 512):
-        monkeypatch.setattr(kernel, "CHUNK", chunk)
+        monkeypatch.setattr(kernel, "chunk_size", lambda rows, chunk=chunk: chunk)
         workspace = kernel.sample_workspace(rows, vocab, device)
         assert workspace.shape == (rows, 2, -(-vocab // chunk))
         draws[chunk] = kernel.sample(logits, temps, seed, out(), workspace)
@@ -276,6 +276,22 @@ def test_sample_kernel_draws_do_not_depend_on_the_chunking(monkeypatch):
     other = kernel.sample(logits, temps, seed + 1, out())
     assert other[0] == 300 and not torch.equal(other[1:], draws[512][1:])  # a new seed, new draws
 
+
+
+def test_sample_kernel_chunks_by_batch():
+    """A few rows take narrow chunks, many rows wide ones (chunk_size); one workspace, made for the graphs'
+    largest batch, serves both, and a smaller batch's draws are the rows' own whatever the chunking."""
+    from nanovllm.kernels import sample as kernel
+    assert kernel.chunk_size(1) == kernel.chunk_size(32) == kernel.SMALL_CHUNK < kernel.CHUNK == kernel.chunk_size(33)
+    rows, vocab, device = 40, 5000, KERNEL_DEVICE  # 5 narrow chunks or 2 wide ones a row
+    logits = random_logits(rows, vocab, seed=4).to(device)
+    temps = torch.linspace(0.0, 2.0, rows, device=device)
+    seed = torch.tensor([9], dtype=torch.int64, device=device)
+    workspace = kernel.sample_workspace(rows, vocab, device)
+    assert workspace.shape == (rows, 2, -(-vocab // kernel.SMALL_CHUNK))
+    many = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64, device=device), workspace)
+    few = kernel.sample(logits[:3], temps[:3], seed, torch.empty(3, dtype=torch.int64, device=device), workspace)
+    assert torch.equal(few, many[:3]) and many[0] == logits[0].argmax()
 
 
 def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
@@ -291,7 +307,8 @@ def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
     logits[0, [100, 1300]] = 50.0  # a greedy tie across ranks: rank 0's index wins
     logits, temps = logits.to(device), torch.tensor([0.0, 0.5, 1.0, 3.0, 0.7, 1.5, 2.0, 5.0], device=device)
     seed = torch.tensor([77], dtype=torch.int64, device=device)
-    workspaces = torch.stack([kernel.sample_workspace(rows, width, device) for _ in range(tp)])  # (tp, B, 2, C)
+    workspaces = torch.stack([kernel.sample_workspace(rows, width, device, kernel.CHUNK)  # (tp, B, 2, C)
+                              for _ in range(tp)])
     for rank in range(tp):
         part = logits[:, rank * width:(rank + 1) * width]
         kernel.chunk_bests(part, temps, seed, workspaces[rank], rank * width)

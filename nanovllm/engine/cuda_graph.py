@@ -32,6 +32,7 @@ from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.sample import (
+    CHUNK,
     HostOut,
     chunk_bests,
     feed_back,
@@ -158,7 +159,8 @@ class DecodeGraphs:
         self.head_weight, self.vocab_start = head.weight, head.vocab_start
         self.num_valid = min(width, vocab_size - head.vocab_start)  # the last rank's slice ends in padding
         self.local_logits = torch.empty(max_bs, width, dtype=dtype, device=device)
-        self.sample_workspace = sample_workspace(max_bs, width, device)  # (max_bs, 2, chunks of the slice)
+        # (max_bs, 2, chunks of the slice): one chunking for every batch, as the ranks all-gather it whole
+        self.sample_workspace = sample_workspace(max_bs, width, device, CHUNK)
         self.gathered = torch.empty(self.tp_size * self.sample_workspace.numel(), device=device)
         dist.broadcast(self.seed, src=0)
 

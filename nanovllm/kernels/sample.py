@@ -6,9 +6,10 @@ read once in the model dtype (bf16: 2 bytes per token), where the torch path (fp
 exponential draws, divide, argmax) moves ~20 bytes per token: ~0.4 ms per step at batch 256 with Qwen3's
 151,936-token vocabulary on an H100.
 
-Two kernels. The first splits each row into CHUNK-wide pieces, one program each (grid (B, V / CHUNK)), and
+Two kernels. The first splits each row into chunk-wide pieces, one program each (grid (B, V / chunk)), and
 writes each piece's best (score, index): one program per row left most SMs idle at small batches and kept
-too few loads in flight at large ones (210-275 us for 52-145 rows on an H200, ~10x its bandwidth time). The
+too few loads in flight at large ones (210-275 us for 52-145 rows on an H200, ~10x its bandwidth time).
+A few rows take narrower chunks than many (chunk_size). The
 second (grid (B,)) picks each row's best piece, the first of equal scores, so ties go to the lowest index
 as in torch.argmax. Random numbers come from Philox keyed by a seed in device memory, with counters (row,
 vocabulary index // 4): one Philox call gives the 4 uniforms of 4 neighbouring tokens (tl.rand would spend
@@ -37,7 +38,16 @@ except ImportError:  # CPU installs without Triton use sample_ref
     triton = tl = None
 
 CHUNK = 4096  # vocabulary entries per program: 37 programs per row at Qwen3's vocabulary
+SMALL_CHUNK, SMALL_CHUNK_ROWS = 1024, 32  # up to 32 rows: 149 programs per row
 _BLOCK = 1024  # entries per tile within a chunk
+
+
+def chunk_size(rows: int) -> int:
+    """Vocabulary entries per first-pass program in a batch of `rows` rows. At a few rows 37 programs a row
+    leave most SMs idle, and with temperature each program's Philox draws keep it busy: on an H100 chunks of
+    1,024 took both kernels at batch 1 from 11.8 to 7.4 µs (greedy 4.1 -> 2.8) and batch 32 from 23.2 to 21.6,
+    but batches of 145 and 256 from 82 to 86 and 142 to 149 (benchmarks/NOTES-gpu.md, session 27)."""
+    return SMALL_CHUNK if rows <= SMALL_CHUNK_ROWS else CHUNK
 
 
 def sample_ref(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -49,11 +59,12 @@ def sample_ref(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tens
     return torch.where(temps[:, 0] > 0, probs.div_(q).argmax(dim=-1), logits.argmax(dim=-1), out=out)
 
 
-def sample_workspace(max_rows: int, vocab: int, device: torch.device | str) -> torch.Tensor:
+def sample_workspace(max_rows: int, vocab: int, device: torch.device | str, chunk: int | None = None) -> torch.Tensor:
     """The per-chunk bests of sample(): (max_rows, 2, chunks) float32, row r's scores in [r, 0] and their
     vocabulary indices (int32 bits) in [r, 1], so a tensor-parallel rank ships both in one all-gather.
-    Made once by a caller that replays sample() in a CUDA graph."""
-    return torch.empty(max_rows, 2, -(-vocab // CHUNK), dtype=torch.float32, device=device)
+    Made once by a caller that replays sample() in a CUDA graph. chunk: the chunking it serves, by default
+    the narrowest of any batch (sample() takes what it needs of it)."""
+    return torch.empty(max_rows, 2, -(-vocab // (chunk or chunk_size(1))), dtype=torch.float32, device=device)
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, out: torch.Tensor,
@@ -61,22 +72,29 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor,
     """logits (B, V) with unit stride on V, temperatures (B,) float32, seed (1,) int64 on the device (the
     caller advances it between draws), out (B,) int64, workspace from sample_workspace(>= B, V). No host
     sync; no allocation when the workspace is given: CUDA-graph safe. host_out: see pick_bests."""
+    batch, vocab = logits.shape
     if workspace is None:
-        workspace = sample_workspace(logits.shape[0], logits.shape[1], logits.device)
-    chunk_bests(logits, temperatures, seed, workspace)
-    return pick_bests(workspace[None, :logits.shape[0]], out, host_out)
+        workspace = sample_workspace(batch, vocab, logits.device)
+    chunk = _chunk(vocab, chunk_size(batch))
+    workspace = workspace[:batch, :, :-(-vocab // chunk)]  # the columns this batch's chunks fill
+    chunk_bests(logits, temperatures, seed, workspace, chunk=chunk)
+    return pick_bests(workspace[None], out, host_out)
+
+
+def _chunk(vocab: int, chunk: int) -> int:
+    return min(chunk, max(4, triton.next_power_of_2(vocab)))  # a small vocabulary: one chunk
 
 
 def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, workspace: torch.Tensor,
-                vocab_offset: int = 0) -> None:
-    """The first pass: each chunk's best score and its index into workspace. Under TP logits are a rank's
-    slice of the vocabulary, starting at vocab_offset: indices and random numbers are those of the full
-    vocabulary, so the ranks' bests together are the unsplit row's. Chunks past the logits (a last rank's
-    padding) hold -inf."""
+                vocab_offset: int = 0, chunk: int | None = None) -> None:
+    """The first pass: each chunk's best score and its index into workspace, one column per chunk (CHUNK
+    wide unless chunk says otherwise). Under TP logits are a rank's slice of the vocabulary, starting at
+    vocab_offset: indices and random numbers are those of the full vocabulary, so the ranks' bests together
+    are the unsplit row's. Columns past the logits (a last rank's padding) hold -inf."""
     batch, vocab = logits.shape
-    assert logits.stride(-1) == 1 and workspace.shape[2] >= -(-vocab // CHUNK) and workspace.shape[0] >= batch
+    chunk = _chunk(vocab, CHUNK if chunk is None else chunk)
+    assert logits.stride(-1) == 1 and workspace.shape[2] >= -(-vocab // chunk) and workspace.shape[0] >= batch
     if batch:
-        chunk = min(CHUNK, max(4, triton.next_power_of_2(vocab)))  # a small vocabulary: one chunk
         pdl = pdl_enabled(logits.device, batch)
         _chunk_best_kernel[(batch, workspace.shape[2])](
             logits, logits.stride(0), temperatures, seed, workspace, workspace.stride(0), workspace.stride(1),
