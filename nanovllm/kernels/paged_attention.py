@@ -45,8 +45,8 @@ class NewTokenRope(NamedTuple):
 def rope_in_decode(num_seqs: int) -> bool:
     """Whether a decode step of num_seqs seqs hands RoPE + KV store to the decode kernel (NewTokenRope): where
     that was faster on an H100 at 144 and at 1,040 keys (results/decode_rope-h100.json, bench_decode_rope.py),
-    at 1 seq (-1.2 %) and at 8-32 (-2.5 to -3 %). At 2-4 seqs it gained nothing, and from 64 on it lost at
-    long contexts, where the split's tiles loop in halves. NANOVLLM_DECODE_ROPE (read per call): 0 never,
+    at 1 seq (-0.8 to -1.9 %) and at 8-32 (-2.2 to -3.1 %). At 2-4 seqs it gained nothing, and from 64 on it
+    lost at long contexts, where the split's tiles loop in halves. NANOVLLM_DECODE_ROPE (read per call): 0 never,
     all in every decode step."""
     setting = os.environ.get("NANOVLLM_DECODE_ROPE", "1")
     return setting == "all" or (setting != "0" and (num_seqs == 1 or 8 <= num_seqs <= 32))

@@ -6,8 +6,8 @@ docs/design.md: (num_blocks, block_size, Hkv, D); slot = block * block_size + of
 as padded CUDA-graph rows do). RoPE is neox style (HF rotate_half):
 with x = [x1 | x2] and cos_sin_cache[pos] = [cos | sin] (D/2 each), out = [x1*cos - x2*sin | x2*cos + x1*sin].
 
-Decode steps skip this kernel: the decode attention kernel normalizes and rotates its new token itself
-with `norm_rope` and stores its k and v (paged_attention.NewTokenRope).
+Decode steps of some sizes (paged_attention.rope_in_decode) skip this kernel: the decode attention kernel
+normalizes and rotates their new tokens itself with `norm_rope` and stores k and v (NewTokenRope).
 """
 from __future__ import annotations
 
