@@ -7,11 +7,13 @@ decode graph (greedy, 1 to 256 seqs) both ways, alternated, at two contexts, and
 right after its capture (bench_graph_taint.py: nothing launched in between). The graphs' static inputs are a
 real step's, so the new token's k and v are stored as in the engine. It also reports how many greedy
 tokens agree both ways (the scores are summed in another order, so bf16 near-ties may flip). Writes
-decode_rope-<card>.json.
+decode_rope-<card>.json and a PNG of the change by batch (--plot redraws it from a JSON).
 
     python benchmarks/bench_decode_rope.py [--rounds 3]
+    python benchmarks/bench_decode_rope.py --plot benchmarks/results/decode_rope-h100.json
 """
 import argparse
+import json
 import os
 import statistics
 
@@ -68,11 +70,44 @@ def step_times(llm: LLM, context: int, rounds: int) -> list[dict]:
     return rows
 
 
+def plot(path: str) -> None:
+    """The step's change with RoPE in the decode kernel, by batch and context; the batches that take it by
+    default (paged_attention.rope_in_decode) shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanovllm.kernels.paged_attention import rope_in_decode
+    with open(path) as f:
+        data = json.load(f)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for context in sorted({r["context"] for r in data["rows"]}):
+        rows = [r for r in data["rows"] if r["context"] == context]
+        ax.plot([r["batch"] for r in rows], [r["change_pct"] for r in rows], "o-", label=f"{context} keys")
+    os.environ.pop(SWITCH, None)  # the default rule
+    for batch in BATCHES:
+        if rope_in_decode(batch):
+            ax.axvspan(batch / 2 ** 0.25, batch * 2 ** 0.25, color="tab:green", alpha=0.12, lw=0)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(BATCHES, [str(b) for b in BATCHES])
+    ax.set_xlabel("seqs in the decode step (shaded: RoPE in the decode kernel by default)")
+    ax.set_ylabel("step time change, % (negative: faster)")
+    ax.set_title(f"RoPE + KV store in the decode kernel, {data['card']}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.replace(".json", ".png"), dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG of this result file")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
+    if args.plot:
+        return plot(args.plot)
     name, tag = card_name()
     os.environ[SWITCH] = "0"
     llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=max(BATCHES),
@@ -92,8 +127,10 @@ def main() -> None:
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "switch": SWITCH,
               "greedy_agreement": agree, "rounds": args.rounds, "rows": rows}
     os.makedirs(args.out_dir, exist_ok=True)
-    write_json(os.path.join(args.out_dir, f"decode_rope-{tag}.json"), result)
+    path = os.path.join(args.out_dir, f"decode_rope-{tag}.json")
+    write_json(path, result)
     llm.close()
+    plot(path)
 
 
 if __name__ == "__main__":
