@@ -5,9 +5,10 @@ with top-k, top-p, min-p, penalties or a seed takes the full Sampler (nanovllm/l
 logits the graph leaves, eagerly. This runs requests of each kind one after another in one engine, in the
 order given, and reports each request's ms per token from its token times (as bench_latency's default
 loop). Each order runs in a process of its own, so a kind's first request after startup and its later ones
-can be told apart. Writes sampling_loop-<card>.json.
+can be told apart. Writes sampling_loop-<card>.json and a PNG of each request (--plot redraws it).
 
     python benchmarks/bench_sampling_loop.py
+    python benchmarks/bench_sampling_loop.py --plot benchmarks/results/sampling_loop-h100.json
 """
 import argparse
 import json
@@ -51,11 +52,36 @@ def run_order(order: str) -> list[dict]:
     return rows
 
 
+def plot(path: str) -> None:
+    """Each request's ms per token, in each process's order, coloured by kind."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(path) as f:
+        data = json.load(f)
+    colors = dict(zip(KINDS, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, len(data["processes"]), figsize=(9, 4), sharey=True)
+    for i, (ax, run) in enumerate(zip(axes, data["processes"])):
+        rows = run["requests"]
+        ax.bar(range(len(rows)), [r["ms_per_token"] for r in rows], color=[colors[r["kind"]] for r in rows])
+        ax.set_xticks(range(len(rows)), [r["kind"].replace("_", " ") for r in rows], rotation=60, ha="right",
+                      fontsize=8)
+        ax.set_title(f"process {i + 1}, requests in order", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("ms per token, batch 1")
+    fig.suptitle(f"Sampling kinds in the default loop, Qwen3-0.6B arch, {data['card']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path.replace(".json", ".png"), dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--order", help="run this one order here (what each child process does)")
+    parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG of this result file")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
+    if args.plot:
+        return plot(args.plot)
     if args.order:
         print(json.dumps(run_order(args.order)))
         return
@@ -70,7 +96,9 @@ def main() -> None:
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "tokens": TOKENS,
               "kinds": KINDS, "processes": runs}
     os.makedirs(args.out_dir, exist_ok=True)
-    write_json(os.path.join(args.out_dir, f"sampling_loop-{tag}.json"), result)
+    path = os.path.join(args.out_dir, f"sampling_loop-{tag}.json")
+    write_json(path, result)
+    plot(path)
 
 
 if __name__ == "__main__":
