@@ -13,11 +13,9 @@ can be told apart. Writes sampling_loop-<card>.json and a PNG of each request (-
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import torch
-from bench_latency import PROMPT_LEN, card_name, model_dir, write_json
+from bench_latency import PROMPT_LEN, card_name, child_json, model_dir, write_json
 
 from nanovllm import LLM, SamplingParams
 
@@ -88,9 +86,7 @@ def main() -> None:
     name, tag = card_name()
     runs = []
     for order in ORDERS:
-        out = subprocess.run([sys.executable, __file__, "--order", order], check=True, capture_output=True,
-                             text=True).stdout
-        rows = json.loads(out.strip().splitlines()[-1])
+        rows = child_json(__file__, "--order", order)
         runs.append({"order": order, "requests": rows})
         print(" ".join(f"{r['kind']} {r['ms_per_token']:.3f}" for r in rows))
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "tokens": TOKENS,

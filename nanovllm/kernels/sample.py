@@ -8,10 +8,10 @@ exponential draws, divide, argmax) moves ~20 bytes per token: ~0.4 ms per step a
 
 Two kernels. The first splits each row into chunk-wide pieces, one program each (grid (B, V / chunk)), and
 writes each piece's best (score, index): one program per row left most SMs idle at small batches and kept
-too few loads in flight at large ones (210-275 us for 52-145 rows on an H200, ~10x its bandwidth time).
-A few rows take narrower chunks than many (chunk_size). The
-second (grid (B,)) picks each row's best piece, the first of equal scores, so ties go to the lowest index
-as in torch.argmax. Random numbers come from Philox keyed by a seed in device memory, with counters (row,
+too few loads in flight at large ones (210-275 us for 52-145 rows on an H200, ~10x its bandwidth time), and
+a few rows take narrower chunks than many (chunk_size). The second (grid (B,)) picks each row's best
+piece, the first of equal scores, so ties go to the lowest index as in torch.argmax. Random numbers come
+from Philox keyed by a seed in device memory, with counters (row,
 vocabulary index // 4): one Philox call gives the 4 uniforms of 4 neighbouring tokens (tl.rand would spend
 a call per token and keep one of its 4 outputs, and Philox was most of the kernel's time). So a draw does
 not depend on the chunking, and a CUDA graph that replays the kernels and then bumps the seed draws fresh
