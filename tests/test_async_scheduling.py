@@ -161,6 +161,37 @@ def test_sampling_graphs_read_each_rows_temperature(folder, reference, monkeypat
     assert seen == [(2, True, [0.0, 0.5])] * 5  # the first token of each comes from the prefill step
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeypatch, async_scheduling):
+    """Unseeded top-k, top-p and min-p steps take the bucket's FILTER graph (uncaptured on CPU here), with
+    each row's settings; top-k 1 and a tiny top-p give the greedy tokens. A seeded row sends its step to the
+    eager Sampler instead."""
+    from nanovllm.engine.cuda_graph import FILTER
+    llm = make_llm(folder, reference[0][9], async_scheduling, monkeypatch, graphs=True)
+    graphs, filtered = llm.engine.model_runner.graphs, []
+    replay = graphs._replay
+
+    def spy(bs, mode, gather_logits=False):
+        if mode == FILTER:
+            filtered.append((bs, graphs.temperatures[:bs].tolist(), graphs.filters[:, :bs].tolist()))
+        return replay(bs, mode, gather_logits)
+    monkeypatch.setattr(graphs, "_replay", spy)
+    hot = dict(max_tokens=8, ignore_eos=True)
+    params = [greedy(8, ignore_eos=True), SamplingParams(temperature=0.8, top_k=1, **hot),
+              SamplingParams(temperature=1.5, top_p=1e-6, **hot), SamplingParams(top_k=3, min_p=0.5, **hot)]
+    outs = [o.outputs[0].token_ids for o in llm.generate([PROMPTS[0]] * 4, params, use_tqdm=False)]
+    assert outs[0] == outs[1] == outs[2] == reference[0][:8]
+    assert len(outs[3]) == 8
+    V = graphs.vocab_size
+    expected = torch.tensor([0.0, 0.8, 1.5, 1.0]).tolist(), torch.tensor(
+        [[V, 1, V, 3], [1.0, 1.0, 1e-6, 1.0], [0.0, 0.0, 0.0, 0.5]]).tolist()  # as float32 buffers hold them
+    assert len(filtered) == 7 and all(step == (4, *expected) for step in filtered)  # the first token: prefill
+    filtered.clear()
+    seeded = SamplingParams(temperature=1.5, top_p=0.5, seed=3, **hot)
+    llm.generate([PROMPTS[0]] * 2, [params[1], seeded], use_tqdm=False)
+    assert filtered == []
+
+
 def test_streams_and_aborts_in_flight(folder, reference, monkeypatch):
     """Aborting requests whose step is in flight: the others' outputs are unchanged, the aborted ones get
     nothing more, and every block comes back. Streamed deltas join to the final output."""

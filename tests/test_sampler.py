@@ -11,7 +11,14 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from nanovllm.layers.sampler import Sampler, SamplingBatch, compute_prompt_logprobs, gather_logprobs
+from nanovllm.engine.model_runner import graph_filters
+from nanovllm.layers.sampler import (
+    Sampler,
+    SamplingBatch,
+    compute_prompt_logprobs,
+    filter_logits,
+    gather_logprobs,
+)
 from nanovllm.sampling_params import SamplingParams
 
 V = 257  # odd vocabulary size, to catch masking and padding bugs
@@ -109,6 +116,37 @@ def test_temperature_top_k_top_p_min_p_match_hf(only_top_k):
     actual = process(logits, seqs)
     for i, seq in enumerate(seqs):
         assert_same_masked(actual[i], hf_warp(logits[i], seq.sampling_params))
+
+
+def graph_filter(logits: torch.Tensor, seqs: list[FakeSeq]) -> torch.Tensor:
+    """filter_logits with each row's settings as the engine's FILTER graphs get them."""
+    temps = torch.tensor([0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in seqs])
+    top_k, top_p, min_p = torch.tensor([graph_filters(s, logits.shape[1]) for s in seqs]).T
+    return filter_logits(logits, temps, top_k, top_p, min_p)
+
+
+def test_filter_logits_masks_match_the_sampler_and_hf():
+    """What a FILTER graph does off CUDA (all rows at once, fixed shapes) masks what the eager Sampler and
+    HF's warpers mask; greedy rows keep every logit, undivided."""
+    seqs = [make_seq(**row) for row in WARPER_ROWS] + [make_seq(temperature=0.0, top_k=2, top_p=0.5)]
+    logits = random_logits(len(seqs), seed=4)
+    actual = graph_filter(logits, seqs)
+    eager = process(logits, seqs)
+    for i, seq in enumerate(seqs[:-1]):
+        assert_same_masked(actual[i], eager[i])
+        assert_same_masked(actual[i], hf_warp(logits[i], seq.sampling_params))
+    assert torch.equal(actual[-1], logits[-1])
+
+
+def test_filter_logits_top_k_and_min_p_hold_at_bf16_ties():
+    """bf16 logits tie often; top-k (ties at the k-th value kept) and min-p mask by value, so sorting the bf16
+    keys gives the masks of their float32 values whatever order the ties take."""
+    seqs = [make_seq(temperature=0.9, top_k=k) for k in (1, 7, 50)] + [make_seq(temperature=0.6, min_p=0.1)]
+    logits = random_logits(len(seqs), seed=5).round()  # ~20 values over 257 tokens: ties everywhere
+    actual = graph_filter(logits.to(torch.bfloat16), seqs)
+    assert_same_masked(actual, process(logits.to(torch.bfloat16).float(), seqs))
+    kept = (~actual.isinf()).sum(dim=-1)[:3]
+    assert (kept >= torch.tensor([1, 7, 50])).all() and (kept > torch.tensor([1, 7, 50])).any()  # ties kept
 
 
 def test_greedy_is_argmax_with_ties_to_lowest_id():
@@ -315,3 +353,51 @@ def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
     sharded = kernel.pick_bests(workspaces, torch.empty(rows, dtype=torch.int64, device=device))
     whole = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64, device=device))
     assert sharded[0] == 100 and torch.equal(sharded, whole)
+
+
+def sixteen_bit_keys(x: torch.Tensor) -> torch.Tensor:
+    """kernels/top_k_top_p.to_key in torch: 16-bit floats -> keys in their order."""
+    bits = x.view(torch.int16).int() & 0xFFFF
+    return torch.where(bits >= 0x8000, 0xFFFF - bits, bits | 0x8000)
+
+
+@pytest.mark.parametrize("dtype,vocab,step", [(torch.bfloat16, 3000, None), (torch.float16, 3000, None),
+                                             (torch.bfloat16, 3000, (2, 64))] + (
+    [(torch.bfloat16, 151936, None)] if KERNEL_DEVICE == "cuda" else []))  # Qwen3's vocabulary on a GPU
+def test_top_k_top_p_kernels_keep_what_filter_logits_keeps(dtype, vocab, step, monkeypatch):
+    """The histogram thresholds (kernels/top_k_top_p.py) plus the draw's min-p keep exactly what
+    filter_logits keeps, ties included; the draw takes a kept token (the argmax on greedy rows) and leaves
+    the histogram zeroed for the next step. step: a walk of 2 x 64 keys a step, which takes many steps."""
+    from nanovllm.kernels import sample as kernel
+    from nanovllm.kernels import top_k_top_p
+    if step:
+        monkeypatch.setattr(top_k_top_p, "_ROWS", step[0])
+        monkeypatch.setattr(top_k_top_p, "_TILE", step[1])
+    device = KERNEL_DEVICE  # 3000: three chunks of the first pass, the last one partial
+    rows = [(0.0, vocab, 1.0, 0.0), (0.8, 1, 1.0, 0.0), (0.8, 40, 1.0, 0.0), (1.3, vocab, 0.6, 0.0),
+            (0.5, 25, 0.9, 0.05), (1.0, vocab, 0.97, 0.0), (0.7, vocab, 1.0, 0.2), (1.0, vocab - 1, 1e-6, 0.0),
+            (2.0, 700, 0.999, 0.0), (1.0, vocab + 5, 1.0, 0.0)]
+    temps, top_k, top_p, min_p = torch.tensor(rows, device=device).T.contiguous()
+    logits = (random_logits(len(rows), vocab, seed=6) * 0.7).to(device=device, dtype=dtype)  # ties: 16 bits
+    logits[5] = (logits[5] * 8).round() / 8  # many ties
+    ws = top_k_top_p.FilterWorkspace.make(len(rows), vocab, device)
+    top_k_top_p.thresholds(logits, temps, top_k, top_p, ws)
+    assert torch.equal(ws.row_max, logits.float().amax(dim=-1))
+    inv_temps = 1 / torch.where(temps > 0, temps, 1.0)[:, None]
+    kept = ((sixteen_bit_keys(logits) >= ws.keep[:, None])
+            & (((logits.float() - ws.row_max[:, None]) * inv_temps).exp() >= min_p[:, None]))
+    expected = filter_logits(logits, temps, top_k, top_p, min_p).isfinite()
+    assert torch.equal(kept, expected), (kept.sum(-1), expected.sum(-1))
+    fortieth = logits[2].float().topk(40).values[-1]
+    assert kept.sum(dim=-1).tolist()[:2] == [vocab, 1] and kept[5].sum() > 1
+    assert kept[2].sum() == (logits[2] >= fortieth).sum() >= 40  # ties at the 40th value stay
+    counted = [vocab if t > 0 and (k < vocab or p < 1) else 0 for t, k, p, _ in rows]  # rows with thresholds
+    assert ws.hist.sum(dim=-1).tolist() == counted and counted.count(0) == 3
+    seed = torch.tensor([5], dtype=torch.int64, device=device)
+    out = torch.empty(len(rows), dtype=torch.int64, device=device)
+    keep = kernel.Keep(ws.keep, ws.row_max, min_p, ws.hist)
+    for i in range(3):
+        kernel.sample(logits, temps, seed + i, out, keep=keep)
+        assert kept[torch.arange(len(rows)), out].all()
+        assert out[0] == logits[0].float().argmax() and out[1] == logits[1].float().argmax()
+    assert not ws.hist.any()

@@ -55,10 +55,10 @@ class FixedLogits(torch.nn.Module):
 
     def __init__(self, logits: torch.Tensor):
         super().__init__()
-        self.row = logits  # (vocab,) float32
+        self.row = logits  # (vocab,) in the graphs' dtype
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return torch.ones(input_ids.shape[0], 1, device=input_ids.device)  # (T, 1)
+        return torch.ones(input_ids.shape[0], 1, dtype=self.row.dtype, device=input_ids.device)  # (T, 1)
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.mm(hidden, self.row[None], out=out)  # (T, vocab)

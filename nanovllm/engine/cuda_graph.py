@@ -9,8 +9,10 @@ kernel's split count, chosen from shapes alone, is fixed per bucket.
 The graphs end with the sampler where it can live there: each bucket has a greedy graph (LM head, argmax)
 and a sampling graph that draws temperature samples in one Triton pass over the logits (kernels/sample.py;
 rows with temperature 0 keep the argmax, and on CUDA the greedy graph's argmax is that pass at temperature
-0), so such a step copies back only B token ids. Anything else (seeds, top-k/p, min-p, penalties,
-logprobs) replays the greedy graph and runs the Sampler on its logits.
+0), so such a step copies back only B token ids. Buckets of up to FILTER_MAX_BS rows (one process) have a
+third graph for top-k, top-p and min-p without seeds: two kernels find each row's threshold from a
+histogram of its logits (kernels/top_k_top_p.py), and the same draw keeps to it. Anything else (seeds,
+penalties, logprobs, a pending min_tokens) replays the greedy graph and runs the Sampler on its logits.
 
 Under tensor parallelism every rank captures the same graphs, collectives included (NCCL collectives are
 captured like kernels), and samples inside them without gathering the logits: each rank computes its slice
@@ -31,9 +33,11 @@ from torch import nn
 from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels import top_k_top_p
 from nanovllm.kernels.sample import (
     CHUNK,
     HostOut,
+    Keep,
     chunk_bests,
     feed_back,
     feed_back_ref,
@@ -42,6 +46,7 @@ from nanovllm.kernels.sample import (
     sample_ref,
     sample_workspace,
 )
+from nanovllm.layers.sampler import filter_logits
 from nanovllm.utils.context import Context, longest_first, reset_context, set_context
 
 
@@ -71,6 +76,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
             return sizes
 
 
+GREEDY, SAMPLE, FILTER = 0, 1, 2  # a bucket's graphs: argmax; temperature draws; top-k/top-p/min-p draws
+FILTER_MAX_BS = 32  # the largest bucket with a FILTER graph (its histograms: 256 KB a row)
 RING = 4  # rows of the ids' ring: async scheduling reads a step's ids back while one more is in flight
 
 
@@ -100,6 +107,7 @@ class _PinnedInputs:
         self.int64 = torch.zeros(4, max_bs, dtype=torch.int64, pin_memory=pin)  # the 4th row: [ring slot, 0...]
         self.int32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
         self.temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
+        self.filters = torch.zeros(3, max_bs, dtype=torch.float32, pin_memory=pin)  # top_k, top_p, min_p
         self.np64, self.np32 = self.int64.numpy(), self.int32.numpy()  # views: writes go to pinned memory
         self.np_tables = self.np32[2 * max_bs:].reshape(max_bs, max_num_blocks)
         self.row_tables: list[list[int] | None] = [None] * max_bs  # what each row of np_tables holds
@@ -135,12 +143,13 @@ class DecodeGraphs:
         self.block_tables = self.dev32[2 * max_bs:].view(max_bs, max_num_blocks)
         self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
         self.greedy_temps = torch.zeros(max_bs, dtype=torch.float32, device=device)  # the greedy graphs' zeros
+        self.filters = torch.zeros(3, max_bs, dtype=torch.float32, device=device)  # top_k, top_p, min_p per row
         self.seed = torch.randint(2**62, (1,), dtype=torch.int64).to(device)  # the sampling kernel's Philox key
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)  # one query per seq
         self.logits = torch.empty(max_bs, vocab_size, dtype=dtype, device=device)
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
         self.device = device
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, sampling) -> graph
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, GREEDY/SAMPLE/FILTER) -> graph
         self.model = model
         self.vocab_size = vocab_size
         self.tp_size, self.rank = get_tp_size(), get_tp_rank()
@@ -148,6 +157,7 @@ class DecodeGraphs:
             self._init_sharded_head(model, max_bs, vocab_size, dtype, device)
         else:
             self.sample_workspace = sample_workspace(max_bs, vocab_size, device)  # per-chunk bests of each row
+            self.filter_workspace = top_k_top_p.FilterWorkspace.make(min(max_bs, FILTER_MAX_BS), vocab_size, device)
         if capture:
             self._capture(model)
 
@@ -172,22 +182,22 @@ class DecodeGraphs:
                        max_context_len=self.max_num_blocks * self.block_size, is_decode=True,
                        seq_order=self.seq_order[:bs])
 
-    def _forward(self, model: nn.Module, bs: int, sampling: bool) -> None:
-        """What a graph holds: the model, the head and the sampler (under TP, their sharded form)."""
+    def _forward(self, model: nn.Module, bs: int, mode: int) -> None:
+        """What a graph holds: the model, the head and the sampler (under TP, their sharded form; no FILTER)."""
         # The ids the replay before sampled, where the host had placeholders (see replay).
         (feed_back if self.input_ids.is_cuda else feed_back_ref)(self.input_ids[:bs], self.next_tokens)
         hidden = model(self.input_ids[:bs], self.positions[:bs])  # (bs, hidden)
         if self.tp_size == 1:
-            return self._head(model, hidden, bs, sampling)
+            return self._head(model, hidden, bs, mode)
         local = torch.mm(hidden, self.head_weight.t(), out=self.local_logits[:bs])  # (bs, vocab / tp)
-        temps = self.temperatures[:bs] if sampling else self.greedy_temps[:bs]
+        temps = self.temperatures[:bs] if mode else self.greedy_temps[:bs]
         workspace = self.sample_workspace[:bs]  # (bs, 2, chunks)
         chunk_bests(local[:, :self.num_valid], temps, self.seed, workspace, self.vocab_start)
         gathered = all_gather(workspace, self.gathered[:self.tp_size * workspace.numel()].view(
             self.tp_size, *workspace.shape))  # (tp, bs, 2, chunks): a few KB, not the logits
         pick_bests(gathered, self.next_tokens[:bs], self._host_out())
         self._ids_to_ring(bs)
-        if sampling:
+        if mode:
             self.seed.add_(1)
 
     def _host_out(self) -> HostOut | None:
@@ -199,25 +209,43 @@ class DecodeGraphs:
         if self.rank == 0 and not self.next_tokens.is_cuda:
             self.ring[int(self.ring_slot)][:bs] = self.next_tokens[:bs]
 
-    def _head(self, model: nn.Module, hidden: torch.Tensor, bs: int, sampling: bool) -> None:
+    def _head(self, model: nn.Module, hidden: torch.Tensor, bs: int, mode: int) -> None:
         logits = model.compute_logits(hidden, out=self.logits[:bs])  # (bs, vocab); None on a TP worker
         if logits is None:
             return
         # On CUDA, kernels/sample.py: per-row temperature draws (Gumbel-max in one pass over the logits, then
         # a new seed for the next replay), or at temperature 0 the argmax (ties to the lowest id, as
         # torch.argmax), spread over the SMs, where torch's reduction of one row runs on one, and launched
-        # with PDL at small batches (kernels/pdl.py). Elsewhere torch: argmax, or the Sampler's exponential
-        # race (same distribution).
+        # with PDL at small batches (kernels/pdl.py). FILTER first finds each row's top-k / top-p threshold
+        # (kernels/top_k_top_p.py), and the draw keeps to it and to min-p. Elsewhere torch: argmax, or the
+        # Sampler's exponential race (same distribution), after filter_logits for FILTER.
+        temps = self.temperatures[:bs] if mode else self.greedy_temps[:bs]
+        keep = None
+        if mode == FILTER:
+            top_k, top_p, min_p = self.filters[:, :bs]
+            if logits.is_cuda and top_k_top_p.supports(logits.dtype):
+                ws = top_k_top_p.thresholds(logits, temps, top_k, top_p, self.filter_workspace)
+                keep = Keep(ws.keep, ws.row_max, min_p, ws.hist)
+            else:  # float32 logits, or the CPU: the filtered logits, divided by the temperatures
+                logits = filter_logits(logits, temps, top_k, top_p, min_p)
+                temps = (temps > 0).float()
         if logits.is_cuda:
-            temps = self.temperatures[:bs] if sampling else self.greedy_temps[:bs]
-            sample(logits, temps, self.seed, self.next_tokens[:bs], self.sample_workspace, self._host_out())
-            if sampling:
+            sample(logits, temps, self.seed, self.next_tokens[:bs], self.sample_workspace, self._host_out(), keep)
+            if mode:
                 self.seed.add_(1)
-        elif sampling:
-            sample_ref(logits, self.temperatures[:bs], self.next_tokens[:bs])
+        elif mode:
+            sample_ref(logits, temps, self.next_tokens[:bs])
         else:
             torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
         self._ids_to_ring(bs)
+
+    def can_filter(self, n: int) -> bool:
+        """A step of n seqs can take its top-k, top-p and min-p in its bucket's FILTER graph."""
+        return self.tp_size == 1 and self.bucket[n] <= FILTER_MAX_BS
+
+    def _modes(self, bs: int) -> tuple[int, ...]:
+        """The graphs of bucket bs: a sampling one, a greedy one and, where it can filter, a FILTER one."""
+        return (SAMPLE, GREEDY, FILTER) if self.can_filter(bs) else (SAMPLE, GREEDY)
 
     def _capture(self, model: nn.Module) -> None:
         # Warm-up and capture really run: slot -1 and context 0 keep them away from the KV cache.
@@ -226,19 +254,19 @@ class DecodeGraphs:
         self.seq_order.copy_(torch.arange(self.max_bs))
         self.pool = None
         for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
-            for sampling in (True, False):
-                self.graphs[bs, sampling] = self._capture_one(model, bs, sampling)
-                self.pool = self.graphs[bs, sampling].pool()
+            for mode in self._modes(bs):
+                self.graphs[bs, mode] = self._capture_one(model, bs, mode)
+                self.pool = self.graphs[bs, mode].pool()
         torch.cuda.synchronize()
 
-    def _capture_one(self, model: nn.Module, bs: int, sampling: bool) -> torch.cuda.CUDAGraph:
+    def _capture_one(self, model: nn.Module, bs: int, mode: int) -> torch.cuda.CUDAGraph:
         """One bucket's graph, in the graphs' shared memory pool."""
         set_context(self.context(bs))
         try:
-            self._forward(model, bs, sampling)  # compiles, picks cuBLAS algorithms outside capture
+            self._forward(model, bs, mode)  # compiles, picks cuBLAS algorithms outside capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, self.pool):
-                self._forward(model, bs, sampling)
+                self._forward(model, bs, mode)
         finally:
             reset_context()
         return graph
@@ -265,12 +293,12 @@ class DecodeGraphs:
             set_context(self.context(bs))
             graph = torch.cuda.CUDAGraph()
             try:
-                self._forward(model, bs, False)  # compiles a new tiling outside the capture
+                self._forward(model, bs, GREEDY)  # compiles a new tiling outside the capture
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):  # not torch.cuda.graph(): its gc.collect() per capture is slow
                     graph.capture_begin(pool=self.pool)
                     try:
-                        self._forward(model, bs, False)
+                        self._forward(model, bs, GREEDY)
                     finally:
                         graph.capture_end()
                 torch.cuda.current_stream().wait_stream(stream)
@@ -281,16 +309,18 @@ class DecodeGraphs:
         choices = tune_in_step(self.device, step_us, m=bs)
         self.context_lens.zero_()
         self.block_tables.zero_()
-        for sampling in (True, False):  # the bs graphs with the choices (other buckets: other M)
-            self.graphs[bs, sampling] = self._capture_one(model, bs, sampling)
+        for mode in self._modes(bs):  # the bs graphs with the choices (other buckets: other M)
+            self.graphs[bs, mode] = self._capture_one(model, bs, mode)
         torch.cuda.synchronize()
         return choices
 
     def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None,
                prev_ids: torch.Tensor | None = None, src_rows: list[int] | None = None,
-               logits: bool = False) -> RingIds:
+               logits: bool = False, filters: list[tuple[float, float, float]] | None = None) -> RingIds:
         """Runs one decode step of seqs (each computes its token at num_computed_tokens), sampling in the
-        graph at these per-seq temperatures (0: greedy) or, without them, taking the argmax. The results
+        graph at these per-seq temperatures (0: greedy) or, without them, taking the argmax. With filters,
+        each seq's (top_k, top_p, min_p) (off: vocab size or more, 1, 0; can_filter(len(seqs)) must hold), the
+        bucket's FILTER graph samples at the temperatures from what they keep. The results
         are in next_tokens[:len(seqs)], and in logits[:len(seqs)] with logits=True (or at tp = 1, always).
         No host sync.
 
@@ -329,31 +359,35 @@ class DecodeGraphs:
             host.temps.numpy()[:n] = temperatures
             host.temps.numpy()[n:bs] = 0
             self.temperatures.copy_(host.temps, non_blocking=True)
-        sampling = temperatures is not None
+        if filters is not None:
+            host.filters.numpy()[:, :n] = list(zip(*filters))
+            host.filters.numpy()[:, n:bs] = [[self.vocab_size], [1.0], [0.0]]
+            self.filters.copy_(host.filters, non_blocking=True)
+        mode = FILTER if filters is not None else SAMPLE if temperatures is not None else GREEDY
         if self.tp_size > 1:
-            send_decode(bs, sampling, logits)
-            broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
-        self._replay(bs, sampling, logits)
+            send_decode(bs, mode, logits)
+            broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * bool(mode))
+        self._replay(bs, mode, logits)
         return ring
 
-    def follow(self, bs: int, sampling: int, gather_logits: int) -> None:
+    def follow(self, bs: int, mode: int, gather_logits: int) -> None:
         """A TP worker's side of rank 0's replay (after its DECODE header): the same inputs, the same graph,
         and its share of the logits' gather when rank 0 asks for them."""
         used = self._int32_used(bs)
-        broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * sampling)
-        self._replay(bs, bool(sampling), bool(gather_logits))
+        broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * bool(mode))
+        self._replay(bs, mode, bool(gather_logits))
 
     def _int32_used(self, bs: int) -> int:
         """How much of dev32 a replay of bucket bs reads: context_lens, seq_order, bs block tables."""
         return 2 * self.max_bs + bs * self.max_num_blocks
 
-    def _replay(self, bs: int, sampling: bool, gather_logits: bool = False) -> None:
+    def _replay(self, bs: int, mode: int, gather_logits: bool = False) -> None:
         if self.graphs:
-            self.graphs[bs, sampling].replay()
+            self.graphs[bs, mode].replay()
         else:  # not captured (tests of the padding and the TP protocol on CPU): run the same step eagerly
             set_context(self.context(bs))
             try:
-                self._forward(self.model, bs, sampling)
+                self._forward(self.model, bs, mode)
             finally:
                 reset_context()
         if gather_logits and self.tp_size > 1:  # the full Sampler's input: every rank sends its slice

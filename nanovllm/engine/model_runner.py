@@ -105,17 +105,32 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
 
 def simple_temperature(seq: Sequence) -> float | None:
     """0.0 when sampling seq is a plain argmax, its temperature when it is a plain temperature draw from
-    torch's default generator, None when it needs the full Sampler (seed, top-k/p, min-p, penalties,
-    logprobs, a pending min_tokens). Decided on the host: no tensors built."""
+    torch's default generator, None when it needs more (graph_filters) or the full Sampler."""
     p = seq.sampling_params
-    if (p.logprobs is not None or p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty
-            or seq.num_completion_tokens < p.min_tokens):
+    if needs_sampler(seq):
         return None
     if p.greedy:
         return 0.0
-    if seq.generator is not None or p.top_k > 0 or p.top_p < 1 or p.min_p > 0:
+    if p.top_k > 0 or p.top_p < 1 or p.min_p > 0:
         return None
     return p.temperature
+
+
+def needs_sampler(seq: Sequence) -> bool:
+    """Sampling seq needs the eager Sampler: a seed (its own generator), penalties, logprobs or a pending
+    min_tokens. Decided on the host: no tensors built."""
+    p = seq.sampling_params
+    return (p.logprobs is not None or p.repetition_penalty != 1 or bool(p.frequency_penalty)
+            or bool(p.presence_penalty) or seq.num_completion_tokens < p.min_tokens
+            or (not p.greedy and seq.generator is not None))
+
+
+def graph_filters(seq: Sequence, vocab_size: int) -> tuple[float, float, float]:
+    """A seq's (top_k, top_p, min_p) as a FILTER graph takes them: off where it is greedy or they are off."""
+    p = seq.sampling_params
+    if p.greedy:
+        return vocab_size, 1.0, 0.0
+    return p.top_k if p.top_k > 0 else vocab_size, p.top_p, p.min_p
 
 
 class ModelRunner:
@@ -374,10 +389,15 @@ class ModelRunner:
         prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
         n = len(seqs)
         temperatures = [simple_temperature(seq) for seq in seqs]
-        if None in temperatures:  # the full Sampler, on the greedy graph's logits
+        if None not in temperatures:
+            ring = self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
+        elif self.graphs.can_filter(n) and not any(map(needs_sampler, seqs)):  # top-k/p, min-p: the FILTER graph
+            temperatures = [0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in seqs]
+            filters = [graph_filters(seq, self.graphs.vocab_size) for seq in seqs]
+            ring = self.graphs.replay(seqs, temperatures, prev_ids, src_rows, filters=filters)
+        else:  # the full Sampler, on the greedy graph's logits
             self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
             return self._sample_on_device(seqs, self.graphs.logits[:n]), None
-        ring = self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
         return SamplerOutput(self.graphs.next_tokens[:n]), ring
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from nanovllm.kernels import jit
 from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
+from nanovllm.kernels.top_k_top_p import to_key
 
 try:
     import triton
@@ -67,17 +68,29 @@ def sample_workspace(max_rows: int, vocab: int, device: torch.device | str, chun
     return torch.empty(max_rows, 2, -(-vocab // (chunk or chunk_size(1))), dtype=torch.float32, device=device)
 
 
+class Keep(NamedTuple):
+    """What a draw keeps of each row (kernels/top_k_top_p.py): the tokens whose 16-bit key is at least
+    keys[row] and whose probability is at least min_p[row] times the top one's, exp((x - row_max) / T).
+    The draw zeroes `hist` (rows, 65,536) for the next thresholds."""
+    keys: torch.Tensor  # (>= B,) int32
+    row_max: torch.Tensor  # (>= B,) float32
+    min_p: torch.Tensor  # (>= B,) float32
+    hist: torch.Tensor  # (>= B, 65536) int32
+
+
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, out: torch.Tensor,
-           workspace: torch.Tensor | None = None, host_out: HostOut | None = None) -> torch.Tensor:
+           workspace: torch.Tensor | None = None, host_out: HostOut | None = None,
+           keep: Keep | None = None) -> torch.Tensor:
     """logits (B, V) with unit stride on V, temperatures (B,) float32, seed (1,) int64 on the device (the
     caller advances it between draws), out (B,) int64, workspace from sample_workspace(>= B, V). No host
-    sync; no allocation when the workspace is given: CUDA-graph safe. host_out: see pick_bests."""
+    sync; no allocation when the workspace is given: CUDA-graph safe. host_out: see pick_bests. keep: draw
+    only from what top-k, top-p and min-p keep (16-bit logits)."""
     batch, vocab = logits.shape
     if workspace is None:
         workspace = sample_workspace(batch, vocab, logits.device)
     chunk = _chunk(vocab, chunk_size(batch))
     workspace = workspace[:batch, :, :-(-vocab // chunk)]  # the columns this batch's chunks fill
-    chunk_bests(logits, temperatures, seed, workspace, chunk=chunk)
+    chunk_bests(logits, temperatures, seed, workspace, chunk=chunk, keep=keep)
     return pick_bests(workspace[None], out, host_out)
 
 
@@ -86,7 +99,7 @@ def _chunk(vocab: int, chunk: int) -> int:
 
 
 def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, workspace: torch.Tensor,
-                vocab_offset: int = 0, chunk: int | None = None) -> None:
+                vocab_offset: int = 0, chunk: int | None = None, keep: Keep | None = None) -> None:
     """The first pass: each chunk's best score and its index into workspace, one column per chunk (CHUNK
     wide unless chunk says otherwise). Under TP logits are a rank's slice of the vocabulary, starting at
     vocab_offset: indices and random numbers are those of the full vocabulary, so the ranks' bests together
@@ -96,9 +109,12 @@ def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Te
     assert logits.stride(-1) == 1 and workspace.shape[2] >= -(-vocab // chunk) and workspace.shape[0] >= batch
     if batch:
         pdl = pdl_enabled(logits.device, batch)
-        _chunk_best_kernel[(batch, workspace.shape[2])](
+        chunks = workspace.shape[2]
+        keys, row_max, min_p, hist = keep if keep is not None else (temperatures,) * 4  # unread without KEEP
+        _chunk_best_kernel[(batch, chunks)](
             logits, logits.stride(0), temperatures, seed, workspace, workspace.stride(0), workspace.stride(1),
-            vocab, vocab_offset, CHUNK=chunk, BLOCK=min(_BLOCK, chunk), ALIGNED=vocab_offset % 4 == 0, PDL=pdl,
+            vocab, vocab_offset, keys, row_max, min_p, hist, -(-(1 << 16) // chunks), CHUNK=chunk,
+            BLOCK=min(_BLOCK, chunk), ALIGNED=vocab_offset % 4 == 0, KEEP=keep is not None, PDL=pdl,
             launch_pdl=pdl)
 
 
@@ -153,25 +169,39 @@ def _feed_back_kernel(ids_ptr, prev_ptr, n, BLOCK: tl.constexpr):
 
 @jit
 def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_ws, stride_kind, vocab,
-                       vocab_offset, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                       PDL: tl.constexpr):
+                       vocab_offset, keys_ptr, row_max_ptr, min_p_ptr, hist_ptr, hist_span, CHUNK: tl.constexpr,
+                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr):
     """Grid (B, chunks): the best score and its index in row's vocabulary [chunk * CHUNK, + CHUNK).
     ALIGNED: vocab_offset is a multiple of 4, so the tile's tokens are whole groups of 4 (one Philox call
     each); otherwise each token makes its own call and keeps its lane, which draws the same numbers.
-    With PDL the temperature and the seed, step inputs, are read before the wait (nanovllm/kernels/pdl.py)."""
+    With PDL the temperature and the seed, step inputs, are read before the wait (nanovllm/kernels/pdl.py).
+    KEEP (see Keep): tokens below the row's key or its min-p are out, and each program zeroes hist_span
+    bins of the row's histogram."""
     launch_dependents(PDL)
     row, chunk = tl.program_id(0), tl.program_id(1)
     temp = tl.load(temps_ptr + row)
     inv_temp = 1.0 / tl.where(temp > 0, temp, 1.0)
     seed = tl.load(seed_ptr)
+    if KEEP:
+        min_p = tl.load(min_p_ptr + row)
     wait_previous(PDL)  # the logits come from the LM head
+    if KEEP:  # the thresholds come from the kernel before
+        lowest_key = tl.load(keys_ptr + row)
+        row_max = tl.load(row_max_ptr + row)
+        bins = chunk * hist_span + tl.arange(0, 1024)
+        for start in range(0, hist_span, 1024):
+            tl.store(hist_ptr + row.to(tl.int64) * 65536 + start + bins, 0,
+                     mask=(start + tl.arange(0, 1024) < hist_span) & (start + bins < 65536))
     row_ptr = logits_ptr + row.to(tl.int64) * stride
     best = -float("inf")
     best_idx = 0
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < vocab
-        x = tl.load(row_ptr + offs, mask=mask, other=-float("inf")).to(tl.float32)
+        x = tl.load(row_ptr + offs, mask=mask, other=-float("inf"))
+        if KEEP:
+            mask &= (to_key(x) >= lowest_key) & (tl.exp((x.to(tl.float32) - row_max) * inv_temp) >= min_p)
+        x = x.to(tl.float32)
         if temp > 0:  # greedy rows skip the random numbers
             # Keyed by the full vocabulary's index: u = 0 gives -inf, never picked.
             u = _uniforms(seed, row, vocab_offset + start, vocab_offset + offs, BLOCK, ALIGNED)

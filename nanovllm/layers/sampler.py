@@ -209,6 +209,31 @@ def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
     return logits.masked_fill_(probs < threshold, -float("inf"))
 
 
+def filter_logits(logits: Tensor, temperatures: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
+    """Sampler.process_logits' temperature, top-k, top-p and min-p for every row at once, with fixed shapes and
+    no read on the host: the reference of the FILTER graphs' kernels (kernels/top_k_top_p.py), and what
+    those graphs run off CUDA or on float32 logits. logits (B, V) raw, in any float dtype; temperatures (B,)
+    float32 (0: a greedy row, left undivided); top_k (B,) in any dtype (>= V: off), top_p (B,) (1: off) and
+    min_p (B,) (0: off). Returns the processed logits, (B, V) float32.
+
+    The masks are apply_top_k_top_p's and apply_min_p's but for ties: every filter keeps or drops tokens of
+    equal logits together (top-p keeps a value when the mass of the larger ones is below p), where the eager
+    path's sort may split them at a boundary. Dividing by a positive temperature keeps the order, so one
+    sort of the raw logits serves all three."""
+    V = logits.shape[1]
+    sorted_raw, order = logits.sort(dim=-1)  # ascending, (B, V)
+    sorted_logits = sorted_raw.float() / torch.where(temperatures > 0, temperatures, 1.0)[:, None]
+    kth_value = sorted_logits.gather(1, (V - top_k.long())[:, None].clamp(0, V - 1))  # (B, 1)
+    sorted_logits.masked_fill_(sorted_logits < kth_value, -float("inf"))
+    drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p[:, None]  # (B, V)
+    drop[:, -1] = False  # always keep the most likely token
+    lowest_kept = sorted_logits.masked_fill(drop, float("inf")).amin(dim=-1, keepdim=True)  # (B, 1)
+    sorted_logits.masked_fill_(sorted_logits < lowest_kept, -float("inf"))  # its ties stay
+    probs = sorted_logits.softmax(dim=-1)  # the last column is the most likely token's
+    sorted_logits.masked_fill_(probs < min_p[:, None] * probs[:, -1:], -float("inf"))
+    return torch.empty_like(sorted_logits).scatter_(1, order, sorted_logits)
+
+
 def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> SamplerOutput:
     """logits: (N, V) raw; token_ids: (N,). Logprobs and ranks of token_ids, plus the top-k per row."""
     logprobs = logits.float().log_softmax(dim=-1)  # (N, V)
