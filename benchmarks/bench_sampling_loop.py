@@ -1,8 +1,9 @@
 """Batch-1 ms per token by sampling kind, in the engine's default loop (Qwen3-0.6B, random bf16 weights).
 
-Greedy and temperature-only requests sample inside the decode graph (nanovllm/kernels/sample.py); a request
-with top-k, top-p, min-p, penalties or a seed takes the full Sampler (nanovllm/layers/sampler.py) on the
-logits the graph leaves, eagerly. This runs requests of each kind one after another in one engine, in the
+Greedy and temperature-only requests sample inside the decode graph (nanovllm/kernels/sample.py); top-k,
+top-p and min-p without a seed sample in the bucket's FILTER graph (engine/cuda_graph.py); a request
+with penalties or a seed takes the full Sampler (nanovllm/layers/sampler.py) on the logits the graph leaves,
+eagerly. This runs requests of each kind one after another in one engine, in the
 order given, and reports each request's ms per token from its token times (as bench_latency's default
 loop). Each order runs in a process of its own, so a kind's first request after startup and its later ones
 can be told apart. Writes sampling_loop-<card>.json and a PNG of each request (--plot redraws it).
@@ -25,12 +26,13 @@ KINDS = {
     "temperature": dict(temperature=0.8),
     "top_k": dict(temperature=0.8, top_k=50),
     "top_p": dict(temperature=0.8, top_p=0.9),
+    "qwen3_recommended": dict(temperature=0.6, top_p=0.95, top_k=20),  # Qwen3's generation_config.json
     "top_p_seed": dict(temperature=0.8, top_p=0.9, seed=1),
     "min_p": dict(temperature=0.8, min_p=0.05),
     "repetition_penalty": dict(temperature=0, repetition_penalty=1.1),
 }
 ORDERS = [
-    "greedy,greedy,temperature,temperature,top_k,top_k,top_p,top_p,greedy,greedy",
+    "greedy,greedy,temperature,temperature,top_k,top_k,top_p,top_p,qwen3_recommended,greedy,greedy",
     "greedy,top_p_seed,top_p_seed,min_p,min_p,repetition_penalty,repetition_penalty,temperature,greedy,greedy",
 ]
 
