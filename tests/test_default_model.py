@@ -97,3 +97,37 @@ def test_cli_help_and_errors():
     assert out.returncode == 2 and "temperature" in out.stderr and "Traceback" not in out.stderr
     out = _cli("generate", "hi", "--model", "/no/such/model")
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_top_k_top_p_kernels_on_the_real_models_logits(hf_smollm, hf_smollm_tokenizer):
+    """The FILTER graphs' thresholds (kernels/top_k_top_p.py) on the real model's logits at every position of a
+    text, rounded to bf16: they keep exactly what filter_logits keeps, and where transformers' warpers keep
+    something else it is only ties of the last kept value, which they split and we keep together."""
+    from transformers.generation import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from nanovllm.kernels import top_k_top_p
+    from nanovllm.layers.sampler import filter_logits
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = hf_smollm_tokenizer(PROMPTS[2] + " there lived an old clockmaker who", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = hf_smollm(ids).logits[0].to(device=device, dtype=torch.bfloat16)  # (T, V)
+    T, V = logits.shape
+    bits = logits.view(torch.int16).int() & 0xFFFF
+    keys = torch.where(bits >= 0x8000, 0xFFFF - bits, bits | 0x8000)  # to_key
+    ties = 0
+    for temperature, k, p, min_p in [(0.6, 20, 0.95, 0.0), (0.8, V, 0.9, 0.0), (1.0, 50, 1.0, 0.05)]:
+        settings = [torch.full((T,), float(v), device=device) for v in (temperature, k, p, min_p)]
+        ws = top_k_top_p.FilterWorkspace.make(T, V, device)
+        top_k_top_p.thresholds(logits, *settings[:3], ws)
+        kept = (keys >= ws.keep[:, None]) & ((logits.float() - ws.row_max[:, None]) / temperature).exp().ge(min_p)
+        assert torch.equal(kept, filter_logits(logits, *settings).isfinite())
+        warpers = [TemperatureLogitsWarper(temperature), TopKLogitsWarper(k) if k < V else None,
+                   TopPLogitsWarper(p) if p < 1 else None, MinPLogitsWarper(min_p) if min_p else None]
+        scores = logits.float().cpu()
+        for warper in filter(None, warpers):
+            scores = warper(ids, scores)
+        hf = scores.isfinite().to(device)
+        lowest_kept = logits.float().masked_fill(~kept, float("inf")).amin(dim=-1, keepdim=True)
+        assert not (hf & ~kept).any() and (logits.float() == lowest_kept)[kept & ~hf].all()
+        ties += int((kept != hf).any(dim=-1).sum())
+    assert ties < T  # ties at the boundary are the exception
