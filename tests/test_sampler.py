@@ -11,7 +11,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from nanovllm.engine.model_runner import graph_filters
+from nanovllm.engine.model_runner import graph_sampling
 from nanovllm.layers.sampler import (
     Sampler,
     SamplingBatch,
@@ -120,9 +120,7 @@ def test_temperature_top_k_top_p_min_p_match_hf(only_top_k):
 
 def graph_filter(logits: torch.Tensor, seqs: list[FakeSeq]) -> torch.Tensor:
     """filter_logits with each row's settings as the engine's FILTER graphs get them."""
-    temps = torch.tensor([0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in seqs])
-    top_k, top_p, min_p = torch.tensor([graph_filters(s, logits.shape[1]) for s in seqs]).T
-    return filter_logits(logits, temps, top_k, top_p, min_p)
+    return filter_logits(logits, *torch.tensor([graph_sampling(s, logits.shape[1]) for s in seqs]).T)
 
 
 def test_filter_logits_masks_match_the_sampler_and_hf():
@@ -355,12 +353,6 @@ def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
     assert sharded[0] == 100 and torch.equal(sharded, whole)
 
 
-def sixteen_bit_keys(x: torch.Tensor) -> torch.Tensor:
-    """kernels/top_k_top_p.to_key in torch: 16-bit floats -> keys in their order."""
-    bits = x.view(torch.int16).int() & 0xFFFF
-    return torch.where(bits >= 0x8000, 0xFFFF - bits, bits | 0x8000)
-
-
 @pytest.mark.parametrize("dtype,vocab,step", [(torch.bfloat16, 3000, None), (torch.float16, 3000, None),
                                              (torch.bfloat16, 3000, (2, 64))] + (
     [(torch.bfloat16, 151936, None)] if KERNEL_DEVICE == "cuda" else []))  # Qwen3's vocabulary on a GPU
@@ -383,9 +375,8 @@ def test_top_k_top_p_kernels_keep_what_filter_logits_keeps(dtype, vocab, step, m
     ws = top_k_top_p.FilterWorkspace.make(len(rows), vocab, device)
     top_k_top_p.thresholds(logits, temps, top_k, top_p, ws)
     assert torch.equal(ws.row_max, logits.float().amax(dim=-1))
-    inv_temps = 1 / torch.where(temps > 0, temps, 1.0)[:, None]
-    kept = ((sixteen_bit_keys(logits) >= ws.keep[:, None])
-            & (((logits.float() - ws.row_max[:, None]) * inv_temps).exp() >= min_p[:, None]))
+    keep = kernel.Keep(ws.keep, ws.row_max, min_p, ws.hist)
+    kept = keep.mask_ref(logits, temps)
     expected = filter_logits(logits, temps, top_k, top_p, min_p).isfinite()
     assert torch.equal(kept, expected), (kept.sum(-1), expected.sum(-1))
     fortieth = logits[2].float().topk(40).values[-1]
@@ -395,7 +386,6 @@ def test_top_k_top_p_kernels_keep_what_filter_logits_keeps(dtype, vocab, step, m
     assert ws.hist.sum(dim=-1).tolist() == counted and counted.count(0) == 3
     seed = torch.tensor([5], dtype=torch.int64, device=device)
     out = torch.empty(len(rows), dtype=torch.int64, device=device)
-    keep = kernel.Keep(ws.keep, ws.row_max, min_p, ws.hist)
     for i in range(3):
         kernel.sample(logits, temps, seed + i, out, keep=keep)
         assert kept[torch.arange(len(rows)), out].all()

@@ -103,19 +103,6 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def simple_temperature(seq: Sequence) -> float | None:
-    """0.0 when sampling seq is a plain argmax, its temperature when it is a plain temperature draw from
-    torch's default generator, None when it needs more (graph_filters) or the full Sampler."""
-    p = seq.sampling_params
-    if needs_sampler(seq):
-        return None
-    if p.greedy:
-        return 0.0
-    if p.top_k > 0 or p.top_p < 1 or p.min_p > 0:
-        return None
-    return p.temperature
-
-
 def needs_sampler(seq: Sequence) -> bool:
     """Sampling seq needs the eager Sampler: a seed (its own generator), penalties, logprobs or a pending
     min_tokens. Decided on the host: no tensors built."""
@@ -125,12 +112,15 @@ def needs_sampler(seq: Sequence) -> bool:
             or (not p.greedy and seq.generator is not None))
 
 
-def graph_filters(seq: Sequence, vocab_size: int) -> tuple[float, float, float]:
-    """A seq's (top_k, top_p, min_p) as a FILTER graph takes them: off where it is greedy or they are off."""
+def graph_sampling(seq: Sequence, vocab_size: int) -> tuple[float, int, float, float] | None:
+    """How a decode graph samples seq: (temperature, top_k, top_p, min_p), with temperature 0 for an argmax
+    and each filter off as (vocab_size, 1, 0); None when it needs the eager Sampler (needs_sampler)."""
     p = seq.sampling_params
+    if needs_sampler(seq):
+        return None
     if p.greedy:
-        return vocab_size, 1.0, 0.0
-    return p.top_k if p.top_k > 0 else vocab_size, p.top_p, p.min_p
+        return 0.0, vocab_size, 1.0, 0.0
+    return p.temperature, p.top_k if p.top_k > 0 else vocab_size, p.top_p, p.min_p
 
 
 class ModelRunner:
@@ -387,14 +377,14 @@ class ModelRunner:
         """One decode step of seqs from the captured graphs; the sampled ids (B,) stay on the device, and
         where the graph sampled them also go to the ring (RingIds). With prev_ids, seq i's input id is
         prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
-        n = len(seqs)
-        temperatures = [simple_temperature(seq) for seq in seqs]
-        if None not in temperatures:
+        n, vocab_size = len(seqs), self.graphs.vocab_size
+        params = [graph_sampling(seq, vocab_size) for seq in seqs]
+        filters = None if None in params else [p[1:] for p in params]
+        if filters is not None and all(f == (vocab_size, 1.0, 0.0) for f in filters):  # argmax, temperature
+            temperatures = [p[0] for p in params]
             ring = self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
-        elif self.graphs.can_filter(n) and not any(map(needs_sampler, seqs)):  # top-k/p, min-p: the FILTER graph
-            temperatures = [0.0 if s.sampling_params.greedy else s.sampling_params.temperature for s in seqs]
-            filters = [graph_filters(seq, self.graphs.vocab_size) for seq in seqs]
-            ring = self.graphs.replay(seqs, temperatures, prev_ids, src_rows, filters=filters)
+        elif filters is not None and self.graphs.can_filter(n):  # top-k/p, min-p: the FILTER graph
+            ring = self.graphs.replay(seqs, [p[0] for p in params], prev_ids, src_rows, filters=filters)
         else:  # the full Sampler, on the greedy graph's logits
             self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
             return self._sample_on_device(seqs, self.graphs.logits[:n]), None
@@ -415,7 +405,7 @@ class ModelRunner:
 
     def _sample_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
         """logits (B, V) in the model dtype -> the sampled ids (B,) (+ logprobs), left on the device."""
-        if all(simple_temperature(seq) == 0 for seq in seqs):  # greedy: one argmax
+        if all(seq.sampling_params.greedy and not needs_sampler(seq) for seq in seqs):  # greedy: one argmax
             return SamplerOutput(logits.argmax(dim=-1))
         logits = logits.float()
         sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids)
