@@ -157,7 +157,8 @@ class DecodeGraphs:
             self._init_sharded_head(model, max_bs, vocab_size, dtype, device)
         else:
             self.sample_workspace = sample_workspace(max_bs, vocab_size, device)  # per-chunk bests of each row
-            self.filter_workspace = top_k_top_p.FilterWorkspace.make(min(max_bs, FILTER_MAX_BS), vocab_size, device)
+            self.filter_workspace = (top_k_top_p.FilterWorkspace.make(min(max_bs, FILTER_MAX_BS), vocab_size, device)
+                                     if device.type == "cuda" else None)  # the CPU filters with filter_logits
         if capture:
             self._capture(model)
 
