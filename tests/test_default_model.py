@@ -106,20 +106,19 @@ def test_top_k_top_p_kernels_on_the_real_models_logits(hf_smollm, hf_smollm_toke
     from transformers.generation import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     from nanovllm.kernels import top_k_top_p
+    from nanovllm.kernels.sample import Keep
     from nanovllm.layers.sampler import filter_logits
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ids = hf_smollm_tokenizer(PROMPTS[2] + " there lived an old clockmaker who", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = hf_smollm(ids).logits[0].to(device=device, dtype=torch.bfloat16)  # (T, V)
     T, V = logits.shape
-    bits = logits.view(torch.int16).int() & 0xFFFF
-    keys = torch.where(bits >= 0x8000, 0xFFFF - bits, bits | 0x8000)  # to_key
     ties = 0
     for temperature, k, p, min_p in [(0.6, 20, 0.95, 0.0), (0.8, V, 0.9, 0.0), (1.0, 50, 1.0, 0.05)]:
         settings = [torch.full((T,), float(v), device=device) for v in (temperature, k, p, min_p)]
         ws = top_k_top_p.FilterWorkspace.make(T, V, device)
         top_k_top_p.thresholds(logits, *settings[:3], ws)
-        kept = (keys >= ws.keep[:, None]) & ((logits.float() - ws.row_max[:, None]) / temperature).exp().ge(min_p)
+        kept = Keep(ws.keep, ws.row_max, settings[3], ws.hist).mask_ref(logits, settings[0])
         assert torch.equal(kept, filter_logits(logits, *settings).isfinite())
         warpers = [TemperatureLogitsWarper(temperature), TopKLogitsWarper(k) if k < V else None,
                    TopPLogitsWarper(p) if p < 1 else None, MinPLogitsWarper(min_p) if min_p else None]

@@ -30,7 +30,7 @@ import torch
 
 from nanovllm.kernels import jit
 from nanovllm.kernels.pdl import launch_dependents, pdl_enabled, wait_previous
-from nanovllm.kernels.top_k_top_p import to_key
+from nanovllm.kernels.top_k_top_p import keys_ref, to_key
 
 try:
     import triton
@@ -76,6 +76,13 @@ class Keep(NamedTuple):
     row_max: torch.Tensor  # (>= B,) float32
     min_p: torch.Tensor  # (>= B,) float32
     hist: torch.Tensor  # (>= B, 65536) int32
+
+    def mask_ref(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+        """What a draw keeps of logits (B, V) at temperatures (B,), in torch: (B, V) bool."""
+        rows = logits.shape[0]
+        inv_temps = 1.0 / torch.where(temperatures > 0, temperatures, 1.0)[:, None]
+        return ((keys_ref(logits) >= self.keys[:rows, None])
+                & (((logits.float() - self.row_max[:rows, None]) * inv_temps).exp() >= self.min_p[:rows, None]))
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, out: torch.Tensor,

@@ -77,6 +77,12 @@ def thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Te
     return ws
 
 
+def keys_ref(x: torch.Tensor) -> torch.Tensor:
+    """to_key in torch: 16-bit float values -> int32 keys in their order."""
+    bits = x.view(torch.int16).int() & 0xFFFF
+    return torch.where(bits >= 0x8000, 0xFFFF - bits, bits | 0x8000)
+
+
 @jit
 def to_key(x):
     """16-bit float values -> int32 keys in [0, 65536) in the values' order."""
