@@ -80,11 +80,13 @@ def warm_up(llm: LLM) -> None:
 
 def timed_generate(llm: LLM, prompts, params) -> dict:
     """Wall time of llm.generate, and how much of it the model runner and the scheduler took. With async
-    scheduling, runner_s also counts launches (launch_s) and the waits for a step's ids (wait_s)."""
+    scheduling, runner_s also counts launches (launch_s) and the waits for a step's ids (wait_s). prefill_s:
+    the time until the first step with no prompt left to prefill (every seq decoding), which the roofline
+    leaves out and which runs eagerly, so it shows how fast the host launches (NOTES-gpu.md, session 29)."""
     engine = llm.engine
     runner, scheduler = engine.model_runner, engine.scheduler
     spent = {"runner_s": 0.0, "schedule_s": 0.0, "steps": 0, "graph_steps": 0, "overlapped_steps": 0,
-             "launch_s": 0.0, "wait_s": 0.0}
+             "launch_s": 0.0, "wait_s": 0.0, "prefill_s": None}
     run, launch, result = runner.run, runner.launch, PendingStep.result
 
     def add(t0: float, *keys: str) -> None:
@@ -119,6 +121,9 @@ def timed_generate(llm: LLM, prompts, params) -> dict:
             t0 = time.perf_counter()
             batch = schedule()
             add(t0, "schedule_s")
+            if (spent["prefill_s"] is None and batch is not None and batch.seqs and not scheduler.waiting
+                    and all(seq.num_computed_tokens >= seq.num_prompt_tokens for seq in batch.seqs)):
+                spent["prefill_s"] = t0 - start
             return batch
         return wrapper
     runner.run, runner.launch, PendingStep.result = timed_run, timed_launch, timed_result
@@ -126,9 +131,9 @@ def timed_generate(llm: LLM, prompts, params) -> dict:
     scheduler.schedule_overlapped = timed_schedule(scheduler.schedule_overlapped)
     try:
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        spent["seconds"] = time.perf_counter() - t0
+        spent["seconds"] = time.perf_counter() - start
     finally:  # instance attributes shadowed the methods
         del runner.run, runner.launch, scheduler.schedule, scheduler.schedule_overlapped
         PendingStep.result = result
@@ -223,7 +228,8 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     print(f"{card}: {result['output_tok_per_s']:.0f} output tok/s ({output_tokens} tokens in "
           f"{spent['seconds']:.2f} s), {100 * result['fraction_of_roofline']:.0f}% of the {roofline:.0f} tok/s "
-          f"roofline; transformers {result['hf_output_tok_per_s'] or float('nan'):.0f} tok/s")
+          f"roofline; transformers {result['hf_output_tok_per_s'] or float('nan'):.0f} tok/s; prompts all "
+          f"prefilled after {spent['prefill_s'] or float('nan'):.2f} s")
 
 
 if __name__ == "__main__":
