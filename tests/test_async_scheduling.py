@@ -66,8 +66,10 @@ def workload(reference) -> tuple[list, list[SamplingParams], int]:
     return [p for p, _ in requests], [s for _, s in requests], eos
 
 
-def make_llm(folder, eos: int, async_scheduling: bool, monkeypatch, graphs: bool = False, **engine_args) -> LLM:
+def make_llm(folder, eos: int, async_scheduling: bool, monkeypatch, graphs: bool = False,
+             prefill_graphs: bool = False, **engine_args) -> LLM:
     monkeypatch.setenv("NANOVLLM_UNCAPTURED_GRAPHS", "1" if graphs else "0")
+    monkeypatch.setenv("NANOVLLM_PREFILL_GRAPHS", "1" if prefill_graphs else "0")
     # float32 on a GPU too: bf16 ties could flip a greedy token when a batch holds other rows.
     engine_args.setdefault("num_kvcache_blocks", BLOCKS)
     llm = LLM(folder, async_scheduling=async_scheduling, dtype="float32", **engine_args)
@@ -143,6 +145,40 @@ def test_async_scheduling_gives_the_same_outputs(folder, reference, engine, monk
     assert [len(c.token_ids) for c in sync[2].outputs + sync[3].outputs] == [1, 2]
     if "num_kvcache_blocks" in engine:
         assert sync_stats["num_preemptions"] > 0 and async_stats["num_preemptions"] > 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prefill_graphs_give_the_same_outputs(folder, reference, monkeypatch, async_scheduling):
+    """Steps with prompt tokens through the prefill graphs' code path (uncaptured on CPU: tokens padded to
+    the bucket, seqs to max_num_seqs, placeholders filled in the static ids) give what eager steps give:
+    chunked prompts, prefix hits, decodes riding along, prompt logprobs (which stay eager) included."""
+    prompts, params, eos = workload(reference)
+    results = []
+    for on in (False, True):
+        llm = make_llm(folder, eos, async_scheduling, monkeypatch, graphs=True, prefill_graphs=on,
+                       max_num_batched_tokens=24, max_num_seqs=4)
+        graphs = llm.engine.model_runner.prefill_graphs
+        assert (graphs is not None) == on
+        buckets = []
+        if on:
+            run = graphs.run
+            monkeypatch.setattr(graphs, "run", lambda bucket: buckets.append(bucket) or run(bucket))
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs += llm.generate(prompts[9:11], params[9:11], use_tqdm=False)  # prefix hits
+        assert all(o.num_cached_tokens == 32 for o in outputs[-2:])
+        assert not on or (len(buckets) >= 5 and set(buckets) == {24})
+        results.append(outputs)
+    unseeded = len(prompts) - 1
+    eager, graphed = (r[:unseeded] + r[unseeded + 1:] for r in results)
+    assert summary(graphed) == summary(eager)
+    assert_same_logprobs(graphed, eager)
+
+
+def test_prefill_graph_buckets():
+    from nanovllm.engine.prefill_graphs import token_buckets
+    assert token_buckets(8192) == [256, 512, 1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192]
+    assert token_buckets(3000) == [256, 512, 1024, 2048, 3000]
+    assert token_buckets(512) == [256, 512] and token_buckets(24) == [24]
 
 
 def test_sampling_graphs_read_each_rows_temperature(folder, reference, monkeypatch):

@@ -217,6 +217,24 @@ def test_greedy_tokens_with_preemption_prefix_hits_and_chunked_prefill(arch, mod
     assert_near_ties(result["eager_vs_torch"])
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_graphs_give_the_eager_steps_greedy_tokens(arch, model_dir, monkeypatch):
+    """Steps with prompt tokens replayed from the prefill graphs (NANOVLLM_PREFILL_GRAPHS=1: every chunk
+    padded to its token bucket, seqs to max_num_seqs) against the same engine's eager steps, with
+    preemption, chunked prefill and prefix hits. The projections may run other cuBLAS algorithms at the
+    padded M, so tokens may part at bf16 near-ties only."""
+    folder = model_dir(arch)
+    args = {"max_num_seqs": 8, "max_num_batched_tokens": 128, "num_kvcache_blocks": 40, "max_model_len": 512}
+    eager, eager_lps, _ = generate(folder, logprobs=20, **args)
+    monkeypatch.setenv("NANOVLLM_PREFILL_GRAPHS", "1")
+    graphed, _, stats = generate(folder, **args)
+    assert stats["num_preemptions"] > 0 and stats["prefix_hits"] > 0
+    result = agreement(graphed, eager, eager_lps)
+    REPORT[f"prefill_graphs/{arch}"] = result
+    print(arch, json.dumps(result))
+    assert_near_ties(result)
+
+
 @torch.inference_mode()
 def hf_greedy(folder: str) -> list[list[int]]:
     ours, _ = load_model(folder, torch.bfloat16, "cuda", load_format="dummy")

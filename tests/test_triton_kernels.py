@@ -72,6 +72,35 @@ def test_prefill_varlen_and_chunked(num_heads, num_kv_heads, head_dim, block_siz
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_padded_as_the_prefill_graphs_pad_it(dtype):
+    """A step padded as engine/prefill_graphs.py pads it (tokens to the bucket with slot -1; seqs to
+    max_seqs with empty ones: cu_seqlens repeating the total, context 0; wider block tables) gives the
+    varlen kernel's rows of the unpadded step bit for bit, and the slots make_context gives."""
+    from nanovllm.engine.prefill_graphs import PrefillGraphs
+    from nanovllm.utils.context import make_context
+    q_lens, ctx_lens, block_size = [1, 3, 17], [1, 33, 17], 16
+    q, k_cache, v_cache, tables, cu, ctx = paged_batch(q_lens, ctx_lens, 4, 2, 64, block_size, dtype)
+    scale, bucket = 64 ** -0.5, 32
+    out = torch.full_like(q, float("nan"))
+    paged_attention(q, k_cache, v_cache, tables, cu, ctx, max(q_lens), scale, out=out)
+    graphs = PrefillGraphs(None, bucket, 6, tables.shape[1] + 3, block_size, torch.device(DEVICE), capture=False)
+    host_tables = [[b for b in row if b >= 0] for row in tables.tolist()]
+    positions = [p for q_len, c in zip(q_lens, ctx_lens) for p in range(c - q_len, c)]
+    assert graphs.write_inputs([7] * sum(q_lens), positions, q_lens, ctx_lens, host_tables) == bucket
+    real = sum(q_lens)
+    expected = make_context(q_lens, ctx_lens, host_tables, block_size, DEVICE)
+    assert graphs.slot_mapping[:real].tolist() == expected.slot_mapping.tolist()
+    assert set(graphs.slot_mapping[real:].tolist()) == {-1}
+    assert graphs.cu_seqlens_q.tolist() == cu.tolist() + [real] * 3
+    assert graphs.context_lens.tolist() == ctx_lens + [0] * 3
+    q_pad = torch.cat([q, torch.randn(bucket - real, *q.shape[1:], device=DEVICE).to(dtype)])
+    out_pad = torch.full_like(q_pad, float("nan"))
+    paged_attention(q_pad, k_cache, v_cache, graphs.block_tables, graphs.cu_seqlens_q, graphs.context_lens,
+                    bucket, scale, out=out_pad)
+    assert torch.equal(out_pad[:real], out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_chunked_prefill_long_chunk(dtype):
     # A 37-token chunk after 40 cached keys: several query blocks, each with several key tiles.
     check_attention([37, 2], [77, 5], 4, 2, 64, 16, dtype)

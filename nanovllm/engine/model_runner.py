@@ -19,6 +19,7 @@ from nanovllm.distributed.parallel_state import (
 )
 from nanovllm.distributed.worker import TP_TIMEOUT_S, WorkerGroup
 from nanovllm.engine.cuda_graph import DecodeGraphs, RingIds
+from nanovllm.engine.prefill_graphs import PrefillGraphs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.embed_head import ParallelLMHead
@@ -159,6 +160,7 @@ class ModelRunner:
         self.eos_token_ids: list[int] = []  # set by the engine; masked while min_tokens is not reached
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if self.device.type == "cuda":  # on and off alike: o_proj and down_proj use its kernels
             self._tune_fused_output()
 
@@ -252,6 +254,11 @@ class ModelRunner:
                                        capture=not uncaptured, host_buffers=host_buffers)
             for bs in self._in_step_batches():
                 self.graphs.tune_step(self.model, bs, min(128, max_model_len), num_blocks)
+        if (self.device.type == "cuda" or uncaptured) and self._wants_prefill_graphs():
+            block_size = self.config.block_size
+            self.prefill_graphs = PrefillGraphs(self.model, self.config.max_num_batched_tokens,
+                                                self.config.max_num_seqs, -(-max_model_len // block_size),
+                                                block_size, self.device, capture=not uncaptured)
         # What exists now (modules, weights, graphs, everything imported) lives as long as the engine. Frozen,
         # it is out of the cyclic collector's sight, so a full collection while serving walks only what the
         # requests create; one that walked it all took 140 ms in the middle of a timed H100 run
@@ -271,10 +278,18 @@ class ModelRunner:
             return []
         return [bs for bs in IN_STEP_BATCHES if bs in self.graphs.batch_sizes and pdl_enabled(self.device, bs)]
 
+    def _wants_prefill_graphs(self) -> bool:
+        """Steps with prompt tokens replay prefill graphs (engine/prefill_graphs.py): one process, not
+        enforce_eager, and NANOVLLM_PREFILL_GRAPHS=1 (off by default until measured on a GPU)."""
+        return (os.environ.get("NANOVLLM_PREFILL_GRAPHS") == "1" and not self.config.enforce_eager
+                and self.config.tensor_parallel_size == 1)
+
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
         if self.device.type != "cuda":
             return int((self.config.kv_cache_memory_gb or _DEFAULT_CPU_KV_GB) * 2**30 // bytes_per_block)
         activations = self.profile_activation_memory(max_model_len)
+        if self._wants_prefill_graphs():  # their pool keeps a largest step's activations for good, and the
+            activations *= 2  # steps they do not serve (prompt logprobs) still need as much again
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.gpu_memory_utilization - (total - free) - activations
         return int(budget // bytes_per_block)
@@ -316,11 +331,7 @@ class ModelRunner:
         if self._graph_ready(batch):  # read back as an async step is, at once
             sampled, ring = self._replay(batch.seqs)
             return PendingStep(batch.seqs, sampled, ring=ring).result()
-        input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
-        if self.workers is not None:
-            send_forward(input_ids, positions, get_context())
-        hidden = self.model(input_ids, positions)  # (T, hidden)
-        reset_context()
+        hidden, sample_rows, plp_rows = self._forward(batch)  # (T, hidden)
         sampled_seqs = [seq for seq, _ in sample_rows]
         if sampled_seqs:
             rows = torch.tensor([r for _, r in sample_rows], device=self.device)
@@ -348,22 +359,11 @@ class ModelRunner:
             prev_ids = None if prev is None else prev.token_ids
             sampled, ring = self._replay(batch.seqs, prev_ids, src_rows)
             return PendingStep(batch.seqs, sampled, guard, ring)
-        input_ids, positions, sample_rows, plp_rows = self._prepare(batch)
+        hidden, sample_rows, plp_rows = self._forward(batch, prev)  # (T, hidden)
         assert not plp_rows, "prompt logprobs come from run(): such steps are not launched ahead"
-        if prev is not None:  # the placeholders' ids, from prev's on the device
-            starts = itertools.accumulate(batch.num_new_tokens, initial=0)
-            pairs = [(start, prev.rows[seq.seq_id]) for seq, start in zip(batch.seqs, starts)
-                     if seq.seq_id in prev.rows]
-            if pairs:
-                dst, src = zip(*pairs)
-                input_ids[self._to_device(dst)] = prev.token_ids[self._to_device(src)]
-        if self.workers is not None:  # the gathered ids: broadcast after the gather, on the same stream
-            send_forward(input_ids, positions, get_context())
-        hidden = self.model(input_ids, positions)  # (T, hidden)
-        reset_context()
         sampled_seqs = [seq for seq, _ in sample_rows]
         if not sampled_seqs:  # only prefill chunks that end mid-prompt
-            return PendingStep([], SamplerOutput(input_ids[:0]), guard)
+            return PendingStep([], SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device)), guard)
         logits = self.compute_logits(hidden[self._to_device([row for _, row in sample_rows])])  # (B, V)
         return PendingStep(sampled_seqs, self._sample_on_device(sampled_seqs, logits), guard)
 
@@ -411,7 +411,39 @@ class ModelRunner:
         sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids)
         return self.sampler(logits, sampling)
 
-    def _prepare(self, batch: ScheduledBatch):
+    def _forward(self, batch: ScheduledBatch, prev: PendingStep | None = None):
+        """(hidden states (T or more rows, the step's T first), sample rows, prompt-logprob rows) of a step
+        the decode graphs do not serve: its bucket's prefill graph replayed where one fits, else the model
+        run eagerly (under TP by every rank). With prev, the step in flight (async scheduling), a seq sampled
+        there has a placeholder for its input id: it is gathered from prev's ids on the device."""
+        ids, pos, q_lens, ctx_lens, tables, sample_rows, plp_rows = self._host_inputs(batch)
+        graphs = self.prefill_graphs
+        if graphs is not None and not plp_rows and graphs.fits(len(ids), len(q_lens), max(q_lens)):
+            bucket = graphs.write_inputs(ids, pos, q_lens, ctx_lens, tables)
+            self._fill_placeholders(batch, prev, graphs.input_ids)
+            return graphs.run(bucket), sample_rows, plp_rows
+        set_context(make_context(q_lens, ctx_lens, tables, self.config.block_size, self.device))
+        input_ids, positions = self._to_device(ids), self._to_device(pos)
+        self._fill_placeholders(batch, prev, input_ids)
+        if self.workers is not None:  # the gathered ids: broadcast after the gather, on the same stream
+            send_forward(input_ids, positions, get_context())
+        hidden = self.model(input_ids, positions)
+        reset_context()
+        return hidden, sample_rows, plp_rows
+
+    def _fill_placeholders(self, batch: ScheduledBatch, prev: PendingStep | None, input_ids: torch.Tensor) -> None:
+        """Replaces the placeholder ids of seqs sampled in prev (in flight) with prev's ids, on the device."""
+        if prev is None:
+            return
+        starts = itertools.accumulate(batch.num_new_tokens, initial=0)
+        pairs = [(start, prev.rows[seq.seq_id]) for seq, start in zip(batch.seqs, starts) if seq.seq_id in prev.rows]
+        if pairs:
+            dst, src = zip(*pairs)
+            input_ids[self._to_device(dst)] = prev.token_ids[self._to_device(src)]
+
+    def _host_inputs(self, batch: ScheduledBatch):
+        """A step's inputs as host lists: ids, positions, q_lens, context_lens, block tables, and the rows to
+        sample ((seq, row)) and to take prompt logprobs from ((seq, offset, start, last))."""
         ids, pos, q_lens, ctx_lens, tables = [], [], [], [], []
         sample_rows, plp_rows = [], []
         offset = 0
@@ -429,8 +461,7 @@ class ModelRunner:
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 plp_rows.append((seq, offset, start, last))
             offset += n
-        set_context(make_context(q_lens, ctx_lens, tables, self.config.block_size, self.device))
-        return self._to_device(ids), self._to_device(pos), sample_rows, plp_rows
+        return ids, pos, q_lens, ctx_lens, tables, sample_rows, plp_rows
 
     @staticmethod
     def collect_samples(seqs: list[Sequence], result: SamplerOutput, out: StepOutput) -> None:
