@@ -35,8 +35,9 @@ def token_buckets(max_tokens: int) -> list[int]:
 class PrefillGraphs:
     """Captures `model`'s forward for steps of up to max_tokens tokens and max_seqs seqs, and runs a step's
     forward by replaying its bucket's graph. The inputs are device buffers written by host-to-device copies
-    from pageable memory (staged by the driver at once, so the host may rewrite its arrays while a step is in
-    flight); `hidden` (max_tokens, hidden_size) holds the outputs, rows [0, T) of a T-token step."""
+    from pageable memory (staged by the driver at once, so the host may reuse its arrays while a step is in
+    flight); each bucket's graph writes its hidden states (bucket, hidden_size) to its own output tensor,
+    rows [0, T) those of a T-token step."""
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_num_blocks: int, block_size: int,
@@ -51,7 +52,6 @@ class PrefillGraphs:
         self.context_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_seqs, max_num_blocks, dtype=torch.int32, device=device)
         self.model, self.device = model, device
-        self.hidden: torch.Tensor | None = None  # the largest bucket's output; smaller ones are its first rows
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.host_lists: tuple[list[int], list[int]] = ([], [])  # q_lens, context_lens: the torch path's
