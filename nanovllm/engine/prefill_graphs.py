@@ -71,7 +71,7 @@ class PrefillGraphs:
         q_lens, context_lens = self.host_lists
         return Context(q_lens=q_lens, context_lens=context_lens, cu_seqlens_q=self.cu_seqlens_q,
                        context_lens_t=self.context_lens, slot_mapping=self.slot_mapping[:num_tokens],
-                       block_tables=self.block_tables, max_q_len=num_tokens,
+                       block_tables=self.block_tables, max_q_len=max(num_tokens, 2),
                        max_context_len=self.max_num_blocks * self.block_size, is_decode=False)
 
     def _forward(self, num_tokens: int) -> torch.Tensor:
