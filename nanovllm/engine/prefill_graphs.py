@@ -45,12 +45,13 @@ class PrefillGraphs:
         self.buckets = token_buckets(max_tokens)
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.block_size, self.max_num_blocks = block_size, max_num_blocks
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
-        self.cu_seqlens_q = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_seqs, max_num_blocks, dtype=torch.int32, device=device)
+        self.dev64 = torch.zeros(3, max_tokens, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.dev64  # (max_tokens,) each
+        self.dev32 = torch.zeros(2 * max_seqs + 1 + max_seqs * max_num_blocks, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = self.dev32[:max_seqs + 1]
+        self.context_lens = self.dev32[max_seqs + 1:2 * max_seqs + 1]
+        self.block_tables = self.dev32[2 * max_seqs + 1:].view(max_seqs, max_num_blocks)
+        self.slot_mapping.fill_(-1)
         self.model, self.device = model, device
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -97,35 +98,27 @@ class PrefillGraphs:
                      context_lens: list[int], block_tables: list[list[int]]) -> int:
         """Writes a step's inputs into the device buffers, padded to its bucket; returns the bucket. The
         caller may then overwrite input_ids[:T] on the device (async scheduling's placeholders) before run()."""
-        num_tokens, num_seqs = len(input_ids), len(q_lens)
+        num_tokens, num_seqs, max_seqs = len(input_ids), len(q_lens), self.max_seqs
         bucket = self.bucket(num_tokens)
-        q = np.asarray(q_lens, dtype=np.int64)
-        ctx = np.asarray(context_lens, dtype=np.int64)
-        tables = np.zeros((num_seqs, self.max_num_blocks), dtype=np.int32)
+        # int32 [cu_seqlens (empty seqs past the step's repeat the total) | context lengths (0 past the step's)
+        # | the step's block tables]: one copy. Rows of the tables past the step's are never read.
+        host32 = np.zeros(2 * max_seqs + 1 + num_seqs * self.max_num_blocks, dtype=np.int32)
+        host32[:max_seqs + 1] = num_tokens
+        host32[:num_seqs + 1] = cu_seqlens(np.asarray(q_lens, dtype=np.int64))
+        host32[max_seqs + 1:max_seqs + 1 + num_seqs] = context_lens
+        tables = host32[2 * max_seqs + 1:].reshape(num_seqs, self.max_num_blocks)
         for row, table in zip(tables, block_tables):
             row[:len(table)] = table
-        seq = np.repeat(np.arange(num_seqs), q)
+        # int64 [ids; positions; slots], padded: id 0, position 0, slot -1.
+        host64 = np.zeros((3, bucket), dtype=np.int64)
+        host64[2] = -1
         pos = np.asarray(positions, dtype=np.int64)
-        slots = np.full(bucket, -1, dtype=np.int64)
-        slots[:num_tokens] = tables[seq, pos // self.block_size].astype(np.int64) * self.block_size
-        slots[:num_tokens] += pos % self.block_size
-        cu = np.full(self.max_seqs + 1, num_tokens, dtype=np.int32)  # empty seqs past the step's own
-        cu[:num_seqs + 1] = cu_seqlens(q)
-        ints = np.zeros((3, bucket), dtype=np.int64)  # ids, positions, slots: one copy
-        ints[0, :num_tokens], ints[1, :num_tokens], ints[2] = input_ids, pos, slots
-        int32 = np.zeros(self.max_seqs + 1 + self.max_seqs + num_seqs * self.max_num_blocks, dtype=np.int32)
-        int32[:self.max_seqs + 1] = cu
-        int32[self.max_seqs + 1:self.max_seqs + 1 + num_seqs] = ctx
-        int32[2 * self.max_seqs + 1:] = tables.ravel()
-        dev = torch.from_numpy(ints).to(self.device, non_blocking=True)
-        for dst, src in zip((self.input_ids, self.positions, self.slot_mapping), dev):
-            dst[:bucket].copy_(src, non_blocking=True)
-        dev = torch.from_numpy(int32).to(self.device, non_blocking=True)
-        self.cu_seqlens_q.copy_(dev[:self.max_seqs + 1], non_blocking=True)
-        self.context_lens[:num_seqs].copy_(dev[self.max_seqs + 1:self.max_seqs + 1 + num_seqs], non_blocking=True)
-        self.context_lens[num_seqs:].zero_()
-        self.block_tables[:num_seqs].copy_(dev[2 * self.max_seqs + 1:].view(num_seqs, self.max_num_blocks),
-                                           non_blocking=True)
+        seq = np.repeat(np.arange(num_seqs), q_lens)
+        host64[0, :num_tokens], host64[1, :num_tokens] = input_ids, pos
+        host64[2, :num_tokens] = tables[seq, pos // self.block_size].astype(np.int64) * self.block_size
+        host64[2, :num_tokens] += pos % self.block_size
+        self.dev32[:host32.size].copy_(torch.from_numpy(host32), non_blocking=True)
+        self.dev64[:, :bucket].copy_(torch.from_numpy(host64), non_blocking=True)
         self.host_lists = (list(q_lens), list(context_lens))
         return bucket
 
