@@ -100,9 +100,12 @@ def random_schedule(seed: int, vocab, num_requests: int = 12) -> Schedule:
     return Schedule(adds, aborts)
 
 
-def make_llm(vocab, async_scheduling: bool, graphs: bool, monkeypatch, **engine_args) -> LLM:
+def make_llm(vocab, async_scheduling: bool, graphs: bool | str, monkeypatch, **engine_args) -> LLM:
+    """graphs: the CUDA-graph code paths, uncaptured on CPU: True the decode graphs, "prefill" also the
+    prefill graphs."""
     folder, eos, _, _ = vocab
     monkeypatch.setenv("NANOVLLM_UNCAPTURED_GRAPHS", "1" if graphs else "0")
+    monkeypatch.setenv("NANOVLLM_PREFILL_GRAPHS", "1" if graphs == "prefill" else "0")
     llm = LLM(folder, dtype="float32", async_scheduling=async_scheduling, **engine_args)
     llm.engine.eos_token_ids.add(eos)  # a token the model really makes, so EOS ends seqs part-way
     llm.engine.model_runner.eos_token_ids.append(eos)
@@ -194,11 +197,11 @@ def assert_same_runs(sync: Run, overlap: Run) -> None:
             assert a[:n] == b[:n], rid
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+@pytest.mark.parametrize("graphs", [False, True, "prefill"], ids=["eager", "graphs", "prefill-graphs"])
 @pytest.mark.parametrize("engine", ENGINES.values(), ids=ENGINES.keys())
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_schedules_give_the_same_outputs(vocab, engine, graphs, seed, monkeypatch):
-    schedule = random_schedule(seed * 10 + len(engine) + graphs, vocab)
+    schedule = random_schedule(seed * 10 + len(engine) + (graphs is True) + 2 * (graphs == "prefill"), vocab)
     runs = {}
     for async_scheduling in (False, True):
         llm = make_llm(vocab, async_scheduling, graphs, monkeypatch, **engine)
