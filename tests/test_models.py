@@ -157,6 +157,52 @@ def test_triton_paged_attention_matches_hf(tiny, sequences):
             layer.use_triton = False
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU run of the Triton kernels")
+@torch.inference_mode()  # as the runner runs steps: the graphs' buffers are inference tensors
+def test_prefill_graph_steps_on_the_triton_path(tiny, sequences):
+    """The prefill graphs' padded step (engine/prefill_graphs.py, uncaptured here) through the model's
+    Triton path (RoPE + store kernel, varlen attention, Triton norms) gives the unpadded step's hidden
+    states and leaves the same KV cache: padded tokens store nothing, padded seqs attend to nothing."""
+    pytest.importorskip("triton")
+    from nanovllm.engine.prefill_graphs import PrefillGraphs
+    from nanovllm.models import set_use_triton
+    model, hf_model, _ = tiny
+    if hf_model.config.model_type != "qwen3":
+        pytest.skip("one architecture is enough for the padding; the interpreter is slow")
+    a, b = sequences[2], sequences[3]  # 21 and 13 tokens
+    tables, block_size = [[3, 0], [5, 1]], 16
+    steps = [([a[:12], b[:9]], [12, 9]), ([a[12:13], b[9:13]], [13, 13])]  # prompts, then a decode + a chunk
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    set_use_triton(model, True)
+    try:
+        results = []
+        for padded in (False, True):
+            graphs = PrefillGraphs(model, 32, 4, 2, block_size, torch.device("cpu"), capture=False)
+            hidden, caches = [], []
+            with paged_kv_cache(model, num_blocks=8, block_size=block_size):
+                for chunks, ctx_lens in steps:
+                    q_lens = [len(c) for c in chunks]
+                    ids = torch.cat(chunks)
+                    positions = torch.cat([torch.arange(c - q, c) for q, c in zip(q_lens, ctx_lens)])
+                    if padded:
+                        bucket = graphs.write_inputs(ids.tolist(), positions.tolist(), q_lens, ctx_lens, tables)
+                        hidden.append(graphs.run(bucket)[:len(ids)].clone())
+                    else:
+                        set_context(make_context(q_lens, ctx_lens, tables, block_size))
+                        hidden.append(model(ids, positions))
+                        reset_context()
+                caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in layers]
+            results.append((hidden, caches))
+    finally:
+        set_use_triton(model, False)
+    (eager, eager_caches), (graphed, graphed_caches) = results
+    for x, y in zip(graphed, eager):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    for (k1, v1), (k2, v2) in zip(graphed_caches, eager_caches):
+        torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_output_gives_identical_logits(tiny, sequences):
     model, hf_model, path = tiny
     fused, _ = load_model(path, torch.float32, "cpu", use_fused_output=True)
