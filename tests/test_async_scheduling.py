@@ -181,6 +181,14 @@ def test_prefill_graph_buckets():
     assert token_buckets(512) == [256, 512] and token_buckets(24) == [24]
 
 
+def test_steps_past_the_largest_prefill_graph_run_eagerly():
+    from nanovllm.engine.prefill_graphs import MAX_TOKENS, PrefillGraphs
+    graphs = PrefillGraphs(None, 4 * MAX_TOKENS, 8, 4, 16, torch.device("cpu"), capture=False)
+    assert graphs.buckets[-1] == MAX_TOKENS and graphs.input_ids.numel() == MAX_TOKENS
+    assert graphs.fits(MAX_TOKENS, 8, 2) and not graphs.fits(MAX_TOKENS + 1, 8, 2)
+    assert not graphs.fits(100, 9, 2) and not graphs.fits(8, 8, 1)  # too many seqs; decodes only
+
+
 def test_sampling_graphs_read_each_rows_temperature(folder, reference, monkeypatch):
     # What a sampling graph reads from its input buffers (uncaptured on CPU here) at each decode step of a
     # batch: a greedy row's temperature 0 and a hot row's own, not zeros nor another step's.

@@ -11,9 +11,11 @@ stores nothing, and no seq owns it: attention never writes its row, whose values
 max_num_seqs (empty seqs: their cu_seqlens repeat the total, context length 0, and the prefill kernel's
 program for each exits at once), block tables to max_model_len's block count. The varlen attention kernel
 reads all of them from device memory, so one graph serves every mix of prompts, chunks and decodes of up to
-its bucket's tokens. Buckets: 256, 512, then every 1,024 up to max_num_batched_tokens, so no step pads
-past the next power of two and the projections' tuned configurations (chosen per power-of-two M) are those
-of the eager step. Only one process (no TP) and steps without prompt logprobs take them.
+its bucket's tokens. Buckets: 256, 512, then every 1,024 up to max_num_batched_tokens or MAX_TOKENS, so
+no step pads past the next power of two and the projections' tuned configurations (chosen per power-of-two
+M) are those of the eager step. Larger steps run eagerly: from ~8k tokens their kernels take as long as the
+host takes to launch them, and more buckets would cost capture time. Only one process (no TP) and steps
+without prompt logprobs take them.
 """
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from torch import nn
 from nanovllm.utils.context import Context, cu_seqlens, reset_context, set_context
 
 SMALLEST = 256  # the first bucket: smaller steps are padded up to it
+MAX_TOKENS = 8192  # the largest bucket; steps of more tokens run eagerly
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -33,15 +36,16 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 class PrefillGraphs:
-    """Captures `model`'s forward for steps of up to max_tokens tokens and max_seqs seqs, and runs a step's
-    forward by replaying its bucket's graph. The inputs are device buffers written by host-to-device copies
-    from pageable memory (staged by the driver at once, so the host may reuse its arrays while a step is in
-    flight); each bucket's graph writes its hidden states (bucket, hidden_size) to its own output tensor,
-    rows [0, T) those of a T-token step."""
+    """Captures `model`'s forward for steps of up to max_tokens (at most MAX_TOKENS) tokens and max_seqs
+    seqs, and runs a step's forward by replaying its bucket's graph. The inputs are device buffers written by
+    host-to-device copies from pageable memory (staged by the driver at once, so the host may reuse its
+    arrays while a step is in flight); each bucket's graph writes its hidden states (bucket, hidden_size) to
+    its own output tensor, rows [0, T) those of a T-token step."""
 
     @torch.inference_mode()
     def __init__(self, model: nn.Module, max_tokens: int, max_seqs: int, max_num_blocks: int, block_size: int,
                  device: torch.device, capture: bool = True):
+        max_tokens = min(max_tokens, MAX_TOKENS)
         self.buckets = token_buckets(max_tokens)
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
         self.block_size, self.max_num_blocks = block_size, max_num_blocks
