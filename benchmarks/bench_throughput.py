@@ -203,6 +203,7 @@ def main() -> None:
     cfg = runner.model_config
     wbytes, kv_tok = weight_bytes(runner.model, cfg.tie_word_embeddings), kv_bytes_per_token(cfg)
     stats = llm.engine.stats()
+    prefill_graphs = runner.prefill_graphs is not None  # NANOVLLM_PREFILL_GRAPHS=1 (engine/prefill_graphs.py)
     del llm, runner
     gc.collect()
     torch.cuda.empty_cache()
@@ -212,7 +213,7 @@ def main() -> None:
     hf = None if args.skip_hf else hf_throughput(folder, prompts, params)
     result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights",
               "workload": "nano-vllm bench.py: 256 reqs, in/out uniform [100, 1024], seed 0, temperature 0.6",
-              "async_scheduling": args.async_scheduling,
+              "async_scheduling": args.async_scheduling, "prefill_graphs": prefill_graphs,
               "output_tokens": output_tokens, "seconds": spent["seconds"],
               "output_tok_per_s": output_tokens / spent["seconds"],
               "hf_output_tok_per_s": hf["output_tok_per_s"] if hf else None,
