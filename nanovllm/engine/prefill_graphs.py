@@ -7,7 +7,8 @@ forward (embedding, layers, final norm; not the LM head or the sampler, which ta
 is captured once per token bucket and replayed.
 
 Every input has a fixed shape: tokens are padded to the bucket (id 0, position 0, slot -1, so a padded token
-stores nothing, and no seq owns it: attention never writes its row, whose values nothing reads), seqs to
+stores nothing, and no seq owns it: attention leaves its row unwritten, and only padded rows are computed
+from it; nothing reads them), seqs to
 max_num_seqs (empty seqs: their cu_seqlens repeat the total, context length 0, and the prefill kernel's
 program for each exits at once), block tables to max_model_len's block count. The varlen attention kernel
 reads all of them from device memory, so one graph serves every mix of prompts, chunks and decodes of up to
