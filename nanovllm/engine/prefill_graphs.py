@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nanovllm.utils.context import Context, cu_seqlens, reset_context, set_context
+from nanovllm.utils.context import Context, cu_seqlens, reset_context, set_context, token_slots
 
 SMALLEST = 256  # the first bucket: smaller steps are padded up to it
 MAX_TOKENS = 8192  # the largest bucket; steps of more tokens run eagerly
@@ -107,21 +107,19 @@ class PrefillGraphs:
         bucket = self.bucket(num_tokens)
         # int32 [cu_seqlens (empty seqs past the step's repeat the total) | context lengths (0 past the step's)
         # | the step's block tables]: one copy. Rows of the tables past the step's are never read.
+        q, ctx = np.asarray(q_lens, dtype=np.int64), np.asarray(context_lens, dtype=np.int64)
         host32 = np.zeros(2 * max_seqs + 1 + num_seqs * self.max_num_blocks, dtype=np.int32)
         host32[:max_seqs + 1] = num_tokens
-        host32[:num_seqs + 1] = cu_seqlens(np.asarray(q_lens, dtype=np.int64))
-        host32[max_seqs + 1:max_seqs + 1 + num_seqs] = context_lens
+        host32[:num_seqs + 1] = cu_seqlens(q)
+        host32[max_seqs + 1:max_seqs + 1 + num_seqs] = ctx
         tables = host32[2 * max_seqs + 1:].reshape(num_seqs, self.max_num_blocks)
         for row, table in zip(tables, block_tables):
             row[:len(table)] = table
         # int64 [ids; positions; slots], padded: id 0, position 0, slot -1.
         host64 = np.zeros((3, bucket), dtype=np.int64)
         host64[2] = -1
-        pos = np.asarray(positions, dtype=np.int64)
-        seq = np.repeat(np.arange(num_seqs), q_lens)
-        host64[0, :num_tokens], host64[1, :num_tokens] = input_ids, pos
-        host64[2, :num_tokens] = tables[seq, pos // self.block_size].astype(np.int64) * self.block_size
-        host64[2, :num_tokens] += pos % self.block_size
+        host64[0, :num_tokens], host64[1, :num_tokens] = input_ids, positions
+        host64[2, :num_tokens] = token_slots(tables, q, ctx, self.block_size)
         self.dev32[:host32.size].copy_(torch.from_numpy(host32), non_blocking=True)
         self.dev64[:, :bucket].copy_(torch.from_numpy(host64), non_blocking=True)
         self.host_lists = (list(q_lens), list(context_lens))

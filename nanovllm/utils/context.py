@@ -47,12 +47,18 @@ def make_context(q_lens: list[int], context_lens: list[int], block_tables: list[
         row[:len(table)] = table
     q = np.asarray(q_lens, dtype=np.int64).reshape(num_seqs)
     ctx = np.asarray(context_lens, dtype=np.int64).reshape(num_seqs)
-    cu = cu_seqlens(q)
-    # Token t of seq i sits at position ctx[i] - q[i] + (t - cu[i]), in slot table[pos // bs] * bs + pos % bs.
-    seq = np.repeat(np.arange(num_seqs), q)  # (T,)
-    pos = np.arange(cu[-1]) + np.repeat(ctx - q - cu[:-1], q)  # (T,)
-    slots = tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    return context_from_lengths(q, ctx, cu, _to_device(slots, device), _to_device(tables, device), device)
+    slots = token_slots(tables, q, ctx, block_size)
+    return context_from_lengths(q, ctx, cu_seqlens(q), _to_device(slots, device), _to_device(tables, device), device)
+
+
+def token_slots(tables: np.ndarray, q_lens: np.ndarray, context_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """(T,) int64: the cache slot of each new token of a step, seq after seq. tables (B, width) holds the seqs'
+    block ids; q_lens, context_lens (B,) int64. Token t of seq i sits at position ctx[i] - q[i] + (t - cu[i]),
+    in slot table[pos // block_size] * block_size + pos % block_size."""
+    cu = cu_seqlens(q_lens)
+    seq = np.repeat(np.arange(len(q_lens)), q_lens)  # (T,)
+    pos = np.arange(cu[-1]) + np.repeat(context_lens - q_lens - cu[:-1], q_lens)  # (T,)
+    return tables[seq, pos // block_size].astype(np.int64) * block_size + pos % block_size
 
 
 def _to_device(x: np.ndarray, device: torch.device | str) -> torch.Tensor:
