@@ -203,7 +203,7 @@ def main() -> None:
     cfg = runner.model_config
     wbytes, kv_tok = weight_bytes(runner.model, cfg.tie_word_embeddings), kv_bytes_per_token(cfg)
     stats = llm.engine.stats()
-    prefill_graphs = runner.prefill_graphs is not None  # NANOVLLM_PREFILL_GRAPHS=1 (engine/prefill_graphs.py)
+    prefill_graphs = runner.prefill_graphs is not None  # on unless NANOVLLM_PREFILL_GRAPHS=0 (engine/prefill_graphs.py)
     del llm, runner
     gc.collect()
     torch.cuda.empty_cache()

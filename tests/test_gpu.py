@@ -219,12 +219,13 @@ def test_greedy_tokens_with_preemption_prefix_hits_and_chunked_prefill(arch, mod
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefill_graphs_give_the_eager_steps_greedy_tokens(arch, model_dir, monkeypatch):
-    """Steps with prompt tokens replayed from the prefill graphs (NANOVLLM_PREFILL_GRAPHS=1: every chunk
-    padded to its token bucket, seqs to max_num_seqs) against the same engine's eager steps, with
+    """Steps with prompt tokens replayed from the prefill graphs (the default: every chunk padded to its
+    token bucket, seqs to max_num_seqs) against eager steps (NANOVLLM_PREFILL_GRAPHS=0), with
     preemption, chunked prefill and prefix hits. The projections may run other cuBLAS algorithms at the
     padded M, so tokens may part at bf16 near-ties only."""
     folder = model_dir(arch)
     args = {"max_num_seqs": 8, "max_num_batched_tokens": 128, "num_kvcache_blocks": 40, "max_model_len": 512}
+    monkeypatch.setenv("NANOVLLM_PREFILL_GRAPHS", "0")
     eager, eager_lps, _ = generate(folder, logprobs=20, **args)
     monkeypatch.setenv("NANOVLLM_PREFILL_GRAPHS", "1")
     graphed, _, stats = generate(folder, **args)

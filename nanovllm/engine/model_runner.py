@@ -280,8 +280,8 @@ class ModelRunner:
 
     def _wants_prefill_graphs(self) -> bool:
         """Steps with prompt tokens replay prefill graphs (engine/prefill_graphs.py): one process, not
-        enforce_eager, and NANOVLLM_PREFILL_GRAPHS=1 (off by default until measured on a GPU)."""
-        return (os.environ.get("NANOVLLM_PREFILL_GRAPHS") == "1" and not self.config.enforce_eager
+        enforce_eager, unless NANOVLLM_PREFILL_GRAPHS=0."""
+        return (os.environ.get("NANOVLLM_PREFILL_GRAPHS", "1") != "0" and not self.config.enforce_eager
                 and self.config.tensor_parallel_size == 1)
 
     def _blocks_from_memory(self, bytes_per_block: int, max_model_len: int) -> int:
