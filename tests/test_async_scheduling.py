@@ -236,6 +236,29 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
     assert filtered == []
 
 
+def test_filter_max_bs_bounds_the_filter_graphs(folder, reference, monkeypatch):
+    """NANOVLLM_FILTER_MAX_BS=2: a 2-seq top-k step replays its FILTER graph, a 4-seq one (bucket 4) takes
+    the eager Sampler after the greedy graph; both give the greedy tokens at top-k 1."""
+    from nanovllm.engine.cuda_graph import FILTER
+    monkeypatch.setenv("NANOVLLM_FILTER_MAX_BS", "2")
+    llm = make_llm(folder, reference[0][9], True, monkeypatch, graphs=True)
+    graphs, modes = llm.engine.model_runner.graphs, []
+    assert [bs for bs in graphs.batch_sizes if graphs.can_filter(bs)] == [1, 2]
+    replay = graphs._replay
+
+    def spy(bs, mode, gather_logits=False):
+        modes.append((bs, mode))
+        return replay(bs, mode, gather_logits)
+    monkeypatch.setattr(graphs, "_replay", spy)
+    top1 = SamplingParams(temperature=0.8, top_k=1, max_tokens=6, ignore_eos=True)
+    for n in (2, 4):
+        modes.clear()
+        outs = [o.outputs[0].token_ids for o in llm.generate([PROMPTS[0]] * n, top1, use_tqdm=False)]
+        assert all(out == reference[0][:6] for out in outs)
+        assert len(modes) == 5 and all(bs == n for bs, _ in modes)  # the first token: prefill
+        assert all((mode == FILTER) == (n == 2) for _, mode in modes)
+
+
 def test_streams_and_aborts_in_flight(folder, reference, monkeypatch):
     """Aborting requests whose step is in flight: the others' outputs are unchanged, the aborted ones get
     nothing more, and every block comes back. Streamed deltas join to the final output."""

@@ -376,36 +376,39 @@ def test_sampling_inside_the_graph_follows_softmax_over_temperature():
     assert tv < 0.03  # 30000 draws over 50 tokens: sampling noise alone gives ~0.01
 
 
+@pytest.mark.parametrize("bs", [32, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @torch.inference_mode()
-def test_filter_graph_draws_from_what_top_k_top_p_and_min_p_keep(dtype):
+def test_filter_graph_draws_from_what_top_k_top_p_and_min_p_keep(dtype, bs, monkeypatch):
     """A bucket's FILTER graph draws from the softmax over what each row's filters keep, fresh on every
     replay, and keeps the argmax on temperature-0 rows: 600 replays x 10 rows of each filter against the
-    exact distributions. bf16 logits take the histogram kernels, float32 ones filter_logits."""
+    exact distributions (at 256 seqs, 80 rows of each: the first 32 rows' settings repeated). bf16 logits
+    take the histogram kernels, float32 ones filter_logits."""
     from nanovllm.engine.cuda_graph import FILTER, DecodeGraphs
     from nanovllm.engine.sequence import Sequence
     from nanovllm.layers.sampler import filter_logits
+    monkeypatch.setenv("NANOVLLM_FILTER_MAX_BS", str(bs))
     gen = torch.Generator("cuda").manual_seed(0)
     logits = (torch.randn(50, generator=gen, device="cuda") * 2).to(dtype)
-    graphs = DecodeGraphs(FixedLogits(logits), 32, 1, 16, 50, dtype, torch.device("cuda"))
-    assert (32, FILTER) in graphs.graphs
-    seqs = [Sequence([1], SamplingParams()) for _ in range(32)]
+    graphs = DecodeGraphs(FixedLogits(logits), bs, 1, 16, 50, dtype, torch.device("cuda"))
+    assert (bs, FILTER) in graphs.graphs
+    seqs = [Sequence([1], SamplingParams()) for _ in range(bs)]
     for seq in seqs:
         seq.block_table = [0]
-    settings = [(50, 1.0, 0.0)] * 2 + [(5, 1.0, 0.0)] * 10 + [(50, 0.7, 0.0)] * 10 + [(8, 0.9, 0.3)] * 10
-    temps = [0.0] * 2 + [0.7] * 30
+    settings = ([(50, 1.0, 0.0)] * 2 + [(5, 1.0, 0.0)] * 10 + [(50, 0.7, 0.0)] * 10 + [(8, 0.9, 0.3)] * 10) * (bs // 32)
+    temps = ([0.0] * 2 + [0.7] * 30) * (bs // 32)
     counts = torch.zeros(3, 50, device="cuda")
     for i in range(600):
         ring = graphs.replay(seqs, temps, filters=settings)
-        tokens = graphs.next_tokens[:32]
-        assert (tokens[:2] == logits.argmax()).all()
+        tokens = graphs.next_tokens[:bs].view(-1, 32)
+        assert (tokens[:, :2] == logits.argmax()).all()
         if i < 8:
             torch.cuda.synchronize()
-            assert torch.equal(ring.ids(), tokens.cpu())
-        counts += torch.nn.functional.one_hot(tokens[2:].view(3, 10), 50).sum(dim=1)
-    k, p, min_p = torch.tensor(settings[2::10], device="cuda").T
+            assert torch.equal(ring.ids(), tokens.flatten().cpu())
+        counts += torch.nn.functional.one_hot(tokens[:, 2:].reshape(-1, 3, 10), 50).sum(dim=(0, 2))
+    k, p, min_p = torch.tensor(settings[2:32:10], device="cuda").T
     expected = filter_logits(logits.expand(3, -1), torch.full((3,), 0.7, device="cuda"), k, p, min_p).softmax(-1)
     tv = 0.5 * (counts / counts.sum(dim=1, keepdim=True) - expected).abs().sum(dim=1)
-    REPORT[f"filter_graph_total_variation_{dtype}"] = tv.tolist()
+    REPORT[f"filter_graph_total_variation_{dtype}_{bs}"] = tv.tolist()
     assert (counts[expected == 0] == 0).all()  # nothing a filter drops is ever drawn
-    assert (tv < 0.04).all(), tv  # 6000 draws a filter: sampling noise alone gives ~0.02
+    assert (tv < 0.04).all(), tv  # 6,000+ draws a filter: sampling noise alone gives ~0.02

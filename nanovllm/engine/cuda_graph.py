@@ -9,10 +9,11 @@ kernel's split count, chosen from shapes alone, is fixed per bucket.
 The graphs end with the sampler where it can live there: each bucket has a greedy graph (LM head, argmax)
 and a sampling graph that draws temperature samples in one Triton pass over the logits (kernels/sample.py;
 rows with temperature 0 keep the argmax, and on CUDA the greedy graph's argmax is that pass at temperature
-0), so such a step copies back only B token ids. Buckets of up to FILTER_MAX_BS rows (one process) have a
-third graph for top-k, top-p and min-p without seeds: two kernels find each row's threshold from a
-histogram of its logits (kernels/top_k_top_p.py), and the same draw keeps to it. Anything else (seeds,
-penalties, logprobs, a pending min_tokens) replays the greedy graph and runs the Sampler on its logits.
+0), so such a step copies back only B token ids. Every bucket (one process; NANOVLLM_FILTER_MAX_BS=n keeps
+it to buckets of up to n seqs) has a third graph for top-k, top-p and min-p without seeds: two kernels find
+each row's threshold from a histogram of its logits (kernels/top_k_top_p.py), and the same draw keeps to it.
+Anything else (seeds, penalties, logprobs, a pending min_tokens) replays the greedy graph and runs the
+Sampler on its logits.
 
 Under tensor parallelism every rank captures the same graphs, collectives included (NCCL collectives are
 captured like kernels), and samples inside them without gathering the logits: each rank computes its slice
@@ -24,6 +25,7 @@ broadcasts the step's input buffers (distributed/commands.py), and the workers r
 them; the sampling seed is rank 0's on every rank, and every replay bumps it everywhere, so the ranks'
 random numbers agree.
 """
+import os
 from itertools import chain, count
 
 import torch
@@ -77,8 +79,15 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 GREEDY, SAMPLE, FILTER = 0, 1, 2  # a bucket's graphs: argmax; temperature draws; top-k/top-p/min-p draws
-FILTER_MAX_BS = 32  # the largest bucket with a FILTER graph (its histograms: 256 KB a row)
 RING = 4  # rows of the ids' ring: async scheduling reads a step's ids back while one more is in flight
+
+
+def filter_max_bs(max_bs: int) -> int:
+    """The largest bucket with a FILTER graph (its histograms take 256 KB a row): every bucket, max_bs, unless
+    NANOVLLM_FILTER_MAX_BS says otherwise (read when an engine starts; 0: no FILTER graphs). Above 32 seqs
+    they took a top-k/top-p workload from 13.6k to 19.3k tok/s on an H100 (benchmarks/NOTES-gpu.md, session
+    30), where the eager Sampler's sort of each row had cost ~1-5 ms a step."""
+    return int(os.environ.get("NANOVLLM_FILTER_MAX_BS", max_bs))
 
 
 class RingIds:
@@ -153,12 +162,14 @@ class DecodeGraphs:
         self.model = model
         self.vocab_size = vocab_size
         self.tp_size, self.rank = get_tp_size(), get_tp_rank()
+        self.filter_max_bs = filter_max_bs(max_bs)
         if self.tp_size > 1:
             self._init_sharded_head(model, max_bs, vocab_size, dtype, device)
         else:
             self.sample_workspace = sample_workspace(max_bs, vocab_size, device)  # per-chunk bests of each row
-            self.filter_workspace = (top_k_top_p.FilterWorkspace.make(min(max_bs, FILTER_MAX_BS), vocab_size, device)
-                                     if device.type == "cuda" else None)  # the CPU filters with filter_logits
+            filter_rows = min(max_bs, self.filter_max_bs)  # the CPU filters with filter_logits
+            self.filter_workspace = (top_k_top_p.FilterWorkspace.make(filter_rows, vocab_size, device)
+                                     if device.type == "cuda" and filter_rows > 0 else None)
         if capture:
             self._capture(model)
 
@@ -242,7 +253,7 @@ class DecodeGraphs:
 
     def can_filter(self, n: int) -> bool:
         """A step of n seqs can take its top-k, top-p and min-p in its bucket's FILTER graph."""
-        return self.tp_size == 1 and self.bucket[n] <= FILTER_MAX_BS
+        return self.tp_size == 1 and self.bucket[n] <= self.filter_max_bs
 
     def _modes(self, bs: int) -> tuple[int, ...]:
         """The graphs of bucket bs: a sampling one, a greedy one and, where it can filter, a FILTER one."""
