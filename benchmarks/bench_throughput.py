@@ -18,9 +18,13 @@ measured device-copy bandwidth is the least time the workload's decoding can tak
 The engine runs as it does by default on CUDA: async scheduling on (each decode step is scheduled and
 launched before the previous one's ids are back; the breakdown shows the host time spent launching steps
 and waiting for their ids). --no-async-scheduling (or NANOVLLM_ASYNC_SCHEDULING=0) runs the plain
-synchronous loop instead and writes throughput-<card>-sync.json.
+synchronous loop instead and writes throughput-<card>-sync.json. --filters samples with top-k 20 and top-p
+0.95 as well (Qwen3's recommended settings) and writes throughput-<card>-filters.json: every decode step
+filters in its bucket's FILTER graph, unless NANOVLLM_FILTER_MAX_BS=n sends steps of more than n seqs to the
+eager Sampler.
 
     python benchmarks/bench_throughput.py [--out-dir benchmarks/results] [--skip-hf] [--no-async-scheduling]
+        [--filters]
 """
 import argparse
 import gc
@@ -46,12 +50,16 @@ NUM_SEQS, MAX_INPUT_LEN, MAX_OUTPUT_LEN = 256, 1024, 1024
 HF_REQUESTS, HF_MAX_TOKENS = 16, 128
 
 
-def workload() -> tuple[list[list[int]], list[SamplingParams]]:
+FILTERS = {"top_k": 20, "top_p": 0.95}  # --filters: Qwen3's recommended sampling (with temperature 0.6)
+
+
+def workload(filters: bool = False) -> tuple[list[list[int]], list[SamplingParams]]:
     random.seed(0)
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, MAX_INPUT_LEN))]
                for _ in range(NUM_SEQS)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, MAX_OUTPUT_LEN))
-              for _ in range(NUM_SEQS)]
+    extra = FILTERS if filters else {}
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, MAX_OUTPUT_LEN),
+                             **extra) for _ in range(NUM_SEQS)]
     return prompts, params
 
 
@@ -70,12 +78,14 @@ def make_engine(folder: str, **kwargs) -> LLM:
                **kwargs)
 
 
-def warm_up(llm: LLM) -> None:
+def warm_up(llm: LLM, filters: bool = False) -> None:
     """Compiles what the timed run meets: prefill batches of several sizes, mixed steps, sampled decodes."""
     rng = random.Random(1)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, MAX_INPUT_LEN))] for _ in range(24)]
-    llm.generate(prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=24), use_tqdm=False)
-    llm.generate(prompts[:1], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4), use_tqdm=False)
+    extra = FILTERS if filters else {}
+    llm.generate(prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=24, **extra), use_tqdm=False)
+    llm.generate(prompts[:1], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4, **extra),
+                 use_tqdm=False)
 
 
 def timed_generate(llm: LLM, prompts, params) -> dict:
@@ -143,7 +153,7 @@ def timed_generate(llm: LLM, prompts, params) -> dict:
 
 
 @torch.inference_mode()
-def hf_throughput(folder: str, prompts, params) -> dict:
+def hf_throughput(folder: str, prompts, params, filters: dict | None = None) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(folder)
     with torch.device("cuda"):
@@ -154,7 +164,7 @@ def hf_throughput(folder: str, prompts, params) -> dict:
     ids = torch.tensor([[0] * (width - len(p)) + p for p in sub], device="cuda")
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in sub], device="cuda")
     kwargs = {"do_sample": True, "temperature": 0.6, "top_k": 0, "top_p": 1.0, "pad_token_id": 0,
-              "eos_token_id": None}
+              "eos_token_id": None, **(filters or {})}
     hf.generate(input_ids=ids[:, -32:], attention_mask=mask[:, -32:], max_new_tokens=8, **kwargs)  # warm-up
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -187,22 +197,25 @@ def main() -> None:
                         help="schedule each decode step while the previous one runs (engine arg "
                              "async_scheduling, on by default on CUDA); --no-async-scheduling writes "
                              "throughput-<card>-sync.json")
+    parser.add_argument("--filters", action="store_true",
+                        help=f"sample with {FILTERS} too; writes throughput-<card>-filters.json")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of the workload; the median one is reported, all in repeats_seconds")
     args = parser.parse_args()
     card, tag = card_name()
     bw = copy_bandwidth_gbps()
     folder = model_dir()
-    prompts, params = workload()
+    prompts, params = workload(args.filters)
     t0 = time.perf_counter()
     llm = make_engine(folder, async_scheduling=args.async_scheduling)
     startup = time.perf_counter() - t0
-    warm_up(llm)
+    warm_up(llm, args.filters)
     spent, runs = timed_repeats(llm, prompts, params, args.repeats)
     runner = llm.engine.model_runner
     cfg = runner.model_config
     wbytes, kv_tok = weight_bytes(runner.model, cfg.tie_word_embeddings), kv_bytes_per_token(cfg)
     stats = llm.engine.stats()
+    filter_max_bs = runner.graphs.filter_max_bs if runner.graphs else None
     prefill_graphs = runner.prefill_graphs is not None  # on unless NANOVLLM_PREFILL_GRAPHS=0 (engine/prefill_graphs.py)
     del llm, runner
     gc.collect()
@@ -210,10 +223,11 @@ def main() -> None:
     output_tokens = sum(p.max_tokens for p in params)
     roofline = output_tokens / roofline_seconds(list(map(len, prompts)), [p.max_tokens for p in params],
                                                 wbytes, kv_tok, bw)
-    hf = None if args.skip_hf else hf_throughput(folder, prompts, params)
+    hf = None if args.skip_hf else hf_throughput(folder, prompts, params, FILTERS if args.filters else None)
     result = {"card": card, "model": "Qwen3-0.6B architecture, random bf16 weights",
               "workload": "nano-vllm bench.py: 256 reqs, in/out uniform [100, 1024], seed 0, temperature 0.6",
               "async_scheduling": args.async_scheduling, "prefill_graphs": prefill_graphs,
+              "filters": FILTERS if args.filters else None, "filter_max_bs": filter_max_bs,
               "output_tokens": output_tokens, "seconds": spent["seconds"],
               "output_tok_per_s": output_tokens / spent["seconds"],
               "hf_output_tok_per_s": hf["output_tok_per_s"] if hf else None,
@@ -224,7 +238,7 @@ def main() -> None:
               "startup_s": startup, "breakdown": spent, "num_kvcache_blocks": stats["num_blocks"],
               "num_preemptions": stats["num_preemptions"], "hf": hf}
     os.makedirs(args.out_dir, exist_ok=True)
-    suffix = "" if args.async_scheduling else "-sync"
+    suffix = ("" if args.async_scheduling else "-sync") + ("-filters" if args.filters else "")
     write_json(os.path.join(args.out_dir, f"throughput-{tag}{suffix}.json"), result)
     print(json.dumps(result, indent=1))
     print(f"{card}: {result['output_tok_per_s']:.0f} output tok/s ({output_tokens} tokens in "
