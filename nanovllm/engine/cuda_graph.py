@@ -86,7 +86,7 @@ def filter_max_bs(max_bs: int) -> int:
     """The largest bucket with a FILTER graph (its histograms take 256 KB a row): every bucket, max_bs, unless
     NANOVLLM_FILTER_MAX_BS says otherwise (read when an engine starts; 0: no FILTER graphs). Above 32 seqs
     they took a top-k/top-p workload from 13.6k to 19.3k tok/s on an H100 (benchmarks/NOTES-gpu.md, session
-    30), where the eager Sampler's sort of each row had cost ~1-5 ms a step."""
+    30): the eager Sampler's sort of every row had cost that run 2.9 s over ~1,000 steps."""
     return int(os.environ.get("NANOVLLM_FILTER_MAX_BS", max_bs))
 
 
