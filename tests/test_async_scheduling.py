@@ -208,8 +208,9 @@ def test_sampling_graphs_read_each_rows_temperature(folder, reference, monkeypat
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeypatch, async_scheduling):
     """Unseeded top-k, top-p and min-p steps take the bucket's FILTER graph (uncaptured on CPU here), with
-    each row's settings; top-k 1 and a tiny top-p give the greedy tokens. A seeded row sends its step to the
-    eager Sampler instead."""
+    each row's settings; top-k 1 and a tiny top-p give the greedy tokens. A seeded row beside them is the
+    graph's argmax, replaced by the eager Sampler's draw from its row of the graph's logits: its tokens are
+    those it gets alone, and the other row still filters in the graph."""
     from nanovllm.engine.cuda_graph import FILTER
     llm = make_llm(folder, reference[0][9], async_scheduling, monkeypatch, graphs=True)
     graphs, filtered = llm.engine.model_runner.graphs, []
@@ -232,8 +233,13 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
     assert len(filtered) == 7 and all(step == (4, *expected) for step in filtered)  # the first token: prefill
     filtered.clear()
     seeded = SamplingParams(temperature=1.5, top_p=0.5, seed=3, **hot)
-    llm.generate([PROMPTS[0]] * 2, [params[1], seeded], use_tqdm=False)
-    assert filtered == []
+    alone = llm.generate([PROMPTS[0]], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    assert filtered == []  # alone: the greedy graph, then the Sampler
+    both = [o.outputs[0].token_ids for o in llm.generate([PROMPTS[0]] * 2, [params[1], seeded], use_tqdm=False)]
+    assert both == [reference[0][:8], alone]
+    expected = [0.8, 0.0], torch.tensor([[1, V], [1.0, 1.0], [0.0, 0.0]]).tolist()
+    assert len(filtered) == 7 and all(step == (2, torch.tensor(expected[0]).tolist(), expected[1])
+                                      for step in filtered)
 
 
 def test_filter_max_bs_bounds_the_filter_graphs(folder, reference, monkeypatch):

@@ -412,3 +412,26 @@ def test_filter_graph_draws_from_what_top_k_top_p_and_min_p_keep(dtype, bs, monk
     REPORT[f"filter_graph_total_variation_{dtype}_{bs}"] = tv.tolist()
     assert (counts[expected == 0] == 0).all()  # nothing a filter drops is ever drawn
     assert (tv < 0.04).all(), tv  # 6,000+ draws a filter: sampling noise alone gives ~0.02
+
+
+def test_sampler_rows_beside_graph_rows_draw_as_a_whole_sampler_step(model_dir):
+    """A step whose seeded row (and logprobs row) take the eager Sampler from their rows of the graph's
+    logits, while the other rows filter in the FILTER graph, gives those rows what a step of the same bucket
+    where every row takes the Sampler gives them: the same seeded tokens and the same logprobs. A top-k 1
+    row beside them keeps the greedy tokens."""
+    llm = LLM(model_dir("qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=4,
+              num_kvcache_blocks=128, max_model_len=512)
+    prompt = prompts()[3]
+    hot = dict(max_tokens=16, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, **hot)
+    with_lp = SamplingParams(temperature=0.0, logprobs=3, **hot)
+    mixed = [with_lp, SamplingParams(temperature=0.8, top_k=1, **hot), seeded, SamplingParams(top_p=0.5, **hot)]
+    whole = [with_lp, with_lp, seeded, with_lp]  # every row needs the Sampler: one eager step of 4 rows
+    a, b = (llm.generate([prompt] * 4, params, use_tqdm=False) for params in (mixed, whole))
+    assert a[2].outputs[0].token_ids == b[2].outputs[0].token_ids  # the seeded row
+    assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids == a[1].outputs[0].token_ids
+    for x, y in zip(a[0].outputs[0].logprobs, b[0].outputs[0].logprobs):
+        assert x.keys() == y.keys()
+        assert all(abs(x[t].logprob - y[t].logprob) < 1e-6 and x[t].rank == y[t].rank for t in x)
+    del llm
+    free_cuda()

@@ -12,8 +12,9 @@ rows with temperature 0 keep the argmax, and on CUDA the greedy graph's argmax i
 0), so such a step copies back only B token ids. Every bucket (one process; NANOVLLM_FILTER_MAX_BS=n keeps
 it to buckets of up to n seqs) has a third graph for top-k, top-p and min-p without seeds: two kernels find
 each row's threshold from a histogram of its logits (kernels/top_k_top_p.py), and the same draw keeps to it.
-Anything else (seeds, penalties, logprobs, a pending min_tokens) replays the greedy graph and runs the
-Sampler on its logits.
+A row that needs anything else (a seed, penalties, logprobs, a pending min_tokens) is the graph's argmax,
+and the runner replaces it with the Sampler's draw from that row of the graph's logits (at TP 1; under TP
+such a step replays the greedy graph and runs the Sampler on every row).
 
 Under tensor parallelism every rank captures the same graphs, collectives included (NCCL collectives are
 captured like kernels), and samples inside them without gathering the logits: each rank computes its slice

@@ -124,6 +124,18 @@ def graph_sampling(seq: Sequence, vocab_size: int) -> tuple[float, int, float, f
     return p.temperature, p.top_k if p.top_k > 0 else vocab_size, p.top_p, p.min_p
 
 
+def _scatter_rows(out: SamplerOutput, rows: torch.Tensor, sub: SamplerOutput) -> SamplerOutput:
+    """out, whose token_ids (B,) are every row's, with sub's results (len(rows) rows) in rows; sub's logprobs
+    become (B,)-row tensors (zero in the other rows, which do not ask for them)."""
+    out.token_ids[rows] = sub.token_ids
+    for name in ("logprobs", "ranks", "top_ids", "top_logprobs"):
+        if (part := getattr(sub, name)) is not None:
+            full = part.new_zeros((len(out.token_ids), *part.shape[1:]))
+            full[rows] = part
+            setattr(out, name, full)
+    return out
+
+
 class ModelRunner:
     """On CUDA every layer takes its Triton path, the fused o_proj is tuned before anything is captured,
     the KV cache fills what a profiled max_num_batched_tokens prefill leaves of gpu_memory_utilization,
@@ -375,10 +387,16 @@ class ModelRunner:
     def _replay(self, seqs: list[Sequence], prev_ids: torch.Tensor | None = None,
                 src_rows: list[int] | None = None) -> tuple[SamplerOutput, RingIds | None]:
         """One decode step of seqs from the captured graphs; the sampled ids (B,) stay on the device, and
-        where the graph sampled them also go to the ring (RingIds). With prev_ids, seq i's input id is
+        where the graph sampled them all also go to the ring (RingIds); rows that need the Sampler take it
+        on their rows of the graph's logits. With prev_ids, seq i's input id is
         prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
         n, vocab_size = len(seqs), self.graphs.vocab_size
         params = [graph_sampling(seq, vocab_size) for seq in seqs]
+        # Rows that need the Sampler (seeds, penalties, logprobs): at TP 1 the graph takes their argmax and
+        # the Sampler replaces it from the graph's logits, so the other rows still sample in the graph.
+        eager = [i for i, p in enumerate(params) if p is None] if self.graphs.tp_size == 1 else []
+        eager = eager if len(eager) < n else []  # every row: the full Sampler below, no gather of rows
+        params = [p or (0.0, vocab_size, 1.0, 0.0) for p in params] if eager else params
         filters = None if None in params else [p[1:] for p in params]
         if filters is not None and all(f == (vocab_size, 1.0, 0.0) for f in filters):  # argmax, temperature
             temperatures = [p[0] for p in params]
@@ -388,7 +406,11 @@ class ModelRunner:
         else:  # the full Sampler, on the greedy graph's logits
             self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
             return self._sample_on_device(seqs, self.graphs.logits[:n]), None
-        return SamplerOutput(self.graphs.next_tokens[:n]), ring
+        if not eager:
+            return SamplerOutput(self.graphs.next_tokens[:n]), ring
+        rows = self._to_device(eager)
+        sub = self._sample_on_device([seqs[i] for i in eager], self.graphs.logits[:n][rows])
+        return _scatter_rows(SamplerOutput(self.graphs.next_tokens[:n].clone()), rows, sub), None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden_size) -> logits (N, V). Under TP the workers compute their vocab slices of the
