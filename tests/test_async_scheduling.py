@@ -245,7 +245,10 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
 def test_filter_max_bs_bounds_the_filter_graphs(folder, reference, monkeypatch):
     """NANOVLLM_FILTER_MAX_BS=2: a 2-seq top-k step replays its FILTER graph, a 4-seq one (bucket 4) takes
     the eager Sampler after the greedy graph; both give the greedy tokens at top-k 1."""
-    from nanovllm.engine.cuda_graph import FILTER
+    from nanovllm.engine.cuda_graph import FILTER, filter_max_bs
+    monkeypatch.setenv("NANOVLLM_FILTER_MAX_BS", "two")
+    with pytest.raises(ValueError, match="NANOVLLM_FILTER_MAX_BS"):
+        filter_max_bs(8)
     monkeypatch.setenv("NANOVLLM_FILTER_MAX_BS", "2")
     llm = make_llm(folder, reference[0][9], True, monkeypatch, graphs=True)
     graphs, modes = llm.engine.model_runner.graphs, []

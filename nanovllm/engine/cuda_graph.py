@@ -83,12 +83,23 @@ GREEDY, SAMPLE, FILTER = 0, 1, 2  # a bucket's graphs: argmax; temperature draws
 RING = 4  # rows of the ids' ring: async scheduling reads a step's ids back while one more is in flight
 
 
-def filter_max_bs(max_bs: int) -> int:
-    """The largest bucket with a FILTER graph (its histograms take 256 KB a row): every bucket, max_bs, unless
-    NANOVLLM_FILTER_MAX_BS says otherwise (read when an engine starts; 0: no FILTER graphs). Above 32 seqs
-    they took a top-k/top-p workload from 13.6k to 19.3k tok/s on an H100 (benchmarks/NOTES-gpu.md, session
-    30): the eager Sampler's sort of every row had cost that run 2.9 s over ~1,000 steps."""
-    return int(os.environ.get("NANOVLLM_FILTER_MAX_BS", max_bs))
+SORTED_FILTER_MAX_BS = 32  # the default bound where a FILTER graph sorts (float32 logits on CUDA)
+
+
+def filter_max_bs(default: int) -> int:
+    """The largest bucket with a FILTER graph: `default` unless NANOVLLM_FILTER_MAX_BS says otherwise (read
+    when an engine starts; 0: no FILTER graphs). By default every bucket where the histogram kernels run
+    (256 KB a row); above 32 seqs they took a top-k/top-p workload from 13.6k to 19.3k tok/s on an H100
+    (benchmarks/NOTES-gpu.md, session 30): the eager Sampler's sort of every row had cost that run 2.9 s over
+    ~1,000 steps. Graphs of float32 logits sort inside (filter_logits), and its temporaries (~28 bytes a
+    logit: ~1 GB at 256 rows of a 152k vocabulary) stay in the graph pool, so there they stop at
+    SORTED_FILTER_MAX_BS."""
+    value = os.environ.get("NANOVLLM_FILTER_MAX_BS")
+    if value is None:
+        return default
+    if not value.strip().lstrip("-").isdigit():
+        raise ValueError(f"NANOVLLM_FILTER_MAX_BS must be an integer number of seqs, got {value!r}")
+    return int(value)
 
 
 class RingIds:
@@ -163,7 +174,8 @@ class DecodeGraphs:
         self.model = model
         self.vocab_size = vocab_size
         self.tp_size, self.rank = get_tp_size(), get_tp_rank()
-        self.filter_max_bs = filter_max_bs(max_bs)
+        sorts = device.type == "cuda" and not top_k_top_p.supports(dtype)  # float32: filter_logits in the graph
+        self.filter_max_bs = filter_max_bs(SORTED_FILTER_MAX_BS if sorts else max_bs)
         if self.tp_size > 1:
             self._init_sharded_head(model, max_bs, vocab_size, dtype, device)
         else:
