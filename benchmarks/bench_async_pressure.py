@@ -10,7 +10,7 @@ import json
 import os
 
 import torch
-from bench_latency import card_name, model_dir, write_json
+from bench_latency import RESULTS_DIR, card_name, model_dir, write_json
 from bench_throughput import timed_generate, warm_up, workload
 
 from nanovllm import LLM, SamplingParams
@@ -20,7 +20,7 @@ NUM_BLOCKS = 8000  # ~128k tokens of KV: about half of what the 256 requests rea
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     card, tag = card_name()
     prompts, params = workload()

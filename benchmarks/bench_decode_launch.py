@@ -17,7 +17,7 @@ import json
 import os
 
 import torch
-from bench_latency import card_name, free_cuda, model_dir, write_json
+from bench_latency import RESULTS_DIR, card_name, free_cuda, model_dir, write_json
 
 import nanovllm.kernels.paged_attention as paged_attention
 from nanovllm import LLM
@@ -101,7 +101,7 @@ def plot(path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--plot", help="only redraw the PNG of this JSON")
     args = parser.parse_args()
     if args.plot:

@@ -18,7 +18,7 @@ import os
 import statistics
 
 import torch
-from bench_latency import card_name, model_dir, write_json
+from bench_latency import RESULTS_DIR, card_name, model_dir, write_json
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.cuda_graph import replay_us
@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG of this result file")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)

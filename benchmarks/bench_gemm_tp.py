@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 from bench_allreduce import time_graph
-from bench_latency import card_name, write_json
+from bench_latency import RESULTS_DIR, card_name, write_json
 
 from nanovllm.kernels import fused_attention_output as fao
 
@@ -120,7 +120,7 @@ def main() -> None:
                  for tp in (1, 2) for m in ROWS}
     result = {"card": card, "rows": rows, "layer_gemm_us": per_layer}
     print(json.dumps(per_layer), flush=True)
-    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"gemm_tp-{tag}.json")
+    path = args.out or os.path.join(RESULTS_DIR, f"gemm_tp-{tag}.json")
     write_json(path, result)
     try:
         plot(path)

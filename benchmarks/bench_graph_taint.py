@@ -24,7 +24,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
-from bench_latency import card_name, child_json, model_dir, write_json
+from bench_latency import RESULTS_DIR, card_name, child_json, model_dir, write_json
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from nanovllm import LLM, SamplingParams
@@ -144,7 +144,7 @@ def small_graph_rows() -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--child", action="store_true", help="only the engine rows, as JSON (PDL-off run)")
     args = parser.parse_args()
     if args.child:

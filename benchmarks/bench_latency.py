@@ -39,6 +39,7 @@ PROMPT_LEN, DECODE_STEPS, WARMUP_STEPS = 128, 64, 8
 # choices at 0.644-0.657, each steady within 0.1 % over its requests (benchmarks/NOTES-gpu.md, session 24;
 # the cause is not known). So it is timed in fresh processes and the median is the figure.
 DEFAULT_LOOP_PROCESSES = 3
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # every benchmark's --out-dir
 
 
 def load_copy(path: str, name: str):
@@ -352,7 +353,7 @@ def plot(path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--plot", help="only redraw the PNG of this latency JSON")
     parser.add_argument("--default-loop-only", action="store_true",
                         help="only print batch 1's ms per token in the engine's default loop (async_ms_per_token)")

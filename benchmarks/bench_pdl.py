@@ -23,6 +23,7 @@ import time
 
 import torch
 from bench_latency import (
+    RESULTS_DIR,
     card_name,
     copy_bandwidth_gbps,
     cuda_kernels,
@@ -76,7 +77,7 @@ def chosen_configs(pdl: bool) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     card, tag = card_name()

@@ -17,7 +17,7 @@ import os
 import statistics
 
 import torch
-from bench_latency import card_name, child_json, model_dir, write_json
+from bench_latency import RESULTS_DIR, card_name, child_json, model_dir, write_json
 
 BATCHES, KEYS = (1, 2, 4, 8), (144, 1000)
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--knob", choices=["pdl_tokens", "column_max_m"], default="pdl_tokens")
     parser.add_argument("--settings", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--child", type=int, nargs="?", const=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:  # -1: the engine's column_max_m

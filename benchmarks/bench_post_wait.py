@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from bench_allreduce import time_graph
-from bench_latency import card_name, write_json
+from bench_latency import RESULTS_DIR, card_name, write_json
 from triton.language.extra.cuda import globaltimer
 
 from nanovllm.kernels import fused_attention_output as foa
@@ -80,7 +80,7 @@ def projections(cfg: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spin-us", type=float, default=15.0)
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     name, tag = card_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count

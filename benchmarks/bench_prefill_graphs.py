@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench_latency import card_name, write_json
+from bench_latency import RESULTS_DIR, card_name, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HOSTS = ("as is", "slowed")
@@ -87,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG of this result file")
-    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)

@@ -15,7 +15,7 @@ import os
 
 import torch
 import triton
-from bench_latency import card_name, write_json
+from bench_latency import RESULTS_DIR, card_name, write_json
 
 from nanovllm.kernels import sample as kernels
 from nanovllm.kernels import top_k_top_p
@@ -42,7 +42,7 @@ def bench(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG of this result file")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)

@@ -16,7 +16,7 @@ import json
 import os
 
 import torch
-from bench_latency import PROMPT_LEN, card_name, child_json, model_dir, write_json
+from bench_latency import PROMPT_LEN, RESULTS_DIR, card_name, child_json, model_dir, write_json
 
 from nanovllm import LLM, SamplingParams
 
@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--order", help="run this one order here (what each child process does)")
     parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG of this result file")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)

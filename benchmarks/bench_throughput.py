@@ -36,6 +36,7 @@ import time
 
 import torch
 from bench_latency import (
+    RESULTS_DIR,
     card_name,
     copy_bandwidth_gbps,
     kv_bytes_per_token,
@@ -194,7 +195,7 @@ def timed_repeats(llm: LLM, prompts, params, repeats: int) -> tuple[dict, list[d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--skip-hf", action="store_true", help="leave out the transformers comparison")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=os.environ.get("NANOVLLM_ASYNC_SCHEDULING") != "0",

@@ -35,7 +35,7 @@ import sys
 import time
 
 import torch
-from bench_latency import card_name, cuda_kernels, model_dir, short, timed_steps, write_json
+from bench_latency import RESULTS_DIR, card_name, cuda_kernels, model_dir, short, timed_steps, write_json
 from bench_throughput import timed_repeats, warm_up, workload
 
 from nanovllm import LLM, SamplingParams
@@ -289,7 +289,7 @@ def child(name: str, state: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--child", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--state", help=argparse.SUPPRESS)

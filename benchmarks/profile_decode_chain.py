@@ -35,7 +35,7 @@ import os
 import statistics
 
 import torch
-from bench_latency import card_name, model_dir, short, write_json
+from bench_latency import RESULTS_DIR, card_name, model_dir, short, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from nanovllm import LLM, SamplingParams
@@ -216,7 +216,7 @@ def main() -> None:
     parser.add_argument("--l2-resident", action="store_true",
                         help="time the step with projections' weights read from the L2 instead")
     parser.add_argument("--suffix", default="", help="appended to the file name, e.g. -no-pdl")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     name, tag = card_name()
     llm = batch1_engine()

@@ -15,7 +15,7 @@ import os
 import time
 
 import torch
-from bench_latency import card_name, model_dir, short, write_json
+from bench_latency import RESULTS_DIR, card_name, model_dir, short, write_json
 from bench_throughput import make_engine, warm_up, workload
 from torch.profiler import ProfilerActivity, profile
 
@@ -45,7 +45,7 @@ def kernel_table(prof, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--config", default=None, help="a name in benchmarks/configs (default: Qwen3-0.6B)")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (the profiler sees rank 0)")
     args = parser.parse_args()

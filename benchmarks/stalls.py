@@ -15,7 +15,7 @@ import os
 import time
 
 import bench_throughput as bt
-from bench_latency import card_name, model_dir, write_json
+from bench_latency import RESULTS_DIR, card_name, model_dir, write_json
 from triton.runtime.jit import JITFunction
 
 from nanovllm import LLM
@@ -74,7 +74,7 @@ def timed_run(llm: LLM, prompts, params) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     parser.add_argument("--runs", type=int, default=4)
     args = parser.parse_args()
     _watch_compiles()

@@ -24,7 +24,7 @@ import json
 import os
 
 import torch
-from bench_latency import card_name, replay_ms, write_json
+from bench_latency import RESULTS_DIR, card_name, replay_ms, write_json
 from profile_decode_chain import batch1_engine
 
 from nanovllm.kernels import fused_attention_output as foa
@@ -88,7 +88,7 @@ def combos(runner, keys: dict, original: dict, wanted: list[dict]) -> list[dict]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suffix", default="", help="appended to the file name")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out-dir", default=RESULTS_DIR)
     args = parser.parse_args()
     name, tag = card_name()
     llm = batch1_engine()
