@@ -120,8 +120,13 @@ def graph_sampling(seq: Sequence, vocab_size: int) -> tuple[float, int, float, f
     if needs_sampler(seq):
         return None
     if p.greedy:
-        return 0.0, vocab_size, 1.0, 0.0
+        return argmax_sampling(vocab_size)
     return p.temperature, p.top_k if p.top_k > 0 else vocab_size, p.top_p, p.min_p
+
+
+def argmax_sampling(vocab_size: int) -> tuple[float, int, float, float]:
+    """graph_sampling's argmax: temperature 0, every filter off."""
+    return 0.0, vocab_size, 1.0, 0.0
 
 
 def _scatter_rows(out: SamplerOutput, rows: torch.Tensor, sub: SamplerOutput) -> SamplerOutput:
@@ -392,13 +397,16 @@ class ModelRunner:
         prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
         n, vocab_size = len(seqs), self.graphs.vocab_size
         params = [graph_sampling(seq, vocab_size) for seq in seqs]
-        # Rows that need the Sampler (seeds, penalties, logprobs): at TP 1 the graph takes their argmax and
-        # the Sampler replaces it from the graph's logits, so the other rows still sample in the graph.
-        eager = [i for i, p in enumerate(params) if p is None] if self.graphs.tp_size == 1 else []
-        eager = eager if len(eager) < n else []  # every row: the full Sampler below, no gather of rows
-        params = [p or (0.0, vocab_size, 1.0, 0.0) for p in params] if eager else params
+        # Rows that need the Sampler (seeds, penalties, logprobs): at TP 1, unless every row does, the graph
+        # takes their argmax and the Sampler replaces it from their rows of the graph's logits, so the other
+        # rows still sample in the graph. Otherwise the full Sampler below takes the whole step.
+        eager = [i for i, p in enumerate(params) if p is None]
+        if self.graphs.tp_size == 1 and 0 < len(eager) < n:
+            params = [p or argmax_sampling(vocab_size) for p in params]
+        else:
+            eager = []
         filters = None if None in params else [p[1:] for p in params]
-        if filters is not None and all(f == (vocab_size, 1.0, 0.0) for f in filters):  # argmax, temperature
+        if filters is not None and all(f == argmax_sampling(vocab_size)[1:] for f in filters):  # no filter
             temperatures = [p[0] for p in params]
             ring = self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
         elif filters is not None and self.graphs.can_filter(n):  # top-k/p, min-p: the FILTER graph
