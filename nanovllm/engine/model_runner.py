@@ -405,8 +405,8 @@ class ModelRunner:
             params = [p or argmax_sampling(vocab_size) for p in params]
         else:
             eager = []
-        filters = None if None in params else [p[1:] for p in params]
-        if filters is not None and all(f == argmax_sampling(vocab_size)[1:] for f in filters):  # no filter
+        filters, off = None if None in params else [p[1:] for p in params], argmax_sampling(vocab_size)[1:]
+        if filters is not None and all(f == off for f in filters):  # argmax or temperature, no filter
             temperatures = [p[0] for p in params]
             ring = self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
         elif filters is not None and self.graphs.can_filter(n):  # top-k/p, min-p: the FILTER graph
