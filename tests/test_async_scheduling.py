@@ -189,20 +189,27 @@ def test_steps_past_the_largest_prefill_graph_run_eagerly():
     assert not graphs.fits(100, 9, 2) and not graphs.fits(8, 8, 1)  # too many seqs; decodes only
 
 
+def record_replays(graphs, monkeypatch) -> list[tuple]:
+    """Every replay of graphs from now on (uncaptured on CPU): (bucket, mode, the temperatures and the
+    filters it reads from its input buffers)."""
+    seen, replay = [], graphs._replay
+
+    def spy(bs, mode, gather_logits=False):
+        seen.append((bs, mode, graphs.temperatures[:bs].tolist(), graphs.filters[:, :bs].tolist()))
+        return replay(bs, mode, gather_logits)
+    monkeypatch.setattr(graphs, "_replay", spy)
+    return seen
+
+
 def test_sampling_graphs_read_each_rows_temperature(folder, reference, monkeypatch):
     # What a sampling graph reads from its input buffers (uncaptured on CPU here) at each decode step of a
     # batch: a greedy row's temperature 0 and a hot row's own, not zeros nor another step's.
+    from nanovllm.engine.cuda_graph import SAMPLE
     llm = make_llm(folder, reference[0][9], True, monkeypatch, graphs=True)
-    graphs, seen = llm.engine.model_runner.graphs, []
-    replay = graphs._replay
-
-    def spy(bs, sampling, gather_logits=False):
-        seen.append((bs, sampling, graphs.temperatures[:bs].tolist()))
-        return replay(bs, sampling, gather_logits)
-    monkeypatch.setattr(graphs, "_replay", spy)
+    seen = record_replays(llm.engine.model_runner.graphs, monkeypatch)
     params = [greedy(6, ignore_eos=True), SamplingParams(temperature=0.5, max_tokens=6, ignore_eos=True)]
     llm.generate([PROMPTS[0], PROMPTS[1]], params, use_tqdm=False)
-    assert seen == [(2, True, [0.0, 0.5])] * 5  # the first token of each comes from the prefill step
+    assert [step[:3] for step in seen] == [(2, SAMPLE, [0.0, 0.5])] * 5  # the first token: the prefill step
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -213,14 +220,11 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
     those it gets alone, and the other row still filters in the graph."""
     from nanovllm.engine.cuda_graph import FILTER
     llm = make_llm(folder, reference[0][9], async_scheduling, monkeypatch, graphs=True)
-    graphs, filtered = llm.engine.model_runner.graphs, []
-    replay = graphs._replay
+    graphs = llm.engine.model_runner.graphs
+    seen = record_replays(graphs, monkeypatch)
 
-    def spy(bs, mode, gather_logits=False):
-        if mode == FILTER:
-            filtered.append((bs, graphs.temperatures[:bs].tolist(), graphs.filters[:, :bs].tolist()))
-        return replay(bs, mode, gather_logits)
-    monkeypatch.setattr(graphs, "_replay", spy)
+    def filtered():
+        return [(bs, temps, filters) for bs, mode, temps, filters in seen if mode == FILTER]
     hot = dict(max_tokens=8, ignore_eos=True)
     params = [greedy(8, ignore_eos=True), SamplingParams(temperature=0.8, top_k=1, **hot),
               SamplingParams(temperature=1.5, top_p=1e-6, **hot), SamplingParams(top_k=3, min_p=0.5, **hot)]
@@ -230,16 +234,16 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
     V = graphs.vocab_size
     expected = torch.tensor([0.0, 0.8, 1.5, 1.0]).tolist(), torch.tensor(
         [[V, 1, V, 3], [1.0, 1.0, 1e-6, 1.0], [0.0, 0.0, 0.0, 0.5]]).tolist()  # as float32 buffers hold them
-    assert len(filtered) == 7 and all(step == (4, *expected) for step in filtered)  # the first token: prefill
-    filtered.clear()
+    assert len(filtered()) == 7 and all(step == (4, *expected) for step in filtered())  # the first: prefill
+    seen.clear()
     seeded = SamplingParams(temperature=1.5, top_p=0.5, seed=3, **hot)
     alone = llm.generate([PROMPTS[0]], seeded, use_tqdm=False)[0].outputs[0].token_ids
-    assert filtered == []  # alone: the greedy graph, then the Sampler
+    assert filtered() == []  # alone: the greedy graph, then the Sampler
     both = [o.outputs[0].token_ids for o in llm.generate([PROMPTS[0]] * 2, [params[1], seeded], use_tqdm=False)]
     assert both == [reference[0][:8], alone]
     expected = [0.8, 0.0], torch.tensor([[1, V], [1.0, 1.0], [0.0, 0.0]]).tolist()
-    assert len(filtered) == 7 and all(step == (2, torch.tensor(expected[0]).tolist(), expected[1])
-                                      for step in filtered)
+    assert len(filtered()) == 7 and all(step == (2, torch.tensor(expected[0]).tolist(), expected[1])
+                                        for step in filtered())
 
 
 def test_filter_max_bs_bounds_the_filter_graphs(folder, reference, monkeypatch):
@@ -251,21 +255,16 @@ def test_filter_max_bs_bounds_the_filter_graphs(folder, reference, monkeypatch):
         filter_max_bs(8)
     monkeypatch.setenv("NANOVLLM_FILTER_MAX_BS", "2")
     llm = make_llm(folder, reference[0][9], True, monkeypatch, graphs=True)
-    graphs, modes = llm.engine.model_runner.graphs, []
+    graphs = llm.engine.model_runner.graphs
     assert [bs for bs in graphs.batch_sizes if graphs.can_filter(bs)] == [1, 2]
-    replay = graphs._replay
-
-    def spy(bs, mode, gather_logits=False):
-        modes.append((bs, mode))
-        return replay(bs, mode, gather_logits)
-    monkeypatch.setattr(graphs, "_replay", spy)
+    seen = record_replays(graphs, monkeypatch)
     top1 = SamplingParams(temperature=0.8, top_k=1, max_tokens=6, ignore_eos=True)
     for n in (2, 4):
-        modes.clear()
+        seen.clear()
         outs = [o.outputs[0].token_ids for o in llm.generate([PROMPTS[0]] * n, top1, use_tqdm=False)]
         assert all(out == reference[0][:6] for out in outs)
-        assert len(modes) == 5 and all(bs == n for bs, _ in modes)  # the first token: prefill
-        assert all((mode == FILTER) == (n == 2) for _, mode in modes)
+        assert len(seen) == 5 and all(bs == n for bs, *_ in seen)  # the first token: prefill
+        assert all((mode == FILTER) == (n == 2) for _, mode, *_ in seen)
 
 
 def test_streams_and_aborts_in_flight(folder, reference, monkeypatch):
