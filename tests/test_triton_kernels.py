@@ -489,6 +489,31 @@ def test_sample_kernel_writes_the_ids_into_the_host_ring_row_its_slot_names():
     assert (ring[2, 5:] == -7).all() and (ring[[0, 1, 3]] == -7).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,vocab", [(3, 2500), (1, 37)] + ([(1, 151936), (40, 151936)] if CUDA else []))
+def test_logprobs_kernel_gives_the_samplers_logprobs(rows, vocab, dtype):
+    """Each row's logprob and rank of its token and its top lists (every width) are gather_logprobs': the
+    values within fp32 rounding, the ids those values belong to (bf16 ties may order them otherwise). A
+    vocabulary over several chunks, and one under a chunk; at 40 rows the wide chunks."""
+    from nanovllm.kernels.logprobs import TOP_WIDTHS, LogprobsBuffers, logprobs, logprobs_ref
+    gen = torch.Generator(DEVICE).manual_seed(rows)
+    logits = (3 * torch.randn(rows, vocab, generator=gen, device=DEVICE)).to(dtype)
+    ids = torch.randint(0, vocab, (rows,), generator=gen, device=DEVICE)
+    ids[0] = logits[0].float().argmax()  # rank 1
+    buffers = LogprobsBuffers.make(rows + 2, vocab, DEVICE)
+    for width in TOP_WIDTHS:
+        for t in buffers[:4]:
+            t.fill_(-7)  # rows the kernel forgets fail
+        lp, rank, top_ids, top_lps = logprobs(logits, ids, width, buffers)
+        ref_lp, ref_rank, ref_ids, ref_lps = logprobs_ref(logits, ids, width)
+        torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+        assert torch.equal(rank, ref_rank) and rank[0] == 1
+        torch.testing.assert_close(top_lps, ref_lps, atol=1e-5, rtol=0)
+        assert top_ids.shape == (rows, width)
+        torch.testing.assert_close(logits.gather(1, top_ids), logits.gather(1, ref_ids), atol=0, rtol=0)
+        assert (top_lps[:, 1:] <= top_lps[:, :-1]).all()
+
+
 # ---- programmatic dependent launch (nanovllm/kernels/pdl.py) ----
 
 def test_pdl_switch(monkeypatch):

@@ -235,12 +235,15 @@ def filter_logits(logits: Tensor, temperatures: Tensor, top_k: Tensor, top_p: Te
 
 
 def gather_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> SamplerOutput:
-    """logits: (N, V) raw; token_ids: (N,). Logprobs and ranks of token_ids, plus the top-k per row."""
-    logprobs = logits.float().log_softmax(dim=-1)  # (N, V)
-    token_logprobs = logprobs.gather(1, token_ids[:, None])  # (N, 1)
-    ranks = (logprobs > token_logprobs).sum(dim=-1) + 1  # (N,)
-    top_logprobs, top_ids = logprobs.topk(k, dim=-1)  # (N, k)
-    return SamplerOutput(token_ids, token_logprobs.squeeze(1), ranks, top_ids, top_logprobs)
+    """logits: (N, V) raw; token_ids: (N,). Logprobs and ranks of token_ids, plus the top-k per row. Ranks and
+    top lists compare the raw logits, which order as the logprobs do, where log_softmax's rounding can make
+    two neighbours equal (as kernels/logprobs.py, which the decode graphs run)."""
+    logits = logits.float()
+    logprobs = logits.log_softmax(dim=-1)  # (N, V)
+    ranks = (logits > logits.gather(1, token_ids[:, None])).sum(dim=-1) + 1  # (N,)
+    top_ids = logits.topk(k, dim=-1).indices  # (N, k)
+    return SamplerOutput(token_ids, logprobs.gather(1, token_ids[:, None]).squeeze(1), ranks, top_ids,
+                         logprobs.gather(1, top_ids))
 
 
 def compute_prompt_logprobs(logits: Tensor, target_ids: Tensor, k: int,

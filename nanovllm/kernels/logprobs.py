@@ -1,0 +1,135 @@
+"""Logprobs of sampled tokens straight from the logits: no (B, V) float32 copy, no sort, two kernels.
+
+What the Sampler's gather_logprobs gives (layers/sampler.py: log_softmax, the token's logprob and rank, topk),
+for a decode graph to replay after its sampler, so a request that asks for logprobs keeps its steps in CUDA
+graphs. In torch that is ~10 launches a step plus topk's radix passes: at batch 1 on an H100 the host's
+launches, not the GPU, set the pace, 0.91 ms a token against 0.65 without logprobs
+(benchmarks/NOTES-gpu.md, session 31).
+
+1. `_chunk_kernel`, grid (B, chunks): each chunk's max and sum of exp(x - max), how many of its logits
+   exceed the sampled token's, and its `width` largest logits with their ids (each a max-with-index
+   reduction, masking the one found; the first of equal values first).
+2. `_row_kernel`, grid (B,): the row's log-sum-exp from its chunks, the token's logprob (x - lse) and rank
+   (1 + the count), and the row's `width` largest from the chunks' candidates, as logprobs.
+
+Ranks and top lists compare raw logits, which order as the logprobs do. Ties in a top list come lowest id
+first; torch.topk leaves their order open. `width` is one of TOP_WIDTHS, the smallest that covers the
+logprobs a step asks for (a compiled variant each).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from nanovllm.kernels import jit
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton use logprobs_ref
+    triton = tl = None
+
+TOP_WIDTHS = (0, 5, 20)  # top lists a kernel variant fills; 20 is the most logprobs a request may ask
+CHUNK, SMALL_CHUNK, SMALL_CHUNK_ROWS = 4096, 1024, 32  # logits a program reads: narrower at a few rows
+
+
+def top_width(k: int) -> int:
+    """The narrowest variant's top-list width that holds k logprobs (k <= 20)."""
+    return next(w for w in TOP_WIDTHS if w >= k)
+
+
+def logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor, width: int):
+    """(logprob (B,) float32, rank (B,) int64, top ids (B, width) int64, top logprobs (B, width) float32), as
+    the Sampler computes them (SamplerOutput's order)."""
+    from nanovllm.layers.sampler import gather_logprobs
+    out = gather_logprobs(logits, token_ids, width)
+    return out.logprobs, out.ranks, out.top_ids, out.top_logprobs
+
+
+class LogprobsBuffers(NamedTuple):
+    """Outputs and workspace for up to R rows of a V-token vocabulary, made once by a caller that replays
+    logprobs() in a CUDA graph."""
+    logprob: torch.Tensor  # (R,) float32
+    rank: torch.Tensor  # (R,) int64
+    top_logprobs: torch.Tensor  # (R, 20) float32: the first `width` columns are written
+    top_ids: torch.Tensor  # (R, 20) int64
+    stats: torch.Tensor  # (R, chunks, 3) float32: each chunk's max, exp sum and count above the token
+    cand_values: torch.Tensor  # (R, chunks * 20) float32: each chunk's largest logits
+    cand_ids: torch.Tensor  # (R, chunks * 20) int32
+
+    @classmethod
+    def make(cls, rows: int, vocab: int, device: torch.device | str) -> LogprobsBuffers:
+        chunks, top = -(-vocab // SMALL_CHUNK), TOP_WIDTHS[-1]
+        empty = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(empty(rows), empty(rows, dtype=torch.int64), empty(rows, top), empty(rows, top, dtype=torch.int64),
+                   empty(rows, chunks, 3), empty(rows, chunks * top), empty(rows, chunks * top, dtype=torch.int32))
+
+
+def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, width: int, buffers: LogprobsBuffers):
+    """logits (B, V) raw, unit stride on V; token_ids (B,) int64 on the device; width in TOP_WIDTHS. Writes
+    rows [:B] of buffers' outputs and returns them as logprobs_ref does. No host sync, no allocation:
+    CUDA-graph safe."""
+    batch, vocab = logits.shape
+    assert logits.stride(-1) == 1 and width in TOP_WIDTHS and batch <= buffers.logprob.shape[0]
+    chunk = min(SMALL_CHUNK if batch <= SMALL_CHUNK_ROWS else CHUNK, triton.next_power_of_2(vocab))
+    chunks = -(-vocab // chunk)
+    if batch:
+        stats, values, ids = buffers.stats, buffers.cand_values, buffers.cand_ids
+        _chunk_kernel[(batch, chunks)](logits, logits.stride(0), token_ids, stats, stats.stride(0), values, ids,
+                                       values.stride(0), vocab, CHUNK=chunk, WIDTH=width)
+        _row_kernel[(batch,)](logits, logits.stride(0), token_ids, stats, stats.stride(0), values, ids,
+                              values.stride(0), buffers.logprob, buffers.rank, buffers.top_logprobs,
+                              buffers.top_ids, buffers.top_ids.stride(0), chunks, WIDTH=width,
+                              CHUNKS=triton.next_power_of_2(chunks),
+                              CANDIDATES=triton.next_power_of_2(max(chunks * width, 1)), num_warps=8)
+    return (buffers.logprob[:batch], buffers.rank[:batch], buffers.top_ids[:batch, :width],
+            buffers.top_logprobs[:batch, :width])
+
+
+@jit
+def _chunk_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_ptr, cand_ids_ptr, stride_cand,
+                  vocab, CHUNK: tl.constexpr, WIDTH: tl.constexpr):
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride
+    token_logit = tl.load(row_ptr + tl.load(ids_ptr + row)).to(tl.float32)
+    cols = tl.arange(0, CHUNK)
+    offs = chunk * CHUNK + cols
+    x = tl.load(row_ptr + offs, mask=offs < vocab, other=-float("inf")).to(tl.float32)
+    high = tl.max(x, axis=0)
+    stats = stats_ptr + row * stride_stats + chunk * 3
+    tl.store(stats, high)
+    tl.store(stats + 1, tl.sum(tl.exp(x - high), axis=0))
+    tl.store(stats + 2, tl.sum((x > token_logit).to(tl.float32), axis=0))  # exact below 2^24
+    out = row * stride_cand + chunk * WIDTH
+    for i in tl.static_range(WIDTH):
+        value, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(values_ptr + out + i, value)
+        tl.store(cand_ids_ptr + out + i, chunk * CHUNK + at)
+        x = tl.where(cols == at, -float("inf"), x)
+
+
+@jit
+def _row_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_ptr, cand_ids_ptr, stride_cand,
+                logprob_ptr, rank_ptr, top_lp_ptr, top_ids_ptr, stride_top, chunks, WIDTH: tl.constexpr,
+                CHUNKS: tl.constexpr, CANDIDATES: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, CHUNKS)
+    stats = stats_ptr + row * stride_stats + c * 3
+    highs = tl.load(stats, mask=c < chunks, other=-float("inf"))
+    high = tl.max(highs, axis=0)
+    total = tl.sum(tl.load(stats + 1, mask=c < chunks, other=0.0) * tl.exp(highs - high), axis=0)
+    lse = high + tl.log(total)
+    token = tl.load(ids_ptr + row)
+    tl.store(logprob_ptr + row, tl.load(logits_ptr + row.to(tl.int64) * stride + token).to(tl.float32) - lse)
+    above = tl.sum(tl.load(stats + 2, mask=c < chunks, other=0.0), axis=0)
+    tl.store(rank_ptr + row, above.to(tl.int64) + 1)
+    if WIDTH > 0:
+        k = tl.arange(0, CANDIDATES)
+        values = tl.load(values_ptr + row * stride_cand + k, mask=k < chunks * WIDTH, other=-float("inf"))
+        ids = tl.load(cand_ids_ptr + row * stride_cand + k, mask=k < chunks * WIDTH, other=0)
+        for i in tl.static_range(WIDTH):  # chunk-major, each chunk's best first: the first of equal values
+            value, at = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            tl.store(top_lp_ptr + row * stride_top + i, value - lse)
+            tl.store(top_ids_ptr + row * stride_top + i, tl.sum(tl.where(k == at, ids, 0), axis=0).to(tl.int64))
+            values = tl.where(k == at, -float("inf"), values)
