@@ -246,6 +246,32 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
                                         for step in filtered())
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_logprobs_rows_stay_in_the_graphs(folder, reference, monkeypatch, async_scheduling):
+    """A row that needed the Sampler only for its logprobs samples in the graph (uncaptured on CPU here) and
+    takes them from the bucket's logprobs step, at the most logprobs any row of the step asks; a seeded row
+    with logprobs beside it still takes the Sampler, on its row alone. Tokens and logprobs are the eager
+    engine's."""
+    hot = dict(max_tokens=8, ignore_eos=True)
+    params = [greedy(8, ignore_eos=True, logprobs=2), SamplingParams(temperature=0.8, top_k=1, logprobs=0, **hot),
+              SamplingParams(temperature=1.0, seed=4, logprobs=7, **hot)]
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+    eager = make_llm(folder, reference[0][9], async_scheduling, monkeypatch).generate(prompts, params,
+                                                                                     use_tqdm=False)
+    llm = make_llm(folder, reference[0][9], async_scheduling, monkeypatch, graphs=True)
+    runner = llm.engine.model_runner
+    asked, sampled = [], []
+    logprobs, sample = runner.graphs.logprobs, runner._sample_on_device
+    monkeypatch.setattr(runner.graphs, "logprobs", lambda n, k: asked.append((n, k)) or logprobs(n, k))
+    monkeypatch.setattr(runner, "_sample_on_device", lambda seqs, logits: sampled.append(len(seqs)) or sample(
+        seqs, logits))
+    graphed = llm.generate(prompts, params, use_tqdm=False)
+    assert summary(graphed) == summary(eager)
+    assert graphed[0].outputs[0].token_ids == graphed[1].outputs[0].token_ids == reference[0][:8]
+    assert_same_logprobs(graphed, eager)
+    assert asked == [(3, 7)] * 7 and sampled == [3] + [1] * 7  # the first token: the prefill step, eager
+
+
 def test_filter_max_bs_bounds_the_filter_graphs(folder, reference, monkeypatch):
     """NANOVLLM_FILTER_MAX_BS=2: a 2-seq top-k step replays its FILTER graph, a 4-seq one (bucket 4) takes
     the eager Sampler after the greedy graph; both give the greedy tokens at top-k 1."""

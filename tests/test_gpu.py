@@ -435,3 +435,27 @@ def test_sampler_rows_beside_graph_rows_draw_as_a_whole_sampler_step(model_dir):
         assert all(abs(x[t].logprob - y[t].logprob) < 1e-6 and x[t].rank == y[t].rank for t in x)
     del llm
     free_cuda()
+
+
+def test_logprobs_from_the_graphs_are_the_samplers(model_dir):
+    """Greedy rows asking for logprobs (0, 3 and 20) take them from the decode graphs' logprobs step; the same
+    rows with a pending min_tokens (ignore_eos: nothing is masked) take the eager Sampler on the same logits.
+    Tokens equal, logprobs within fp32 rounding, the same ranks, and top lists of the same values."""
+    llm = LLM(model_dir("qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=8,
+              num_kvcache_blocks=128, max_model_len=512)
+    runner = llm.engine.model_runner
+    runs = []
+    for min_tokens in (0, 24):
+        params = [SamplingParams(temperature=0, logprobs=k, max_tokens=24, min_tokens=min_tokens, ignore_eos=True)
+                  for k in (0, 3, 20)]
+        runs.append(llm.generate(prompts()[:3], params, use_tqdm=False))
+    assert {w for _, w in runner.graphs.logprob_graphs} == {20}  # (bucket 4, width 20): only the first run
+    for graphed, eager in zip(*runs):
+        a, b = graphed.outputs[0], eager.outputs[0]
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert [v.rank for v in x.values()][:1] == [v.rank for v in y.values()][:1]
+            torch.testing.assert_close(sorted(v.logprob for v in x.values()), sorted(v.logprob for v in y.values()),
+                                       atol=1e-4, rtol=0)
+    del llm
+    free_cuda()

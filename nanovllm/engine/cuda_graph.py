@@ -12,9 +12,11 @@ rows with temperature 0 keep the argmax, and on CUDA the greedy graph's argmax i
 0), so such a step copies back only B token ids. Every bucket (one process; NANOVLLM_FILTER_MAX_BS=n keeps
 it to buckets of up to n seqs) has a third graph for top-k, top-p and min-p without seeds: two kernels find
 each row's threshold from a histogram of its logits (kernels/top_k_top_p.py), and the same draw keeps to it.
-A row that needs anything else (a seed, penalties, logprobs, a pending min_tokens) is the graph's argmax,
-and the runner replaces it with the Sampler's draw from that row of the graph's logits (at TP 1; under TP
-such a step replays the greedy graph and runs the Sampler on every row).
+Logprobs come after the replay from a small graph of the bucket (kernels/logprobs.py), captured the first
+time a step asks for them (at TP 1). A row that needs anything else (a seed, penalties, a pending
+min_tokens) is the graph's argmax, and the runner replaces it with the Sampler's draw from that row of the
+graph's logits (at TP 1; under TP such a step, or one with logprobs, replays the greedy graph and runs the
+Sampler on every row).
 
 Under tensor parallelism every rank captures the same graphs, collectives included (NCCL collectives are
 captured like kernels), and samples inside them without gathering the logits: each rank computes its slice
@@ -37,6 +39,7 @@ from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import top_k_top_p
+from nanovllm.kernels.logprobs import LogprobsBuffers, logprobs, logprobs_ref, top_width
 from nanovllm.kernels.sample import (
     CHUNK,
     HostOut,
@@ -171,6 +174,8 @@ class DecodeGraphs:
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
         self.device = device
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, GREEDY/SAMPLE/FILTER) -> graph
+        self.logprob_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, top width) -> graph
+        self.logprob_buffers: LogprobsBuffers | None = None  # made by the first step that asks for logprobs
         self.model = model
         self.vocab_size = vocab_size
         self.tp_size, self.rank = get_tp_size(), get_tp_rank()
@@ -394,6 +399,28 @@ class DecodeGraphs:
             broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * bool(mode))
         self._replay(bs, mode, logits)
         return ring
+
+    def logprobs(self, n: int, k: int) -> tuple[torch.Tensor, ...]:
+        """After a replay of n seqs at TP 1: the logprob and rank of each id it sampled, and each row's top
+        k (<= 20) logprobs and ids, from its logits (kernels/logprobs.py), by the bucket's logprobs graph of
+        the narrowest top width that holds k. That graph is captured the first time a step asks for it (a
+        one-off sync), so engines whose requests never ask pay nothing. As logprobs_ref returns them; on
+        CUDA views of buffers the next such replay overwrites. (logprob, rank, top ids, top logprobs)."""
+        bs, width = self.bucket[n], top_width(k)
+        if not self.graphs:  # uncaptured (CPU tests of the graphs' code path): the Sampler's own
+            return logprobs_ref(self.logits[:n], self.next_tokens[:n], width)
+        if self.logprob_buffers is None:
+            self.logprob_buffers = LogprobsBuffers.make(self.max_bs, self.vocab_size, self.device)
+        args = self.logits[:bs], self.next_tokens[:bs], width, self.logprob_buffers
+        graph = self.logprob_graphs.get((bs, width))
+        if graph is None:
+            logprobs(*args)  # compiles outside the capture
+            graph = self.logprob_graphs[bs, width] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # a pool of its own, which stays empty: the kernels allocate nothing
+                logprobs(*args)
+        graph.replay()
+        out = self.logprob_buffers
+        return out.logprob[:n], out.rank[:n], out.top_ids[:n, :width], out.top_logprobs[:n, :width]
 
     def follow(self, bs: int, mode: int, gather_logits: int) -> None:
         """A TP worker's side of rank 0's replay (after its DECODE header): the same inputs, the same graph,

@@ -66,10 +66,12 @@ class PendingStep:
         self.ring = ring  # a graph step that sampled in its graph: its ids are on their way to the ring
         # Else copies now: a graph step's ids are overwritten by the next replay. On CUDA, to pinned memory
         # without a sync (.tolist() later would wait for the whole stream, the steps launched since included).
+        # Where the ids are in the ring, only logprobs are copied (the ids are added from the ring later).
         self.event = torch.cuda.Event() if sampled.token_ids.is_cuda else None
         copy = _to_pinned if self.event is not None else torch.clone
-        self.host = None if ring is not None else SamplerOutput(*(t if t is None else copy(t) for t in (
-            sampled.token_ids, sampled.logprobs, sampled.ranks, sampled.top_ids, sampled.top_logprobs)))
+        self.host = SamplerOutput(*(t if t is None else copy(t) for t in (
+            None if ring is not None else sampled.token_ids, sampled.logprobs, sampled.ranks, sampled.top_ids,
+            sampled.top_logprobs)))
         if self.event is not None:
             self.event.record()
 
@@ -80,7 +82,7 @@ class PendingStep:
         if self.event is not None:
             self.event.synchronize()
         if self.ring is not None:
-            self.host = SamplerOutput(self.ring.ids())
+            self.host.token_ids = self.ring.ids()
         out = StepOutput({}, {}, {})
         ModelRunner.collect_samples(self.seqs, self.host, out)
         return out
@@ -104,20 +106,21 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def needs_sampler(seq: Sequence) -> bool:
-    """Sampling seq needs the eager Sampler: a seed (its own generator), penalties, logprobs or a pending
-    min_tokens. Decided on the host: no tensors built."""
+def needs_sampler(seq: Sequence, graph_logprobs: bool = False) -> bool:
+    """Sampling seq needs the eager Sampler: a seed (its own generator), penalties, logprobs (unless the
+    decode graphs give them: graph_logprobs) or a pending min_tokens. Decided on the host: no tensors built."""
     p = seq.sampling_params
-    return (p.logprobs is not None or p.repetition_penalty != 1 or bool(p.frequency_penalty)
-            or bool(p.presence_penalty) or seq.num_completion_tokens < p.min_tokens
+    return ((p.logprobs is not None and not graph_logprobs) or p.repetition_penalty != 1
+            or bool(p.frequency_penalty) or bool(p.presence_penalty) or seq.num_completion_tokens < p.min_tokens
             or (not p.greedy and seq.generator is not None))
 
 
-def graph_sampling(seq: Sequence, vocab_size: int) -> tuple[float, int, float, float] | None:
+def graph_sampling(seq: Sequence, vocab_size: int,
+                   graph_logprobs: bool = False) -> tuple[float, int, float, float] | None:
     """How a decode graph samples seq: (temperature, top_k, top_p, min_p), with temperature 0 for an argmax
     and each filter off as (vocab_size, 1, 0); None when it needs the eager Sampler (needs_sampler)."""
     p = seq.sampling_params
-    if needs_sampler(seq):
+    if needs_sampler(seq, graph_logprobs):
         return None
     if p.greedy:
         return argmax_sampling(vocab_size)
@@ -130,13 +133,19 @@ def argmax_sampling(vocab_size: int) -> tuple[float, int, float, float]:
 
 
 def _scatter_rows(out: SamplerOutput, rows: torch.Tensor, sub: SamplerOutput) -> SamplerOutput:
-    """out, whose token_ids (B,) are every row's, with sub's results (len(rows) rows) in rows; sub's logprobs
-    become (B,)-row tensors (zero in the other rows, which do not ask for them)."""
+    """out, whose token_ids (B,) are every row's (a copy), with sub's results (len(rows) rows) in rows. Where
+    out has logprobs (the graph's, for every row) sub's replace them in a copy, its top lists in their first
+    columns (out's are at least as wide); else sub's become (B,)-row tensors, zero in the other rows, which
+    do not ask for them."""
     out.token_ids[rows] = sub.token_ids
     for name in ("logprobs", "ranks", "top_ids", "top_logprobs"):
         if (part := getattr(sub, name)) is not None:
-            full = part.new_zeros((len(out.token_ids), *part.shape[1:]))
-            full[rows] = part
+            full = getattr(out, name)
+            full = part.new_zeros((len(out.token_ids), *part.shape[1:])) if full is None else full.clone()
+            if part.dim() == 1:
+                full[rows] = part
+            else:
+                full[rows, :part.shape[1]] = part
             setattr(out, name, full)
     return out
 
@@ -396,7 +405,8 @@ class ModelRunner:
         on their rows of the graph's logits. With prev_ids, seq i's input id is
         prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
         n, vocab_size = len(seqs), self.graphs.vocab_size
-        params = [graph_sampling(seq, vocab_size) for seq in seqs]
+        graph_logprobs = self.graphs.tp_size == 1  # under TP a row with logprobs takes the full Sampler
+        params = [graph_sampling(seq, vocab_size, graph_logprobs) for seq in seqs]
         # Rows that need the Sampler (seeds, penalties, logprobs): at TP 1, unless every row does, the graph
         # takes their argmax and the Sampler replaces it from their rows of the graph's logits, so the other
         # rows still sample in the graph. Otherwise the full Sampler below takes the whole step.
@@ -414,11 +424,15 @@ class ModelRunner:
         else:  # the full Sampler, on the greedy graph's logits
             self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
             return self._sample_on_device(seqs, self.graphs.logits[:n]), None
+        asked = [seq.sampling_params.logprobs for seq in seqs if seq.sampling_params.logprobs is not None]
+        # Rows that ask for logprobs get them from the bucket's logprobs graph (all rows, the widest asked).
+        out = SamplerOutput(self.graphs.next_tokens[:n], *self.graphs.logprobs(n, max(asked)) if asked else ())
         if not eager:
-            return SamplerOutput(self.graphs.next_tokens[:n]), ring
+            return out, ring
         rows = self._to_device(eager)
         sub = self._sample_on_device([seqs[i] for i in eager], self.graphs.logits[:n][rows])
-        return _scatter_rows(SamplerOutput(self.graphs.next_tokens[:n].clone()), rows, sub), None
+        out.token_ids = out.token_ids.clone()
+        return _scatter_rows(out, rows, sub), None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, hidden_size) -> logits (N, V). Under TP the workers compute their vocab slices of the
