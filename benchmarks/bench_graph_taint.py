@@ -8,7 +8,8 @@ back-to-back replays of the batch-1 greedy graph (Qwen3-0.6B architecture, rando
 - replays only, or with a host-to-device copy after each (what the default loop does between steps);
 - 5, 10 or 20 replays each followed by one eager kernel (an ATen add), also with the GPU idle before it
   (synchronized) or on a side stream, and 20 such kernels launched before the graph's first replay;
-- a request through the full Sampler (top-p with a seed: its kernels run after each replay);
+- a request through the full Sampler (top-p with a seed: its kernels run after each replay), or greedy
+  with logprobs (the logprobs graph after each replay), and the request's ms per token;
 - 20 kernels, then a one-token request (an eager prefill forward) or a greedy 4-token one.
 
 Then the same for two small graphs of 50 plain and 200 PDL-launched Triton kernels, and the PDL-off engine
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 import triton
@@ -30,6 +32,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from nanovllm import LLM, SamplingParams
 
 ROUNDS = 20  # replays in an action
+REQUEST_MS = []  # ms per token of the last request an action made
 
 
 @triton.jit
@@ -75,9 +78,12 @@ def actions(llm: LLM) -> dict:
             kernel()
 
     def request(params):
+        start = time.perf_counter()
         llm.generate([prompt], params, use_tqdm=False)
+        REQUEST_MS.append(round((time.perf_counter() - start) * 1e3 / params.max_tokens, 3))
 
     top_p = SamplingParams(temperature=0.8, top_p=0.9, seed=1, ignore_eos=True, max_tokens=64)
+    logprobs = SamplingParams(temperature=0, logprobs=2, ignore_eos=True, max_tokens=64)
     return {
         "replays only": lambda g: interleave(g, ROUNDS),
         "a host-to-device copy after each replay":
@@ -89,6 +95,7 @@ def actions(llm: LLM) -> dict:
             lambda g: interleave(g, ROUNDS, torch.cuda.synchronize, kernel),
         "a kernel after each of 20 replays, side stream": lambda g: interleave(g, ROUNDS, on_side),
         "a top-p request (full Sampler)": lambda g: request(top_p),
+        "a greedy request with logprobs": lambda g: request(logprobs),
         "20 kernels, then a 1-token request": lambda g: (
             interleave(g, ROUNDS, kernel), request(SamplingParams(temperature=0, max_tokens=1))),
         "20 kernels, then a greedy 4-token request": lambda g: (
@@ -99,8 +106,9 @@ def actions(llm: LLM) -> dict:
 @torch.inference_mode()
 def engine_rows(names: list[str] | None = None) -> list[dict]:
     llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
-    llm.generate([list(range(100, 228))], SamplingParams(temperature=0, ignore_eos=True, max_tokens=16),
-                 use_tqdm=False)
+    for logprobs in (None, 2):  # the second captures the batch-1 logprobs graph before anything is timed
+        llm.generate([list(range(100, 228))], SamplingParams(temperature=0, ignore_eos=True, max_tokens=16,
+                                                             logprobs=logprobs), use_tqdm=False)
     runner = llm.engine.model_runner
     graphs, rows = runner.graphs, []
     table, scratch = actions(llm), torch.zeros(64, device="cuda")
@@ -114,9 +122,10 @@ def engine_rows(names: list[str] | None = None) -> list[dict]:
             before = None
         else:
             before = bare_us(graph)
+            REQUEST_MS.clear()
             table[name](graph)
         rows.append({"graph": "batch-1 decode", "action": name, "before_us": before, "after_us": bare_us(graph),
-                     "again_us": bare_us(graph)})
+                     "again_us": bare_us(graph), "request_ms_per_token": REQUEST_MS[-1] if REQUEST_MS else None})
         print(json.dumps(rows[-1]), flush=True)
     llm.close()
     return rows
@@ -149,7 +158,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return print(json.dumps(engine_rows(["replays only", "a kernel after each of 20 replays",
-                                             "a top-p request (full Sampler)"])))
+                                             "a top-p request (full Sampler)",
+                                             "a greedy request with logprobs"])))
     card, tag = card_name()
     rows = engine_rows() + small_graph_rows()
     no_pdl = child_json(sys.argv[0], "--child", env={**os.environ, "NANOVLLM_PDL": "0"})

@@ -3,12 +3,13 @@
 Greedy and temperature-only requests sample inside the decode graph (nanovllm/kernels/sample.py); top-k,
 top-p and min-p without a seed sample in the bucket's FILTER graph (engine/cuda_graph.py); a request
 with penalties or a seed takes the full Sampler (nanovllm/layers/sampler.py) on the logits the graph leaves,
-eagerly. This runs requests of each kind one after another in one engine, in the
+eagerly; logprobs come from the decode graphs' logprobs step (kernels/logprobs.py; --logprobs times those
+kinds, into sampling_loop-<card>-logprobs.json). This runs requests of each kind one after another in one engine, in the
 order given, and reports each request's ms per token from its token times (as bench_latency's default
 loop). Each order runs in a process of its own, so a kind's first request after startup and its later ones
 can be told apart. Writes sampling_loop-<card>.json and a PNG of each request (--plot redraws it).
 
-    python benchmarks/bench_sampling_loop.py
+    python benchmarks/bench_sampling_loop.py [--logprobs]
     python benchmarks/bench_sampling_loop.py --plot benchmarks/results/sampling_loop-h100.json
 """
 import argparse
@@ -30,10 +31,16 @@ KINDS = {
     "top_p_seed": dict(temperature=0.8, top_p=0.9, seed=1),
     "min_p": dict(temperature=0.8, min_p=0.05),
     "repetition_penalty": dict(temperature=0, repetition_penalty=1.1),
+    "logprobs_5": dict(temperature=0, logprobs=5),
+    "logprobs_20": dict(temperature=0, logprobs=20),
+    "top_p_logprobs_2": dict(temperature=0.8, top_p=0.9, logprobs=2),
 }
 ORDERS = [
     "greedy,greedy,temperature,temperature,top_k,top_k,top_p,top_p,qwen3_recommended,greedy,greedy",
     "greedy,top_p_seed,top_p_seed,min_p,min_p,repetition_penalty,repetition_penalty,temperature,greedy,greedy",
+]
+LOGPROBS_ORDERS = [
+    "greedy,logprobs_5,logprobs_5,logprobs_20,logprobs_20,top_p_logprobs_2,top_p_logprobs_2,greedy,greedy",
 ]
 
 
@@ -59,8 +66,9 @@ def plot(path: str) -> None:
     import matplotlib.pyplot as plt
     with open(path) as f:
         data = json.load(f)
-    colors = dict(zip(KINDS, plt.get_cmap("tab10").colors))
-    fig, axes = plt.subplots(1, len(data["processes"]), figsize=(9, 4), sharey=True)
+    colors = dict(zip(KINDS, plt.get_cmap("tab20").colors))
+    fig, axes = plt.subplots(1, len(data["processes"]), figsize=(9, 4), sharey=True, squeeze=False)
+    axes = axes[0]
     for i, (ax, run) in enumerate(zip(axes, data["processes"])):
         rows = run["requests"]
         ax.bar(range(len(rows)), [r["ms_per_token"] for r in rows], color=[colors[r["kind"]] for r in rows])
@@ -79,6 +87,7 @@ def main() -> None:
     parser.add_argument("--order", help="run this one order here (what each child process does)")
     parser.add_argument("--plot", metavar="JSON", help="only redraw the PNG of this result file")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--logprobs", action="store_true", help="the orders of requests asking for logprobs")
     args = parser.parse_args()
     if args.plot:
         return plot(args.plot)
@@ -87,14 +96,14 @@ def main() -> None:
         return
     name, tag = card_name()
     runs = []
-    for order in ORDERS:
+    for order in LOGPROBS_ORDERS if args.logprobs else ORDERS:
         rows = child_json(__file__, "--order", order)
         runs.append({"order": order, "requests": rows})
         print(" ".join(f"{r['kind']} {r['ms_per_token']:.3f}" for r in rows))
     result = {"card": name, "model": "Qwen3-0.6B architecture, random bf16 weights", "tokens": TOKENS,
               "kinds": KINDS, "processes": runs}
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"sampling_loop-{tag}.json")
+    path = os.path.join(args.out_dir, f"sampling_loop-{tag}{'-logprobs' if args.logprobs else ''}.json")
     write_json(path, result)
     plot(path)
 
