@@ -249,9 +249,9 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_logprobs_rows_stay_in_the_graphs(folder, reference, monkeypatch, async_scheduling):
     """A row that needed the Sampler only for its logprobs samples in the graph (uncaptured on CPU here) and
-    takes them from the bucket's logprobs step, at the most logprobs any row of the step asks; a seeded row
-    with logprobs beside it still takes the Sampler, on its row alone. Tokens and logprobs are the eager
-    engine's."""
+    takes them from the bucket's logprobs step, at the most logprobs such rows ask; a seeded row with more
+    logprobs beside it still takes the Sampler, on its row alone, and brings its own. Tokens and logprobs
+    are the eager engine's."""
     hot = dict(max_tokens=8, ignore_eos=True)
     params = [greedy(8, ignore_eos=True, logprobs=2), SamplingParams(temperature=0.8, top_k=1, logprobs=0, **hot),
               SamplingParams(temperature=1.0, seed=4, logprobs=7, **hot)]
@@ -269,7 +269,7 @@ def test_logprobs_rows_stay_in_the_graphs(folder, reference, monkeypatch, async_
     assert summary(graphed) == summary(eager)
     assert graphed[0].outputs[0].token_ids == graphed[1].outputs[0].token_ids == reference[0][:8]
     assert_same_logprobs(graphed, eager)
-    assert asked == [(3, 7)] * 7 and sampled == [3] + [1] * 7  # the first token: the prefill step, eager
+    assert asked == [(3, 2)] * 7 and sampled == [3] + [1] * 7  # the first token: the prefill step, eager
 
 
 def test_filter_max_bs_bounds_the_filter_graphs(folder, reference, monkeypatch):

@@ -438,17 +438,19 @@ def test_sampler_rows_beside_graph_rows_draw_as_a_whole_sampler_step(model_dir):
 
 
 def test_logprobs_from_the_graphs_are_the_samplers(model_dir):
-    """Greedy rows asking for logprobs (0, 3 and 20) take them from the decode graphs' logprobs step; the same
-    rows with a pending min_tokens (ignore_eos: nothing is masked) take the eager Sampler on the same logits.
-    Tokens equal, logprobs within fp32 rounding, the same ranks, and top lists of the same values."""
+    """Greedy rows asking for logprobs (0, 3 and 20) take them from the decode graphs' logprobs step, beside a
+    seeded row that takes the Sampler; the same rows with a pending min_tokens (ignore_eos: nothing is
+    masked) all take the eager Sampler on the same logits. Tokens equal, logprobs within fp32 rounding, the
+    same ranks, and top lists of the same values."""
     llm = LLM(model_dir("qwen3-0.6b"), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=8,
               num_kvcache_blocks=128, max_model_len=512)
     runner = llm.engine.model_runner
     runs = []
     for min_tokens in (0, 24):
-        params = [SamplingParams(temperature=0, logprobs=k, max_tokens=24, min_tokens=min_tokens, ignore_eos=True)
-                  for k in (0, 3, 20)]
-        runs.append(llm.generate(prompts()[:3], params, use_tqdm=False))
+        hot = dict(max_tokens=24, min_tokens=min_tokens, ignore_eos=True)
+        params = [SamplingParams(temperature=0, logprobs=k, **hot) for k in (0, 3, 20)]
+        params.append(SamplingParams(temperature=1.0, seed=5, logprobs=4, **hot))
+        runs.append(llm.generate(prompts()[:4], params, use_tqdm=False))
     assert {w for _, w in runner.graphs.logprob_graphs} == {20}  # (bucket 4, width 20): only the first run
     for graphed, eager in zip(*runs):
         a, b = graphed.outputs[0], eager.outputs[0]

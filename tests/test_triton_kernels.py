@@ -490,16 +490,21 @@ def test_sample_kernel_writes_the_ids_into_the_host_ring_row_its_slot_names():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,vocab", [(3, 2500), (1, 37)] + ([(1, 151936), (40, 151936)] if CUDA else []))
+@pytest.mark.parametrize("rows,vocab", [(3, 2500), (1, 37), (34, 5000)]
+                         + ([(1, 151936), (40, 151936)] if CUDA else []))
 def test_logprobs_kernel_gives_the_samplers_logprobs(rows, vocab, dtype):
     """Each row's logprob and rank of its token and its top lists (every width) are gather_logprobs': the
     values within fp32 rounding, the ids those values belong to (bf16 ties may order them otherwise). A
-    vocabulary over several chunks, and one under a chunk; at 40 rows the wide chunks."""
+    vocabulary over several chunks, and one under a chunk; over 32 rows the wide chunks. A chunk of -inf
+    logits (row 1 where it spans two chunks) adds nothing rather than NaN."""
     from nanovllm.kernels.logprobs import TOP_WIDTHS, LogprobsBuffers, logprobs, logprobs_ref
     gen = torch.Generator(DEVICE).manual_seed(rows)
     logits = (3 * torch.randn(rows, vocab, generator=gen, device=DEVICE)).to(dtype)
     ids = torch.randint(0, vocab, (rows,), generator=gen, device=DEVICE)
     ids[0] = logits[0].float().argmax()  # rank 1
+    if rows > 1 and vocab > 2048:
+        logits[1, 1024:2048] = -float("inf")
+        ids[1] = 0
     buffers = LogprobsBuffers.make(rows + 2, vocab, DEVICE)
     for width in TOP_WIDTHS:
         for t in buffers[:4]:

@@ -413,11 +413,18 @@ class DecodeGraphs:
             self.logprob_buffers = LogprobsBuffers.make(self.max_bs, self.vocab_size, self.device)
         args = self.logits[:bs], self.next_tokens[:bs], width, self.logprob_buffers
         graph = self.logprob_graphs.get((bs, width))
-        if graph is None:
+        if graph is None:  # captured on a side stream, behind what is queued (as tune_step does)
             logprobs(*args)  # compiles outside the capture
             graph = self.logprob_graphs[bs, width] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # a pool of its own, which stays empty: the kernels allocate nothing
-                logprobs(*args)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # not torch.cuda.graph(): it syncs and empties the caches
+                graph.capture_begin(capture_error_mode="thread_local")  # a pool of its own that stays empty:
+                try:  # the kernels allocate nothing
+                    logprobs(*args)
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(stream)
         graph.replay()
         out = self.logprob_buffers
         return out.logprob[:n], out.rank[:n], out.top_ids[:n, :width], out.top_logprobs[:n, :width]

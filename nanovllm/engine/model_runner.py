@@ -134,17 +134,20 @@ def argmax_sampling(vocab_size: int) -> tuple[float, int, float, float]:
 
 def _scatter_rows(out: SamplerOutput, rows: torch.Tensor, sub: SamplerOutput) -> SamplerOutput:
     """out, whose token_ids (B,) are every row's (a copy), with sub's results (len(rows) rows) in rows. Where
-    out has logprobs (the graph's, for every row) sub's replace them in a copy, its top lists in their first
-    columns (out's are at least as wide); else sub's become (B,)-row tensors, zero in the other rows, which
-    do not ask for them."""
+    out has logprobs (the graph's, of its other rows) sub's go into a copy of them, top lists as wide as the
+    wider of the two; else sub's become (B,)-row tensors, zero in the other rows, which do not ask for them."""
     out.token_ids[rows] = sub.token_ids
     for name in ("logprobs", "ranks", "top_ids", "top_logprobs"):
         if (part := getattr(sub, name)) is not None:
-            full = getattr(out, name)
-            full = part.new_zeros((len(out.token_ids), *part.shape[1:])) if full is None else full.clone()
+            mine = getattr(out, name)
             if part.dim() == 1:
+                full = part.new_zeros(len(out.token_ids)) if mine is None else mine.clone()
                 full[rows] = part
-            else:
+            else:  # top lists
+                width = part.shape[1] if mine is None else max(part.shape[1], mine.shape[1])
+                full = part.new_zeros(len(out.token_ids), width)
+                if mine is not None:
+                    full[:, :mine.shape[1]] = mine
                 full[rows, :part.shape[1]] = part
             setattr(out, name, full)
     return out
@@ -424,8 +427,11 @@ class ModelRunner:
         else:  # the full Sampler, on the greedy graph's logits
             self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
             return self._sample_on_device(seqs, self.graphs.logits[:n]), None
-        asked = [seq.sampling_params.logprobs for seq in seqs if seq.sampling_params.logprobs is not None]
-        # Rows that ask for logprobs get them from the bucket's logprobs graph (all rows, the widest asked).
+        # Rows that ask for logprobs get them from the bucket's logprobs graph (every row, the widest asked);
+        # the Sampler's rows bring their own.
+        sampler_rows = set(eager)
+        asked = [seq.sampling_params.logprobs for i, seq in enumerate(seqs)
+                 if seq.sampling_params.logprobs is not None and i not in sampler_rows]
         out = SamplerOutput(self.graphs.next_tokens[:n], *self.graphs.logprobs(n, max(asked)) if asked else ())
         if not eager:
             return out, ring

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from nanovllm.kernels import jit
+from nanovllm.sampling_params import MAX_LOGPROBS
 
 try:
     import triton
@@ -30,12 +31,12 @@ try:
 except ImportError:  # CPU installs without Triton use logprobs_ref
     triton = tl = None
 
-TOP_WIDTHS = (0, 5, 20)  # top lists a kernel variant fills; 20 is the most logprobs a request may ask
+TOP_WIDTHS = (0, 5, MAX_LOGPROBS)  # top lists a kernel variant fills: up to the most a request may ask
 CHUNK, SMALL_CHUNK, SMALL_CHUNK_ROWS = 4096, 1024, 32  # logits a program reads: narrower at a few rows
 
 
 def top_width(k: int) -> int:
-    """The narrowest variant's top-list width that holds k logprobs (k <= 20)."""
+    """The narrowest variant's top-list width that holds k logprobs (k <= MAX_LOGPROBS)."""
     return next(w for w in TOP_WIDTHS if w >= k)
 
 
@@ -52,11 +53,11 @@ class LogprobsBuffers(NamedTuple):
     logprobs() in a CUDA graph."""
     logprob: torch.Tensor  # (R,) float32
     rank: torch.Tensor  # (R,) int64
-    top_logprobs: torch.Tensor  # (R, 20) float32: the first `width` columns are written
-    top_ids: torch.Tensor  # (R, 20) int64
+    top_logprobs: torch.Tensor  # (R, MAX_LOGPROBS) float32: the first `width` columns are written
+    top_ids: torch.Tensor  # (R, MAX_LOGPROBS) int64
     stats: torch.Tensor  # (R, chunks, 3) float32: each chunk's max, exp sum and count above the token
-    cand_values: torch.Tensor  # (R, chunks * 20) float32: each chunk's largest logits
-    cand_ids: torch.Tensor  # (R, chunks * 20) int32
+    cand_values: torch.Tensor  # (R, chunks * MAX_LOGPROBS) float32: each chunk's largest logits
+    cand_ids: torch.Tensor  # (R, chunks * MAX_LOGPROBS) int32
 
     @classmethod
     def make(cls, rows: int, vocab: int, device: torch.device | str) -> LogprobsBuffers:
@@ -74,6 +75,7 @@ def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, width: int, buffers:
     assert logits.stride(-1) == 1 and width in TOP_WIDTHS and batch <= buffers.logprob.shape[0]
     chunk = min(SMALL_CHUNK if batch <= SMALL_CHUNK_ROWS else CHUNK, triton.next_power_of_2(vocab))
     chunks = -(-vocab // chunk)
+    assert buffers.stats.shape[1] >= chunks, "buffers made for a smaller vocabulary"
     if batch:
         stats, values, ids = buffers.stats, buffers.cand_values, buffers.cand_ids
         _chunk_kernel[(batch, chunks)](logits, logits.stride(0), token_ids, stats, stats.stride(0), values, ids,
@@ -99,7 +101,7 @@ def _chunk_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_p
     high = tl.max(x, axis=0)
     stats = stats_ptr + row * stride_stats + chunk * 3
     tl.store(stats, high)
-    tl.store(stats + 1, tl.sum(tl.exp(x - high), axis=0))
+    tl.store(stats + 1, tl.sum(tl.exp(x - tl.where(high > -float("inf"), high, 0.0)), axis=0))  # all -inf: 0
     tl.store(stats + 2, tl.sum((x > token_logit).to(tl.float32), axis=0))  # exact below 2^24
     out = row * stride_cand + chunk * WIDTH
     for i in tl.static_range(WIDTH):
