@@ -59,7 +59,7 @@ def workload(reference) -> tuple[list, list[SamplingParams], int]:
         (PROMPTS[0], greedy(20, min_tokens=12)),  # the EOS is masked until 12 tokens
         (SHARED + [5, 6], greedy(12, ignore_eos=True)),
         (SHARED + [8], greedy(12, ignore_eos=True)),
-        (PROMPTS[3], greedy(10, ignore_eos=True, repetition_penalty=1.3)),  # needs the tokens: sync steps
+        (PROMPTS[3], greedy(10, ignore_eos=True, repetition_penalty=1.3)),  # its last id from the device
         (PROMPTS[3], greedy(3, ignore_eos=True, prompt_logprobs=2)),
         (PROMPTS[2], SamplingParams(temperature=0.7, max_tokens=9, ignore_eos=True)),  # unseeded: length only
     ]
@@ -263,13 +263,31 @@ def test_logprobs_rows_stay_in_the_graphs(folder, reference, monkeypatch, async_
     asked, sampled = [], []
     logprobs, sample = runner.graphs.logprobs, runner._sample_on_device
     monkeypatch.setattr(runner.graphs, "logprobs", lambda n, k: asked.append((n, k)) or logprobs(n, k))
-    monkeypatch.setattr(runner, "_sample_on_device", lambda seqs, logits: sampled.append(len(seqs)) or sample(
-        seqs, logits))
+    monkeypatch.setattr(runner, "_sample_on_device", lambda seqs, *args: sampled.append(len(seqs)) or sample(
+        seqs, *args))
     graphed = llm.generate(prompts, params, use_tqdm=False)
     assert summary(graphed) == summary(eager)
     assert graphed[0].outputs[0].token_ids == graphed[1].outputs[0].token_ids == reference[0][:8]
     assert_same_logprobs(graphed, eager)
     assert asked == [(3, 2)] * 7 and sampled == [3] + [1] * 7  # the first token: the prefill step, eager
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_penalties_take_the_id_in_flight_on_the_device(folder, reference, monkeypatch, graphs):
+    """Steps of seqs with penalties overlap too: the Sampler takes the last id, still in flight, from the
+    step before on the device. A repetition penalty of 1e4 never lets a seen token win here, so a last id left
+    out of the history would show as a repeat; tokens are the synchronous engine's."""
+    params = [greedy(12, ignore_eos=True, repetition_penalty=1e4),
+              greedy(12, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0), greedy(12, ignore_eos=True)]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    outs, overlapped = [], None
+    for async_scheduling in (False, True):
+        llm = make_llm(folder, reference[0][9], async_scheduling, monkeypatch, graphs=graphs)
+        overlapped = count_overlapped_launches(llm)
+        outs.append(summary(llm.generate(prompts, params, use_tqdm=False)))
+    assert outs[0] == outs[1] and overlapped[0] >= 10
+    tokens = outs[1][0][0][0]
+    assert all(t not in PROMPTS[0] + tokens[:i] for i, t in enumerate(tokens))
 
 
 def test_filter_max_bs_bounds_the_filter_graphs(folder, reference, monkeypatch):
@@ -312,7 +330,7 @@ def test_streams_and_aborts_in_flight(folder, reference, monkeypatch):
                 if output.finished:
                     final[output.request_id] = c.token_ids
             steps += 1
-            # Once the repetition-penalty request (whose steps run one at a time) is done, steps overlap.
+            # Once the repetition-penalty request is done.
             if not gone and "11" in final and (engine._inflight or not async_scheduling):
                 if async_scheduling:  # aborted while their step runs
                     assert {s.request_id for s in engine._inflight.batch.seqs} >= set(aborted)
@@ -361,9 +379,11 @@ def test_async_scheduling_on_cuda_graphs(tmp_path):
     config = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "configs", "qwen3-0.6b.json")
     shutil.copy(config, tmp_path / "config.json")
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 10000, (int(n),), generator=gen).tolist() for n in (5, 40, 130, 300, 17, 64)]
+    prompts = [torch.randint(0, 10000, (int(n),), generator=gen).tolist() for n in (5, 40, 130, 300, 17, 90, 64)]
     params = [SamplingParams(temperature=0, max_tokens=16 + 9 * i, ignore_eos=True) for i in range(4)]
     params += [SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=30, ignore_eos=True, logprobs=2),
+               SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5, max_tokens=30,
+                              ignore_eos=True),  # its last id from the step in flight
                SamplingParams(temperature=0.6, max_tokens=40, ignore_eos=True)]  # the sampling graph
     results = []
     for async_scheduling in (False, True):

@@ -328,14 +328,21 @@ def test_async_drains_for_what_needs_a_normal_step():
     s.add(Sequence([1, 2, 3], SamplingParams(prompt_logprobs=1)))
     assert s.schedule_overlapped() is None  # a prompt to admit whose logprobs only a synchronous step gives
     s.waiting.clear()
-    penalized = Sequence([1, 2], SamplingParams(repetition_penalty=1.2))
-    assert penalized.needs_token_history and not seqs[0].needs_token_history
-    s.running.append(penalized)
-    assert s.schedule_overlapped() is None  # the sampler would read its placeholder
-    s.running.remove(penalized)
     s.block_manager.free_block_ids.clear()  # no block for the placeholders' new block: preemption ahead
     assert s.schedule_overlapped() is None
     assert all(len(seq.block_table) == 1 for seq in seqs) and free == 4  # nothing was allocated
+
+
+def test_async_goes_on_with_penalties():
+    """A seq with penalties decodes in an overlapped step: its sampler takes the placeholder's id on the device
+    (SamplingBatch.build's history), so nothing drains for it."""
+    s = make_scheduler()
+    seqs = [Sequence([1, 2, 3], SamplingParams(repetition_penalty=1.2, max_tokens=8)),
+            Sequence([4, 5], SamplingParams(presence_penalty=0.5, frequency_penalty=0.5, max_tokens=8))]
+    start_async(s, seqs)
+    batch = s.schedule_overlapped()
+    assert batch.seqs == seqs and batch.num_new_tokens == [1, 1] and s.can_overlap(batch)
+    assert all(seq.token_ids[-1] == PLACEHOLDER for seq in seqs)
 
 
 def test_async_never_schedules_a_seq_past_its_last_token():

@@ -110,9 +110,14 @@ def needs_sampler(seq: Sequence, graph_logprobs: bool = False) -> bool:
     """Sampling seq needs the eager Sampler: a seed (its own generator), penalties, logprobs (unless the
     decode graphs give them: graph_logprobs) or a pending min_tokens. Decided on the host: no tensors built."""
     p = seq.sampling_params
-    return ((p.logprobs is not None and not graph_logprobs) or p.repetition_penalty != 1
-            or bool(p.frequency_penalty) or bool(p.presence_penalty) or seq.num_completion_tokens < p.min_tokens
-            or (not p.greedy and seq.generator is not None))
+    return ((p.logprobs is not None and not graph_logprobs) or reads_history(seq)
+            or seq.num_completion_tokens < p.min_tokens or (not p.greedy and seq.generator is not None))
+
+
+def reads_history(seq: Sequence) -> bool:
+    """Sampling seq reads its token ids (penalties), the last one perhaps still in flight."""
+    p = seq.sampling_params
+    return p.repetition_penalty != 1 or bool(p.frequency_penalty or p.presence_penalty)
 
 
 def graph_sampling(seq: Sequence, vocab_size: int,
@@ -394,7 +399,8 @@ class ModelRunner:
         if not sampled_seqs:  # only prefill chunks that end mid-prompt
             return PendingStep([], SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device)), guard)
         logits = self.compute_logits(hidden[self._to_device([row for _, row in sample_rows])])  # (B, V)
-        return PendingStep(sampled_seqs, self._sample_on_device(sampled_seqs, logits), guard)
+        history = None if prev is None else (prev.token_ids, [prev.rows.get(seq.seq_id) for seq in sampled_seqs])
+        return PendingStep(sampled_seqs, self._sample_on_device(sampled_seqs, logits, history), guard)
 
     def _to_device(self, values) -> torch.Tensor:
         """int64 indices on the device, copied without waiting for the stream (a blocking copy from pageable
@@ -408,6 +414,9 @@ class ModelRunner:
         on their rows of the graph's logits. With prev_ids, seq i's input id is
         prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
         n, vocab_size = len(seqs), self.graphs.vocab_size
+        history = None  # penalties read the ids in flight: (their copy, each seq's row), taken before the
+        if prev_ids is not None and any(reads_history(seq) for seq in seqs):  # replay overwrites them
+            history = prev_ids[self._to_device(src_rows)], list(range(n))
         graph_logprobs = self.graphs.tp_size == 1  # under TP a row with logprobs takes the full Sampler
         params = [graph_sampling(seq, vocab_size, graph_logprobs) for seq in seqs]
         # Rows that need the Sampler (seeds, penalties, logprobs): at TP 1, unless every row does, the graph
@@ -426,7 +435,7 @@ class ModelRunner:
             ring = self.graphs.replay(seqs, [p[0] for p in params], prev_ids, src_rows, filters=filters)
         else:  # the full Sampler, on the greedy graph's logits
             self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
-            return self._sample_on_device(seqs, self.graphs.logits[:n]), None
+            return self._sample_on_device(seqs, self.graphs.logits[:n], history), None
         # Rows that ask for logprobs get them from the bucket's logprobs graph (every row, the widest asked);
         # the Sampler's rows bring their own.
         sampler_rows = set(eager)
@@ -436,7 +445,8 @@ class ModelRunner:
         if not eager:
             return out, ring
         rows = self._to_device(eager)
-        sub = self._sample_on_device([seqs[i] for i in eager], self.graphs.logits[:n][rows])
+        sub = self._sample_on_device([seqs[i] for i in eager], self.graphs.logits[:n][rows],
+                                     None if history is None else (history[0], eager))
         out.token_ids = out.token_ids.clone()
         return _scatter_rows(out, rows, sub), None
 
@@ -453,12 +463,14 @@ class ModelRunner:
                 and all(n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
                         for seq, n in zip(batch.seqs, batch.num_new_tokens)))
 
-    def _sample_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> SamplerOutput:
-        """logits (B, V) in the model dtype -> the sampled ids (B,) (+ logprobs), left on the device."""
+    def _sample_on_device(self, seqs: list[Sequence], logits: torch.Tensor,
+                          history: tuple[torch.Tensor, list[int | None]] | None = None) -> SamplerOutput:
+        """logits (B, V) in the model dtype -> the sampled ids (B,) (+ logprobs), left on the device. history:
+        where the ids of the step in flight are, for penalties (SamplingBatch.build)."""
         if all(seq.sampling_params.greedy and not needs_sampler(seq) for seq in seqs):  # greedy: one argmax
             return SamplerOutput(logits.argmax(dim=-1))
         logits = logits.float()
-        sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids)
+        sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids, history)
         return self.sampler(logits, sampling)
 
     def _forward(self, batch: ScheduledBatch, prev: PendingStep | None = None):

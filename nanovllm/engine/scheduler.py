@@ -128,10 +128,11 @@ class Scheduler:
 
     @staticmethod
     def _needs_host(seq: Sequence) -> bool:
-        """Whether a step of seq must run synchronously: its sampler reads the token history (penalties), or
-        its next chunk yields prompt logprobs (the synchronous run computes those)."""
-        return seq.needs_token_history or (seq.sampling_params.prompt_logprobs is not None
-                                           and seq.num_computed_tokens < seq.num_prompt_tokens - 1)
+        """Whether a step of seq must run synchronously: its next chunk yields prompt logprobs (the synchronous
+        run computes those). Penalties read the token history, placeholder included: the runner takes its id
+        on the device (layers/sampler.py: SamplingBatch.build's history)."""
+        return (seq.sampling_params.prompt_logprobs is not None
+                and seq.num_computed_tokens < seq.num_prompt_tokens - 1)
 
     def advance(self, batch: ScheduledBatch) -> None:
         """postprocess() for a launched step whose sampled ids are not known yet: sampled seqs get a

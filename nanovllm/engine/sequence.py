@@ -36,11 +36,6 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hashes of the full blocks, memoized by the BlockManager
         self.sampling_params = sampling_params
-        p = sampling_params
-        # The sampler reads the tokens themselves only for penalties: such a seq cannot be scheduled while
-        # its last token is still a placeholder. (min_tokens reads their count, which a placeholder keeps
-        # right; a seed's generator lives on the device and advances in stream order.)
-        self.needs_token_history = p.repetition_penalty != 1 or bool(p.frequency_penalty or p.presence_penalty)
         # Set by the engine:
         self.generator = None  # torch.Generator of a seeded request (kept opaque here)
         self.output_logprobs: list = []

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nanovllm.engine.sequence import PLACEHOLDER
+
 
 @dataclass(slots=True)
 class SamplingBatch:
@@ -32,9 +34,12 @@ class SamplingBatch:
     max_num_logprobs: int | None = None  # top-k logprobs to return; None: no logprobs at all
 
     @classmethod
-    def build(cls, seqs: list, device: torch.device | str, vocab_size: int,
-              eos_token_ids: list[int] = ()) -> "SamplingBatch":
-        """`vocab_size` must be the logits' width: it pads the id tensors and means "top-k off"."""
+    def build(cls, seqs: list, device: torch.device | str, vocab_size: int, eos_token_ids: list[int] = (),
+              history: tuple[Tensor, list[int | None]] | None = None) -> "SamplingBatch":
+        """`vocab_size` must be the logits' width: it pads the id tensors and means "top-k off". history
+        (async scheduling: a step launched before the previous one's ids are back) is (ids on the device, each
+        seq's row in them or None): a seq whose last token is still a PLACEHOLDER takes its id from there, on
+        the device, for the penalties."""
         params = [seq.sampling_params for seq in seqs]
 
         def tensor(values, dtype=torch.float32) -> Tensor:
@@ -57,13 +62,13 @@ class SamplingBatch:
         if any(p.repetition_penalty != 1 for p in params):
             batch.repetition_penalties = tensor([p.repetition_penalty for p in params])
             seen = [s.token_ids if p.repetition_penalty != 1 else [] for s, p in zip(seqs, params)]
-            batch.seen_ids = _pad(seen, vocab_size, device)
+            batch.seen_ids = _pad(seen, vocab_size, device, history)
         if any(p.frequency_penalty or p.presence_penalty for p in params):
             batch.frequency_penalties = tensor([p.frequency_penalty for p in params])
             batch.presence_penalties = tensor([p.presence_penalty for p in params])
             outputs = [s.completion_token_ids if p.frequency_penalty or p.presence_penalty else []
                        for s, p in zip(seqs, params)]
-            batch.output_ids = _pad(outputs, vocab_size, device)
+            batch.output_ids = _pad(outputs, vocab_size, device, history)
         batch.min_tokens_mask = _min_tokens_mask(seqs, eos_token_ids, vocab_size, device)
         requested = [p.logprobs for p in params if p.logprobs is not None]
         batch.max_num_logprobs = max(requested) if requested else None
@@ -76,11 +81,24 @@ class SamplingBatch:
                 and self.min_tokens_mask is None)
 
 
-def _pad(rows: list[list[int]], pad_id: int, device) -> Tensor:
+def _pad(rows: list[list[int]], pad_id: int, device, history: tuple[Tensor, list[int | None]] | None = None) -> Tensor:
+    """rows as one (B, L) tensor padded with pad_id; a PLACEHOLDER (a row's last id, not back yet) takes its id
+    from history (see SamplingBatch.build) on the device."""
     out = np.full((len(rows), max(1, max(map(len, rows)))), pad_id, dtype=np.int64)
     for i, ids in enumerate(rows):
         out[i, :len(ids)] = ids
-    return torch.from_numpy(out).to(device, non_blocking=True)
+    holes = [(i, len(ids) - 1) for i, ids in enumerate(rows) if ids and ids[-1] == PLACEHOLDER]
+    if not holes:
+        return torch.from_numpy(out).to(device, non_blocking=True)
+    if history is None:
+        raise ValueError("a placeholder id with no history to take it from")
+    ids, sources = history
+    rows_, cols = zip(*holes)
+    out[rows_, cols] = pad_id
+    padded = torch.from_numpy(out).to(device, non_blocking=True)
+    where = torch.tensor([rows_, cols, [sources[i] for i in rows_]], dtype=torch.int64).to(device, non_blocking=True)
+    padded[where[0], where[1]] = ids[where[2]]
+    return padded
 
 
 def _min_tokens_mask(seqs: list, eos_token_ids: list[int], vocab_size: int,
