@@ -23,10 +23,11 @@ synchronous loop instead and writes throughput-<card>-sync.json. --filters sampl
 filters in its bucket's FILTER graph, unless NANOVLLM_FILTER_MAX_BS=n sends steps of more than n seqs to the
 eager Sampler. --seeded-every K gives every K-th request a seed: those rows take the eager Sampler, the
 others still sample in the graph. --logprobs K asks K logprobs of every request (the decode graphs'
-logprobs step, kernels/logprobs.py).
+logprobs step, kernels/logprobs.py). --penalized-every K gives every K-th request a presence penalty of 0.5
+(its rows take the eager Sampler, which reads the id still in flight on the device).
 
     python benchmarks/bench_throughput.py [--out-dir benchmarks/results] [--skip-hf] [--no-async-scheduling]
-        [--filters] [--seeded-every K] [--logprobs K]
+        [--filters] [--seeded-every K] [--logprobs K] [--penalized-every K]
 """
 import argparse
 import gc
@@ -56,17 +57,20 @@ HF_REQUESTS, HF_MAX_TOKENS = 16, 128
 FILTERS = {"top_k": 20, "top_p": 0.95}  # --filters: Qwen3's recommended sampling (with temperature 0.6)
 
 
-def workload(filters: bool = False, seeded_every: int = 0,
-             logprobs: int | None = None) -> tuple[list[list[int]], list[SamplingParams]]:
+def workload(filters: bool = False, seeded_every: int = 0, logprobs: int | None = None,
+             penalized_every: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
     """nano-vllm's requests; with filters, FILTERS on each; with seeded_every k, every k-th request has a seed
-    (so its rows take the eager Sampler); each asks `logprobs` logprobs."""
+    (so its rows take the eager Sampler); each asks `logprobs` logprobs; with penalized_every k, every k-th
+    request has a presence penalty of 0.5."""
     random.seed(0)
     prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, MAX_INPUT_LEN))]
                for _ in range(NUM_SEQS)]
     extra = FILTERS if filters else {}
     seeds = [i if seeded_every and i % seeded_every == 0 else None for i in range(NUM_SEQS)]
+    penalties = [0.5 if penalized_every and i % penalized_every == 0 else 0.0 for i in range(NUM_SEQS)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, MAX_OUTPUT_LEN),
-                             seed=seed, logprobs=logprobs, **extra) for seed in seeds]
+                             seed=seed, logprobs=logprobs, presence_penalty=penalty, **extra)
+              for seed, penalty in zip(seeds, penalties)]
     return prompts, params
 
 
@@ -210,13 +214,15 @@ def main() -> None:
                         help="give every K-th request a seed; writes throughput-<card>[-filters]-seeded<K>.json")
     parser.add_argument("--logprobs", type=int, default=None, metavar="K",
                         help="ask K logprobs of every request; writes throughput-<card>[...]-logprobs<K>.json")
+    parser.add_argument("--penalized-every", type=int, default=0, metavar="K",
+                        help="give every K-th request a presence penalty; writes ...-penalized<K>.json")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs of the workload; the median one is reported, all in repeats_seconds")
     args = parser.parse_args()
     card, tag = card_name()
     bw = copy_bandwidth_gbps()
     folder = model_dir()
-    prompts, params = workload(args.filters, args.seeded_every, args.logprobs)
+    prompts, params = workload(args.filters, args.seeded_every, args.logprobs, args.penalized_every)
     t0 = time.perf_counter()
     llm = make_engine(folder, async_scheduling=args.async_scheduling)
     startup = time.perf_counter() - t0
@@ -239,7 +245,7 @@ def main() -> None:
               "workload": "nano-vllm bench.py: 256 reqs, in/out uniform [100, 1024], seed 0, temperature 0.6",
               "async_scheduling": args.async_scheduling, "prefill_graphs": prefill_graphs,
               "filters": FILTERS if args.filters else None, "filter_max_bs": filter_max_bs,
-              "seeded_every": args.seeded_every, "logprobs": args.logprobs,
+              "seeded_every": args.seeded_every, "logprobs": args.logprobs, "penalized_every": args.penalized_every,
               "output_tokens": output_tokens, "seconds": spent["seconds"],
               "output_tok_per_s": output_tokens / spent["seconds"],
               "hf_output_tok_per_s": hf["output_tok_per_s"] if hf else None,
@@ -252,7 +258,8 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     suffix = (("" if args.async_scheduling else "-sync") + ("-filters" if args.filters else "")
               + (f"-seeded{args.seeded_every}" if args.seeded_every else "")
-              + (f"-logprobs{args.logprobs}" if args.logprobs is not None else ""))
+              + (f"-logprobs{args.logprobs}" if args.logprobs is not None else "")
+              + (f"-penalized{args.penalized_every}" if args.penalized_every else ""))
     write_json(os.path.join(args.out_dir, f"throughput-{tag}{suffix}.json"), result)
     print(json.dumps(result, indent=1))
     print(f"{card}: {result['output_tok_per_s']:.0f} output tok/s ({output_tokens} tokens in "
