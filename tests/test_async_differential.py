@@ -80,7 +80,7 @@ def random_params(rng: random.Random, vocab) -> SamplingParams:
         kw.update(logprobs=rng.randint(0, 3))
     if rng.random() < 0.1:
         kw.update(prompt_logprobs=1)
-    if rng.random() < 0.08:  # the sampler reads the tokens: sync steps while it runs
+    if rng.random() < 0.08:  # the sampler reads the tokens, the last one from the step in flight
         kw.update(repetition_penalty=1.2)
     return SamplingParams(**kw)
 

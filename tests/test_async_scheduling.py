@@ -275,18 +275,36 @@ def test_logprobs_rows_stay_in_the_graphs(folder, reference, monkeypatch, async_
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 def test_penalties_take_the_id_in_flight_on_the_device(folder, reference, monkeypatch, graphs):
     """Steps of seqs with penalties overlap too: the Sampler takes the last id, still in flight, from the
-    step before on the device. A repetition penalty of 1e4 never lets a seen token win here, so a last id left
-    out of the history would show as a repeat; tokens are the synchronous engine's."""
-    params = [greedy(12, ignore_eos=True, repetition_penalty=1e4),
-              greedy(12, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0), greedy(12, ignore_eos=True)]
-    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
-    outs, overlapped = [], None
+    step before on the device, each seq from its own row there (rows shift as a shorter seq ends). Every
+    history the Sampler got holds the ids the seq really has; a repetition penalty of 1e4 never lets a seen
+    token win; tokens are the synchronous engine's."""
+    from nanovllm.layers.sampler import SamplingBatch
+    params = [greedy(5, ignore_eos=True), greedy(12, ignore_eos=True, repetition_penalty=1e4),
+              greedy(12, ignore_eos=True),
+              greedy(12, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0, repetition_penalty=1.1)]
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[1], PROMPTS[3]]
+    outs, overlapped, seen = [], None, []
+    build = SamplingBatch.build
+
+    def spy(seqs, *args):  # (seq, its ids the Sampler got, the same from the seq's final ids)
+        batch = build(seqs, *args)
+        for i, seq in enumerate(seqs):
+            n, m, p = seq.num_tokens, seq.num_completion_tokens, seq.sampling_params
+            if p.repetition_penalty != 1:
+                seen.append((seq, batch.seen_ids[i, :n].tolist(), lambda seq=seq, n=n: seq.token_ids[:n]))
+            if p.frequency_penalty or p.presence_penalty:
+                seen.append((seq, batch.output_ids[i, :m].tolist(),
+                             lambda seq=seq, m=m: seq.completion_token_ids[:m]))
+        return batch
+    monkeypatch.setattr(SamplingBatch, "build", spy)
     for async_scheduling in (False, True):
         llm = make_llm(folder, reference[0][9], async_scheduling, monkeypatch, graphs=graphs)
         overlapped = count_overlapped_launches(llm)
+        seen.clear()
         outs.append(summary(llm.generate(prompts, params, use_tqdm=False)))
-    assert outs[0] == outs[1] and overlapped[0] >= 10
-    tokens = outs[1][0][0][0]
+    assert outs[0] == outs[1] and overlapped[0] >= 10 and len(seen) == 3 * 12
+    assert all(ids == final() for _, ids, final in seen)
+    tokens = outs[1][1][0][0]
     assert all(t not in PROMPTS[0] + tokens[:i] for i, t in enumerate(tokens))
 
 
@@ -330,7 +348,7 @@ def test_streams_and_aborts_in_flight(folder, reference, monkeypatch):
                 if output.finished:
                     final[output.request_id] = c.token_ids
             steps += 1
-            # Once the repetition-penalty request is done.
+            # Mid-run: once request 11 is done, abort others.
             if not gone and "11" in final and (engine._inflight or not async_scheduling):
                 if async_scheduling:  # aborted while their step runs
                     assert {s.request_id for s in engine._inflight.batch.seqs} >= set(aborted)

@@ -391,3 +391,25 @@ def test_top_k_top_p_kernels_keep_what_filter_logits_keeps(dtype, vocab, step, m
         assert kept[torch.arange(len(rows)), out].all()
         assert out[0] == logits[0].float().argmax() and out[1] == logits[1].float().argmax()
     assert not ws.hist.any()
+
+
+def test_penalty_history_fills_each_placeholder_from_its_own_row():
+    """In an overlapped step a seq's last id is a PLACEHOLDER; build() takes it from the step in flight's ids
+    on the device, each seq from its own row there (not in order), for both penalty tensors. A seq not in
+    that step has no placeholder; a placeholder with no row to take it from is a clear error."""
+    from nanovllm.engine.sequence import PLACEHOLDER, Sequence
+    vocab = 50
+    seqs = [Sequence([1, 2], SamplingParams(repetition_penalty=1.5)),
+            Sequence([3], SamplingParams(presence_penalty=1.0)),
+            Sequence([4, 5, 6], SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5))]
+    for seq, tokens in zip(seqs, ([7, PLACEHOLDER], [PLACEHOLDER], [8])):
+        for t in tokens:
+            seq.append_token(t)
+    in_flight = torch.tensor([11, 22, 33])
+    batch = SamplingBatch.build(seqs, "cpu", vocab, history=(in_flight, [2, 0, None]))
+    assert batch.seen_ids.tolist() == [[1, 2, 7, 33], [vocab] * 4, [4, 5, 6, 8]]
+    assert batch.output_ids.tolist() == [[vocab], [11], [8]]
+    with pytest.raises(ValueError, match="placeholder"):
+        SamplingBatch.build(seqs, "cpu", vocab, history=(in_flight, [None, 0, None]))
+    with pytest.raises(ValueError, match="placeholder"):
+        SamplingBatch.build(seqs, "cpu", vocab)

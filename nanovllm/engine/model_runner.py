@@ -414,9 +414,12 @@ class ModelRunner:
         on their rows of the graph's logits. With prev_ids, seq i's input id is
         prev_ids[src_rows[i]] (async scheduling: see DecodeGraphs.replay)."""
         n, vocab_size = len(seqs), self.graphs.vocab_size
-        history = None  # penalties read the ids in flight: (their copy, each seq's row), taken before the
-        if prev_ids is not None and any(reads_history(seq) for seq in seqs):  # replay overwrites them
-            history = prev_ids[self._to_device(src_rows)], list(range(n))
+        history = None  # penalties read the ids in flight (SamplingBatch.build)
+        if prev_ids is not None and any(reads_history(seq) for seq in seqs):
+            # Never the graphs' buffer, which the replay below overwrites: a seq with penalties took the Sampler
+            # in the step before, whose ids are a tensor of their own.
+            assert prev_ids.data_ptr() != self.graphs.next_tokens.data_ptr()
+            history = prev_ids, src_rows
         graph_logprobs = self.graphs.tp_size == 1  # under TP a row with logprobs takes the full Sampler
         params = [graph_sampling(seq, vocab_size, graph_logprobs) for seq in seqs]
         # Rows that need the Sampler (seeds, penalties, logprobs): at TP 1, unless every row does, the graph
@@ -446,7 +449,7 @@ class ModelRunner:
             return out, ring
         rows = self._to_device(eager)
         sub = self._sample_on_device([seqs[i] for i in eager], self.graphs.logits[:n][rows],
-                                     None if history is None else (history[0], eager))
+                                     None if history is None else (prev_ids, [src_rows[i] for i in eager]))
         out.token_ids = out.token_ids.clone()
         return _scatter_rows(out, rows, sub), None
 

@@ -90,10 +90,10 @@ def _pad(rows: list[list[int]], pad_id: int, device, history: tuple[Tensor, list
     holes = [(i, len(ids) - 1) for i, ids in enumerate(rows) if ids and ids[-1] == PLACEHOLDER]
     if not holes:
         return torch.from_numpy(out).to(device, non_blocking=True)
-    if history is None:
-        raise ValueError("a placeholder id with no history to take it from")
-    ids, sources = history
     rows_, cols = zip(*holes)
+    if history is None or any(history[1][i] is None for i in rows_):
+        raise ValueError("a placeholder id with no step in flight to take it from")
+    ids, sources = history
     out[rows_, cols] = pad_id
     padded = torch.from_numpy(out).to(device, non_blocking=True)
     where = torch.tensor([rows_, cols, [sources[i] for i in rows_]], dtype=torch.int64).to(device, non_blocking=True)
