@@ -105,6 +105,22 @@ def filter_max_bs(default: int) -> int:
     return int(value)
 
 
+def capture_behind(fn, stream: torch.cuda.Stream, **capture_args) -> torch.cuda.CUDAGraph:
+    """fn's kernels as a CUDA graph, captured on `stream` behind what the current stream has queued, which
+    then waits for it. Not torch.cuda.graph(): each use syncs, collects and empties the allocator's caches,
+    slow for many captures (tuning) and a stall mid-serving. capture_args go to capture_begin."""
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(**capture_args)
+        try:
+            fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
 class RingIds:
     """Where one replay's sampled ids land: a row of DecodeGraphs.ring (pinned), written by the graph's last
     kernel, so valid once an event after the replay has completed and until RING replays later reuse the
@@ -174,7 +190,8 @@ class DecodeGraphs:
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
         self.device = device
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, GREEDY/SAMPLE/FILTER) -> graph
-        self.logprob_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, top width) -> graph
+        # (bucket, top width) -> (graph, the outputs it writes)
+        self.logprob_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self.logprob_buffers: LogprobsBuffers | None = None  # made by the first step that asks for logprobs
         self.model = model
         self.vocab_size = vocab_size
@@ -321,17 +338,9 @@ class DecodeGraphs:
 
         def step_us() -> float:
             set_context(self.context(bs))
-            graph = torch.cuda.CUDAGraph()
             try:
                 self._forward(model, bs, GREEDY)  # compiles a new tiling outside the capture
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):  # not torch.cuda.graph(): its gc.collect() per capture is slow
-                    graph.capture_begin(pool=self.pool)
-                    try:
-                        self._forward(model, bs, GREEDY)
-                    finally:
-                        graph.capture_end()
-                torch.cuda.current_stream().wait_stream(stream)
+                graph = capture_behind(lambda: self._forward(model, bs, GREEDY), stream, pool=self.pool)
             finally:
                 reset_context()
             return replay_us(graph, reps=20, rounds=5)
@@ -411,23 +420,17 @@ class DecodeGraphs:
             return logprobs_ref(self.logits[:n], self.next_tokens[:n], width)
         if self.logprob_buffers is None:
             self.logprob_buffers = LogprobsBuffers.make(self.max_bs, self.vocab_size, self.device)
-        args = self.logits[:bs], self.next_tokens[:bs], width, self.logprob_buffers
-        graph = self.logprob_graphs.get((bs, width))
-        if graph is None:  # captured on a side stream, behind what is queued (as tune_step does)
-            logprobs(*args)  # compiles outside the capture
-            graph = self.logprob_graphs[bs, width] = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # not torch.cuda.graph(): it syncs and empties the caches
-                graph.capture_begin(capture_error_mode="thread_local")  # a pool of its own that stays empty:
-                try:  # the kernels allocate nothing
-                    logprobs(*args)
-                finally:
-                    graph.capture_end()
-            torch.cuda.current_stream().wait_stream(stream)
+        if (bs, width) not in self.logprob_graphs:
+            args = self.logits[:bs], self.next_tokens[:bs], width, self.logprob_buffers
+            views = logprobs(*args)  # compiles outside the capture; where every replay writes (bs rows)
+            # A pool of its own that stays empty (the kernels allocate nothing); thread_local: the serving
+            # thread's capture is not spoiled by other threads.
+            graph = capture_behind(lambda: logprobs(*args), torch.cuda.Stream(self.device),
+                                   capture_error_mode="thread_local")
+            self.logprob_graphs[bs, width] = graph, views
+        graph, views = self.logprob_graphs[bs, width]
         graph.replay()
-        out = self.logprob_buffers
-        return out.logprob[:n], out.rank[:n], out.top_ids[:n, :width], out.top_logprobs[:n, :width]
+        return tuple(t[:n] for t in views)
 
     def follow(self, bs: int, mode: int, gather_logits: int) -> None:
         """A TP worker's side of rank 0's replay (after its DECODE header): the same inputs, the same graph,

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from nanovllm.kernels import jit
+from nanovllm.layers.sampler import gather_logprobs
 from nanovllm.sampling_params import MAX_LOGPROBS
 
 try:
@@ -43,7 +44,6 @@ def top_width(k: int) -> int:
 def logprobs_ref(logits: torch.Tensor, token_ids: torch.Tensor, width: int):
     """(logprob (B,) float32, rank (B,) int64, top ids (B, width) int64, top logprobs (B, width) float32), as
     the Sampler computes them (SamplerOutput's order)."""
-    from nanovllm.layers.sampler import gather_logprobs
     out = gather_logprobs(logits, token_ids, width)
     return out.logprobs, out.ranks, out.top_ids, out.top_logprobs
 
