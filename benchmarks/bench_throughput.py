@@ -89,12 +89,15 @@ def make_engine(folder: str, **kwargs) -> LLM:
                **kwargs)
 
 
-def warm_up(llm: LLM, filters: bool = False) -> None:
-    """Compiles what the timed run meets: prefill batches of several sizes, mixed steps, sampled decodes."""
+def warm_up(llm: LLM, filters: bool = False, seeded: bool = False) -> None:
+    """Compiles what the timed run meets: prefill batches of several sizes, mixed steps, sampled decodes
+    (with seeded: every third request seeded, whose first tokens the eager steps draw by the kernels)."""
     rng = random.Random(1)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, MAX_INPUT_LEN))] for _ in range(24)]
     extra = FILTERS if filters else {}
-    llm.generate(prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=24, **extra), use_tqdm=False)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=24, seed=i if seeded and i % 3 == 0 else None,
+                             **extra) for i in range(len(prompts))]
+    llm.generate(prompts, params, use_tqdm=False)
     llm.generate(prompts[:1], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4, **extra),
                  use_tqdm=False)
 
@@ -226,7 +229,7 @@ def main() -> None:
     t0 = time.perf_counter()
     llm = make_engine(folder, async_scheduling=args.async_scheduling)
     startup = time.perf_counter() - t0
-    warm_up(llm, args.filters)
+    warm_up(llm, args.filters, args.seeded_every > 0)
     spent, runs = timed_repeats(llm, prompts, params, args.repeats)
     runner = llm.engine.model_runner
     cfg = runner.model_config

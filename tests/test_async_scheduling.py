@@ -215,9 +215,8 @@ def test_sampling_graphs_read_each_rows_temperature(folder, reference, monkeypat
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeypatch, async_scheduling):
     """Unseeded top-k, top-p and min-p steps take the bucket's FILTER graph (uncaptured on CPU here), with
-    each row's settings; top-k 1 and a tiny top-p give the greedy tokens. A seeded row beside them is the
-    graph's argmax, replaced by the eager Sampler's draw from its row of the graph's logits: its tokens are
-    those it gets alone, and the other row still filters in the graph."""
+    each row's settings; top-k 1 and a tiny top-p give the greedy tokens. A seeded row filters there too,
+    drawing by its own key: its tokens are those it gets alone, beside another row."""
     from nanovllm.engine.cuda_graph import FILTER
     llm = make_llm(folder, reference[0][9], async_scheduling, monkeypatch, graphs=True)
     graphs = llm.engine.model_runner.graphs
@@ -238,10 +237,13 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
     seen.clear()
     seeded = SamplingParams(temperature=1.5, top_p=0.5, seed=3, **hot)
     alone = llm.generate([PROMPTS[0]], seeded, use_tqdm=False)[0].outputs[0].token_ids
-    assert filtered() == []  # alone: the greedy graph, then the Sampler
+    expected = [1.5], torch.tensor([[V], [0.5], [0.0]]).tolist()
+    assert len(filtered()) == 7 and all(step == (1, torch.tensor(expected[0]).tolist(), expected[1])
+                                        for step in filtered())
+    seen.clear()
     both = [o.outputs[0].token_ids for o in llm.generate([PROMPTS[0]] * 2, [params[1], seeded], use_tqdm=False)]
     assert both == [reference[0][:8], alone]
-    expected = [0.8, 0.0], torch.tensor([[1, V], [1.0, 1.0], [0.0, 0.0]]).tolist()
+    expected = [0.8, 1.5], torch.tensor([[1, V], [1.0, 0.5], [0.0, 0.0]]).tolist()
     assert len(filtered()) == 7 and all(step == (2, torch.tensor(expected[0]).tolist(), expected[1])
                                         for step in filtered())
 
@@ -250,12 +252,13 @@ def test_top_k_top_p_min_p_sample_in_the_filter_graph(folder, reference, monkeyp
 def test_logprobs_rows_stay_in_the_graphs(folder, reference, monkeypatch, async_scheduling):
     """A row that needed the Sampler only for its logprobs samples in the graph (uncaptured on CPU here) and
     takes them from the bucket's logprobs step, at the most logprobs such rows ask; a seeded row with more
-    logprobs beside it still takes the Sampler, on its row alone, and brings its own. Tokens and logprobs
-    are the eager engine's."""
+    logprobs stays there too, and a repetition-penalty row takes the Sampler, on its row alone, and brings
+    its own. Tokens and logprobs are the eager engine's."""
     hot = dict(max_tokens=8, ignore_eos=True)
     params = [greedy(8, ignore_eos=True, logprobs=2), SamplingParams(temperature=0.8, top_k=1, logprobs=0, **hot),
-              SamplingParams(temperature=1.0, seed=4, logprobs=7, **hot)]
-    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1]]
+              SamplingParams(temperature=1.0, seed=4, logprobs=7, **hot),
+              SamplingParams(temperature=1.0, seed=5, repetition_penalty=1.2, logprobs=9, **hot)]
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
     eager = make_llm(folder, reference[0][9], async_scheduling, monkeypatch).generate(prompts, params,
                                                                                      use_tqdm=False)
     llm = make_llm(folder, reference[0][9], async_scheduling, monkeypatch, graphs=True)
@@ -269,7 +272,7 @@ def test_logprobs_rows_stay_in_the_graphs(folder, reference, monkeypatch, async_
     assert summary(graphed) == summary(eager)
     assert graphed[0].outputs[0].token_ids == graphed[1].outputs[0].token_ids == reference[0][:8]
     assert_same_logprobs(graphed, eager)
-    assert asked == [(3, 2)] * 7 and sampled == [3] + [1] * 7  # the first token: the prefill step, eager
+    assert asked == [(4, 7)] * 7 and sampled == [4] + [1] * 7  # the first token: the prefill step, eager
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])

@@ -128,6 +128,28 @@ def test_seeded_sampling_reproduces_whatever_the_batch(qwen3, async_scheduling):
     assert llm.generate([PROMPTS[0]], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
 
 
+def test_seeded_sampling_is_the_same_in_graph_and_eager_steps_and_after_preemption(qwen3, monkeypatch):
+    """A seeded row draws by its seed and position, not a generator's state: its tokens are the same whether
+    the decode graphs' code (uncaptured on CPU) or the Sampler draws them, and after a preemption recomputes
+    it, with every filter and both paths (a repetition penalty takes the Sampler in every step)."""
+    folder, _, _ = qwen3
+    params = [SamplingParams(n=2, temperature=1.0, top_k=40, top_p=0.9, min_p=0.02, seed=5, max_tokens=24,
+                             ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=6, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=1.2, repetition_penalty=1.3, seed=7, max_tokens=24, ignore_eos=True)]
+    others = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    runs = []
+    for graphs, engine in [("0", {}), ("1", {}), ("1", dict(num_kvcache_blocks=14, block_size=4, max_num_seqs=8))]:
+        monkeypatch.setenv("NANOVLLM_UNCAPTURED_GRAPHS", graphs)
+        llm = LLM(folder, **engine)
+        outs = llm.generate(PROMPTS[:3] + PROMPTS[:3], params + [others] * 3, use_tqdm=False)[:3]
+        runs.append([c.token_ids for o in outs for c in o.outputs])
+        assert (llm.engine.stats()["num_preemptions"] > 0) == bool(engine)
+        assert (llm.engine.model_runner.graphs is not None) == (graphs == "1")
+    assert runs[0] == runs[1] == runs[2]
+    assert len({tuple(t) for t in runs[0]}) == 4
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_n_completions_abort_and_streaming(qwen3, async_scheduling):
     folder, _, expected = qwen3

@@ -31,7 +31,7 @@ class FakeSeq:
     sampling_params: SamplingParams
     token_ids: list[int]
     num_prompt_tokens: int
-    generator: torch.Generator | None = None
+    index: int = 0
 
     @property
     def completion_token_ids(self) -> list[int]:
@@ -43,8 +43,7 @@ class FakeSeq:
 
 
 def make_seq(prompt=(1, 2), output=(), seed: int | None = None, **params) -> FakeSeq:
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return FakeSeq(SamplingParams(seed=seed, **params), [*prompt, *output], len(prompt), generator)
+    return FakeSeq(SamplingParams(seed=seed, **params), [*prompt, *output], len(prompt))
 
 
 def random_logits(rows: int, vocab: int = V, seed: int = 0) -> torch.Tensor:
@@ -203,6 +202,18 @@ def test_seeded_row_is_independent_of_the_batch():
     assert sample_steps([make_seq(seed=1235, temperature=1.0, top_p=0.95)], row=0) != alone
 
 
+def test_seeded_row_draws_the_same_numbers_before_and_after_its_min_tokens():
+    """A seeded row with a min_tokens to reach takes the processed logits (here nothing is masked: ignore_eos,
+    no stop ids), the same row past it the raw ones; at temperature 1 and no filters both draw by the same
+    numbers from the same scores, so the same tokens, and not the argmax."""
+    def tokens(**extra):
+        seq = make_seq(seed=21, temperature=1.0, ignore_eos=True, **extra)
+        return [sample(random_logits(1, seed=40 + step) * 0.3, [seq]).token_ids.item() for step in range(12)]
+    pending = tokens(min_tokens=5)
+    assert pending == tokens()
+    assert pending != [random_logits(1, seed=40 + step)[0].argmax().item() for step in range(12)]
+
+
 def assert_matches_distribution(tokens: torch.Tensor, probs: torch.Tensor) -> None:
     """Pearson's chi-square over the tokens that have probability, plus no draw of an impossible token."""
     counts = torch.bincount(tokens, minlength=probs.numel()).double()
@@ -330,9 +341,39 @@ def test_sample_kernel_chunks_by_batch():
     assert torch.equal(few, many[:3]) and many[0] == logits[0].argmax()
 
 
+def test_seeded_rows_draw_the_references_numbers_wherever_they_sit():
+    """A row with a key of its own draws by Philox(key; index // 4, position, 1): the kernel and sample_ref
+    (philox_uniforms, the same Philox in torch) pick the same token at each of 16 positions of a flat row,
+    where any other number would pick another; the same key and position give the same token in any row of
+    any batch, under any batch seed; another key gives other tokens; a greedy row keeps the argmax."""
+    from nanovllm.kernels import sample as kernel
+    vocab, device = 2501, KERNEL_DEVICE  # an odd vocabulary: its last group of 4 is partial
+    row = random_logits(1, vocab, seed=8)[0].to(device)
+    logits = row.expand(18, vocab).contiguous()
+    temps = torch.full((18,), 40.0, device=device)  # nearly flat: each draw is up to its numbers
+    temps[16] = 0.0
+    keys = torch.tensor([2**62 + 3] * 16 + [2**62 + 3, 11], device=device)
+    positions = torch.tensor([*range(16), 5, 0], device=device)
+    seed = torch.tensor([1], dtype=torch.int64, device=device)
+    out = lambda n: torch.empty(n, dtype=torch.int64, device=device)  # noqa: E731
+    drawn = kernel.sample(logits, temps, seed, out(18), keys=(keys, positions))
+    ref = kernel.sample_ref(logits, temps, out(18), keys=(keys, positions))
+    assert torch.equal(drawn, ref) and drawn[16] == row.argmax()
+    assert len(set(drawn[:16].tolist())) >= 14
+    # Row 5 (position 5) again: alone, third in a smaller batch of other rows, under other batch seeds.
+    alone = kernel.sample(logits[:1], temps[:1], seed + 1, out(1), keys=(keys[5:6], positions[5:6]))
+    mixed = torch.stack([random_logits(1, vocab, seed=9)[0].to(device), row, row, row])
+    mixed_keys = torch.tensor([-1, 4, 2**62 + 3, -1], device=device), torch.tensor([5, 5, 5, 5], device=device)
+    moved = kernel.sample(mixed, temps[:4], seed + 2, out(4), keys=mixed_keys)
+    assert alone[0] == moved[2] == drawn[5]
+    other_key = kernel.sample(logits[:16], temps[:16], seed, out(16), keys=(keys[:16] + 1, positions[:16]))
+    assert (other_key != drawn[:16]).sum() >= 12
+
+
 def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
     """Tensor parallelism: each rank's first pass over its slice (the last one short), then the second pass
-    over the ranks' gathered pairs, draws exactly what one pass over the whole row draws."""
+    over the ranks' gathered pairs, draws exactly what one pass over the whole row draws, rows with their own
+    keys included."""
     from nanovllm.kernels import sample as kernel
     monkeypatch.setattr(kernel, "CHUNK", 512)
     rows, vocab, tp, device = 8, 2501, 2, KERNEL_DEVICE
@@ -343,14 +384,18 @@ def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
     logits[0, [100, 1300]] = 50.0  # a greedy tie across ranks: rank 0's index wins
     logits, temps = logits.to(device), torch.tensor([0.0, 0.5, 1.0, 3.0, 0.7, 1.5, 2.0, 5.0], device=device)
     seed = torch.tensor([77], dtype=torch.int64, device=device)
+    keys = (torch.tensor([-1, 3, -1, 8, 2**40, -1, 3, -1], device=device), torch.arange(rows, device=device) + 30)
     workspaces = torch.stack([kernel.sample_workspace(rows, width, device, kernel.CHUNK)  # (tp, B, 2, C)
                               for _ in range(tp)])
     for rank in range(tp):
         part = logits[:, rank * width:(rank + 1) * width]
-        kernel.chunk_bests(part, temps, seed, workspaces[rank], rank * width)
+        kernel.chunk_bests(part, temps, seed, workspaces[rank], rank * width, keys=keys)
     sharded = kernel.pick_bests(workspaces, torch.empty(rows, dtype=torch.int64, device=device))
-    whole = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64, device=device))
+    whole = kernel.sample(logits, temps, seed, torch.empty(rows, dtype=torch.int64, device=device), keys=keys)
     assert sharded[0] == 100 and torch.equal(sharded, whole)
+    seeded = [1, 3, 4, 6]
+    ref = kernel.sample_ref(logits, temps, torch.empty(rows, dtype=torch.int64, device=device), keys=keys)
+    assert torch.equal(whole[seeded], ref[seeded])
 
 
 @pytest.mark.parametrize("dtype,vocab,step", [(torch.bfloat16, 3000, None), (torch.float16, 3000, None),

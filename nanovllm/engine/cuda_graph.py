@@ -43,16 +43,13 @@ from nanovllm.kernels.logprobs import LogprobsBuffers, logprobs, logprobs_ref, t
 from nanovllm.kernels.sample import (
     CHUNK,
     HostOut,
-    Keep,
     chunk_bests,
     feed_back,
     feed_back_ref,
     pick_bests,
-    sample,
-    sample_ref,
     sample_workspace,
 )
-from nanovllm.layers.sampler import filter_logits
+from nanovllm.layers.sampler import draw
 from nanovllm.utils.context import Context, longest_first, reset_context, set_context
 
 
@@ -144,7 +141,7 @@ class _PinnedInputs:
     caller's read-back with one set, or two steps later with two (async scheduling)."""
 
     def __init__(self, max_bs: int, max_num_blocks: int, pin: bool):
-        self.int64 = torch.zeros(4, max_bs, dtype=torch.int64, pin_memory=pin)  # the 4th row: [ring slot, 0...]
+        self.int64 = torch.zeros(5, max_bs, dtype=torch.int64, pin_memory=pin)  # the 4th row: [ring slot, 0...]
         self.int32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
         self.temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
         self.filters = torch.zeros(3, max_bs, dtype=torch.float32, pin_memory=pin)  # top_k, top_p, min_p
@@ -157,11 +154,11 @@ class DecodeGraphs:
     """Captures `model` for decode batches of up to max_num_seqs seqs and replays it for a batch of seqs.
 
     Inputs travel in host-to-device copies from pinned buffers: int64 [input_ids; positions; slot_mapping;
-    ring slot], int32 [context_lens | seq_order | block_tables] and, for the sampling graphs, float32
-    temperatures. Outputs: `logits` (max_bs, vocab) in the model dtype (under TP: on rank 0, after a replay that
-    gathers them), `next_tokens` (max_bs,) int64, and on rank 0 the same ids in pinned memory, in the `ring`
-    row the replay's input names (RingIds): the sampler's last kernel writes them there, so no copy back
-    follows a replay on the stream.
+    ring slot; seeded rows' Philox keys], int32 [context_lens | seq_order | block_tables] and, for the
+    sampling graphs, float32 temperatures. Outputs: `logits` (max_bs, vocab) in the model dtype (under TP:
+    on rank 0, after a replay that gathers them), `next_tokens` (max_bs,) int64, and on rank 0 the same ids
+    in pinned memory, in the `ring` row the replay's input names (RingIds): the sampler's last kernel writes
+    them there, so no copy back follows a replay on the stream.
     """
 
     @torch.inference_mode()
@@ -174,9 +171,10 @@ class DecodeGraphs:
         self.block_size, self.max_num_blocks = block_size, max_num_blocks
         self.host = [_PinnedInputs(max_bs, max_num_blocks, device.type == "cuda") for _ in range(host_buffers)]
         self.num_replays = 0  # picks the host buffer set: replay i uses host[i % host_buffers]
-        self.dev64 = torch.zeros(4, max_bs, dtype=torch.int64, device=device)
+        self.dev64 = torch.zeros(5, max_bs, dtype=torch.int64, device=device)
         self.dev32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, device=device)
-        self.input_ids, self.positions, self.slot_mapping, ring_row = self.dev64  # (max_bs,) each
+        # (max_bs,) each; draw_keys: a seeded row's own key (-1: the graph's seed), drawn at its position
+        self.input_ids, self.positions, self.slot_mapping, ring_row, self.draw_keys = self.dev64
         self.ring_slot = ring_row[:1]  # (1,): which ring row this replay's ids go to
         self.ring = torch.zeros(RING, max_bs, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.context_lens, self.seq_order = self.dev32[:max_bs], self.dev32[max_bs:2 * max_bs]
@@ -239,7 +237,8 @@ class DecodeGraphs:
         local = torch.mm(hidden, self.head_weight.t(), out=self.local_logits[:bs])  # (bs, vocab / tp)
         temps = self.temperatures[:bs] if mode else self.greedy_temps[:bs]
         workspace = self.sample_workspace[:bs]  # (bs, 2, chunks)
-        chunk_bests(local[:, :self.num_valid], temps, self.seed, workspace, self.vocab_start)
+        chunk_bests(local[:, :self.num_valid], temps, self.seed, workspace, self.vocab_start,
+                    keys=self._keys(bs) if mode else None)
         gathered = all_gather(workspace, self.gathered[:self.tp_size * workspace.numel()].view(
             self.tp_size, *workspace.shape))  # (tp, bs, 2, chunks): a few KB, not the logits
         pick_bests(gathered, self.next_tokens[:bs], self._host_out())
@@ -265,26 +264,21 @@ class DecodeGraphs:
         # torch.argmax), spread over the SMs, where torch's reduction of one row runs on one, and launched
         # with PDL at small batches (kernels/pdl.py). FILTER first finds each row's top-k / top-p threshold
         # (kernels/top_k_top_p.py), and the draw keeps to it and to min-p. Elsewhere torch: argmax, or the
-        # Sampler's exponential race (same distribution), after filter_logits for FILTER.
-        temps = self.temperatures[:bs] if mode else self.greedy_temps[:bs]
-        keep = None
-        if mode == FILTER:
-            top_k, top_p, min_p = self.filters[:, :bs]
-            if logits.is_cuda and top_k_top_p.supports(logits.dtype):
-                ws = top_k_top_p.thresholds(logits, temps, top_k, top_p, self.filter_workspace)
-                keep = Keep(ws.keep, ws.row_max, min_p, ws.hist)
-            else:  # float32 logits, or the CPU: the filtered logits, divided by the temperatures
-                logits = filter_logits(logits, temps, top_k, top_p, min_p)
-                temps = (temps > 0).float()
-        if logits.is_cuda:
-            sample(logits, temps, self.seed, self.next_tokens[:bs], self.sample_workspace, self._host_out(), keep)
+        # Sampler's exponential race (same distribution), after filter_logits for FILTER. Seeded rows draw by
+        # their own keys, the same numbers on both.
+        if mode or logits.is_cuda:  # layers/sampler.draw: what the Sampler's seeded rows run too
+            draw(logits, self.temperatures[:bs] if mode else self.greedy_temps[:bs],
+                 self._keys(bs) if mode else None, self.filters[:, :bs] if mode == FILTER else None, self.seed,
+                 self.next_tokens[:bs], self.sample_workspace, self.filter_workspace, self._host_out())
             if mode:
                 self.seed.add_(1)
-        elif mode:
-            sample_ref(logits, temps, self.next_tokens[:bs])
         else:
             torch.argmax(logits, dim=-1, out=self.next_tokens[:bs])
         self._ids_to_ring(bs)
+
+    def _keys(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """kernels/sample.py's keys: seeded rows draw by their own key at the position they sample."""
+        return self.draw_keys[:bs], self.positions[:bs]
 
     def can_filter(self, n: int) -> bool:
         """A step of n seqs can take its top-k, top-p and min-p in its bucket's FILTER graph."""
@@ -355,11 +349,13 @@ class DecodeGraphs:
 
     def replay(self, seqs: list[Sequence], temperatures: list[float] | None = None,
                prev_ids: torch.Tensor | None = None, src_rows: list[int] | None = None,
-               logits: bool = False, filters: list[tuple[float, float, float]] | None = None) -> RingIds:
+               logits: bool = False, filters: list[tuple[float, float, float]] | None = None,
+               keys: list[int] | None = None) -> RingIds:
         """Runs one decode step of seqs (each computes its token at num_computed_tokens), sampling in the
         graph at these per-seq temperatures (0: greedy) or, without them, taking the argmax. With filters,
         each seq's (top_k, top_p, min_p) (off: vocab size or more, 1, 0; can_filter(len(seqs)) must hold), the
-        bucket's FILTER graph samples at the temperatures from what they keep. The results
+        bucket's FILTER graph samples at the temperatures from what they keep. keys: each seq's own Philox
+        key (-1: none; layers/sampler.seed_key), by which a seeded row draws at its position. The results
         are in next_tokens[:len(seqs)], and in logits[:len(seqs)] with logits=True (or at tp = 1, always).
         No host sync.
 
@@ -372,8 +368,10 @@ class DecodeGraphs:
         host = self.host[self.num_replays % len(self.host)]
         ring = RingIds(self, self.num_replays, n)
         self.num_replays += 1
-        ids, positions, slots, ring_row = host.np64
+        ids, positions, slots, ring_row, draw_keys = host.np64
         ring_row[0] = ring.slot
+        draw_keys[:n] = -1 if keys is None else keys
+        draw_keys[n:bs] = -1
         pos = [seq.num_computed_tokens for seq in seqs]
         fed_in_graph = prev_ids is not None and prev_ids.data_ptr() == self.next_tokens.data_ptr()
         if prev_ids is None:

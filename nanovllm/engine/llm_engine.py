@@ -119,8 +119,6 @@ class LLMEngine:
         seqs, detoks = [], []
         for index in range(params.n):
             seq = Sequence(list(token_ids), params, request_id=request_id, index=index, arrival_time=arrival)
-            if params.seed is not None:
-                seq.generator = torch.Generator(self.model_runner.device).manual_seed(params.seed + index)
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer
                           else _NoDetokenizer())

@@ -24,7 +24,15 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.embed_head import ParallelLMHead
 from nanovllm.layers.linear import RowParallelLinear
-from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, compute_prompt_logprobs
+from nanovllm.layers.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    changes_logits,
+    compute_prompt_logprobs,
+    reads_history,
+    seed_key,
+)
 from nanovllm.models import load_model, set_use_triton
 from nanovllm.utils.context import get_context, make_context, reset_context, set_context
 from nanovllm.utils.loader import load_model_config
@@ -107,17 +115,10 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
 
 
 def needs_sampler(seq: Sequence, graph_logprobs: bool = False) -> bool:
-    """Sampling seq needs the eager Sampler: a seed (its own generator), penalties, logprobs (unless the
-    decode graphs give them: graph_logprobs) or a pending min_tokens. Decided on the host: no tensors built."""
-    p = seq.sampling_params
-    return ((p.logprobs is not None and not graph_logprobs) or reads_history(seq)
-            or seq.num_completion_tokens < p.min_tokens or (not p.greedy and seq.generator is not None))
-
-
-def reads_history(seq: Sequence) -> bool:
-    """Sampling seq reads its token ids (penalties), the last one perhaps still in flight."""
-    p = seq.sampling_params
-    return p.repetition_penalty != 1 or bool(p.frequency_penalty or p.presence_penalty)
+    """Sampling seq needs the eager Sampler: penalties, a pending min_tokens, or logprobs unless the decode
+    graphs give them (graph_logprobs). A seed does not: graphs and Sampler draw seeded rows alike
+    (layers/sampler.py). Decided on the host: no tensors built."""
+    return (seq.sampling_params.logprobs is not None and not graph_logprobs) or changes_logits(seq)
 
 
 def graph_sampling(seq: Sequence, vocab_size: int,
@@ -422,7 +423,7 @@ class ModelRunner:
             history = prev_ids, src_rows
         graph_logprobs = self.graphs.tp_size == 1  # under TP a row with logprobs takes the full Sampler
         params = [graph_sampling(seq, vocab_size, graph_logprobs) for seq in seqs]
-        # Rows that need the Sampler (seeds, penalties, logprobs): at TP 1, unless every row does, the graph
+        # Rows that need the Sampler (penalties, min_tokens, logprobs): at TP 1, unless every row does, the graph
         # takes their argmax and the Sampler replaces it from their rows of the graph's logits, so the other
         # rows still sample in the graph. Otherwise the full Sampler below takes the whole step.
         eager = [i for i, p in enumerate(params) if p is None]
@@ -431,11 +432,15 @@ class ModelRunner:
         else:
             eager = []
         filters, off = None if None in params else [p[1:] for p in params], argmax_sampling(vocab_size)[1:]
+        keys = None if filters is None else [seed_key(seq) if p[0] > 0 else -1 for seq, p in zip(seqs, params)]
+        keys = keys if keys is not None and max(keys) >= 0 else None  # seeded rows draw by their own keys
         if filters is not None and all(f == off for f in filters):  # argmax or temperature, no filter
             temperatures = [p[0] for p in params]
-            ring = self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows)
+            ring = self.graphs.replay(seqs, temperatures if any(temperatures) else None, prev_ids, src_rows,
+                                      keys=keys)
         elif filters is not None and self.graphs.can_filter(n):  # top-k/p, min-p: the FILTER graph
-            ring = self.graphs.replay(seqs, [p[0] for p in params], prev_ids, src_rows, filters=filters)
+            ring = self.graphs.replay(seqs, [p[0] for p in params], prev_ids, src_rows, filters=filters,
+                                      keys=keys)
         else:  # the full Sampler, on the greedy graph's logits
             self.graphs.replay(seqs, prev_ids=prev_ids, src_rows=src_rows, logits=True)
             return self._sample_on_device(seqs, self.graphs.logits[:n], history), None
@@ -472,7 +477,6 @@ class ModelRunner:
         where the ids of the step in flight are, for penalties (SamplingBatch.build)."""
         if all(seq.sampling_params.greedy and not needs_sampler(seq) for seq in seqs):  # greedy: one argmax
             return SamplerOutput(logits.argmax(dim=-1))
-        logits = logits.float()
         sampling = SamplingBatch.build(seqs, self.device, logits.shape[-1], self.eos_token_ids, history)
         return self.sampler(logits, sampling)
 

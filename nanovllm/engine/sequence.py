@@ -37,7 +37,6 @@ class Sequence:
         self.block_hashes: list[int] = []  # hashes of the full blocks, memoized by the BlockManager
         self.sampling_params = sampling_params
         # Set by the engine:
-        self.generator = None  # torch.Generator of a seeded request (kept opaque here)
         self.output_logprobs: list = []
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it

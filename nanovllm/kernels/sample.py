@@ -11,12 +11,17 @@ writes each piece's best (score, index): one program per row left most SMs idle 
 too few loads in flight at large ones (210-275 us for 52-145 rows on an H200, ~10x its bandwidth time), and
 a few rows take narrower chunks than many (chunk_size). The second (grid (B,)) picks each row's best
 piece, the first of equal scores, so ties go to the lowest index as in torch.argmax. Random numbers come
-from Philox keyed by a seed in device memory, with counters (row,
-vocabulary index // 4): one Philox call gives the 4 uniforms of 4 neighbouring tokens (tl.rand would spend
-a call per token and keep one of its 4 outputs, and Philox was most of the kernel's time). So a draw does
-not depend on the chunking, and a CUDA graph that replays the kernels and then bumps the seed draws fresh
-numbers every replay. The reference uses torch's generator instead, so the two agree in distribution, not
-in draws.
+from Philox keyed by a seed in device memory, with counters (vocabulary index // 4, row, 0): one Philox
+call gives the 4 uniforms of 4 neighbouring tokens (tl.rand would spend a call per token and keep one of its
+4 outputs, and Philox was most of the kernel's time). So a draw does not depend on the chunking, and a CUDA
+graph that replays the kernels and then bumps the seed draws fresh numbers every replay.
+
+A row with a seed of its own (a request's `seed`) is keyed by it instead, with counters (vocabulary index //
+4, position, 1): its numbers depend on the request's seed and the position of the token it samples, not on
+the batch, the step or the replay, so a seeded request draws the same tokens in a decode graph, in an eager
+step, after a preemption or beside any other request. The reference runs the same Philox in torch for such
+rows (philox_uniforms), so they agree draw for draw; unseeded rows take torch's generator there, and agree in
+distribution only.
 
 Under tensor parallelism each rank runs the first pass on its slice of the logits (indices and random
 numbers of the full vocabulary) and the ranks all-gather only the per-chunk pairs (engine/cuda_graph.py):
@@ -51,13 +56,55 @@ def chunk_size(rows: int) -> int:
     return SMALL_CHUNK if rows <= SMALL_CHUNK_ROWS else CHUNK
 
 
-def sample_ref(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def sample_ref(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor,
+               keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The Sampler's exponential race, argmax(p / q) with q ~ Exp(1), at per-row temperatures (0: argmax).
-    logits (B, V) in any float dtype, temperatures (B,) float32, out (B,) int64."""
+    logits (B, V) in any float dtype, temperatures (B,) float32, out (B,) int64. keys: see sample(); a row with
+    a key of its own takes the kernel's Gumbel-max over the kernel's Philox numbers instead."""
     temps = temperatures[:, None]  # (B, 1)
-    probs = torch.softmax(logits.float() / torch.where(temps > 0, temps, 1.0), dim=-1)  # (B, V)
-    q = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
-    return torch.where(temps[:, 0] > 0, probs.div_(q).argmax(dim=-1), logits.argmax(dim=-1), out=out)
+    scaled = logits.float() * (1.0 / torch.where(temps > 0, temps, 1.0))  # (B, V), as the kernel scales
+    q = torch.empty_like(scaled).exponential_().clamp_min_(torch.finfo(scaled.dtype).tiny)
+    random_ids = scaled.softmax(dim=-1).div_(q).argmax(dim=-1)  # (B,)
+    if keys is not None and (own := keys[0] >= 0).any():
+        rows = own.nonzero()[:, 0]
+        u = philox_uniforms(keys[0][rows], keys[1][rows], logits.shape[1])  # (S, V)
+        random_ids[rows] = (scaled[rows] - (-u.log()).log()).argmax(dim=-1)  # u = 0 gives -inf, never picked
+    return torch.where(temps[:, 0] > 0, random_ids, logits.argmax(dim=-1), out=out)
+
+
+_PHILOX_ROUND = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_STEP = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32 bits of a * b, for a 32-bit constant a and b int64 holding 32-bit values,
+    in 16-bit halves so that no product leaves int64."""
+    a_hi, a_lo, b_hi, b_lo = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
+    mid = a_hi * b_lo + a_lo * b_hi  # < 2^33
+    low = a_lo * b_lo + ((mid & 0xFFFF) << 16)  # < 2^33
+    return a_hi * b_hi + (mid >> 16) + (low >> 32), low & _U32
+
+
+def philox_uniforms(keys: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The kernel's uniforms of seeded rows, in torch: token i of row r is lane i % 4 of Philox4x32-10 keyed
+    by keys[r] (int64, its two 32-bit halves) at counters (i // 4, counters[r], 1, 0), as tl.philox computes
+    them, mapped to [0, 1) as tl.uint_to_uniform_float does. keys, counters (S,) int64 -> (S, vocab) float32."""
+    keys = keys.cpu()
+    k0, k1 = keys & _U32, (keys >> 32) & _U32  # (S,)
+    c0 = torch.arange(-(-vocab // 4), dtype=torch.int64)[None, :].expand(len(keys), -1)  # (S, V / 4)
+    c1 = (counters.cpu() & _U32)[:, None].expand_as(c0)
+    c2, c3 = torch.ones_like(c0), torch.zeros_like(c0)
+    k0, k1 = k0[:, None], k1[:, None]
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_STEP[0]) & _U32, (k1 + _PHILOX_KEY_STEP[1]) & _U32
+    bits = torch.stack([c0, c1, c2, c3], dim=-1).flatten(1)[:, :vocab]  # (S, vocab): [4n + lane]
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    signed = torch.where(signed < 0, -signed - 1, signed)  # ~x on int32
+    return (signed.float() * 4.6566127342e-10).to(counters.device)
 
 
 def sample_workspace(max_rows: int, vocab: int, device: torch.device | str, chunk: int | None = None) -> torch.Tensor:
@@ -87,17 +134,18 @@ class Keep(NamedTuple):
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, out: torch.Tensor,
            workspace: torch.Tensor | None = None, host_out: HostOut | None = None,
-           keep: Keep | None = None) -> torch.Tensor:
+           keep: Keep | None = None, keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """logits (B, V) with unit stride on V, temperatures (B,) float32, seed (1,) int64 on the device (the
     caller advances it between draws), out (B,) int64, workspace from sample_workspace(>= B, V). No host
     sync; no allocation when the workspace is given: CUDA-graph safe. host_out: see pick_bests. keep: draw
-    only from what top-k, top-p and min-p keep (16-bit logits)."""
+    only from what top-k, top-p and min-p keep (16-bit logits). keys: (each row's own Philox key, -1 for
+    none; each row's position), (B,) int64 each: a row with a key draws by it (see the module's docstring)."""
     batch, vocab = logits.shape
     if workspace is None:
         workspace = sample_workspace(batch, vocab, logits.device)
     chunk = _chunk(vocab, chunk_size(batch))
     workspace = workspace[:batch, :, :-(-vocab // chunk)]  # the columns this batch's chunks fill
-    chunk_bests(logits, temperatures, seed, workspace, chunk=chunk, keep=keep)
+    chunk_bests(logits, temperatures, seed, workspace, chunk=chunk, keep=keep, keys=keys)
     return pick_bests(workspace[None], out, host_out)
 
 
@@ -106,23 +154,25 @@ def _chunk(vocab: int, chunk: int) -> int:
 
 
 def chunk_bests(logits: torch.Tensor, temperatures: torch.Tensor, seed: torch.Tensor, workspace: torch.Tensor,
-                vocab_offset: int = 0, chunk: int | None = None, keep: Keep | None = None) -> None:
+                vocab_offset: int = 0, chunk: int | None = None, keep: Keep | None = None,
+                keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The first pass: each chunk's best score and its index into workspace, one column per chunk (CHUNK
     wide unless chunk says otherwise). Under TP logits are a rank's slice of the vocabulary, starting at
     vocab_offset: indices and random numbers are those of the full vocabulary, so the ranks' bests together
-    are the unsplit row's. Columns past the logits (a last rank's padding) hold -inf."""
+    are the unsplit row's. Columns past the logits (a last rank's padding) hold -inf. keys: see sample()."""
     batch, vocab = logits.shape
     chunk = _chunk(vocab, CHUNK if chunk is None else chunk)
     assert logits.stride(-1) == 1 and workspace.shape[2] >= -(-vocab // chunk) and workspace.shape[0] >= batch
     if batch:
         pdl = pdl_enabled(logits.device, batch)
         chunks = workspace.shape[2]
-        keys, row_max, min_p, hist = keep if keep is not None else (temperatures,) * 4  # unread without KEEP
+        lowest, row_max, min_p, hist = keep if keep is not None else (temperatures,) * 4  # unread without KEEP
+        row_keys, positions = keys if keys is not None else (seed, seed)  # unread without SEEDED
         _chunk_best_kernel[(batch, chunks)](
-            logits, logits.stride(0), temperatures, seed, workspace, workspace.stride(0), workspace.stride(1),
-            vocab, vocab_offset, keys, row_max, min_p, hist, -(-(1 << 16) // chunks), CHUNK=chunk,
-            BLOCK=min(_BLOCK, chunk), ALIGNED=vocab_offset % 4 == 0, KEEP=keep is not None, PDL=pdl,
-            launch_pdl=pdl)
+            logits, logits.stride(0), temperatures, seed, row_keys, positions, workspace, workspace.stride(0),
+            workspace.stride(1), vocab, vocab_offset, lowest, row_max, min_p, hist, -(-(1 << 16) // chunks),
+            CHUNK=chunk, BLOCK=min(_BLOCK, chunk), ALIGNED=vocab_offset % 4 == 0, KEEP=keep is not None,
+            SEEDED=keys is not None, PDL=pdl, launch_pdl=pdl)
 
 
 class HostOut(NamedTuple):
@@ -175,20 +225,28 @@ def _feed_back_kernel(ids_ptr, prev_ptr, n, BLOCK: tl.constexpr):
 
 
 @jit
-def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_ws, stride_kind, vocab,
-                       vocab_offset, keys_ptr, row_max_ptr, min_p_ptr, hist_ptr, hist_span, CHUNK: tl.constexpr,
-                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr, KEEP: tl.constexpr, PDL: tl.constexpr):
+def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, row_keys_ptr, positions_ptr, ws_ptr, stride_ws,
+                       stride_kind, vocab, vocab_offset, keys_ptr, row_max_ptr, min_p_ptr, hist_ptr, hist_span,
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, KEEP: tl.constexpr,
+                       SEEDED: tl.constexpr, PDL: tl.constexpr):
     """Grid (B, chunks): the best score and its index in row's vocabulary [chunk * CHUNK, + CHUNK).
     ALIGNED: vocab_offset is a multiple of 4, so the tile's tokens are whole groups of 4 (one Philox call
     each); otherwise each token makes its own call and keeps its lane, which draws the same numbers.
     With PDL the temperature and the seed, step inputs, are read before the wait (nanovllm/kernels/pdl.py).
     KEEP (see Keep): tokens below the row's key or its min-p are out, and each program zeroes hist_span
-    bins of the row's histogram."""
+    bins of the row's histogram. SEEDED: a row whose own key is >= 0 draws by it at its position."""
     launch_dependents(PDL)
     row, chunk = tl.program_id(0), tl.program_id(1)
     temp = tl.load(temps_ptr + row)
     inv_temp = 1.0 / tl.where(temp > 0, temp, 1.0)
     seed = tl.load(seed_ptr)
+    counter, stream = row, 0  # Philox's counters after the vocabulary index: (row, 0) or (position, 1)
+    if SEEDED:
+        own = tl.load(row_keys_ptr + row)
+        seeded = own >= 0
+        seed = tl.where(seeded, own, seed)
+        counter = tl.where(seeded, tl.load(positions_ptr + row).to(tl.int32), row)
+        stream = seeded.to(tl.int32)
     if KEEP:
         min_p = tl.load(min_p_ptr + row)
     wait_previous(PDL)  # the logits come from the LM head
@@ -211,7 +269,7 @@ def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_w
         x = x.to(tl.float32)
         if temp > 0:  # greedy rows skip the random numbers
             # Keyed by the full vocabulary's index: u = 0 gives -inf, never picked.
-            u = _uniforms(seed, row, vocab_offset + start, vocab_offset + offs, BLOCK, ALIGNED)
+            u = _uniforms(seed, counter, stream, vocab_offset + start, vocab_offset + offs, BLOCK, ALIGNED)
             x = x * inv_temp - tl.log(-tl.log(u))
         score = tl.where(mask, x, -float("inf"))
         tile_best = tl.max(score, axis=0)
@@ -225,14 +283,14 @@ def _chunk_best_kernel(logits_ptr, stride, temps_ptr, seed_ptr, ws_ptr, stride_w
 
 
 @jit
-def _uniforms(seed, row, first, index, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """Uniforms in [0, 1) for the vocabulary indices `index` (BLOCK of them, first..first + BLOCK - 1) of
-    `row`: lane index % 4 of Philox(seed; index // 4, row). ALIGNED: first % 4 == 0."""
+def _uniforms(seed, counter, stream, first, index, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Uniforms in [0, 1) for the vocabulary indices `index` (BLOCK of them, first..first + BLOCK - 1):
+    lane index % 4 of Philox(seed; index // 4, counter, stream, 0). ALIGNED: first % 4 == 0."""
     if ALIGNED:  # one call per 4 tokens, its 4 outputs interleaved back into token order
-        r0, r1, r2, r3 = tl.philox(seed, first // 4 + tl.arange(0, BLOCK // 4), row, 0, 0)
+        r0, r1, r2, r3 = tl.philox(seed, first // 4 + tl.arange(0, BLOCK // 4), counter, stream, 0)
         bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])  # [4n + 2a + b] = r(2a + b)[n]
     else:
-        r0, r1, r2, r3 = tl.philox(seed, index // 4, row + index * 0, 0, 0)
+        r0, r1, r2, r3 = tl.philox(seed, index // 4, counter + index * 0, stream + index * 0, 0)
         lane = index % 4
         bits = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
     return tl.uint_to_uniform_float(bits)

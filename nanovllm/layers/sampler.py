@@ -3,6 +3,12 @@
 Order: repetition penalty (prompt + output), frequency/presence penalties (output), min_tokens masking,
 temperature, top-k, top-p, min-p, then greedy argmax or an exponential race. Logprobs are of the raw model
 distribution, as vLLM's default.
+
+A row with a request seed draws by the sampling kernel's Philox numbers, keyed by its seed and the position
+it samples at (kernels/sample.py), never by a generator that carries state from step to step. So its tokens do
+not depend on the batch, on preemption, or on whether a decode graph or this Sampler drew them: a seeded row
+with nothing to do before its filters (no penalties, no pending min_tokens) takes `draw`, what the decode
+graphs run, on its raw logits; the others draw by the same numbers from their processed logits.
 """
 from dataclasses import dataclass
 
@@ -11,6 +17,8 @@ import torch
 from torch import Tensor
 
 from nanovllm.engine.sequence import PLACEHOLDER
+from nanovllm.kernels import top_k_top_p
+from nanovllm.kernels.sample import Keep, sample, sample_ref
 
 
 @dataclass(slots=True)
@@ -19,8 +27,9 @@ class SamplingBatch:
     temperatures: Tensor  # (B,) float32; 1.0 on greedy rows so one division serves all
     greedy: Tensor  # (B,) bool
     all_greedy: bool
-    seeded_rows: list[tuple[int, torch.Generator]]  # random rows that draw from their own generator
-    any_unseeded: bool  # some random row draws from torch's default generator
+    any_unseeded: bool  # some random row has no seed: it draws from torch's default generator
+    raw_draw: "SeededDraw | None" = None  # seeded rows drawn from the raw logits, as the decode graphs draw
+    processed_draw: "SeededDraw | None" = None  # seeded rows with penalties or a pending min_tokens
     top_ks: Tensor | None = None  # (B,) int64; vocab_size where off
     max_top_k: int | None = None  # the largest top_k asked, known on the host (no device read to find it)
     top_ps: Tensor | None = None  # (B,) float32
@@ -48,10 +57,15 @@ class SamplingBatch:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         greedy = [p.greedy for p in params]
-        seeded = [(i, s.generator) for i, s in enumerate(seqs) if not greedy[i] and s.generator is not None]
+        seeded = [i for i, s in enumerate(seqs) if not greedy[i] and params[i].seed is not None]
         batch = cls(temperatures=tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)]),
-                    greedy=tensor(greedy, torch.bool), all_greedy=all(greedy), seeded_rows=seeded,
+                    greedy=tensor(greedy, torch.bool), all_greedy=all(greedy),
                     any_unseeded=len(seeded) < greedy.count(False))
+        if processed := [i for i in seeded if changes_logits(seqs[i])]:
+            batch.processed_draw = SeededDraw.build([seqs[i] for i in processed], processed, device, vocab_size,
+                                                    filters=False)
+        if raw := [i for i in seeded if not changes_logits(seqs[i])]:
+            batch.raw_draw = SeededDraw.build([seqs[i] for i in raw], raw, device, vocab_size, filters=True)
         if any(p.top_k > 0 for p in params):
             batch.top_ks = tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
             batch.max_top_k = max(p.top_k for p in params if p.top_k > 0)
@@ -75,10 +89,86 @@ class SamplingBatch:
         return batch
 
     @property
-    def is_plain_greedy(self) -> bool:
-        """Nothing to do but an argmax."""
-        return (self.all_greedy and self.seen_ids is None and self.output_ids is None
-                and self.min_tokens_mask is None)
+    def needs_processing(self) -> bool:
+        """Some row takes more than an argmax of the raw logits or `draw`."""
+        return (self.any_unseeded or self.processed_draw is not None or self.seen_ids is not None
+                or self.output_ids is not None or self.min_tokens_mask is not None)
+
+
+def seed_key(seq) -> int:
+    """A seeded seq's Philox key: its request's seed plus its index among the request's n completions, so
+    that they differ, in [0, 2^63); -1 without a seed."""
+    seed = seq.sampling_params.seed
+    return -1 if seed is None else (seed + seq.index) % 2**63
+
+
+def reads_history(seq) -> bool:
+    """Sampling seq reads its token ids (penalties), the last one perhaps still in flight."""
+    p = seq.sampling_params
+    return p.repetition_penalty != 1 or bool(p.frequency_penalty or p.presence_penalty)
+
+
+def changes_logits(seq) -> bool:
+    """seq's logits change before its filters: penalties, or a min_tokens still to reach. Such a row takes the
+    Sampler in every step (model_runner.needs_sampler), so a seeded one draws the same way in all of them."""
+    return reads_history(seq) or seq.num_completion_tokens < seq.sampling_params.min_tokens
+
+
+@dataclass(slots=True)
+class SeededDraw:
+    """Seeded rows of a batch, drawn by their own Philox key at their position (kernels/sample.py)."""
+    rows: Tensor  # (S,) int64: where they are in the batch
+    keys: tuple[Tensor, Tensor]  # (S,) int64 each: the key, the position sampled at
+    temperatures: Tensor  # (S,) float32
+    filters: Tensor | None  # (3, S) float32 top_k (vocab size: off), top_p, min_p; None: no row filters
+
+    @classmethod
+    def build(cls, seqs: list, rows: list[int], device, vocab_size: int, filters: bool) -> "SeededDraw":
+        """filters=False: rows of processed logits, already divided by their temperatures and filtered."""
+        params, n = [seq.sampling_params for seq in seqs], len(seqs)
+        filtered = filters and any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
+        # Rows of 4k entries: every row starts 16-byte aligned, as the graphs' buffers do, so the kernels
+        # run the variants the graphs compiled (Triton specializes on pointer alignment).
+        ints, floats = np.zeros((3, -(-n // 4) * 4), dtype=np.int64), np.zeros((4, -(-n // 4) * 4), dtype=np.float32)
+        ints[:, :n] = rows, [seed_key(seq) for seq in seqs], [len(seq.token_ids) - 1 for seq in seqs]
+        floats[:, :n] = ([p.temperature if filters else 1.0 for p in params],
+                         [p.top_k if p.top_k > 0 else vocab_size for p in params], [p.top_p for p in params],
+                         [p.min_p for p in params])
+        ints = torch.from_numpy(ints).to(device, non_blocking=True)[:, :n]
+        floats = torch.from_numpy(floats).to(device, non_blocking=True)[:, :n]
+        return cls(ints[0], (ints[1], ints[2]), floats[0], floats[1:] if filtered else None)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """The rows' tokens (S,) from the batch's logits (B, V)."""
+        return draw(logits[self.rows], self.temperatures, self.keys, self.filters)
+
+
+def draw(logits: Tensor, temperatures: Tensor, keys: tuple[Tensor, Tensor] | None = None,
+         filters: Tensor | None = None, seed: Tensor | None = None, out: Tensor | None = None,
+         workspace: Tensor | None = None, filter_workspace: "top_k_top_p.FilterWorkspace | None" = None,
+         host_out=None) -> Tensor:
+    """What a decode graph samples (engine/cuda_graph.py), and the Sampler's seeded rows: logits (B, V) raw in
+    the model dtype, temperatures (B,) float32 (0: the argmax), keys as kernels/sample.sample's, filters (3,
+    B) float32 (top_k, top_p, min_p; off: >= V, 1, 0), seed (1,) int64 the key of rows without one of their
+    own. On CUDA the sampling kernels, top-k and top-p by kernels/top_k_top_p.py's thresholds where the
+    logits are 16-bit; elsewhere filter_logits and sample_ref. Workspaces, out and host_out: where a CUDA
+    graph's replays keep them (allocated here when None). Returns out (B,) int64."""
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device) if out is None else out
+    keep = None
+    if filters is not None:
+        top_k, top_p, min_p = filters
+        if logits.is_cuda and top_k_top_p.supports(logits.dtype):
+            ws = filter_workspace or top_k_top_p.FilterWorkspace.make(rows, vocab, logits.device)
+            ws = top_k_top_p.thresholds(logits, temperatures, top_k, top_p, ws)
+            keep = Keep(ws.keep, ws.row_max, min_p, ws.hist)
+        else:  # the filtered logits, divided by the temperatures
+            logits = filter_logits(logits, temperatures, top_k, top_p, min_p)
+            temperatures = (temperatures > 0).float()
+    if not logits.is_cuda:
+        return sample_ref(logits, temperatures, out, keys)
+    seed = torch.zeros(1, dtype=torch.int64, device=logits.device) if seed is None else seed
+    return sample(logits, temperatures, seed, out, workspace, host_out, keep, keys)
 
 
 def _pad(rows: list[list[int]], pad_id: int, device, history: tuple[Tensor, list[int | None]] | None = None) -> Tensor:
@@ -131,12 +221,14 @@ class SamplerOutput:
 class Sampler:
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """logits: (B, V) raw model logits. Does not modify them."""
-        if batch.is_plain_greedy:
-            token_ids = logits.argmax(dim=-1)
-        else:
+        """logits: (B, V) raw model logits, in the model dtype. Does not modify them."""
+        if batch.needs_processing:
             processed = self.process_logits(logits.to(torch.float32, copy=True), batch)
             token_ids = self.sample(processed, batch)
+        else:  # greedy rows, and seeded rows that draw below
+            token_ids = logits.argmax(dim=-1)
+        if batch.raw_draw is not None:
+            token_ids[batch.raw_draw.rows] = batch.raw_draw(logits)
         if batch.max_num_logprobs is None:
             return SamplerOutput(token_ids)
         return gather_logprobs(logits, token_ids, batch.max_num_logprobs)
@@ -157,21 +249,19 @@ class Sampler:
 
     @staticmethod
     def sample(logits: Tensor, batch: SamplingBatch) -> Tensor:
-        """logits: (B, V) processed. Greedy rows take the argmax (ties: lowest id), others race."""
-        greedy_ids = logits.argmax(dim=-1)  # (B,)
-        if batch.all_greedy:
-            return greedy_ids
-        # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i, and lets a
-        # seeded row draw its q from its own generator, independent of the rest of the batch.
-        probs = logits.softmax(dim=-1)  # (B, V)
-        q = torch.empty_like(probs)
+        """logits: (B, V) processed. Greedy rows take the argmax (ties: lowest id), unseeded rows race, seeded
+        rows with penalties or a min_tokens draw by their keys (the raw ones are left to the caller)."""
+        token_ids = logits.argmax(dim=-1)  # (B,)
         if batch.any_unseeded:
-            q.exponential_()
-        for i, generator in batch.seeded_rows:
-            q[i].exponential_(generator=generator)
-        # Exp(1) can return 0; a floor keeps masked tokens at 0 / q = 0 instead of NaN.
-        random_ids = probs.div_(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
-        return torch.where(batch.greedy, greedy_ids, random_ids)
+            # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i.
+            probs = logits.softmax(dim=-1)  # (B, V)
+            q = torch.empty_like(probs).exponential_()
+            # Exp(1) can return 0; a floor keeps masked tokens at 0 / q = 0 instead of NaN.
+            random_ids = probs.div_(q.clamp_min_(torch.finfo(q.dtype).tiny)).argmax(dim=-1)
+            token_ids = torch.where(batch.greedy, token_ids, random_ids)
+        if batch.processed_draw is not None:
+            token_ids[batch.processed_draw.rows] = batch.processed_draw(logits)
+        return token_ids
 
 
 def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
