@@ -10,13 +10,14 @@ The graphs end with the sampler where it can live there: each bucket has a greed
 and a sampling graph that draws temperature samples in one Triton pass over the logits (kernels/sample.py;
 rows with temperature 0 keep the argmax, and on CUDA the greedy graph's argmax is that pass at temperature
 0), so such a step copies back only B token ids. Every bucket (one process; NANOVLLM_FILTER_MAX_BS=n keeps
-it to buckets of up to n seqs) has a third graph for top-k, top-p and min-p without seeds: two kernels find
-each row's threshold from a histogram of its logits (kernels/top_k_top_p.py), and the same draw keeps to it.
+it to buckets of up to n seqs) has a third graph for top-k, top-p and min-p: two kernels find each row's
+threshold from a histogram of its logits (kernels/top_k_top_p.py), and the same draw keeps to it. A seeded
+row draws in these graphs by its own Philox key at its position (`draw_keys`), as the eager Sampler draws it.
 Logprobs come after the replay from a small graph of the bucket (kernels/logprobs.py), captured the first
-time a step asks for them (at TP 1). A row that needs anything else (a seed, penalties, a pending
-min_tokens) is the graph's argmax, and the runner replaces it with the Sampler's draw from that row of the
-graph's logits (at TP 1; under TP such a step, or one with logprobs, replays the greedy graph and runs the
-Sampler on every row).
+time a step asks for them (at TP 1). A row that needs anything else (penalties, a pending min_tokens) is the
+graph's argmax, and the runner replaces it with the Sampler's draw from that row of the graph's logits (at
+TP 1; under TP such a step, or one with logprobs, replays the greedy graph and runs the Sampler on every
+row).
 
 Under tensor parallelism every rank captures the same graphs, collectives included (NCCL collectives are
 captured like kernels), and samples inside them without gathering the logits: each rank computes its slice
