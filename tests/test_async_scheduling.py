@@ -265,7 +265,7 @@ def test_logprobs_rows_stay_in_the_graphs(folder, reference, monkeypatch, async_
     runner = llm.engine.model_runner
     asked, sampled = [], []
     logprobs, sample = runner.graphs.logprobs, runner._sample_on_device
-    monkeypatch.setattr(runner.graphs, "logprobs", lambda n, k: asked.append((n, k)) or logprobs(n, k))
+    monkeypatch.setattr(runner.graphs, "logprobs", lambda ring, k: asked.append((ring.n, k)) or logprobs(ring, k))
     monkeypatch.setattr(runner, "_sample_on_device", lambda seqs, *args: sampled.append(len(seqs)) or sample(
         seqs, *args))
     graphed = llm.generate(prompts, params, use_tqdm=False)

@@ -202,10 +202,10 @@ def test_seeded_row_is_independent_of_the_batch():
     assert sample_steps([make_seq(seed=1235, temperature=1.0, top_p=0.95)], row=0) != alone
 
 
-def test_seeded_row_draws_the_same_numbers_before_and_after_its_min_tokens():
-    """A seeded row with a min_tokens to reach takes the processed logits (here nothing is masked: ignore_eos,
-    no stop ids), the same row past it the raw ones; at temperature 1 and no filters both draw by the same
-    numbers from the same scores, so the same tokens, and not the argmax."""
+def test_seeded_row_draws_the_same_numbers_with_and_without_a_min_tokens():
+    """At one position: a seeded row with a min_tokens to reach takes the processed logits (here nothing is
+    masked: ignore_eos, no stop ids), the same row without one the raw ones; at temperature 1 and no filters
+    both draw by the same numbers from the same scores, so the same tokens, and not the argmax."""
     def tokens(**extra):
         seq = make_seq(seed=21, temperature=1.0, ignore_eos=True, **extra)
         return [sample(random_logits(1, seed=40 + step) * 0.3, [seq]).token_ids.item() for step in range(12)]
@@ -224,12 +224,16 @@ def assert_matches_distribution(tokens: torch.Tensor, probs: torch.Tensor) -> No
     assert chi2 < 30.0, (chi2, counts, expected)  # df <= 7: p < 1e-4 under the null
 
 
-@pytest.mark.parametrize("seeded", [False, True])
+@pytest.mark.parametrize("seeded", [False, True, "processed"])
 def test_sampling_frequencies_match_the_distribution(seeded):
+    """Unseeded rows, seeded ones (drawn as the graphs draw, from the raw logits) and seeded ones with a
+    min_tokens to reach (drawn from the processed logits, already divided by the temperature)."""
     torch.manual_seed(0)
     draws = 20000
     base = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, 1.5, -3.0, 0.2])
     params = dict(temperature=0.7, top_k=6)
+    if seeded == "processed":
+        params.update(min_tokens=1, ignore_eos=True)  # nothing masked, but the processed path
     seqs = [make_seq(seed=i if seeded else None, **params) for i in range(draws)]
     tokens = sample(base.expand(draws, -1).contiguous(), seqs).token_ids
     kept = base.clone()

@@ -110,6 +110,24 @@ def test_tp2_decode_through_the_graph_protocol_matches_eager_tp1(qwen3, monkeypa
 
 
 
+def test_tp2_seeded_rows_draw_by_their_keys_in_the_sharded_graphs(qwen3, monkeypatch):
+    """Seeded rows at TP 2 (graph code uncaptured on CPU): temperature-only ones draw in the sharded graphs,
+    every rank by the keys rank 0 broadcasts with the step's inputs; a top-p one takes the full Sampler on the
+    gathered logits. Each makes TP 1's eager tokens, in a batch of four and in one of three."""
+    hot = dict(max_tokens=20, ignore_eos=True)
+    params = [SamplingParams(temperature=1.0, seed=21, **hot), SamplingParams(temperature=0.8, seed=22, **hot),
+              SamplingParams(temperature=1.2, top_p=0.9, seed=23, **hot),
+              SamplingParams(temperature=1.0, seed=24, **hot)]
+    expected = [o.outputs[0].token_ids for o in LLM(qwen3).generate(PROMPTS, params, use_tqdm=False)]
+    monkeypatch.setenv("NANOVLLM_UNCAPTURED_GRAPHS", "1")
+    with LLM(qwen3, tensor_parallel_size=2) as llm:
+        four = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        three = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2] + PROMPTS[3:], params[:2] + params[3:],
+                                                              use_tqdm=False)]
+    assert four == expected and three == expected[:2] + expected[3:]
+    assert len({tuple(t) for t in expected}) == 4
+
+
 def test_tp2_samples_inside_the_graphs_without_gathering_logits(qwen3, monkeypatch):
     """Under TP a decode graph ends with each rank's logits slice, its per-chunk bests (Gumbel-perturbed at
     the rows' temperatures) and an all-gather of those pairs only. Plain greedy steps (the sharded argmax)

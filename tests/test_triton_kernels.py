@@ -496,8 +496,11 @@ def test_logprobs_kernel_gives_the_samplers_logprobs(rows, vocab, dtype):
     """Each row's logprob and rank of its token and its top lists (every width) are gather_logprobs': the
     values within fp32 rounding, the ids those values belong to (bf16 ties may order them otherwise). A
     vocabulary over several chunks, and one under a chunk; over 32 rows the wide chunks. A chunk of -inf
-    logits (row 1 where it spans two chunks) adds nothing rather than NaN."""
-    from nanovllm.kernels.logprobs import TOP_WIDTHS, LogprobsBuffers, logprobs, logprobs_ref
+    logits (row 1 where it spans two chunks) adds nothing rather than NaN. The same results, packed, in the
+    host ring row the slot names (pinned memory on CUDA), as pack_ref packs the outputs; other rows as they
+    were."""
+    from nanovllm.kernels.logprobs import PACKED, TOP_WIDTHS, LogprobsBuffers, logprobs, logprobs_ref, pack_ref
+    from nanovllm.kernels.sample import HostOut
     gen = torch.Generator(DEVICE).manual_seed(rows)
     logits = (3 * torch.randn(rows, vocab, generator=gen, device=DEVICE)).to(dtype)
     ids = torch.randint(0, vocab, (rows,), generator=gen, device=DEVICE)
@@ -506,10 +509,17 @@ def test_logprobs_kernel_gives_the_samplers_logprobs(rows, vocab, dtype):
         logits[1, 1024:2048] = -float("inf")
         ids[1] = 0
     buffers = LogprobsBuffers.make(rows + 2, vocab, DEVICE)
+    ring = torch.full((3, rows + 2, PACKED), -7.0, pin_memory=CUDA)
     for width in TOP_WIDTHS:
         for t in buffers[:4]:
             t.fill_(-7)  # rows the kernel forgets fail
-        lp, rank, top_ids, top_lps = logprobs(logits, ids, width, buffers)
+        slot = torch.tensor([width % 3], device=DEVICE)
+        lp, rank, top_ids, top_lps = logprobs(logits, ids, width, buffers, HostOut(ring, slot))
+        if CUDA:
+            torch.cuda.synchronize()
+        expected = pack_ref(lp, rank, top_ids, top_lps, torch.full((rows + 2, PACKED), -7.0, device=DEVICE))
+        assert torch.equal(ring[width % 3], expected.cpu())  # the 2 spare rows untouched
+        ring[width % 3] = -7.0
         ref_lp, ref_rank, ref_ids, ref_lps = logprobs_ref(logits, ids, width)
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
         assert torch.equal(rank, ref_rank) and rank[0] == 1
@@ -517,6 +527,7 @@ def test_logprobs_kernel_gives_the_samplers_logprobs(rows, vocab, dtype):
         assert top_ids.shape == (rows, width)
         torch.testing.assert_close(logits.gather(1, top_ids), logits.gather(1, ref_ids), atol=0, rtol=0)
         assert (top_lps[:, 1:] <= top_lps[:, :-1]).all()
+    assert (ring == -7).all()  # each width's slot only, each restored
 
 
 # ---- programmatic dependent launch (nanovllm/kernels/pdl.py) ----

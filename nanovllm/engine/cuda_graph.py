@@ -40,7 +40,7 @@ from nanovllm.distributed.commands import broadcast_decode_inputs, send_decode
 from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get_tp_rank, get_tp_size
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import top_k_top_p
-from nanovllm.kernels.logprobs import LogprobsBuffers, logprobs, logprobs_ref, top_width
+from nanovllm.kernels.logprobs import PACKED, LogprobsBuffers, logprobs, logprobs_ref, pack_ref, top_width, unpack
 from nanovllm.kernels.sample import (
     CHUNK,
     HostOut,
@@ -122,18 +122,27 @@ def capture_behind(fn, stream: torch.cuda.Stream, **capture_args) -> torch.cuda.
 class RingIds:
     """Where one replay's sampled ids land: a row of DecodeGraphs.ring (pinned), written by the graph's last
     kernel, so valid once an event after the replay has completed and until RING replays later reuse the
-    row."""
+    row. Where the step's logprobs graph ran (width set), its results are in the same row of logprob_ring."""
 
     def __init__(self, graphs: "DecodeGraphs", replay: int, n: int):
         self.graphs, self.replay, self.n = graphs, replay, n
         self.slot = replay % RING  # replay r + RING reuses the row
+        self.width: int | None = None  # the top width of the logprobs in logprob_ring, if any
 
     def ids(self) -> torch.Tensor:
         """(n,) int64 in pinned memory; call after the replay is known complete."""
+        return self._row(self.graphs.ring)
+
+    def logprobs(self) -> tuple[torch.Tensor, ...]:
+        """(logprob, rank, top ids, top logprobs) as logprobs_ref returns them, from pinned memory; call after
+        the logprobs graph is known complete."""
+        return unpack(self._row(self.graphs.logprob_ring), self.width)
+
+    def _row(self, ring: torch.Tensor) -> torch.Tensor:
         if self.graphs.num_replays - self.replay > RING:
-            raise RuntimeError(f"decode step {self.replay}'s ids were read after {RING} later replays reused "
+            raise RuntimeError(f"decode step {self.replay}'s results were read after {RING} later replays reused "
                                "their ring row")
-        return self.graphs.ring[self.slot, :self.n]
+        return ring[self.slot, :self.n]
 
 
 class _PinnedInputs:
@@ -178,6 +187,8 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.slot_mapping, ring_row, self.draw_keys = self.dev64
         self.ring_slot = ring_row[:1]  # (1,): which ring row this replay's ids go to
         self.ring = torch.zeros(RING, max_bs, dtype=torch.int64, pin_memory=device.type == "cuda")
+        # Each replay's logprobs, packed (kernels/logprobs.py), in the ring row of its ids.
+        self.logprob_ring = torch.zeros(RING, max_bs, PACKED, dtype=torch.float32, pin_memory=device.type == "cuda")
         self.context_lens, self.seq_order = self.dev32[:max_bs], self.dev32[max_bs:2 * max_bs]
         self.block_tables = self.dev32[2 * max_bs:].view(max_bs, max_num_blocks)
         self.temperatures = torch.zeros(max_bs, dtype=torch.float32, device=device)
@@ -264,7 +275,8 @@ class DecodeGraphs:
         # a new seed for the next replay), or at temperature 0 the argmax (ties to the lowest id, as
         # torch.argmax), spread over the SMs, where torch's reduction of one row runs on one, and launched
         # with PDL at small batches (kernels/pdl.py). FILTER first finds each row's top-k / top-p threshold
-        # (kernels/top_k_top_p.py), and the draw keeps to it and to min-p. Elsewhere torch: argmax, or the
+        # (kernels/top_k_top_p.py), and the draw keeps to it and to min-p (float32 logits: filter_logits
+        # first). Elsewhere torch: argmax, or the
         # Sampler's exponential race (same distribution), after filter_logits for FILTER. Seeded rows draw by
         # their own keys, the same numbers on both.
         if mode or logits.is_cuda:  # layers/sampler.draw: what the Sampler's seeded rows run too
@@ -408,19 +420,26 @@ class DecodeGraphs:
         self._replay(bs, mode, logits)
         return ring
 
-    def logprobs(self, n: int, k: int) -> tuple[torch.Tensor, ...]:
-        """After a replay of n seqs at TP 1: the logprob and rank of each id it sampled, and each row's top
-        k (<= 20) logprobs and ids, from its logits (kernels/logprobs.py), by the bucket's logprobs graph of
-        the narrowest top width that holds k. That graph is captured the first time a step asks for it (a
-        one-off sync), so engines whose requests never ask pay nothing. As logprobs_ref returns them; on
-        CUDA views of buffers the next such replay overwrites. (logprob, rank, top ids, top logprobs)."""
-        bs, width = self.bucket[n], top_width(k)
-        if not self.graphs:  # uncaptured (CPU tests of the graphs' code path): the Sampler's own
-            return logprobs_ref(self.logits[:n], self.next_tokens[:n], width)
+    def logprobs(self, ring: RingIds, k: int) -> tuple[torch.Tensor, ...]:
+        """After the replay that returned ring, at TP 1: the logprob and rank of each id it sampled, and each
+        row's top k (<= 20) logprobs and ids, from its logits (kernels/logprobs.py), by the bucket's logprobs
+        graph of the narrowest top width that holds k, which also writes them into ring's row of
+        logprob_ring (RingIds.logprobs reads them there). That graph is captured the first time a step asks
+        for it (a one-off sync), so engines whose requests never ask pay nothing. As logprobs_ref returns
+        them; on CUDA views of buffers the next such replay overwrites. (logprob, rank, top ids, top
+        logprobs)."""
+        n = ring.n
+        bs, ring.width = self.bucket[n], top_width(k)
+        width = ring.width
+        if not self.graphs:  # uncaptured (CPU tests of the graphs' code path): the Sampler's own, packed eagerly
+            out = logprobs_ref(self.logits[:n], self.next_tokens[:n], width)
+            pack_ref(*out, self.logprob_ring[ring.slot])
+            return out
         if self.logprob_buffers is None:
             self.logprob_buffers = LogprobsBuffers.make(self.max_bs, self.vocab_size, self.device)
         if (bs, width) not in self.logprob_graphs:
-            args = self.logits[:bs], self.next_tokens[:bs], width, self.logprob_buffers
+            args = (self.logits[:bs], self.next_tokens[:bs], width, self.logprob_buffers,
+                    HostOut(self.logprob_ring, self.ring_slot))
             views = logprobs(*args)  # compiles outside the capture; where every replay writes (bs rows)
             # A pool of its own that stays empty (the kernels allocate nothing); thread_local: the serving
             # thread's capture is not spoiled by other threads.

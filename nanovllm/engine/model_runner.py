@@ -28,12 +28,14 @@ from nanovllm.layers.sampler import (
     Sampler,
     SamplerOutput,
     SamplingBatch,
+    SeededDraw,
     changes_logits,
     compute_prompt_logprobs,
     reads_history,
     seed_key,
 )
 from nanovllm.models import load_model, set_use_triton
+from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.context import get_context, make_context, reset_context, set_context
 from nanovllm.utils.loader import load_model_config
 
@@ -74,12 +76,13 @@ class PendingStep:
         self.ring = ring  # a graph step that sampled in its graph: its ids are on their way to the ring
         # Else copies now: a graph step's ids are overwritten by the next replay. On CUDA, to pinned memory
         # without a sync (.tolist() later would wait for the whole stream, the steps launched since included).
-        # Where the ids are in the ring, only logprobs are copied (the ids are added from the ring later).
+        # Where the ids (and logprobs) are in the ring, nothing is copied: they are read from the ring later.
         self.event = torch.cuda.Event() if sampled.token_ids.is_cuda else None
         copy = _to_pinned if self.event is not None else torch.clone
+        in_ring = ring is not None and ring.width is not None
         self.host = SamplerOutput(*(t if t is None else copy(t) for t in (
-            None if ring is not None else sampled.token_ids, sampled.logprobs, sampled.ranks, sampled.top_ids,
-            sampled.top_logprobs)))
+            None if ring is not None else sampled.token_ids, *(() if in_ring else (
+                sampled.logprobs, sampled.ranks, sampled.top_ids, sampled.top_logprobs)))))
         if self.event is not None:
             self.event.record()
 
@@ -91,6 +94,8 @@ class PendingStep:
             self.event.synchronize()
         if self.ring is not None:
             self.host.token_ids = self.ring.ids()
+            if self.ring.width is not None:
+                self.host.logprobs, self.host.ranks, self.host.top_ids, self.host.top_logprobs = self.ring.logprobs()
         out = StepOutput({}, {}, {})
         ModelRunner.collect_samples(self.seqs, self.host, out)
         return out
@@ -289,6 +294,8 @@ class ModelRunner:
                                        capture=not uncaptured, host_buffers=host_buffers)
             for bs in self._in_step_batches():
                 self.graphs.tune_step(self.model, bs, min(128, max_model_len), num_blocks)
+        if self.device.type == "cuda" and self.rank == 0:
+            self._warm_up_seeded_draws()
         if (self.device.type == "cuda" or uncaptured) and self._wants_prefill_graphs():
             block_size = self.config.block_size
             self.prefill_graphs = PrefillGraphs(self.model, self.config.max_num_batched_tokens,
@@ -302,6 +309,19 @@ class ModelRunner:
         gc.collect()
         gc.freeze()
         return num_blocks
+
+    def _warm_up_seeded_draws(self) -> None:
+        """Compiles the kernels that seeded rows run outside the decode graphs (layers/sampler.draw in an
+        eager step: raw logits with and without filters, float32 logits after penalties, a few rows and more
+        than 32), so that the first seeded request does not compile them mid-serving."""
+        vocab = self.model_config.vocab_size
+        for rows in (1, 33):
+            seqs = [Sequence([0], SamplingParams(temperature=1.0, top_p=p, seed=0)) for p in (1.0, 0.9)]
+            logits = torch.zeros(rows, vocab, dtype=self.dtype, device=self.device)
+            for seq in seqs:
+                SeededDraw.build([seq] * rows, list(range(rows)), self.device, vocab, filters=True)(logits)
+            SeededDraw.build([seqs[0]] * rows, list(range(rows)), self.device, vocab, filters=False)(logits.float())
+        torch.cuda.synchronize(self.device)
 
     def _in_step_batches(self) -> list[int]:
         """The graphs whose projections are tuned inside the step (DecodeGraphs.tune_step): that of 1 seq
@@ -449,7 +469,7 @@ class ModelRunner:
         sampler_rows = set(eager)
         asked = [seq.sampling_params.logprobs for i, seq in enumerate(seqs)
                  if seq.sampling_params.logprobs is not None and i not in sampler_rows]
-        out = SamplerOutput(self.graphs.next_tokens[:n], *self.graphs.logprobs(n, max(asked)) if asked else ())
+        out = SamplerOutput(self.graphs.next_tokens[:n], *self.graphs.logprobs(ring, max(asked)) if asked else ())
         if not eager:
             return out, ring
         rows = self._to_device(eager)

@@ -15,6 +15,10 @@ launches, not the GPU, set the pace, 0.91 ms a token against 0.65 without logpro
 Ranks and top lists compare raw logits, which order as the logprobs do. Ties in a top list come lowest id
 first; torch.topk leaves their order open. `width` is one of TOP_WIDTHS, the smallest that covers the
 logprobs a step asks for (a compiled variant each).
+
+With a HostOut the row kernel also writes each row's results, packed (PACKED), straight into a ring row of
+pinned host memory, as kernels/sample.py writes the ids: four copies to the host after each step had kept
+the GPU idle for each one's latency.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from nanovllm.kernels import jit
+from nanovllm.kernels.sample import HostOut
 from nanovllm.layers.sampler import gather_logprobs
 from nanovllm.sampling_params import MAX_LOGPROBS
 
@@ -34,6 +39,24 @@ except ImportError:  # CPU installs without Triton use logprobs_ref
 
 TOP_WIDTHS = (0, 5, MAX_LOGPROBS)  # top lists a kernel variant fills: up to the most a request may ask
 CHUNK, SMALL_CHUNK, SMALL_CHUNK_ROWS = 4096, 1024, 32  # logits a program reads: narrower at a few rows
+# A row's results packed as float32 in a host ring: [logprob, rank, top logprobs (MAX_LOGPROBS), top ids
+# (MAX_LOGPROBS)]; ranks and ids are exact in float32 below 2^24 (a vocabulary of up to 16.7M tokens).
+PACKED = 2 + 2 * MAX_LOGPROBS
+
+
+def pack_ref(logprob: torch.Tensor, rank: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+    """What the row kernel writes into a host ring row: out (>= B, PACKED) float32, rows [:B]."""
+    batch, width = top_ids.shape
+    out[:batch, 0], out[:batch, 1] = logprob, rank.float()
+    out[:batch, 2:2 + width], out[:batch, 2 + MAX_LOGPROBS:2 + MAX_LOGPROBS + width] = top_logprobs, top_ids.float()
+    return out
+
+
+def unpack(packed: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """A ring row's (B, PACKED) results as logprobs_ref returns them: (logprob, rank, top ids, top logprobs)."""
+    return (packed[:, 0], packed[:, 1].long(), packed[:, 2 + MAX_LOGPROBS:2 + MAX_LOGPROBS + width].long(),
+            packed[:, 2:2 + width])
 
 
 def top_width(k: int) -> int:
@@ -67,12 +90,15 @@ class LogprobsBuffers(NamedTuple):
                    empty(rows, chunks, 3), empty(rows, chunks * top), empty(rows, chunks * top, dtype=torch.int32))
 
 
-def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, width: int, buffers: LogprobsBuffers):
+def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, width: int, buffers: LogprobsBuffers,
+             host_out: HostOut | None = None):
     """logits (B, V) raw, unit stride on V; token_ids (B,) int64 on the device; width in TOP_WIDTHS. Writes
-    rows [:B] of buffers' outputs and returns them as logprobs_ref does. No host sync, no allocation:
-    CUDA-graph safe."""
+    rows [:B] of buffers' outputs and returns them as logprobs_ref does; with host_out, also rows [:B] of
+    ring[slot] ((S, >= B, PACKED) float32, pinned), packed as pack_ref packs them. No host sync, no
+    allocation: CUDA-graph safe."""
     batch, vocab = logits.shape
     assert logits.stride(-1) == 1 and width in TOP_WIDTHS and batch <= buffers.logprob.shape[0]
+    assert vocab <= 1 << 24, "ids must be exact in float32"
     chunk = min(SMALL_CHUNK if batch <= SMALL_CHUNK_ROWS else CHUNK, triton.next_power_of_2(vocab))
     chunks = -(-vocab // chunk)
     assert buffers.stats.shape[1] >= chunks, "buffers made for a smaller vocabulary"
@@ -80,11 +106,13 @@ def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, width: int, buffers:
         stats, values, ids = buffers.stats, buffers.cand_values, buffers.cand_ids
         _chunk_kernel[(batch, chunks)](logits, logits.stride(0), token_ids, stats, stats.stride(0), values, ids,
                                        values.stride(0), vocab, CHUNK=chunk, WIDTH=width)
+        ring, slot = host_out if host_out is not None else (buffers.stats, token_ids)  # unread without HOST
         _row_kernel[(batch,)](logits, logits.stride(0), token_ids, stats, stats.stride(0), values, ids,
                               values.stride(0), buffers.logprob, buffers.rank, buffers.top_logprobs,
-                              buffers.top_ids, buffers.top_ids.stride(0), chunks, WIDTH=width,
-                              CHUNKS=triton.next_power_of_2(chunks),
-                              CANDIDATES=triton.next_power_of_2(max(chunks * width, 1)), num_warps=8)
+                              buffers.top_ids, buffers.top_ids.stride(0), ring, ring.stride(0), ring.stride(1),
+                              slot, chunks, WIDTH=width, TOP=MAX_LOGPROBS, CHUNKS=triton.next_power_of_2(chunks),
+                              CANDIDATES=triton.next_power_of_2(max(chunks * width, 1)), HOST=host_out is not None,
+                              num_warps=8)
     return (buffers.logprob[:batch], buffers.rank[:batch], buffers.top_ids[:batch, :width],
             buffers.top_logprobs[:batch, :width])
 
@@ -113,9 +141,12 @@ def _chunk_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_p
 
 @jit
 def _row_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_ptr, cand_ids_ptr, stride_cand,
-                logprob_ptr, rank_ptr, top_lp_ptr, top_ids_ptr, stride_top, chunks, WIDTH: tl.constexpr,
-                CHUNKS: tl.constexpr, CANDIDATES: tl.constexpr):
+                logprob_ptr, rank_ptr, top_lp_ptr, top_ids_ptr, stride_top, ring_ptr, stride_slot, stride_ring,
+                slot_ptr, chunks, WIDTH: tl.constexpr, TOP: tl.constexpr, CHUNKS: tl.constexpr,
+                CANDIDATES: tl.constexpr, HOST: tl.constexpr):
     row = tl.program_id(0)
+    if HOST:  # this row of the ring's slot row (pinned host memory): PACKED floats
+        ring_ptr += tl.load(slot_ptr) * stride_slot + row * stride_ring
     c = tl.arange(0, CHUNKS)
     stats = stats_ptr + row * stride_stats + c * 3
     highs = tl.load(stats, mask=c < chunks, other=-float("inf"))
@@ -123,15 +154,23 @@ def _row_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_ptr
     total = tl.sum(tl.load(stats + 1, mask=c < chunks, other=0.0) * tl.exp(highs - high), axis=0)
     lse = high + tl.log(total)
     token = tl.load(ids_ptr + row)
-    tl.store(logprob_ptr + row, tl.load(logits_ptr + row.to(tl.int64) * stride + token).to(tl.float32) - lse)
+    logprob = tl.load(logits_ptr + row.to(tl.int64) * stride + token).to(tl.float32) - lse
+    tl.store(logprob_ptr + row, logprob)
     above = tl.sum(tl.load(stats + 2, mask=c < chunks, other=0.0), axis=0)
     tl.store(rank_ptr + row, above.to(tl.int64) + 1)
+    if HOST:
+        tl.store(ring_ptr, logprob)
+        tl.store(ring_ptr + 1, above + 1.0)
     if WIDTH > 0:
         k = tl.arange(0, CANDIDATES)
         values = tl.load(values_ptr + row * stride_cand + k, mask=k < chunks * WIDTH, other=-float("inf"))
         ids = tl.load(cand_ids_ptr + row * stride_cand + k, mask=k < chunks * WIDTH, other=0)
         for i in tl.static_range(WIDTH):  # chunk-major, each chunk's best first: the first of equal values
             value, at = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            top_id = tl.sum(tl.where(k == at, ids, 0), axis=0)
             tl.store(top_lp_ptr + row * stride_top + i, value - lse)
-            tl.store(top_ids_ptr + row * stride_top + i, tl.sum(tl.where(k == at, ids, 0), axis=0).to(tl.int64))
+            tl.store(top_ids_ptr + row * stride_top + i, top_id.to(tl.int64))
+            if HOST:
+                tl.store(ring_ptr + 2 + i, value - lse)
+                tl.store(ring_ptr + 2 + TOP + i, top_id.to(tl.float32))
             values = tl.where(k == at, -float("inf"), values)

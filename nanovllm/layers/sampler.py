@@ -163,8 +163,10 @@ def draw(logits: Tensor, temperatures: Tensor, keys: tuple[Tensor, Tensor] | Non
             ws = top_k_top_p.thresholds(logits, temperatures, top_k, top_p, ws)
             keep = Keep(ws.keep, ws.row_max, min_p, ws.hist)
         else:  # the filtered logits, divided by the temperatures
-            logits = filter_logits(logits, temperatures, top_k, top_p, min_p)
-            temperatures = (temperatures > 0).float()
+            # The draw's new temperatures come first: a PDL kernel reads them before its wait, so they must
+            # not come from the kernel just before it (kernels/pdl.py).
+            temperatures, divided = (temperatures > 0).float(), temperatures
+            logits = filter_logits(logits, divided, top_k, top_p, min_p)
     if not logits.is_cuda:
         return sample_ref(logits, temperatures, out, keys)
     seed = torch.zeros(1, dtype=torch.int64, device=logits.device) if seed is None else seed
