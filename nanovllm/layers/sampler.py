@@ -5,8 +5,9 @@ temperature, top-k, top-p, min-p, then greedy argmax or an exponential race. Log
 distribution, as vLLM's default.
 
 A row with a request seed draws by the sampling kernel's Philox numbers, keyed by its seed and the position
-it samples at (kernels/sample.py), never by a generator that carries state from step to step. So its tokens do
-not depend on the batch, on preemption, or on whether a decode graph or this Sampler drew them: a seeded row
+it samples at (kernels/sample.py), never by a generator that carries state from step to step. So its numbers do
+not depend on the batch, on preemption, or on whether a decode graph or this Sampler drew them (its tokens
+then depend only on its logits, which on a GPU a batch of another size may round otherwise): a seeded row
 with nothing to do before its filters (no penalties, no pending min_tokens) takes `draw`, what the decode
 graphs run, on its raw logits; the others draw by the same numbers from their processed logits.
 """
