@@ -465,9 +465,9 @@ def test_a_prompt_chunked_over_steps_that_sample_nothing(folder, reference, monk
 
 @torch.inference_mode()
 def test_a_replays_ids_come_from_its_ring_row_until_the_row_is_reused():
-    """A graph replay's ids reach pinned memory in a ring of RING rows, each replay the next row (here the
-    graphs' code path uncaptured on CPU, which copies where the CUDA kernel writes). A read after RING later
-    replays took the row is an error, not another step's ids."""
+    """A graph replay's ids, and its logprobs where the step asks, reach pinned memory in a ring of RING rows,
+    each replay the next row (here the graphs' code path uncaptured on CPU, which copies where the CUDA
+    kernels write). A read after RING later replays took the row is an error, not another step's results."""
     from nanovllm.engine.cuda_graph import RING, DecodeGraphs
     from nanovllm.engine.sequence import Sequence
     logits = torch.zeros(20)
@@ -475,12 +475,19 @@ def test_a_replays_ids_come_from_its_ring_row_until_the_row_is_reused():
     seqs = [Sequence([1], SamplingParams()) for _ in range(3)]
     for seq in seqs:
         seq.block_table = [0]
-    rings = []
-    for i in range(RING + 1):
-        logits.zero_()[i] = 1.0  # replay i picks token i
+    rings, expected = [], []
+    for i, k in zip(range(RING + 1), (0, 20, 5, 3, 1)):
+        logits.copy_(torch.randn(20, generator=torch.Generator().manual_seed(i)))[i] = 9.0  # replay i picks i
         rings.append(graphs.replay(seqs))
+        expected.append(graphs.logprobs(rings[-1], k))  # widths 0, 20, 5, 5, 5
     assert [ring.slot for ring in rings] == [i % RING for i in range(RING + 1)]
     for i, ring in enumerate(rings[1:], start=1):
         assert ring.ids().tolist() == [i] * 3
+        got = ring.logprobs()
+        assert got[2].shape == (3, (0, 20, 5, 5, 5)[i]) and got[1].dtype == got[2].dtype == torch.int64
+        assert all(torch.equal(a, b) for a, b in zip(got, expected[i]))
+        assert (got[1] == 1).all() and (got[2][:, :1] == i).all()  # token i: rank 1, first in the top list
     with pytest.raises(RuntimeError, match="reused"):
         rings[0].ids()
+    with pytest.raises(RuntimeError, match="reused"):
+        rings[0].logprobs()

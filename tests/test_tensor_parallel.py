@@ -112,11 +112,12 @@ def test_tp2_decode_through_the_graph_protocol_matches_eager_tp1(qwen3, monkeypa
 
 def test_tp2_seeded_rows_draw_by_their_keys_in_the_sharded_graphs(qwen3, monkeypatch):
     """Seeded rows at TP 2 (graph code uncaptured on CPU): temperature-only ones draw in the sharded graphs,
-    every rank by the keys rank 0 broadcasts with the step's inputs; a top-p one takes the full Sampler on the
-    gathered logits. Each makes TP 1's eager tokens, in a batch of four and in one of three."""
+    every rank by the keys rank 0 broadcasts with the step's inputs; while a top-p one runs (no FILTER graphs
+    under TP) every row takes the full Sampler on the gathered logits, so the others switch paths when it
+    ends. Each makes TP 1's eager tokens, in a batch of four and in one of three."""
     hot = dict(max_tokens=20, ignore_eos=True)
     params = [SamplingParams(temperature=1.0, seed=21, **hot), SamplingParams(temperature=0.8, seed=22, **hot),
-              SamplingParams(temperature=1.2, top_p=0.9, seed=23, **hot),
+              SamplingParams(temperature=1.2, top_p=0.9, seed=23, max_tokens=5, ignore_eos=True),
               SamplingParams(temperature=1.0, seed=24, **hot)]
     expected = [o.outputs[0].token_ids for o in LLM(qwen3).generate(PROMPTS, params, use_tqdm=False)]
     monkeypatch.setenv("NANOVLLM_UNCAPTURED_GRAPHS", "1")

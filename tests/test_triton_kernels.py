@@ -513,13 +513,13 @@ def test_logprobs_kernel_gives_the_samplers_logprobs(rows, vocab, dtype):
     for width in TOP_WIDTHS:
         for t in buffers[:4]:
             t.fill_(-7)  # rows the kernel forgets fail
-        slot = torch.tensor([width % 3], device=DEVICE)
+        slot = torch.tensor([TOP_WIDTHS.index(width)], device=DEVICE)
         lp, rank, top_ids, top_lps = logprobs(logits, ids, width, buffers, HostOut(ring, slot))
         if CUDA:
             torch.cuda.synchronize()
         expected = pack_ref(lp, rank, top_ids, top_lps, torch.full((rows + 2, PACKED), -7.0, device=DEVICE))
-        assert torch.equal(ring[width % 3], expected.cpu())  # the 2 spare rows untouched
-        ring[width % 3] = -7.0
+        assert torch.equal(ring[int(slot)], expected.cpu())  # the 2 spare rows untouched
+        ring[int(slot)] = -7.0
         ref_lp, ref_rank, ref_ids, ref_lps = logprobs_ref(logits, ids, width)
         torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
         assert torch.equal(rank, ref_rank) and rank[0] == 1

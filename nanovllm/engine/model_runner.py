@@ -312,16 +312,23 @@ class ModelRunner:
 
     def _warm_up_seeded_draws(self) -> None:
         """Compiles the kernels that seeded rows run outside the decode graphs (layers/sampler.draw in an
-        eager step: raw logits with and without filters, float32 logits after penalties, a few rows and more
-        than 32), so that the first seeded request does not compile them mid-serving."""
+        eager step: raw logits with and without filters, float32 logits after penalties), at the fewest rows
+        of each variant up to max_num_seqs (PDL or not, narrow chunks or wide), so that the first seeded
+        request does not compile them mid-serving."""
+        from nanovllm.kernels.pdl import pdl_enabled
+        from nanovllm.kernels.sample import chunk_size
+        variants: dict[tuple[bool, int], int] = {}
+        for rows in range(1, self.config.max_num_seqs + 1):
+            variants.setdefault((pdl_enabled(self.device, rows), chunk_size(rows)), rows)
         vocab = self.model_config.vocab_size
-        for rows in (1, 33):
-            seqs = [Sequence([0], SamplingParams(temperature=1.0, top_p=p, seed=0)) for p in (1.0, 0.9)]
+        seqs = [Sequence([0], SamplingParams(temperature=1.0, top_p=p, seed=0)) for p in (1.0, 0.9)]
+        for rows in variants.values():
             logits = torch.zeros(rows, vocab, dtype=self.dtype, device=self.device)
             for seq in seqs:
                 SeededDraw.build([seq] * rows, list(range(rows)), self.device, vocab, filters=True)(logits)
             SeededDraw.build([seqs[0]] * rows, list(range(rows)), self.device, vocab, filters=False)(logits.float())
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # its temporaries (a float32 engine sorts the rows)
 
     def _in_step_batches(self) -> list[int]:
         """The graphs whose projections are tuned inside the step (DecodeGraphs.tune_step): that of 1 seq

@@ -11,6 +11,7 @@ then depend only on its logits, which on a GPU a batch of another size may round
 with nothing to do before its filters (no penalties, no pending min_tokens) takes `draw`, what the decode
 graphs run, on its raw logits; the others draw by the same numbers from their processed logits.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,8 +171,15 @@ def draw(logits: Tensor, temperatures: Tensor, keys: tuple[Tensor, Tensor] | Non
             logits = filter_logits(logits, divided, top_k, top_p, min_p)
     if not logits.is_cuda:
         return sample_ref(logits, temperatures, out, keys)
-    seed = torch.zeros(1, dtype=torch.int64, device=logits.device) if seed is None else seed
+    seed = _unused_seed(logits.device) if seed is None else seed
     return sample(logits, temperatures, seed, out, workspace, host_out, keep, keys)
+
+
+@functools.cache
+def _unused_seed(device: torch.device) -> Tensor:
+    """A seed for draws whose rows all have their own keys, made once: a kernel writing it just before the
+    draw would race the draw's read of it before its PDL wait (kernels/pdl.py)."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
 
 
 def _pad(rows: list[list[int]], pad_id: int, device, history: tuple[Tensor, list[int | None]] | None = None) -> Tensor:
