@@ -2,8 +2,9 @@
 
 Greedy and temperature-only requests sample inside the decode graph (nanovllm/kernels/sample.py); top-k,
 top-p and min-p sample in the bucket's FILTER graph (engine/cuda_graph.py), seeded or not; a request with
-penalties takes the full Sampler (nanovllm/layers/sampler.py) on the logits the graph leaves, eagerly; logprobs come from the decode graphs' logprobs step (kernels/logprobs.py; --logprobs times those
-kinds, into sampling_loop-<card>-logprobs.json). This runs requests of each kind one after another in one engine, in the
+penalties takes the full Sampler (nanovllm/layers/sampler.py) on the logits the graph leaves, eagerly;
+logprobs come from the decode graphs' logprobs step (kernels/logprobs.py; --logprobs times those kinds, into
+sampling_loop-<card>-logprobs.json). This runs requests of each kind one after another in one engine, in the
 order given, and reports each request's ms per token from its token times (as bench_latency's default
 loop). Each order runs in a process of its own, so a kind's first request after startup and its later ones
 can be told apart. Writes sampling_loop-<card>.json and a PNG of each request (--plot redraws it).

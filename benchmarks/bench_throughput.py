@@ -22,9 +22,10 @@ synchronous loop instead and writes throughput-<card>-sync.json. --filters sampl
 0.95 as well (Qwen3's recommended settings) and writes throughput-<card>-filters.json: every decode step
 filters in its bucket's FILTER graph, unless NANOVLLM_FILTER_MAX_BS=n sends steps of more than n seqs to the
 eager Sampler. --seeded-every K gives every K-th request a seed: those rows draw in the graphs too, by their
-own Philox keys (before session 32 they took the eager Sampler). --logprobs K asks K logprobs of every request (the decode graphs'
-logprobs step, kernels/logprobs.py). --penalized-every K gives every K-th request a presence penalty of 0.5
-(its rows take the eager Sampler, which reads the id still in flight on the device).
+own Philox keys (before session 32 they took the eager Sampler). --logprobs K asks K logprobs of every
+request (the decode graphs' logprobs step, kernels/logprobs.py). --penalized-every K gives every K-th
+request a presence penalty of 0.5 (its rows take the eager Sampler, which reads the id still in flight on
+the device).
 
     python benchmarks/bench_throughput.py [--out-dir benchmarks/results] [--skip-hf] [--no-async-scheduling]
         [--filters] [--seeded-every K] [--logprobs K] [--penalized-every K]
