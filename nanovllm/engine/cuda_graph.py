@@ -151,7 +151,8 @@ class _PinnedInputs:
     caller's read-back with one set, or two steps later with two (async scheduling)."""
 
     def __init__(self, max_bs: int, max_num_blocks: int, pin: bool):
-        self.int64 = torch.zeros(5, max_bs, dtype=torch.int64, pin_memory=pin)  # the 4th row: [ring slot, 0...]
+        # The 4th row: [ring slot, 0...]; the 5th: each row's Philox key (DecodeGraphs.draw_keys)
+        self.int64 = torch.zeros(5, max_bs, dtype=torch.int64, pin_memory=pin)
         self.int32 = torch.zeros(max_bs * (2 + max_num_blocks), dtype=torch.int32, pin_memory=pin)
         self.temps = torch.zeros(max_bs, dtype=torch.float32, pin_memory=pin)
         self.filters = torch.zeros(3, max_bs, dtype=torch.float32, pin_memory=pin)  # top_k, top_p, min_p
@@ -276,9 +277,8 @@ class DecodeGraphs:
         # torch.argmax), spread over the SMs, where torch's reduction of one row runs on one, and launched
         # with PDL at small batches (kernels/pdl.py). FILTER first finds each row's top-k / top-p threshold
         # (kernels/top_k_top_p.py), and the draw keeps to it and to min-p (float32 logits: filter_logits
-        # first). Elsewhere torch: argmax, or the
-        # Sampler's exponential race (same distribution), after filter_logits for FILTER. Seeded rows draw by
-        # their own keys, the same numbers on both.
+        # first). Elsewhere torch: argmax, or the Sampler's exponential race (same distribution), after
+        # filter_logits for FILTER. Seeded rows draw by their own keys, the same numbers on both.
         if mode or logits.is_cuda:  # layers/sampler.draw: what the Sampler's seeded rows run too
             draw(logits, self.temperatures[:bs] if mode else self.greedy_temps[:bs],
                  self._keys(bs) if mode else None, self.filters[:, :bs] if mode == FILTER else None, self.seed,
@@ -429,8 +429,8 @@ class DecodeGraphs:
         them; on CUDA views of buffers the next such replay overwrites. (logprob, rank, top ids, top
         logprobs)."""
         n = ring.n
-        bs, ring.width = self.bucket[n], top_width(k)
-        width = ring.width
+        bs, width = self.bucket[n], top_width(k)
+        ring.width = width
         if not self.graphs:  # uncaptured (CPU tests of the graphs' code path): the Sampler's own, packed eagerly
             out = logprobs_ref(self.logits[:n], self.next_tokens[:n], width)
             pack_ref(*out, self.logprob_ring[ring.slot])

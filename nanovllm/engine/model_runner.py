@@ -79,10 +79,11 @@ class PendingStep:
         # Where the ids (and logprobs) are in the ring, nothing is copied: they are read from the ring later.
         self.event = torch.cuda.Event() if sampled.token_ids.is_cuda else None
         copy = _to_pinned if self.event is not None else torch.clone
-        in_ring = ring is not None and ring.width is not None
+        logprobs = (sampled.logprobs, sampled.ranks, sampled.top_ids, sampled.top_logprobs)
+        if ring is not None and ring.width is not None:
+            logprobs = (None,) * 4
         self.host = SamplerOutput(*(t if t is None else copy(t) for t in (
-            None if ring is not None else sampled.token_ids, *(() if in_ring else (
-                sampled.logprobs, sampled.ranks, sampled.top_ids, sampled.top_logprobs)))))
+            None if ring is not None else sampled.token_ids, *logprobs)))
         if self.event is not None:
             self.event.record()
 
