@@ -1,0 +1,563 @@
+// A batch-1 decode weight chain in one persistent kernel: how close can the megakernel regime get to the
+// bandwidth floor on this card? (issue 4's batch-1 target; benchmarks/NOTES-gpu.md, session 33)
+//
+// The model is Qwen3-0.6B's layer shape at one token, 28 layers, with attention left out (as
+// profile_decode_chain.py --knockout does): per layer
+//   A  qkv = W_qkv . bf16(rmsnorm(h) * w1)              4096 x 1024
+//   C  h  += W_o . bf16(qkv[:2048])                       1024 x 2048   (attention's output stands in)
+//   D  act = silu(W_g . n) * (W_u . n), n = bf16(rmsnorm(h) * w2)   2 x 3072 x 1024
+//   E  h  += W_d . bf16(act)                              1024 x 3072
+// One CTA per SM. A producer warp streams the CTA's weight units (16 KB: 8 rows x 1,024 columns, packed
+// in the order the CTA consumes them) into a ring of shared-memory slots with cp.async.bulk, never waiting
+// on the data: only on a free slot. So the HBM keeps streaming across op and layer boundaries. Eight
+// consumer warps take an op's units (a warp a row), after waiting for the op before it through a global
+// counter every CTA bumps when its share is written (the grid-wide dependency a kernel boundary gives).
+//
+// BATCHED (-DBATCHED) waits for all of an op's units first, then runs every dot of a warp at once.
+//
+// Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a [-DBATCHED] chain.cu -o chain
+// Run:   ./chain [out.json]     (checks against a kernel-per-op reference, then times three modes: the
+//        chain, the chain without its waits, the weight stream alone)
+// H100 80GB HBM3, session 33 (results/megakernel_chain-h100.json): the chain takes 20.8 us a layer
+// (BATCHED 24.9), its waits 1.25 us an op, against the engine's kernel-per-op PDL chain at ~14.5 us a layer
+// (profile_decode_chain.py --knockout) and a floor of 10.5. Kept as the measurement; not in the engine.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#define CHECK(x)                                                                                  \
+  do {                                                                                            \
+    cudaError_t e = (x);                                                                          \
+    if (e != cudaSuccess) {                                                                       \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e));           \
+      exit(1);                                                                                    \
+    }                                                                                             \
+  } while (0)
+
+constexpr int LAYERS = 28, H = 1024, QKV = 4096, QDIM = 2048, FF = 3072;
+constexpr int UNIT_ROWS = 8, UNIT_K = 1024, UNIT_ELEMS = UNIT_ROWS * UNIT_K, UNIT_BYTES = UNIT_ELEMS * 2;
+constexpr int CONSUMERS = 8, THREADS = (CONSUMERS + 1) * 32;
+// Tiles an op has: 8 output rows each (D: 4 gate rows then the same 4 up rows), and 1,024-column chunks a tile.
+constexpr int TILES_A = QKV / 8, TILES_C = H / 8, TILES_D = FF / 4, TILES_E = H / 8;
+constexpr int CHUNKS_A = 1, CHUNKS_C = QDIM / UNIT_K, CHUNKS_D = 1, CHUNKS_E = FF / UNIT_K;
+constexpr float EPS = 1e-6f;
+
+struct Weights {  // logical, row-major, per layer
+  __nv_bfloat16 *qkv, *o, *gate, *up, *down;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}"
+      ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+      ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS * 32)); }
+
+__device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
+
+// Dot of a shared-memory row of 1,024 bf16 with 1,024 bf16 of x (shared), summed over the warp: each lane
+// takes 4 x 8 columns, 16-byte loads, conflict-free.
+__device__ __forceinline__ float warp_dot(const __nv_bfloat16* w, const __nv_bfloat16* x, int lane) {
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < UNIT_K / 256; ++i) {
+    const int k = i * 256 + lane * 8;
+    uint4 wv = *reinterpret_cast<const uint4*>(w + k), xv = *reinterpret_cast<const uint4*>(x + k);
+    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
+    const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float2 a = __bfloat1622float2(w2[j]), b = __bfloat1622float2(x2[j]);
+      acc = fmaf(a.x, b.x, acc);
+      acc = fmaf(a.y, b.y, acc);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  return acc;
+}
+
+// A lane's share of a 1,024-column dot (warp_dot without the reduction across lanes).
+__device__ __forceinline__ float lane_dot(const __nv_bfloat16* w, const __nv_bfloat16* x, int lane) {
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < UNIT_K / 256; ++i) {
+    const int k = i * 256 + lane * 8;
+    uint4 wv = *reinterpret_cast<const uint4*>(w + k), xv = *reinterpret_cast<const uint4*>(x + k);
+    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
+    const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xv);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float2 a = __bfloat1622float2(w2[j]), b = __bfloat1622float2(x2[j]);
+      acc = fmaf(a.x, b.x, acc);
+      acc = fmaf(a.y, b.y, acc);
+    }
+  }
+  return acc;
+}
+
+struct Args {
+  const __nv_bfloat16* packed;   // every CTA's units, CTA after CTA, each in its consumption order
+  const long long* unit_start;   // (G + 1,) a CTA's first unit
+  const float *w1, *w2;          // norm weights (H,)
+  float* h;                      // residual stream (H,), fp32
+  float *qkv, *act;              // op outputs
+  int* counters;                 // (LAYERS * 4,) zeroed before a launch
+  int wait;                      // 0: consumers skip the dependency waits (the stream and math alone)
+  int compute;                   // 0: consumers only free the slots (the stream alone)
+  int layers;
+};
+
+struct Ring {
+  static constexpr int SLOTS = 12;
+  __nv_bfloat16 (*slot)[UNIT_ELEMS];
+  uint64_t *full, *empty;
+};
+
+// An op's input x (N values) into shared memory as bf16, with the RMSNorm when w is given: every thread's
+// loads issued at once (one L2 round trip), then one reduction.
+template <int N>
+__device__ void stage_x(const float* src, const float* w, __nv_bfloat16* xs, float* red, int tid) {
+  constexpr int PER = N / (CONSUMERS * 32);
+  float v[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) v[j] = __ldcg(src + j * CONSUMERS * 32 + tid);
+  float rstd = 1.f;
+  if (w != nullptr) {
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) ss += v[j] * v[j];
+#pragma unroll
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((tid & 31) == 0) red[tid >> 5] = ss;
+    consumers_sync();
+    ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < CONSUMERS; ++i) ss += red[i];
+    rstd = rsqrtf(ss / N + EPS);
+  }
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int i = j * CONSUMERS * 32 + tid;
+    xs[i] = __float2bfloat16(w != nullptr ? v[j] * rstd * w[i] : v[j]);
+  }
+  consumers_sync();
+}
+
+__device__ __forceinline__ void wait_for(const Args& a, int counter, int tid) {
+  if (a.wait && counter >= 0) {
+    if (tid == 0) {
+      const int target = gridDim.x;
+      long long spins = 0;
+      while (ld_acquire(a.counters + counter) < target) {
+        if (++spins > (1ll << 31)) asm volatile("trap;");
+      }
+    }
+    consumers_sync();
+  }
+}
+
+__device__ __forceinline__ void signal(const Args& a, int counter, int tid) {
+  consumers_sync();
+  if (tid == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(a.counters + counter) : "memory");
+}
+
+// BATCHED: an op's units all waited for first, then every dot of the warp's rows at once (independent
+// accumulators, one interleaved reduction), so the dots' latencies overlap instead of adding up.
+template <int MAXT, int CHUNKS, class Out>
+__device__ __forceinline__ void op_batched(const Ring& ring, long long& u, int nt, int warp, int lane,
+                                           const __nv_bfloat16* xs, bool compute, Out out) {
+  for (int i = 0; i < nt * CHUNKS; ++i) mbar_wait(ring.full + (u + i) % Ring::SLOTS, ((u + i) / Ring::SLOTS) & 1);
+  if (compute) {
+    float acc[MAXT];
+#pragma unroll
+    for (int i = 0; i < MAXT; ++i) {
+      acc[i] = 0.f;
+      if (i < nt)
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c)
+          acc[i] += lane_dot(ring.slot[(u + i * CHUNKS + c) % Ring::SLOTS] + warp * UNIT_K, xs + c * UNIT_K, lane);
+    }
+#pragma unroll
+    for (int o = 16; o; o >>= 1)
+#pragma unroll
+      for (int i = 0; i < MAXT; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+#pragma unroll
+    for (int i = 0; i < MAXT; ++i)
+      if (i < nt && lane == 0) out(i, acc[i]);
+  }
+  __syncwarp();
+  if (lane == 0)
+    for (int i = 0; i < nt * CHUNKS; ++i) mbar_arrive(ring.empty + (u + i) % Ring::SLOTS);
+  u += nt * CHUNKS;
+}
+
+__device__ __forceinline__ int tiles_of(int tiles, int cta, int G) { return cta < tiles ? (tiles - cta + G - 1) / G : 0; }
+
+__global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  Ring ring;
+  ring.slot = reinterpret_cast<__nv_bfloat16(*)[UNIT_ELEMS]>(smem);
+  ring.full = reinterpret_cast<uint64_t*>(smem + Ring::SLOTS * UNIT_BYTES);
+  ring.empty = ring.full + Ring::SLOTS;
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(ring.empty + Ring::SLOTS);  // up to FF values
+  float* red = reinterpret_cast<float*>(xs + FF);                                  // CONSUMERS floats
+#ifdef BATCHED
+  float* pair = red + CONSUMERS;  // D: (tiles, 8) gate and up products
+#endif
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, cta = blockIdx.x, G = gridDim.x;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < Ring::SLOTS; ++s) {
+      mbar_init(ring.full + s, 1);
+      mbar_init(ring.empty + s, CONSUMERS);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const long long first = a.unit_start[cta], units = a.unit_start[cta + 1] - first;
+
+  if (warp == CONSUMERS) {  // the producer: every unit of this CTA, in order, as slots free up
+    if (lane == 0) {
+      for (long long u = 0; u < units; ++u) {
+        const int s = u % Ring::SLOTS;
+        const uint32_t round = u / Ring::SLOTS;
+        if (round > 0) mbar_wait(ring.empty + s, (round - 1) & 1);
+        mbar_expect_tx(ring.full + s, UNIT_BYTES);
+        bulk_load(ring.slot[s], a.packed + (first + u) * UNIT_ELEMS, UNIT_BYTES, ring.full + s);
+      }
+    }
+    return;
+  }
+
+  const int tid = threadIdx.x;
+  long long u = 0;  // this CTA's next unit
+#ifndef BATCHED
+  auto take = [&](auto&& use) {  // waits for unit u, lets the consumer warps use it, frees its slot
+    const int s = u % Ring::SLOTS;
+    mbar_wait(ring.full + s, (u / Ring::SLOTS) & 1);
+    if (a.compute) use(ring.slot[s] + warp * UNIT_K);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(ring.empty + s);
+    ++u;
+  };
+  for (int l = 0; l < a.layers; ++l) {
+    const int base = l * 4;
+    // A: qkv = W_qkv . n(h)
+    wait_for(a, l > 0 ? base - 1 : -1, tid);
+    if (a.compute) stage_x<H>(a.h, a.w1, xs, red, tid);
+    for (int t = cta; t < TILES_A; t += G)
+      take([&](const __nv_bfloat16* w) {
+        float y = warp_dot(w, xs, lane);
+        if (lane == 0) a.qkv[t * 8 + warp] = y;
+      });
+    signal(a, base + 0, tid);
+    // C: h += W_o . qkv[:2048]
+    wait_for(a, base + 0, tid);
+    if (a.compute) stage_x<QDIM>(a.qkv, nullptr, xs, red, tid);
+    for (int t = cta; t < TILES_C; t += G) {
+      float y = 0.f;
+      for (int c = 0; c < CHUNKS_C; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
+      if (lane == 0) a.h[t * 8 + warp] = __ldcg(a.h + t * 8 + warp) + y;
+    }
+    signal(a, base + 1, tid);
+    // D: act = silu(W_g . n(h)) * (W_u . n(h)); a unit's rows 0-3 are gate rows, 4-7 the same up rows
+    wait_for(a, base + 1, tid);
+    if (a.compute) stage_x<H>(a.h, a.w2, xs, red, tid);
+    for (int t = cta; t < TILES_D; t += G)
+      take([&](const __nv_bfloat16* w) {
+        if (warp < 4) {
+          const float gv = warp_dot(w, xs, lane), uv = warp_dot(w + 4 * UNIT_K, xs, lane);
+          if (lane == 0) a.act[t * 4 + warp] = silu(__bfloat162float(__float2bfloat16(gv))) *
+                                               __bfloat162float(__float2bfloat16(uv));
+        }
+      });
+    signal(a, base + 2, tid);
+    // E: h += W_d . act
+    wait_for(a, base + 2, tid);
+    if (a.compute) stage_x<FF>(a.act, nullptr, xs, red, tid);
+    for (int t = cta; t < TILES_E; t += G) {
+      float y = 0.f;
+      for (int c = 0; c < CHUNKS_E; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
+      if (lane == 0) a.h[t * 8 + warp] = __ldcg(a.h + t * 8 + warp) + y;
+    }
+    signal(a, base + 3, tid);
+  }
+#else
+  constexpr int MAX_A = (TILES_A + 127) / 128, MAX_D = (TILES_D + 127) / 128;  // G >= 128
+  for (int l = 0; l < a.layers; ++l) {
+    const int base = l * 4;
+    wait_for(a, l > 0 ? base - 1 : -1, tid);
+    if (a.compute) stage_x<H>(a.h, a.w1, xs, red, tid);
+    const int ta = tiles_of(TILES_A, cta, G);
+    op_batched<MAX_A, 1>(ring, u, ta, warp, lane, xs, a.compute, [&](int i, float y) { a.qkv[(cta + i * G) * 8 + warp] = y; });
+    signal(a, base + 0, tid);
+    wait_for(a, base + 0, tid);
+    if (a.compute) stage_x<QDIM>(a.qkv, nullptr, xs, red, tid);
+    op_batched<1, CHUNKS_C>(ring, u, tiles_of(TILES_C, cta, G), warp, lane, xs, a.compute, [&](int, float y) {
+      a.h[cta * 8 + warp] = __ldcg(a.h + cta * 8 + warp) + y; });
+    signal(a, base + 1, tid);
+    wait_for(a, base + 1, tid);
+    if (a.compute) stage_x<H>(a.h, a.w2, xs, red, tid);
+    const int td = tiles_of(TILES_D, cta, G);
+    op_batched<MAX_D, 1>(ring, u, td, warp, lane, xs, a.compute, [&](int i, float y) { pair[i * 8 + warp] = y; });
+    consumers_sync();
+    if (a.compute && tid < td * 4) {
+      const int i = tid / 4, r = tid % 4;
+      a.act[(cta + i * G) * 4 + r] = silu(__bfloat162float(__float2bfloat16(pair[i * 8 + r]))) *
+                                     __bfloat162float(__float2bfloat16(pair[i * 8 + 4 + r]));
+    }
+    signal(a, base + 2, tid);
+    wait_for(a, base + 2, tid);
+    if (a.compute) stage_x<FF>(a.act, nullptr, xs, red, tid);
+    op_batched<1, CHUNKS_E>(ring, u, tiles_of(TILES_E, cta, G), warp, lane, xs, a.compute, [&](int, float y) {
+      a.h[cta * 8 + warp] = __ldcg(a.h + cta * 8 + warp) + y; });
+    signal(a, base + 3, tid);
+  }
+#endif
+}
+
+// ---- the reference: a kernel per op, a warp per output row, the same roundings ----
+__global__ void ref_norm(const float* src, const float* w, int n, __nv_bfloat16* out) {  // one block
+  __shared__ float red[32];
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += w ? src[i] * src[i] : 0.f;
+  for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
+  __syncthreads();
+  ss = 0.f;
+  for (int i = 0; i < blockDim.x / 32; ++i) ss += red[i];
+  const float rstd = w ? rsqrtf(ss / n + EPS) : 1.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = __float2bfloat16(w ? src[i] * rstd * w[i] : src[i]);
+}
+__global__ void ref_gemv(const __nv_bfloat16* W, const __nv_bfloat16* x, int n, int k, float* out, int add) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= n) return;
+  float acc = 0.f;
+  for (int c = 0; c < k; c += UNIT_K) acc += warp_dot(W + (long long)row * k + c, x + c, lane);
+  if (lane == 0) out[row] = add ? out[row] + acc : acc;
+}
+__global__ void ref_silu(const float* g, const float* u, float* act) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < FF) act[i] = silu(__bfloat162float(__float2bfloat16(g[i]))) * __bfloat162float(__float2bfloat16(u[i]));
+}
+
+__global__ void fill_random(__nv_bfloat16* p, long long n, uint32_t seed, float scale) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    uint32_t x = (uint32_t)i * 2654435761u ^ seed * 0x9E3779B9u ^ (uint32_t)(i >> 32) * 0x85EBCA6Bu;
+    x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+    p[i] = __float2bfloat16(scale * ((x >> 8) * (1.f / 16777216.f) * 2.f - 1.f));
+  }
+}
+// Copies unit descriptors' rows from the logical weights into the packed stream: a block a unit.
+__global__ void pack_units(const int4* desc, const Weights* layers, __nv_bfloat16* packed) {
+  const int4 d = desc[blockIdx.x];  // (layer * 4 + op, tile, chunk, -)
+  const Weights w = layers[d.x / 4];
+  __nv_bfloat16* dst = packed + (long long)blockIdx.x * UNIT_ELEMS;
+  for (int r = 0; r < UNIT_ROWS; ++r) {
+    const __nv_bfloat16* src;
+    switch (d.x % 4) {
+      case 0: src = w.qkv + (long long)(d.y * 8 + r) * H; break;
+      case 1: src = w.o + (long long)(d.y * 8 + r) * QDIM + d.z * UNIT_K; break;
+      case 2: src = (r < 4 ? w.gate : w.up) + (long long)(d.y * 4 + r % 4) * H; break;
+      default: src = w.down + (long long)(d.y * 8 + r) * FF + d.z * UNIT_K; break;
+    }
+    for (int k = threadIdx.x; k < UNIT_K; k += blockDim.x) dst[r * UNIT_K + k] = src[k];
+  }
+}
+
+int main(int argc, char** argv) {
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int G = prop.multiProcessorCount;
+  // Weights, random in [-1, 1) / sqrt(K).
+  std::vector<Weights> hw(LAYERS);
+  const long long per_layer = (long long)QKV * H + (long long)H * QDIM + 2ll * FF * H + (long long)H * FF;
+  __nv_bfloat16* all;
+  CHECK(cudaMalloc(&all, per_layer * LAYERS * 2));
+  for (int l = 0; l < LAYERS; ++l) {
+    __nv_bfloat16* p = all + per_layer * l;
+    hw[l] = {p, p + (long long)QKV * H, p + (long long)QKV * H + (long long)H * QDIM, nullptr, nullptr};
+    hw[l].up = hw[l].gate + (long long)FF * H;
+    hw[l].down = hw[l].up + (long long)FF * H;
+    fill_random<<<1024, 256>>>(hw[l].qkv, (long long)QKV * H, 10 * l + 1, 1.f / 32);
+    fill_random<<<1024, 256>>>(hw[l].o, (long long)H * QDIM, 10 * l + 2, 1.f / 45.25f);
+    fill_random<<<1024, 256>>>(hw[l].gate, (long long)FF * H, 10 * l + 3, 1.f / 32);
+    fill_random<<<1024, 256>>>(hw[l].up, (long long)FF * H, 10 * l + 4, 1.f / 32);
+    fill_random<<<1024, 256>>>(hw[l].down, (long long)H * FF, 10 * l + 5, 1.f / 55.4f);
+  }
+  CHECK(cudaGetLastError());
+  Weights* dlayers;
+  CHECK(cudaMalloc(&dlayers, sizeof(Weights) * LAYERS));
+  CHECK(cudaMemcpy(dlayers, hw.data(), sizeof(Weights) * LAYERS, cudaMemcpyHostToDevice));
+  // Units per CTA in consumption order.
+  std::vector<int4> desc;
+  std::vector<long long> start(G + 1, 0);
+  for (int c = 0; c < G; ++c) {
+    start[c] = desc.size();
+    for (int l = 0; l < LAYERS; ++l) {
+      const int tiles[4] = {TILES_A, TILES_C, TILES_D, TILES_E}, chunks[4] = {CHUNKS_A, CHUNKS_C, CHUNKS_D, CHUNKS_E};
+      for (int op = 0; op < 4; ++op)
+        for (int t = c; t < tiles[op]; t += G)
+          for (int ch = 0; ch < chunks[op]; ++ch) desc.push_back({l * 4 + op, t, ch, 0});
+    }
+  }
+  start[G] = desc.size();
+  const long long total_units = desc.size();
+  __nv_bfloat16* packed;
+  int4* ddesc;
+  long long* dstart;
+  CHECK(cudaMalloc(&packed, total_units * UNIT_BYTES));
+  CHECK(cudaMalloc(&ddesc, total_units * sizeof(int4)));
+  CHECK(cudaMalloc(&dstart, (G + 1) * sizeof(long long)));
+  CHECK(cudaMemcpy(ddesc, desc.data(), total_units * sizeof(int4), cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(dstart, start.data(), (G + 1) * sizeof(long long), cudaMemcpyHostToDevice));
+  pack_units<<<total_units, 256>>>(ddesc, dlayers, packed);
+  CHECK(cudaGetLastError());
+
+  float *w1, *w2, *h0, *h, *qkv, *act, *g, *up, *href;
+  __nv_bfloat16* xb;
+  int* counters;
+  CHECK(cudaMalloc(&w1, H * 4)); CHECK(cudaMalloc(&w2, H * 4)); CHECK(cudaMalloc(&h0, H * 4));
+  CHECK(cudaMalloc(&h, H * 4)); CHECK(cudaMalloc(&href, H * 4)); CHECK(cudaMalloc(&qkv, QKV * 4));
+  CHECK(cudaMalloc(&act, FF * 4)); CHECK(cudaMalloc(&g, FF * 4)); CHECK(cudaMalloc(&up, FF * 4));
+  CHECK(cudaMalloc(&xb, FF * 2)); CHECK(cudaMalloc(&counters, LAYERS * 4 * 4));
+  {
+    std::vector<float> v(H);
+    srand(1);
+    for (auto& x : v) x = 0.5f + (rand() / (float)RAND_MAX);
+    CHECK(cudaMemcpy(w1, v.data(), H * 4, cudaMemcpyHostToDevice));
+    for (auto& x : v) x = 0.5f + (rand() / (float)RAND_MAX);
+    CHECK(cudaMemcpy(w2, v.data(), H * 4, cudaMemcpyHostToDevice));
+    for (auto& x : v) x = 2.f * (rand() / (float)RAND_MAX) - 1.f;
+    CHECK(cudaMemcpy(h0, v.data(), H * 4, cudaMemcpyHostToDevice));
+  }
+  // Reference.
+  CHECK(cudaMemcpy(href, h0, H * 4, cudaMemcpyDeviceToDevice));
+  for (int l = 0; l < LAYERS; ++l) {
+    ref_norm<<<1, 1024>>>(href, w1, H, xb);
+    ref_gemv<<<QKV / 8, 256>>>(hw[l].qkv, xb, QKV, H, qkv, 0);
+    ref_norm<<<1, 1024>>>(qkv, nullptr, QDIM, xb);
+    ref_gemv<<<H / 8, 256>>>(hw[l].o, xb, H, QDIM, href, 1);
+    ref_norm<<<1, 1024>>>(href, w2, H, xb);
+    ref_gemv<<<FF / 8, 256>>>(hw[l].gate, xb, FF, H, g, 0);
+    ref_gemv<<<FF / 8, 256>>>(hw[l].up, xb, FF, H, up, 0);
+    ref_silu<<<FF / 256, 256>>>(g, up, act);
+    ref_norm<<<1, 1024>>>(act, nullptr, FF, xb);
+    ref_gemv<<<H / 8, 256>>>(hw[l].down, xb, H, FF, href, 1);
+  }
+  CHECK(cudaGetLastError());
+  CHECK(cudaDeviceSynchronize());
+
+  const size_t smem = Ring::SLOTS * UNIT_BYTES + 2 * Ring::SLOTS * 8 + FF * 2 + CONSUMERS * 4 + 8 * 8 * 4 + 64;
+  CHECK(cudaFuncSetAttribute(chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  Args args{packed, dstart, w1, w2, h, qkv, act, counters, 1, 1, LAYERS};
+  auto launch = [&](int wait) {
+    CHECK(cudaMemsetAsync(counters, 0, LAYERS * 4 * 4));
+    CHECK(cudaMemcpyAsync(h, h0, H * 4, cudaMemcpyDeviceToDevice));
+    args.wait = wait;
+    void* params[] = {&args};
+    CHECK(cudaLaunchCooperativeKernel((void*)chain_kernel, G, THREADS, params, smem, 0));
+  };
+  launch(1);
+  CHECK(cudaGetLastError());
+  CHECK(cudaDeviceSynchronize());
+  std::vector<float> out(H), ref(H);
+  CHECK(cudaMemcpy(out.data(), h, H * 4, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(ref.data(), href, H * 4, cudaMemcpyDeviceToHost));
+  double num = 0, den = 0;
+  bool finite = true;
+  for (int i = 0; i < H; ++i) {
+    num += (out[i] - ref[i]) * (double)(out[i] - ref[i]);
+    den += ref[i] * (double)ref[i];
+    finite &= std::isfinite(out[i]);
+  }
+  const double rel = std::sqrt(num / den);
+  printf("check: |out - ref| / |ref| = %.3e (ref norm %.3f)%s\n", rel, std::sqrt(den), finite ? "" : " NOT FINITE");
+
+  // Timing: events around each launch alone (the counters' reset before it), median of 50.
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0)); CHECK(cudaEventCreate(&e1));
+  auto time_chain = [&](int wait, int compute = 1) {
+    std::vector<float> ms;
+    args.compute = compute;
+    for (int i = 0; i < 55; ++i) {
+      CHECK(cudaMemsetAsync(counters, 0, LAYERS * 4 * 4));
+      args.wait = wait;
+      void* params[] = {&args};
+      CHECK(cudaEventRecord(e0));
+      CHECK(cudaLaunchCooperativeKernel((void*)chain_kernel, G, THREADS, params, smem, 0));
+      CHECK(cudaEventRecord(e1));
+      CHECK(cudaEventSynchronize(e1));
+      float t;
+      CHECK(cudaEventElapsedTime(&t, e0, e1));
+      if (i >= 5) ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return 1e3 * ms[ms.size() / 2];
+  };
+  // The copy ceiling: a device-to-device copy of the packed weights' size, bytes read + written.
+  const double bytes = (double)total_units * UNIT_BYTES;
+  void* scratch;
+  CHECK(cudaMalloc(&scratch, (size_t)bytes));
+  std::vector<float> cms;
+  for (int i = 0; i < 12; ++i) {
+    CHECK(cudaEventRecord(e0));
+    CHECK(cudaMemcpyAsync(scratch, packed, (size_t)bytes, cudaMemcpyDeviceToDevice));
+    CHECK(cudaEventRecord(e1));
+    CHECK(cudaEventSynchronize(e1));
+    float t;
+    CHECK(cudaEventElapsedTime(&t, e0, e1));
+    if (i >= 2) cms.push_back(t);
+  }
+  std::sort(cms.begin(), cms.end());
+  const double copy_gbs = 2 * bytes / (cms[cms.size() / 2] * 1e-3) / 1e9;
+  const double floor_us = bytes / (copy_gbs * 1e9) * 1e6;
+  const double chain_us = time_chain(1), nowait_us = time_chain(0), stream_us = time_chain(0, 0);
+  printf("card %s, %d SMs; weights %.1f MB over %d layers\n", prop.name, G, bytes / 1e6, LAYERS);
+  printf("copy %.0f GB/s -> floor %.1f us (%.2f a layer)\n", copy_gbs, floor_us, floor_us / LAYERS);
+  printf("chain, grid-wide waits: %.1f us (%.2f a layer, %.2fx the floor)\n", chain_us, chain_us / LAYERS,
+         chain_us / floor_us);
+  printf("chain, no waits:        %.1f us (%.2f a layer, %.2fx the floor)\n", nowait_us, nowait_us / LAYERS,
+         nowait_us / floor_us);
+  printf("stream alone:           %.1f us (%.2f a layer, %.2fx the floor)\n", stream_us, stream_us / LAYERS,
+         stream_us / floor_us);
+  if (argc > 1) {
+    FILE* f = fopen(argv[1], "w");
+    fprintf(f,
+            "{\"card\": \"%s\", \"sms\": %d, \"layers\": %d, \"weight_bytes\": %.0f, \"copy_gb_per_s\": %.1f, "
+            "\"floor_us\": %.2f, \"chain_us\": %.2f, \"chain_no_waits_us\": %.2f, \"stream_us\": %.2f, \"check_rel_err\": %.3e}\n",
+            prop.name, G, LAYERS, bytes, copy_gbs, floor_us, chain_us, nowait_us, stream_us, rel);
+    fclose(f);
+  }
+  return rel < 1e-2 && finite ? 0 : 1;
+}
