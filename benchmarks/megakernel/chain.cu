@@ -13,14 +13,18 @@
 // consumer warps take an op's units (a warp a row), after waiting for the op before it through a global
 // counter every CTA bumps when its share is written (the grid-wide dependency a kernel boundary gives).
 //
-// BATCHED (-DBATCHED) waits for all of an op's units first, then runs every dot of a warp at once.
+// Variants (compile-time): BATCHED waits for all of an op's units, then runs every dot of a warp at once.
+// LL replaces the counters with NCCL's low-latency protocol: each value goes out with its tag in one 8-byte
+// word and readers poll the words themselves; LL_FENCE adds a fence after each such store. L2_AHEAD=N also
+// asks the L2 for the unit N further on; RING_SLOTS=N sets the ring's depth (12).
 //
-// Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a [-DBATCHED] chain.cu -o chain
+// Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a [-DLL ...] chain.cu -o chain
 // Run:   ./chain [out.json]     (checks against a kernel-per-op reference, then times three modes: the
-//        chain, the chain without its waits, the weight stream alone)
-// H100 80GB HBM3, session 33 (results/megakernel_chain-h100.json): the chain takes 20.8 us a layer
-// (BATCHED 24.9), its waits 1.25 us an op, against the engine's kernel-per-op PDL chain at ~14.5 us a layer
-// (profile_decode_chain.py --knockout) and a floor of 10.5. Kept as the measurement; not in the engine.
+//        chain, the chain without its waits, the weight stream alone; then one launch with clock stamps)
+//        bash run.sh            (every variant, into $OUT or results/)
+// H100 80GB HBM3, session 33 (results/megakernel_chain-h100.json): 20.8 us a layer with the counters, 31-32
+// with LL, against the engine's kernel-per-op PDL chain at ~14.5 us a layer (profile_decode_chain.py
+// --knockout) and a floor of 10.5. Kept as the measurement; not in the engine.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -29,6 +33,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -83,6 +88,12 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS * 32)); }
 
+__device__ __forceinline__ long long globaltimer() {
+  long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
 
 // Dot of a shared-memory row of 1,024 bf16 with 1,024 bf16 of x (shared), summed over the warp: each lane
@@ -136,22 +147,26 @@ struct Args {
   int wait;                      // 0: consumers skip the dependency waits (the stream and math alone)
   int compute;                   // 0: consumers only free the slots (the stream alone)
   int layers;
+  long long *trace_clk, *trace_gt;
+  unsigned long long *h_ll, *qkv_ll, *act_ll;  // LL: the same vectors as tagged words
+  uint32_t epoch;                               // LL: this launch's number  // TRACE: (G, layers, 4 ops, 4 points) clock64 and globaltimer stamps
 };
 
+#ifndef RING_SLOTS
+#define RING_SLOTS 12
+#endif
 struct Ring {
-  static constexpr int SLOTS = 12;
+  static constexpr int SLOTS = RING_SLOTS;
   __nv_bfloat16 (*slot)[UNIT_ELEMS];
   uint64_t *full, *empty;
 };
 
-// An op's input x (N values) into shared memory as bf16, with the RMSNorm when w is given: every thread's
-// loads issued at once (one L2 round trip), then one reduction.
+// An op's input x (N values, a thread's share in v) into shared memory as bf16, with the RMSNorm when w is
+// given: one reduction.
 template <int N>
-__device__ void stage_x(const float* src, const float* w, __nv_bfloat16* xs, float* red, int tid) {
+__device__ __forceinline__ void put_x(const float (&v)[N / (CONSUMERS * 32)], const float* w, __nv_bfloat16* xs,
+                                      float* red, int tid) {
   constexpr int PER = N / (CONSUMERS * 32);
-  float v[PER];
-#pragma unroll
-  for (int j = 0; j < PER; ++j) v[j] = __ldcg(src + j * CONSUMERS * 32 + tid);
   float rstd = 1.f;
   if (w != nullptr) {
     float ss = 0.f;
@@ -172,6 +187,53 @@ __device__ void stage_x(const float* src, const float* w, __nv_bfloat16* xs, flo
     xs[i] = __float2bfloat16(w != nullptr ? v[j] * rstd * w[i] : v[j]);
   }
   consumers_sync();
+}
+
+// x from global memory: every thread's loads issued at once (one L2 round trip).
+template <int N>
+__device__ void stage_x(const float* src, const float* w, __nv_bfloat16* xs, float* red, int tid) {
+  float v[N / (CONSUMERS * 32)];
+#pragma unroll
+  for (int j = 0; j < N / (CONSUMERS * 32); ++j) v[j] = __ldcg(src + j * CONSUMERS * 32 + tid);
+  put_x<N>(v, w, xs, red, tid);
+}
+
+// LL (NCCL's low-latency protocol): a value and its tag in one 8-byte word, stored and loaded whole, so a
+// reader that sees the tag it expects has the value written with it: no fence, no counter, no flag. The
+// tag names the launch, the layer and the op that wrote the word.
+__device__ __forceinline__ void st_ll(unsigned long long* p, float v, uint32_t tag) {
+  const unsigned long long word = (unsigned long long)tag << 32 | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(word) : "memory");
+#ifdef LL_FENCE  // push the word out now: the writer waits for it, its readers do not wait on a lazy flush
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ unsigned long long ld_word(const unsigned long long* p) {
+  unsigned long long word;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(p) : "memory");
+  return word;
+}
+__device__ __forceinline__ float ld_ll(const unsigned long long* p, uint32_t tag, bool wait) {
+  unsigned long long word = ld_word(p);
+  for (long long spins = 0; wait && (uint32_t)(word >> 32) != tag; word = ld_word(p)) {
+    if (++spins > (1ll << 30)) asm volatile("trap;");
+  }
+  return __uint_as_float((uint32_t)word);
+}
+// x from LL words: all loads issued at once, then each word polled again until its tag is the one expected.
+template <int N>
+__device__ void stage_x_ll(const unsigned long long* src, uint32_t tag, bool wait, const float* w,
+                           __nv_bfloat16* xs, float* red, int tid) {
+  constexpr int PER = N / (CONSUMERS * 32);
+  unsigned long long word[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) word[j] = ld_word(src + j * CONSUMERS * 32 + tid);
+  float v[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j)
+    v[j] = wait && (uint32_t)(word[j] >> 32) != tag ? ld_ll(src + j * CONSUMERS * 32 + tid, tag, true)
+                                                     : __uint_as_float((uint32_t)word[j]);
+  put_x<N>(v, w, xs, red, tid);
 }
 
 __device__ __forceinline__ void wait_for(const Args& a, int counter, int tid) {
@@ -248,10 +310,20 @@ __global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
 
   if (warp == CONSUMERS) {  // the producer: every unit of this CTA, in order, as slots free up
     if (lane == 0) {
+#ifdef L2_AHEAD
+      for (long long u = 0; u < L2_AHEAD && u < units; ++u)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a.packed + (first + u) * UNIT_ELEMS),
+                     "r"(UNIT_BYTES) : "memory");
+#endif
       for (long long u = 0; u < units; ++u) {
         const int s = u % Ring::SLOTS;
         const uint32_t round = u / Ring::SLOTS;
         if (round > 0) mbar_wait(ring.empty + s, (round - 1) & 1);
+#ifdef L2_AHEAD  // also ask the L2 for the unit L2_AHEAD further on, so a freed slot refills from the L2
+        if (u + L2_AHEAD < units)
+          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a.packed + (first + u + L2_AHEAD) * UNIT_ELEMS),
+                       "r"(UNIT_BYTES) : "memory");
+#endif
         mbar_expect_tx(ring.full + s, UNIT_BYTES);
         bulk_load(ring.slot[s], a.packed + (first + u) * UNIT_ELEMS, UNIT_BYTES, ring.full + s);
       }
@@ -259,61 +331,171 @@ __global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
     return;
   }
 
+  constexpr int MAX_A = (TILES_A + 127) / 128, MAX_D = (TILES_D + 127) / 128;  // tiles a CTA, G >= 128
   const int tid = threadIdx.x;
   long long u = 0;  // this CTA's next unit
+  [[maybe_unused]] long long waited = 0;  // TRACE: cycles thread 0 spent waiting for units in the op
+#define STAMP(op, k)                                                        \
+  if (a.trace_clk != nullptr && tid == 0) {                                 \
+    const long long at = (((long long)cta * a.layers + l) * 4 + (op)) * 8 + (k); \
+    a.trace_clk[at] = clock64();                                            \
+    a.trace_gt[at] = globaltimer();                                         \
+    if ((k) == 3) a.trace_clk[at + 1] = waited, waited = 0;                 \
+  }
 #ifndef BATCHED
   auto take = [&](auto&& use) {  // waits for unit u, lets the consumer warps use it, frees its slot
     const int s = u % Ring::SLOTS;
+    const long long t0 = clock64();
     mbar_wait(ring.full + s, (u / Ring::SLOTS) & 1);
+    waited += clock64() - t0;
     if (a.compute) use(ring.slot[s] + warp * UNIT_K);
     __syncwarp();
     if (lane == 0) mbar_arrive(ring.empty + s);
     ++u;
   };
+#ifdef LL
+  // tag(l, op): launch a.epoch, layer l (-1: the input h), op 0-3 (qkv, o, gate_up, down)
+  auto tag = [&](int l, int op) { return a.epoch * 128u + (uint32_t)((l + 1) * 4 + op); };
+  const bool wait = a.wait;
+  for (int l = 0; l < a.layers; ++l) {
+    STAMP(0, 0);
+    if (a.compute) stage_x_ll<H>(a.h_ll, tag(l - 1, 3), wait, a.w1, xs, red, tid);
+    STAMP(0, 1); STAMP(0, 2);
+    {
+      float y[MAX_A];
+#pragma unroll
+      for (int i = 0; i < MAX_A; ++i)
+        if (cta + i * G < TILES_A) take([&](const __nv_bfloat16* w) { y[i] = warp_dot(w, xs, lane); });
+      STAMP(0, 5);
+#pragma unroll
+      for (int i = 0; i < MAX_A; ++i)
+        if (cta + i * G < TILES_A && lane == 0) st_ll(a.qkv_ll + (cta + i * G) * 8 + warp, y[i], tag(l, 0));
+    }
+    STAMP(0, 6); STAMP(0, 3);
+    STAMP(1, 0);
+    if (a.compute) stage_x_ll<QDIM>(a.qkv_ll, tag(l, 0), wait, nullptr, xs, red, tid);
+    STAMP(1, 1); STAMP(1, 2);
+    if (cta < TILES_C) {
+      const float res = ld_ll(a.h_ll + cta * 8 + warp, tag(l - 1, 3), wait);
+      float y = 0.f;
+      for (int c = 0; c < CHUNKS_C; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
+      STAMP(1, 5);
+      if (lane == 0) st_ll(a.h_ll + cta * 8 + warp, res + y, tag(l, 1));
+    }
+    STAMP(1, 6); STAMP(1, 3);
+    STAMP(2, 0);
+    if (a.compute) stage_x_ll<H>(a.h_ll, tag(l, 1), wait, a.w2, xs, red, tid);
+    STAMP(2, 1); STAMP(2, 2);
+    {
+      float y[MAX_D];
+#pragma unroll
+      for (int i = 0; i < MAX_D; ++i)
+        if (cta + i * G < TILES_D)
+          take([&](const __nv_bfloat16* w) {
+            if (warp < 4)
+              y[i] = silu(__bfloat162float(__float2bfloat16(warp_dot(w, xs, lane)))) *
+                     __bfloat162float(__float2bfloat16(warp_dot(w + 4 * UNIT_K, xs, lane)));
+          });
+      STAMP(2, 5);
+#pragma unroll
+      for (int i = 0; i < MAX_D; ++i)
+        if (cta + i * G < TILES_D && warp < 4 && lane == 0) st_ll(a.act_ll + (cta + i * G) * 4 + warp, y[i], tag(l, 2));
+    }
+    STAMP(2, 6); STAMP(2, 3);
+    STAMP(3, 0);
+    if (a.compute) stage_x_ll<FF>(a.act_ll, tag(l, 2), wait, nullptr, xs, red, tid);
+    STAMP(3, 1); STAMP(3, 2);
+    if (cta < TILES_E) {
+      const float res = ld_ll(a.h_ll + cta * 8 + warp, tag(l, 1), wait);
+      float y = 0.f;
+      for (int c = 0; c < CHUNKS_E; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
+      STAMP(3, 5);
+      if (lane == 0) st_ll(a.h_ll + cta * 8 + warp, res + y, tag(l, 3));
+    }
+    STAMP(3, 6); STAMP(3, 3);
+  }
+#else
   for (int l = 0; l < a.layers; ++l) {
     const int base = l * 4;
     // A: qkv = W_qkv . n(h)
+    STAMP(0, 0);
     wait_for(a, l > 0 ? base - 1 : -1, tid);
+    STAMP(0, 1);
     if (a.compute) stage_x<H>(a.h, a.w1, xs, red, tid);
-    for (int t = cta; t < TILES_A; t += G)
-      take([&](const __nv_bfloat16* w) {
-        float y = warp_dot(w, xs, lane);
-        if (lane == 0) a.qkv[t * 8 + warp] = y;
-      });
+    STAMP(0, 2);
+    {  // the outputs are stored after the op's last unit: a slot's release (mbarrier.arrive) waits for the
+       // warp's earlier stores, so a store before it would put an L2 write in every unit's path
+      float y[MAX_A];
+#pragma unroll
+      for (int i = 0; i < MAX_A; ++i)
+        if (cta + i * G < TILES_A) take([&](const __nv_bfloat16* w) { y[i] = warp_dot(w, xs, lane); });
+      STAMP(0, 5);
+#pragma unroll
+      for (int i = 0; i < MAX_A; ++i)
+        if (cta + i * G < TILES_A && lane == 0) a.qkv[(cta + i * G) * 8 + warp] = y[i];
+    }
+    STAMP(0, 6);
     signal(a, base + 0, tid);
+    STAMP(0, 3);
     // C: h += W_o . qkv[:2048]
+    STAMP(1, 0);
     wait_for(a, base + 0, tid);
+    STAMP(1, 1);
     if (a.compute) stage_x<QDIM>(a.qkv, nullptr, xs, red, tid);
-    for (int t = cta; t < TILES_C; t += G) {
+    STAMP(1, 2);
+    if (cta < TILES_C) {  // one tile a CTA (TILES_C <= G); the residual row loaded ahead of the units
+      const float res = __ldcg(a.h + cta * 8 + warp);
       float y = 0.f;
       for (int c = 0; c < CHUNKS_C; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
-      if (lane == 0) a.h[t * 8 + warp] = __ldcg(a.h + t * 8 + warp) + y;
+      STAMP(1, 5);
+      if (lane == 0) a.h[cta * 8 + warp] = res + y;
     }
+    STAMP(1, 6);
     signal(a, base + 1, tid);
+    STAMP(1, 3);
     // D: act = silu(W_g . n(h)) * (W_u . n(h)); a unit's rows 0-3 are gate rows, 4-7 the same up rows
+    STAMP(2, 0);
     wait_for(a, base + 1, tid);
+    STAMP(2, 1);
     if (a.compute) stage_x<H>(a.h, a.w2, xs, red, tid);
-    for (int t = cta; t < TILES_D; t += G)
-      take([&](const __nv_bfloat16* w) {
-        if (warp < 4) {
-          const float gv = warp_dot(w, xs, lane), uv = warp_dot(w + 4 * UNIT_K, xs, lane);
-          if (lane == 0) a.act[t * 4 + warp] = silu(__bfloat162float(__float2bfloat16(gv))) *
-                                               __bfloat162float(__float2bfloat16(uv));
-        }
-      });
+    STAMP(2, 2);
+    {
+      float y[MAX_D];
+#pragma unroll
+      for (int i = 0; i < MAX_D; ++i)
+        if (cta + i * G < TILES_D)
+          take([&](const __nv_bfloat16* w) {
+            if (warp < 4)
+              y[i] = silu(__bfloat162float(__float2bfloat16(warp_dot(w, xs, lane)))) *
+                     __bfloat162float(__float2bfloat16(warp_dot(w + 4 * UNIT_K, xs, lane)));
+          });
+      STAMP(2, 5);
+#pragma unroll
+      for (int i = 0; i < MAX_D; ++i)
+        if (cta + i * G < TILES_D && warp < 4 && lane == 0) a.act[(cta + i * G) * 4 + warp] = y[i];
+    }
+    STAMP(2, 6);
     signal(a, base + 2, tid);
+    STAMP(2, 3);
     // E: h += W_d . act
+    STAMP(3, 0);
     wait_for(a, base + 2, tid);
+    STAMP(3, 1);
     if (a.compute) stage_x<FF>(a.act, nullptr, xs, red, tid);
-    for (int t = cta; t < TILES_E; t += G) {
+    STAMP(3, 2);
+    if (cta < TILES_E) {
+      const float res = __ldcg(a.h + cta * 8 + warp);
       float y = 0.f;
       for (int c = 0; c < CHUNKS_E; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
-      if (lane == 0) a.h[t * 8 + warp] = __ldcg(a.h + t * 8 + warp) + y;
+      STAMP(3, 5);
+      if (lane == 0) a.h[cta * 8 + warp] = res + y;
     }
+    STAMP(3, 6);
     signal(a, base + 3, tid);
+    STAMP(3, 3);
   }
+#endif  // LL
 #else
-  constexpr int MAX_A = (TILES_A + 127) / 128, MAX_D = (TILES_D + 127) / 128;  // G >= 128
   for (int l = 0; l < a.layers; ++l) {
     const int base = l * 4;
     wait_for(a, l > 0 ? base - 1 : -1, tid);
@@ -378,6 +560,12 @@ __global__ void fill_random(__nv_bfloat16* p, long long n, uint32_t seed, float 
     p[i] = __float2bfloat16(scale * ((x >> 8) * (1.f / 16777216.f) * 2.f - 1.f));
   }
 }
+// LL: the input h as tagged words (tag(-1, 3) of the launch).
+__global__ void ll_init(const float* h0, unsigned long long* h_ll, uint32_t tag) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < H) h_ll[i] = (unsigned long long)tag << 32 | __float_as_uint(h0[i]);
+}
+
 // Copies unit descriptors' rows from the logical weights into the packed stream: a block a unit.
 __global__ void pack_units(const int4* desc, const Weights* layers, __nv_bfloat16* packed) {
   const int4 d = desc[blockIdx.x];  // (layer * 4 + op, tile, chunk, -)
@@ -399,6 +587,10 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   const int G = prop.multiProcessorCount;
+  if (G < 128) {
+    fprintf(stderr, "needs 128 or more SMs\n");
+    return 1;
+  }
   // Weights, random in [-1, 1) / sqrt(K).
   std::vector<Weights> hw(LAYERS);
   const long long per_layer = (long long)QKV * H + (long long)H * QDIM + 2ll * FF * H + (long long)H * FF;
@@ -480,9 +672,18 @@ int main(int argc, char** argv) {
 
   const size_t smem = Ring::SLOTS * UNIT_BYTES + 2 * Ring::SLOTS * 8 + FF * 2 + CONSUMERS * 4 + 8 * 8 * 4 + 64;
   CHECK(cudaFuncSetAttribute(chain_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  Args args{packed, dstart, w1, w2, h, qkv, act, counters, 1, 1, LAYERS};
-  auto launch = [&](int wait) {
+  Args args{packed, dstart, w1, w2, h, qkv, act, counters, 1, 1, LAYERS, nullptr, nullptr, nullptr, nullptr, nullptr, 0};
+  unsigned long long *h_ll, *qkv_ll, *act_ll;
+  CHECK(cudaMalloc(&h_ll, H * 8)); CHECK(cudaMalloc(&qkv_ll, QKV * 8)); CHECK(cudaMalloc(&act_ll, FF * 8));
+  CHECK(cudaMemset(h_ll, 0, H * 8)); CHECK(cudaMemset(qkv_ll, 0, QKV * 8)); CHECK(cudaMemset(act_ll, 0, FF * 8));
+  args.h_ll = h_ll; args.qkv_ll = qkv_ll; args.act_ll = act_ll; args.epoch = 0;
+  auto reset = [&]() {  // before a launch, outside its timing
     CHECK(cudaMemsetAsync(counters, 0, LAYERS * 4 * 4));
+    ++args.epoch;
+    ll_init<<<H / 256, 256>>>(h0, h_ll, args.epoch * 128u + 3u);
+  };
+  auto launch = [&](int wait) {
+    reset();
     CHECK(cudaMemcpyAsync(h, h0, H * 4, cudaMemcpyDeviceToDevice));
     args.wait = wait;
     void* params[] = {&args};
@@ -492,7 +693,19 @@ int main(int argc, char** argv) {
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   std::vector<float> out(H), ref(H);
+#ifdef LL
+  {
+    std::vector<unsigned long long> words(H);
+    CHECK(cudaMemcpy(words.data(), h_ll, H * 8, cudaMemcpyDeviceToHost));
+    for (int i = 0; i < H; ++i) {
+      const uint32_t bits = (uint32_t)words[i];
+      memcpy(&out[i], &bits, 4);
+      if ((words[i] >> 32) != args.epoch * 128ull + LAYERS * 4 + 3) out[i] = NAN;  // a word the last op missed
+    }
+  }
+#else
   CHECK(cudaMemcpy(out.data(), h, H * 4, cudaMemcpyDeviceToHost));
+#endif
   CHECK(cudaMemcpy(ref.data(), href, H * 4, cudaMemcpyDeviceToHost));
   double num = 0, den = 0;
   bool finite = true;
@@ -511,7 +724,7 @@ int main(int argc, char** argv) {
     std::vector<float> ms;
     args.compute = compute;
     for (int i = 0; i < 55; ++i) {
-      CHECK(cudaMemsetAsync(counters, 0, LAYERS * 4 * 4));
+      reset();
       args.wait = wait;
       void* params[] = {&args};
       CHECK(cudaEventRecord(e0));
@@ -551,6 +764,49 @@ int main(int argc, char** argv) {
          nowait_us / floor_us);
   printf("stream alone:           %.1f us (%.2f a layer, %.2fx the floor)\n", stream_us, stream_us / LAYERS,
          stream_us / floor_us);
+#ifndef BATCHED
+  // One traced launch (sequential consumers): each op's phases, medians over CTAs and layers 2-27.
+  {
+    const long long n = (long long)G * LAYERS * 32;
+    long long *clk, *gt;
+    CHECK(cudaMalloc(&clk, n * 8)); CHECK(cudaMalloc(&gt, n * 8));
+    CHECK(cudaMemset(clk, 0, n * 8)); CHECK(cudaMemset(gt, 0, n * 8));
+    args.trace_clk = clk; args.trace_gt = gt; args.compute = 1;
+    launch(1);
+    CHECK(cudaDeviceSynchronize());
+    args.trace_clk = args.trace_gt = nullptr;
+    std::vector<long long> c(n), g(n);
+    CHECK(cudaMemcpy(c.data(), clk, n * 8, cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(g.data(), gt, n * 8, cudaMemcpyDeviceToHost));
+    auto at = [&](int cta, int l, int op, int k) { return (((long long)cta * LAYERS + l) * 4 + op) * 8 + k; };
+    // cycles per ns on CTA 0 over the whole run
+    const double cyc_per_ns = double(c[at(0, LAYERS - 1, 3, 3)] - c[at(0, 0, 0, 0)]) /
+                              double(g[at(0, LAYERS - 1, 3, 3)] - g[at(0, 0, 0, 0)]);
+    auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v.empty() ? 0. : v[v.size() / 2]; };
+    const char* names[4] = {"qkv", "o", "gate_up", "down"};
+    printf("traced (sequential consumers), SM clock %.2f GHz; us, median over CTAs and layers 2-27:\n", cyc_per_ns);
+    printf("op       wait   stage  units (waiting for them)  stores  signal  wake-after-last-signal(globaltimer)\n");
+    for (int op = 0; op < 4; ++op) {
+      std::vector<double> w, st, un, wake, uw, so, sg;
+      for (int l = 2; l < LAYERS; ++l) {
+        // the op before: its last CTA's signal (globaltimer)
+        const int pl = op == 0 ? l - 1 : l, pop = op == 0 ? 3 : op - 1;
+        long long last = 0;
+        for (int cta = 0; cta < G; ++cta) last = std::max(last, g[at(cta, pl, pop, 3)]);
+        for (int cta = 0; cta < G; ++cta) {
+          w.push_back((c[at(cta, l, op, 1)] - c[at(cta, l, op, 0)]) / cyc_per_ns / 1e3);
+          st.push_back((c[at(cta, l, op, 2)] - c[at(cta, l, op, 1)]) / cyc_per_ns / 1e3);
+          un.push_back((c[at(cta, l, op, 5)] - c[at(cta, l, op, 2)]) / cyc_per_ns / 1e3);
+          so.push_back((c[at(cta, l, op, 6)] - c[at(cta, l, op, 5)]) / cyc_per_ns / 1e3);
+          sg.push_back((c[at(cta, l, op, 3)] - c[at(cta, l, op, 6)]) / cyc_per_ns / 1e3);
+          wake.push_back((g[at(cta, l, op, 1)] - last) / 1e3);
+          uw.push_back(c[at(cta, l, op, 4)] / cyc_per_ns / 1e3);
+        }
+      }
+      printf("%-8s %5.2f  %5.2f  %5.2f (%5.2f)            %5.2f   %5.2f   %5.2f\n", names[op], med(w), med(st), med(un), med(uw), med(so), med(sg), med(wake));
+    }
+  }
+#endif
   if (argc > 1) {
     FILE* f = fopen(argv[1], "w");
     fprintf(f,
