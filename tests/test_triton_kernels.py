@@ -530,6 +530,26 @@ def test_logprobs_kernel_gives_the_samplers_logprobs(rows, vocab, dtype):
     assert (ring == -7).all()  # each width's slot only, each restored
 
 
+def test_logprobs_kernel_top_lists_take_the_lowest_id_of_equal_logits():
+    """Equal logits enter a top list lowest id first, across chunks too (one logit and its id are one sort
+    key); negative logits order below positive ones and -inf below both."""
+    from nanovllm.kernels.logprobs import LogprobsBuffers, logprobs
+    vocab = 3000  # three chunks
+    logits = torch.full((2, vocab), -1.5, device=DEVICE)
+    logits[0, [2999, 1500, 7]] = 2.0  # ties across chunks: 7, 1500, 2999
+    logits[0, 1024:2048] = -float("inf")  # ... but 1500 is -inf now
+    logits[0, 1500] = 2.0
+    logits[1, 10:] = -float("inf")
+    logits[1, 5] = 0.0
+    ids = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    _, _, top_ids, top_lps = logprobs(logits, ids, 5, LogprobsBuffers.make(2, vocab, DEVICE))
+    if CUDA:
+        torch.cuda.synchronize()
+    assert top_ids[0].tolist() == [7, 1500, 2999, 0, 1]
+    assert top_ids[1].tolist() == [5, 0, 1, 2, 3]
+    assert (top_lps[:, 1:] <= top_lps[:, :-1]).all() and torch.isfinite(top_lps).all()
+
+
 # ---- programmatic dependent launch (nanovllm/kernels/pdl.py) ----
 
 def test_pdl_switch(monkeypatch):

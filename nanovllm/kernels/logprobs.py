@@ -7,10 +7,13 @@ launches, not the GPU, set the pace, 0.91 ms a token against 0.65 without logpro
 (benchmarks/NOTES-gpu.md, session 31).
 
 1. `_chunk_kernel`, grid (B, chunks): each chunk's max and sum of exp(x - max), how many of its logits
-   exceed the sampled token's, and its `width` largest logits with their ids (each a max-with-index
-   reduction, masking the one found; the first of equal values first).
+   exceed the sampled token's, and its `width` largest logits with their ids.
 2. `_row_kernel`, grid (B,): the row's log-sum-exp from its chunks, the token's logprob (x - lse) and rank
    (1 + the count), and the row's `width` largest from the chunks' candidates, as logprobs.
+
+A top list is `width` max reductions, each masking the one it found. A logit and its id travel as one int64
+sort key (`_sort_key`: the float's bits made orderable, then the id's complement), so each is one reduction
+of one value, with no second reduction to fetch the id of the max, and equal logits give the lowest id.
 
 Ranks and top lists compare raw logits, which order as the logprobs do. Ties in a top list come lowest id
 first; torch.topk leaves their order open. `width` is one of TOP_WIDTHS, the smallest that covers the
@@ -79,15 +82,14 @@ class LogprobsBuffers(NamedTuple):
     top_logprobs: torch.Tensor  # (R, MAX_LOGPROBS) float32: the first `width` columns are written
     top_ids: torch.Tensor  # (R, MAX_LOGPROBS) int64
     stats: torch.Tensor  # (R, chunks, 3) float32: each chunk's max, exp sum and count above the token
-    cand_values: torch.Tensor  # (R, chunks * MAX_LOGPROBS) float32: each chunk's largest logits
-    cand_ids: torch.Tensor  # (R, chunks * MAX_LOGPROBS) int32
+    candidates: torch.Tensor  # (R, chunks * MAX_LOGPROBS) int64: each chunk's largest logits, as sort keys
 
     @classmethod
     def make(cls, rows: int, vocab: int, device: torch.device | str) -> LogprobsBuffers:
         chunks, top = -(-vocab // SMALL_CHUNK), TOP_WIDTHS[-1]
         empty = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device=device)  # noqa: E731
         return cls(empty(rows), empty(rows, dtype=torch.int64), empty(rows, top), empty(rows, top, dtype=torch.int64),
-                   empty(rows, chunks, 3), empty(rows, chunks * top), empty(rows, chunks * top, dtype=torch.int32))
+                   empty(rows, chunks, 3), empty(rows, chunks * top, dtype=torch.int64))
 
 
 def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, width: int, buffers: LogprobsBuffers,
@@ -98,17 +100,17 @@ def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, width: int, buffers:
     allocation: CUDA-graph safe."""
     batch, vocab = logits.shape
     assert logits.stride(-1) == 1 and width in TOP_WIDTHS and batch <= buffers.logprob.shape[0]
-    assert vocab <= 1 << 24, "ids must be exact in float32"
+    assert width <= vocab <= 1 << 24, "a top list within the vocabulary; ids exact in float32"
     chunk = min(SMALL_CHUNK if batch <= SMALL_CHUNK_ROWS else CHUNK, triton.next_power_of_2(vocab))
     chunks = -(-vocab // chunk)
     assert buffers.stats.shape[1] >= chunks, "buffers made for a smaller vocabulary"
     if batch:
-        stats, values, ids = buffers.stats, buffers.cand_values, buffers.cand_ids
-        _chunk_kernel[(batch, chunks)](logits, logits.stride(0), token_ids, stats, stats.stride(0), values, ids,
-                                       values.stride(0), vocab, CHUNK=chunk, WIDTH=width)
+        stats, keys = buffers.stats, buffers.candidates
+        _chunk_kernel[(batch, chunks)](logits, logits.stride(0), token_ids, stats, stats.stride(0), keys,
+                                       keys.stride(0), vocab, CHUNK=chunk, WIDTH=width)
         ring, slot = host_out if host_out is not None else (buffers.stats, token_ids)  # unread without HOST
-        _row_kernel[(batch,)](logits, logits.stride(0), token_ids, stats, stats.stride(0), values, ids,
-                              values.stride(0), buffers.logprob, buffers.rank, buffers.top_logprobs,
+        _row_kernel[(batch,)](logits, logits.stride(0), token_ids, stats, stats.stride(0), keys,
+                              keys.stride(0), buffers.logprob, buffers.rank, buffers.top_logprobs,
                               buffers.top_ids, buffers.top_ids.stride(0), ring, ring.stride(0), ring.stride(1),
                               slot, chunks, WIDTH=width, TOP=MAX_LOGPROBS, CHUNKS=triton.next_power_of_2(chunks),
                               CANDIDATES=triton.next_power_of_2(max(chunks * width, 1)), HOST=host_out is not None,
@@ -117,33 +119,56 @@ def logprobs(logits: torch.Tensor, token_ids: torch.Tensor, width: int, buffers:
             buffers.top_logprobs[:batch, :width])
 
 
+_NONE = tl.constexpr(-(1 << 63)) if tl is not None else None  # below every sort key: taken, or no candidate
+
+
 @jit
-def _chunk_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_ptr, cand_ids_ptr, stride_cand,
-                  vocab, CHUNK: tl.constexpr, WIDTH: tl.constexpr):
+def _sort_key(x, ids):
+    """int64 keys that order as (x, then the lower id) do: x's float32 bits, negative floats' flipped so that
+    they order as signed ints, in the high half; 2^31 - 1 - id in the low half (ids below 2^31)."""
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - ids).to(tl.int64)
+
+
+@jit
+def _key_value(key):
+    ordered = (key >> 32).to(tl.int32)
+    return tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+
+
+@jit
+def _key_id(key):
+    return 0x7FFFFFFF - (key & 0x7FFFFFFF)
+
+
+@jit
+def _chunk_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, keys_ptr, stride_keys, vocab,
+                  CHUNK: tl.constexpr, WIDTH: tl.constexpr):
     row, chunk = tl.program_id(0), tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride
     token_logit = tl.load(row_ptr + tl.load(ids_ptr + row)).to(tl.float32)
-    cols = tl.arange(0, CHUNK)
-    offs = chunk * CHUNK + cols
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(row_ptr + offs, mask=offs < vocab, other=-float("inf")).to(tl.float32)
     high = tl.max(x, axis=0)
     stats = stats_ptr + row * stride_stats + chunk * 3
     tl.store(stats, high)
     tl.store(stats + 1, tl.sum(tl.exp(x - tl.where(high > -float("inf"), high, 0.0)), axis=0))  # all -inf: 0
     tl.store(stats + 2, tl.sum((x > token_logit).to(tl.float32), axis=0))  # exact below 2^24
-    out = row * stride_cand + chunk * WIDTH
-    for i in tl.static_range(WIDTH):
-        value, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        tl.store(values_ptr + out + i, value)
-        tl.store(cand_ids_ptr + out + i, chunk * CHUNK + at)
-        x = tl.where(cols == at, -float("inf"), x)
+    if WIDTH > 0:
+        keys = tl.where(offs < vocab, _sort_key(x, offs), _NONE)
+        out = keys_ptr + row * stride_keys + chunk * WIDTH
+        for i in tl.static_range(WIDTH):
+            best = tl.max(keys, axis=0)
+            tl.store(out + i, best)
+            keys = tl.where(keys == best, _NONE, keys)
 
 
 @jit
-def _row_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_ptr, cand_ids_ptr, stride_cand,
-                logprob_ptr, rank_ptr, top_lp_ptr, top_ids_ptr, stride_top, ring_ptr, stride_slot, stride_ring,
-                slot_ptr, chunks, WIDTH: tl.constexpr, TOP: tl.constexpr, CHUNKS: tl.constexpr,
-                CANDIDATES: tl.constexpr, HOST: tl.constexpr):
+def _row_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, keys_ptr, stride_keys, logprob_ptr,
+                rank_ptr, top_lp_ptr, top_ids_ptr, stride_top, ring_ptr, stride_slot, stride_ring, slot_ptr, chunks,
+                WIDTH: tl.constexpr, TOP: tl.constexpr, CHUNKS: tl.constexpr, CANDIDATES: tl.constexpr,
+                HOST: tl.constexpr):
     row = tl.program_id(0)
     if HOST:  # this row of the ring's slot row (pinned host memory): PACKED floats
         ring_ptr += tl.load(slot_ptr) * stride_slot + row * stride_ring
@@ -163,14 +188,13 @@ def _row_kernel(logits_ptr, stride, ids_ptr, stats_ptr, stride_stats, values_ptr
         tl.store(ring_ptr + 1, above + 1.0)
     if WIDTH > 0:
         k = tl.arange(0, CANDIDATES)
-        values = tl.load(values_ptr + row * stride_cand + k, mask=k < chunks * WIDTH, other=-float("inf"))
-        ids = tl.load(cand_ids_ptr + row * stride_cand + k, mask=k < chunks * WIDTH, other=0)
-        for i in tl.static_range(WIDTH):  # chunk-major, each chunk's best first: the first of equal values
-            value, at = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            top_id = tl.sum(tl.where(k == at, ids, 0), axis=0)
+        keys = tl.load(keys_ptr + row * stride_keys + k, mask=k < chunks * WIDTH, other=_NONE)
+        for i in tl.static_range(WIDTH):
+            best = tl.max(keys, axis=0)
+            value, top_id = _key_value(best), _key_id(best)
             tl.store(top_lp_ptr + row * stride_top + i, value - lse)
-            tl.store(top_ids_ptr + row * stride_top + i, top_id.to(tl.int64))
+            tl.store(top_ids_ptr + row * stride_top + i, top_id)
             if HOST:
                 tl.store(ring_ptr + 2 + i, value - lse)
                 tl.store(ring_ptr + 2 + TOP + i, top_id.to(tl.float32))
-            values = tl.where(k == at, -float("inf"), values)
+            keys = tl.where(keys == best, _NONE, keys)
