@@ -550,6 +550,40 @@ def test_logprobs_kernel_top_lists_take_the_lowest_id_of_equal_logits():
     assert (top_lps[:, 1:] <= top_lps[:, :-1]).all() and torch.isfinite(top_lps).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kinds", ["repetition", "frequency", "both"])
+def test_penalties_kernel_gives_the_torch_paths_bits(kinds, dtype):
+    """kernels/penalties.py against layers/sampler.apply_penalties' torch path, bit for bit: rows with
+    repeated ids, ids listed in both the history and the outputs, a row with no penalties, histories longer
+    than a pass's block (1,024); the scratch is all zeros again afterwards, so a second call agrees too."""
+    from nanovllm.kernels import penalties
+    from nanovllm.layers.sampler import SamplingBatch, _pad, apply_penalties
+    gen = torch.Generator(DEVICE).manual_seed(len(kinds))
+    rows, vocab = 4, 3001
+    raw = (3 * torch.randn(rows, vocab, generator=gen, device=DEVICE)).to(dtype)
+    raw[:, :5] = 0.0  # zero logits, which neither divide nor multiply
+    lengths = [2500, 17, 0, 1100]
+    history = [torch.randint(0, vocab, (n,), generator=gen, device=DEVICE).tolist() for n in lengths]
+    history[1] += [3, 3, 3, 0]  # repeats, and a zero logit
+    outputs = [h[len(h) // 2:] + h[:3] for h in history]  # the outputs repeat some of the history's ids
+    batch = SamplingBatch(temperatures=torch.ones(rows, device=DEVICE), greedy=torch.ones(rows, dtype=torch.bool,
+                          device=DEVICE), all_greedy=True, any_unseeded=False)
+    if kinds in ("repetition", "both"):
+        batch.repetition_penalties = torch.tensor([1.3, 0.7, 1.0, 2.0], device=DEVICE)
+        batch.seen_ids = _pad(history, vocab, DEVICE)
+    if kinds in ("frequency", "both"):
+        batch.frequency_penalties = torch.tensor([0.5, -0.25, 0.0, 1.5], device=DEVICE)
+        batch.presence_penalties = torch.tensor([0.75, 0.5, 0.0, -1.0], device=DEVICE)
+        batch.output_ids = _pad(outputs, vocab, DEVICE)
+    want = apply_penalties(raw.float(), batch)  # the torch path (no raw logits given)
+    assert not torch.equal(want, raw.float())
+    for _ in range(2):
+        got = penalties.apply_penalties(raw.float().clone(), raw, batch.seen_ids, batch.repetition_penalties,
+                                        batch.output_ids, batch.frequency_penalties, batch.presence_penalties)
+        assert torch.equal(got, want)
+        assert not penalties._scratch[got.device].any()
+
+
 # ---- programmatic dependent launch (nanovllm/kernels/pdl.py) ----
 
 def test_pdl_switch(monkeypatch):

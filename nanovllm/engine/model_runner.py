@@ -297,6 +297,7 @@ class ModelRunner:
                 self.graphs.tune_step(self.model, bs, min(128, max_model_len), num_blocks)
         if self.device.type == "cuda" and self.rank == 0:
             self._warm_up_seeded_draws()
+            self._warm_up_penalties()
         if (self.device.type == "cuda" or uncaptured) and self._wants_prefill_graphs():
             block_size = self.config.block_size
             self.prefill_graphs = PrefillGraphs(self.model, self.config.max_num_batched_tokens,
@@ -330,6 +331,21 @@ class ModelRunner:
             SeededDraw.build([seqs[0]] * rows, list(range(rows)), self.device, vocab, filters=False)(logits.float())
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # its temporaries (a float32 engine sorts the rows)
+
+    def _warm_up_penalties(self) -> None:
+        """Compiles kernels/penalties.py's three variants (repetition, frequency/presence, both) and makes its
+        scratch, so that the first penalized request does not compile them mid-serving."""
+        from nanovllm.kernels import penalties
+        if penalties.triton is None:
+            return
+        vocab = self.model_config.vocab_size
+        raw = torch.zeros(1, vocab, dtype=self.dtype, device=self.device)
+        ids, factor = torch.zeros(1, 1, dtype=torch.int64, device=self.device), torch.ones(1, device=self.device)
+        for rep, freq in ((True, False), (False, True), (True, True)):
+            processed = torch.zeros(1, vocab, device=self.device)
+            penalties.apply_penalties(processed, raw, ids if rep else None, factor if rep else None,
+                                      ids if freq else None, factor if freq else None, factor if freq else None)
+        torch.cuda.synchronize(self.device)
 
     def _in_step_batches(self) -> list[int]:
         """The graphs whose projections are tuned inside the step (DecodeGraphs.tune_step): that of 1 seq

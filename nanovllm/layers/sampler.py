@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from nanovllm.engine.sequence import PLACEHOLDER
-from nanovllm.kernels import top_k_top_p
+from nanovllm.kernels import penalties, top_k_top_p
 from nanovllm.kernels.sample import Keep, sample, sample_ref
 
 
@@ -234,7 +234,7 @@ class Sampler:
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: (B, V) raw model logits, in the model dtype. Does not modify them."""
         if batch.needs_processing:
-            processed = self.process_logits(logits.to(torch.float32, copy=True), batch)
+            processed = self.process_logits(logits.to(torch.float32, copy=True), batch, raw=logits)
             token_ids = self.sample(processed, batch)
         else:  # greedy rows, and seeded rows that draw below
             token_ids = logits.argmax(dim=-1)
@@ -245,9 +245,10 @@ class Sampler:
         return gather_logprobs(logits, token_ids, batch.max_num_logprobs)
 
     @staticmethod
-    def process_logits(logits: Tensor, batch: SamplingBatch) -> Tensor:
-        """Applies penalties, min_tokens, temperature, top-k, top-p and min-p, in place where possible."""
-        logits = apply_penalties(logits, batch)
+    def process_logits(logits: Tensor, batch: SamplingBatch, raw: Tensor | None = None) -> Tensor:
+        """Applies penalties, min_tokens, temperature, top-k, top-p and min-p, in place where possible. raw:
+        the logits before the float32 copy, if the caller has them (the penalties kernel reads them)."""
+        logits = apply_penalties(logits, batch, raw)
         if batch.min_tokens_mask is not None:
             logits[batch.min_tokens_mask] = -float("inf")
         if batch.all_greedy:
@@ -275,9 +276,13 @@ class Sampler:
         return token_ids
 
 
-def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
+def apply_penalties(logits: Tensor, batch: SamplingBatch, raw: Tensor | None = None) -> Tensor:
     """Repetition penalty (HF: divide positive logits, multiply negative ones) over prompt + output tokens;
-    frequency and presence penalties (OpenAI: subtract per occurrence / once) over output tokens."""
+    frequency and presence penalties (OpenAI: subtract per occurrence / once) over output tokens. On CUDA,
+    with raw (logits' values in the model dtype), one kernel launch (kernels/penalties.py), the same bits."""
+    if raw is not None and logits.is_cuda and penalties.triton is not None:
+        return penalties.apply_penalties(logits, raw, batch.seen_ids, batch.repetition_penalties, batch.output_ids,
+                                         batch.frequency_penalties, batch.presence_penalties)
     B, V = logits.shape
     if batch.seen_ids is not None:
         seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
