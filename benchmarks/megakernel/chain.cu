@@ -22,7 +22,7 @@
 // Run:   ./chain [out.json]     (checks against a kernel-per-op reference, then times three modes: the
 //        chain, the chain without its waits, the weight stream alone; then one launch with clock stamps)
 //        bash run.sh            (every variant, into $OUT or results/)
-// H100 80GB HBM3, session 33 (results/megakernel_chain-h100.json): 20.8 us a layer with the counters, 31-32
+// H100 80GB HBM3, session 33 (results/megakernel_chain-h100.json): 20.8 us a layer with the counters, 30-34
 // with LL, against the engine's kernel-per-op PDL chain at ~14.5 us a layer (profile_decode_chain.py
 // --knockout) and a floor of 10.5. Kept as the measurement; not in the engine.
 #include <cuda_bf16.h>
@@ -96,29 +96,8 @@ __device__ __forceinline__ long long globaltimer() {
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
 
-// Dot of a shared-memory row of 1,024 bf16 with 1,024 bf16 of x (shared), summed over the warp: each lane
-// takes 4 x 8 columns, 16-byte loads, conflict-free.
-__device__ __forceinline__ float warp_dot(const __nv_bfloat16* w, const __nv_bfloat16* x, int lane) {
-  float acc = 0.f;
-#pragma unroll
-  for (int i = 0; i < UNIT_K / 256; ++i) {
-    const int k = i * 256 + lane * 8;
-    uint4 wv = *reinterpret_cast<const uint4*>(w + k), xv = *reinterpret_cast<const uint4*>(x + k);
-    const __nv_bfloat162* w2 = reinterpret_cast<const __nv_bfloat162*>(&wv);
-    const __nv_bfloat162* x2 = reinterpret_cast<const __nv_bfloat162*>(&xv);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float2 a = __bfloat1622float2(w2[j]), b = __bfloat1622float2(x2[j]);
-      acc = fmaf(a.x, b.x, acc);
-      acc = fmaf(a.y, b.y, acc);
-    }
-  }
-#pragma unroll
-  for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  return acc;
-}
-
-// A lane's share of a 1,024-column dot (warp_dot without the reduction across lanes).
+// A lane's share of the dot of a shared-memory row of 1,024 bf16 with 1,024 bf16 of x (shared): 4 x 8
+// columns, 16-byte loads, conflict-free.
 __device__ __forceinline__ float lane_dot(const __nv_bfloat16* w, const __nv_bfloat16* x, int lane) {
   float acc = 0.f;
 #pragma unroll
@@ -134,6 +113,14 @@ __device__ __forceinline__ float lane_dot(const __nv_bfloat16* w, const __nv_bfl
       acc = fmaf(a.y, b.y, acc);
     }
   }
+  return acc;
+}
+
+// The same dot, summed over the warp.
+__device__ __forceinline__ float warp_dot(const __nv_bfloat16* w, const __nv_bfloat16* x, int lane) {
+  float acc = lane_dot(w, x, lane);
+#pragma unroll
+  for (int o = 16; o; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
   return acc;
 }
 
@@ -353,75 +340,30 @@ __global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
     if (lane == 0) mbar_arrive(ring.empty + s);
     ++u;
   };
+  // The two ways an op's result reaches the others: global vectors behind counters, or LL words.
 #ifdef LL
   // tag(l, op): launch a.epoch, layer l (-1: the input h), op 0-3 (qkv, o, gate_up, down)
   auto tag = [&](int l, int op) { return a.epoch * 128u + (uint32_t)((l + 1) * 4 + op); };
   const bool wait = a.wait;
-  for (int l = 0; l < a.layers; ++l) {
-    STAMP(0, 0);
-    if (a.compute) stage_x_ll<H>(a.h_ll, tag(l - 1, 3), wait, a.w1, xs, red, tid);
-    STAMP(0, 1); STAMP(0, 2);
-    {
-      float y[MAX_A];
-#pragma unroll
-      for (int i = 0; i < MAX_A; ++i)
-        if (cta + i * G < TILES_A) take([&](const __nv_bfloat16* w) { y[i] = warp_dot(w, xs, lane); });
-      STAMP(0, 5);
-#pragma unroll
-      for (int i = 0; i < MAX_A; ++i)
-        if (cta + i * G < TILES_A && lane == 0) st_ll(a.qkv_ll + (cta + i * G) * 8 + warp, y[i], tag(l, 0));
-    }
-    STAMP(0, 6); STAMP(0, 3);
-    STAMP(1, 0);
-    if (a.compute) stage_x_ll<QDIM>(a.qkv_ll, tag(l, 0), wait, nullptr, xs, red, tid);
-    STAMP(1, 1); STAMP(1, 2);
-    if (cta < TILES_C) {
-      const float res = ld_ll(a.h_ll + cta * 8 + warp, tag(l - 1, 3), wait);
-      float y = 0.f;
-      for (int c = 0; c < CHUNKS_C; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
-      STAMP(1, 5);
-      if (lane == 0) st_ll(a.h_ll + cta * 8 + warp, res + y, tag(l, 1));
-    }
-    STAMP(1, 6); STAMP(1, 3);
-    STAMP(2, 0);
-    if (a.compute) stage_x_ll<H>(a.h_ll, tag(l, 1), wait, a.w2, xs, red, tid);
-    STAMP(2, 1); STAMP(2, 2);
-    {
-      float y[MAX_D];
-#pragma unroll
-      for (int i = 0; i < MAX_D; ++i)
-        if (cta + i * G < TILES_D)
-          take([&](const __nv_bfloat16* w) {
-            if (warp < 4)
-              y[i] = silu(__bfloat162float(__float2bfloat16(warp_dot(w, xs, lane)))) *
-                     __bfloat162float(__float2bfloat16(warp_dot(w + 4 * UNIT_K, xs, lane)));
-          });
-      STAMP(2, 5);
-#pragma unroll
-      for (int i = 0; i < MAX_D; ++i)
-        if (cta + i * G < TILES_D && warp < 4 && lane == 0) st_ll(a.act_ll + (cta + i * G) * 4 + warp, y[i], tag(l, 2));
-    }
-    STAMP(2, 6); STAMP(2, 3);
-    STAMP(3, 0);
-    if (a.compute) stage_x_ll<FF>(a.act_ll, tag(l, 2), wait, nullptr, xs, red, tid);
-    STAMP(3, 1); STAMP(3, 2);
-    if (cta < TILES_E) {
-      const float res = ld_ll(a.h_ll + cta * 8 + warp, tag(l, 1), wait);
-      float y = 0.f;
-      for (int c = 0; c < CHUNKS_E; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
-      STAMP(3, 5);
-      if (lane == 0) st_ll(a.h_ll + cta * 8 + warp, res + y, tag(l, 3));
-    }
-    STAMP(3, 6); STAMP(3, 3);
-  }
+#define WAIT(counter)
+#define STAGE(N, src, w, l, op) stage_x_ll<N>(a.src##_ll, tag(l, op), wait, w, xs, red, tid)
+#define PUT(dst, i, v, l, op) st_ll(a.dst##_ll + (i), v, tag(l, op))
+#define RESIDUAL(i, l, op) ld_ll(a.h_ll + (i), tag(l, op), wait)
+#define SIGNAL(counter)
 #else
+#define WAIT(counter) wait_for(a, counter, tid)
+#define STAGE(N, src, w, l, op) stage_x<N>(a.src, w, xs, red, tid)
+#define PUT(dst, i, v, l, op) a.dst[i] = v
+#define RESIDUAL(i, l, op) __ldcg(a.h + (i))
+#define SIGNAL(counter) signal(a, counter, tid)
+#endif
   for (int l = 0; l < a.layers; ++l) {
-    const int base = l * 4;
+    [[maybe_unused]] const int base = l * 4;  // the counters of layer l (not with LL)
     // A: qkv = W_qkv . n(h)
     STAMP(0, 0);
-    wait_for(a, l > 0 ? base - 1 : -1, tid);
+    WAIT(l > 0 ? base - 1 : -1);
     STAMP(0, 1);
-    if (a.compute) stage_x<H>(a.h, a.w1, xs, red, tid);
+    if (a.compute) STAGE(H, h, a.w1, l - 1, 3);
     STAMP(0, 2);
     {  // the outputs are stored after the op's last unit: a slot's release (mbarrier.arrive) waits for the
        // warp's earlier stores, so a store before it would put an L2 write in every unit's path
@@ -432,32 +374,32 @@ __global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
       STAMP(0, 5);
 #pragma unroll
       for (int i = 0; i < MAX_A; ++i)
-        if (cta + i * G < TILES_A && lane == 0) a.qkv[(cta + i * G) * 8 + warp] = y[i];
+        if (cta + i * G < TILES_A && lane == 0) PUT(qkv, (cta + i * G) * 8 + warp, y[i], l, 0);
     }
     STAMP(0, 6);
-    signal(a, base + 0, tid);
+    SIGNAL(base + 0);
     STAMP(0, 3);
     // C: h += W_o . qkv[:2048]
     STAMP(1, 0);
-    wait_for(a, base + 0, tid);
+    WAIT(base + 0);
     STAMP(1, 1);
-    if (a.compute) stage_x<QDIM>(a.qkv, nullptr, xs, red, tid);
+    if (a.compute) STAGE(QDIM, qkv, nullptr, l, 0);
     STAMP(1, 2);
     if (cta < TILES_C) {  // one tile a CTA (TILES_C <= G); the residual row loaded ahead of the units
-      const float res = __ldcg(a.h + cta * 8 + warp);
+      const float res = RESIDUAL(cta * 8 + warp, l - 1, 3);
       float y = 0.f;
       for (int c = 0; c < CHUNKS_C; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
       STAMP(1, 5);
-      if (lane == 0) a.h[cta * 8 + warp] = res + y;
+      if (lane == 0) PUT(h, cta * 8 + warp, res + y, l, 1);
     }
     STAMP(1, 6);
-    signal(a, base + 1, tid);
+    SIGNAL(base + 1);
     STAMP(1, 3);
     // D: act = silu(W_g . n(h)) * (W_u . n(h)); a unit's rows 0-3 are gate rows, 4-7 the same up rows
     STAMP(2, 0);
-    wait_for(a, base + 1, tid);
+    WAIT(base + 1);
     STAMP(2, 1);
-    if (a.compute) stage_x<H>(a.h, a.w2, xs, red, tid);
+    if (a.compute) STAGE(H, h, a.w2, l, 1);
     STAMP(2, 2);
     {
       float y[MAX_D];
@@ -472,29 +414,28 @@ __global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
       STAMP(2, 5);
 #pragma unroll
       for (int i = 0; i < MAX_D; ++i)
-        if (cta + i * G < TILES_D && warp < 4 && lane == 0) a.act[(cta + i * G) * 4 + warp] = y[i];
+        if (cta + i * G < TILES_D && warp < 4 && lane == 0) PUT(act, (cta + i * G) * 4 + warp, y[i], l, 2);
     }
     STAMP(2, 6);
-    signal(a, base + 2, tid);
+    SIGNAL(base + 2);
     STAMP(2, 3);
     // E: h += W_d . act
     STAMP(3, 0);
-    wait_for(a, base + 2, tid);
+    WAIT(base + 2);
     STAMP(3, 1);
-    if (a.compute) stage_x<FF>(a.act, nullptr, xs, red, tid);
+    if (a.compute) STAGE(FF, act, nullptr, l, 2);
     STAMP(3, 2);
     if (cta < TILES_E) {
-      const float res = __ldcg(a.h + cta * 8 + warp);
+      const float res = RESIDUAL(cta * 8 + warp, l, 1);
       float y = 0.f;
       for (int c = 0; c < CHUNKS_E; ++c) take([&](const __nv_bfloat16* w) { y += warp_dot(w, xs + c * UNIT_K, lane); });
       STAMP(3, 5);
-      if (lane == 0) a.h[cta * 8 + warp] = res + y;
+      if (lane == 0) PUT(h, cta * 8 + warp, res + y, l, 3);
     }
     STAMP(3, 6);
-    signal(a, base + 3, tid);
+    SIGNAL(base + 3);
     STAMP(3, 3);
   }
-#endif  // LL
 #else
   for (int l = 0; l < a.layers; ++l) {
     const int base = l * 4;
