@@ -15,14 +15,15 @@
 //
 // Variants (compile-time): BATCHED waits for all of an op's units, then runs every dot of a warp at once.
 // LL replaces the counters with NCCL's low-latency protocol: each value goes out with its tag in one 8-byte
-// word and readers poll the words themselves; LL_FENCE adds a fence after each such store. L2_AHEAD=N also
+// word and readers poll the words themselves; LL_FENCE adds a fence after each such store, PAR_STORES has
+// a warp's outputs stored by as many lanes (their fences side by side). L2_AHEAD=N also
 // asks the L2 for the unit N further on; RING_SLOTS=N sets the ring's depth (12).
 //
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a [-DLL ...] chain.cu -o chain
 // Run:   ./chain [out.json]     (checks against a kernel-per-op reference, then times three modes: the
 //        chain, the chain without its waits, the weight stream alone; then one launch with clock stamps)
 //        bash run.sh            (every variant, into $OUT or results/)
-// H100 80GB HBM3, session 33 (results/megakernel_chain-h100.json): 20.8 us a layer with the counters, 30-34
+// H100 80GB HBM3, session 33 (results/megakernel_chain-h100.json): 20.8 us a layer with the counters, 23-34
 // with LL, against the engine's kernel-per-op PDL chain at ~14.5 us a layer (profile_decode_chain.py
 // --knockout) and a floor of 10.5. Kept as the measurement; not in the engine.
 #include <cuda_bf16.h>
@@ -271,6 +272,15 @@ __device__ __forceinline__ void op_batched(const Ring& ring, long long& u, int n
   u += nt * CHUNKS;
 }
 
+// y[lane] from a register array (every lane holds all of y: warp_dot's sums are butterflies).
+template <int N>
+__device__ __forceinline__ float pick(const float (&y)[N], int lane) {
+  float v = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) v = lane == i ? y[i] : v;
+  return v;
+}
+
 __device__ __forceinline__ int tiles_of(int tiles, int cta, int G) { return cta < tiles ? (tiles - cta + G - 1) / G : 0; }
 
 __global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
@@ -372,9 +382,14 @@ __global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
       for (int i = 0; i < MAX_A; ++i)
         if (cta + i * G < TILES_A) take([&](const __nv_bfloat16* w) { y[i] = warp_dot(w, xs, lane); });
       STAMP(0, 5);
+#ifdef PAR_STORES  // lane i stores output i: one store (and with LL_FENCE one fence) for the warp's lanes at once
+      const float mine = pick(y, lane);
+      if (lane < MAX_A && cta + lane * G < TILES_A) PUT(qkv, (cta + lane * G) * 8 + warp, mine, l, 0);
+#else
 #pragma unroll
       for (int i = 0; i < MAX_A; ++i)
         if (cta + i * G < TILES_A && lane == 0) PUT(qkv, (cta + i * G) * 8 + warp, y[i], l, 0);
+#endif
     }
     STAMP(0, 6);
     SIGNAL(base + 0);
@@ -412,9 +427,14 @@ __global__ void __launch_bounds__(THREADS, 1) chain_kernel(Args a) {
                      __bfloat162float(__float2bfloat16(warp_dot(w + 4 * UNIT_K, xs, lane)));
           });
       STAMP(2, 5);
+#ifdef PAR_STORES
+      const float mine = pick(y, lane);
+      if (warp < 4 && lane < MAX_D && cta + lane * G < TILES_D) PUT(act, (cta + lane * G) * 4 + warp, mine, l, 2);
+#else
 #pragma unroll
       for (int i = 0; i < MAX_D; ++i)
         if (cta + i * G < TILES_D && warp < 4 && lane == 0) PUT(act, (cta + i * G) * 4 + warp, y[i], l, 2);
+#endif
     }
     STAMP(2, 6);
     SIGNAL(base + 2);
