@@ -43,7 +43,7 @@ def _kernels():
 
 
 _attn = _kernels()
-_decode, _default_num_kv_splits, _prefill = _attn._decode, _attn._default_num_kv_splits, _attn._prefill
+_decode, default_num_kv_splits, _prefill = _attn._decode, _attn.default_num_kv_splits, _attn._prefill
 paged_attention_ref = _attn.paged_attention_ref
 
 H, HKV = map(int, os.environ.get("BENCH_ATTENTION_HEADS", "16,8").split(","))  # 16,4: Qwen3-8B at TP 2
@@ -100,7 +100,7 @@ def time_decode(batch: int, ctx: int, baselines: bool = True, **variant) -> dict
     """Every seq at ctx keys, tables exactly ctx keys wide; SDPA over gathered and dense KV beside ours."""
     q, k_cache, v_cache, tables, cu, ctx_lens, kv_bytes = decode_setup([ctx] * batch, ctx // BS)
     out = torch.empty_like(q)
-    variant.setdefault("num_kv_splits", _default_num_kv_splits(batch, HKV, ctx, q.device))
+    variant.setdefault("num_kv_splits", default_num_kv_splits(batch, HKV, ctx, q.device))
     gather = lambda cache, t: cache[t].view(batch, ctx, HKV, D).transpose(1, 2)  # noqa: E731
 
     def ours():
@@ -135,7 +135,7 @@ def time_decode_varied(name: str, ctx_lens: list[int], ordered: bool = True, **v
     batch = len(ctx_lens)
     q, k_cache, v_cache, tables, cu, ctx, kv_bytes = decode_setup(ctx_lens, MAX_MODEL_LEN // BS)
     out = torch.empty_like(q)
-    variant.setdefault("num_kv_splits", _default_num_kv_splits(batch, HKV, MAX_MODEL_LEN, q.device))
+    variant.setdefault("num_kv_splits", default_num_kv_splits(batch, HKV, MAX_MODEL_LEN, q.device))
     # A keyword only when given, so that BENCH_ATTENTION_FILE may name a kernel from before seq_order.
     order = dict(seq_order=torch.from_numpy(longest_first(np.array(ctx_lens))).cuda()) if ordered else {}
 

@@ -194,9 +194,9 @@ def record_replays(graphs, monkeypatch) -> list[tuple]:
     filters it reads from its input buffers)."""
     seen, replay = [], graphs._replay
 
-    def spy(bs, mode, gather_logits=False):
+    def spy(bs, mode, gather_logits=False, short=False):
         seen.append((bs, mode, graphs.temperatures[:bs].tolist(), graphs.filters[:, :bs].tolist()))
-        return replay(bs, mode, gather_logits)
+        return replay(bs, mode, gather_logits, short)
     monkeypatch.setattr(graphs, "_replay", spy)
     return seen
 

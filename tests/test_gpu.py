@@ -470,3 +470,44 @@ def test_logprobs_from_the_graphs_are_the_samplers(model_dir):
                                        atol=1e-4, rtol=0)
     del llm
     free_cuda()
+
+
+def test_short_context_graphs_agree_with_the_full_tables(model_dir, monkeypatch):
+    """An engine whose max_model_len is over SHORT_CONTEXT captures its small buckets' graphs a second time
+    over the tables' first SHORT_CONTEXT tokens, where the decode kernel splits the keys fewer ways, and
+    replays those while every seq fits. Qwen3-0.6B at batch 2: the 1,000-token prompt's seq crosses from
+    the short graphs to the full ones mid-request. Greedy tokens with them and without
+    (NANOVLLM_SHORT_DECODE_GRAPHS=0) may part at near-ties only (the splits merge in another order)."""
+    from nanovllm.engine.cuda_graph import SHORT_CONTEXT, DecodeGraphs
+    folder = model_dir("qwen3-0.6b")
+    gen = torch.Generator().manual_seed(5)
+    prompts_ = [torch.randint(0, 1000, (n,), generator=gen).tolist() for n in (1000, 40)]
+    replays = []
+    replay = DecodeGraphs._replay
+    monkeypatch.setattr(DecodeGraphs, "_replay", lambda self, bs, mode, gather=False, short=False: (
+        replays.append((bs, short)), replay(self, bs, mode, gather, short))[1])
+
+    def run(logprobs=None):
+        llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_num_seqs=2, max_model_len=2048,
+                  num_kvcache_blocks=512)
+        buckets = llm.engine.model_runner.graphs.short_buckets
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=logprobs)
+        outs = llm.generate(prompts_, params, use_tqdm=False)
+        tokens = [o.outputs[0].token_ids for o in outs]
+        lps = [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs] \
+            if logprobs else None
+        del llm
+        free_cuda()
+        return tokens, lps, buckets
+
+    on, _, buckets = run()
+    assert buckets == {1, 2} and SHORT_CONTEXT < 2048
+    assert {(2, True), (2, False)} <= set(replays)  # the 1,000-token seq crossed SHORT_CONTEXT at batch 2
+    monkeypatch.setenv("NANOVLLM_SHORT_DECODE_GRAPHS", "0")
+    replays.clear()
+    off, lps, buckets = run(logprobs=20)
+    assert not buckets and not any(short for _, short in replays)
+    result = agreement(on, off, lps)
+    REPORT["short_graphs_on_off"] = result
+    print(json.dumps(result))
+    assert_near_ties(result)

@@ -4,7 +4,11 @@ A decode step of a small model is hundreds of tiny kernels; launched one by one 
 cost more than the kernels. Captured once per bucket (1, 2, 4, 8, 16, then every 16 up to max_num_seqs),
 a step is one replay. A batch is padded up to its bucket with rows that store nothing (slot -1) and attend
 to nothing (context length 0). Block tables are padded to max_model_len's block count, so the decode
-kernel's split count, chosen from shapes alone, is fixed per bucket.
+kernel's split count, chosen from shapes alone, is fixed per bucket. Where a table of SHORT_CONTEXT tokens
+would split the keys fewer ways (the small buckets of an engine whose max_model_len is larger, at TP 1),
+the bucket has its graphs twice, the second over the first SHORT_CONTEXT tokens' columns of the tables, and
+a step whose seqs all fit replays that one: at the default max_model_len (8,192) a batch-1 step splits its
+keys 32 ways, which long contexts need and short ones pay for (NANOVLLM_SHORT_DECODE_GRAPHS=0: off).
 
 The graphs end with the sampler where it can live there: each bucket has a greedy graph (LM head, argmax)
 and a sampling graph that draws temperature samples in one Triton pass over the logits (kernels/sample.py;
@@ -41,6 +45,7 @@ from nanovllm.distributed.parallel_state import all_gather, gather_to_first, get
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import top_k_top_p
 from nanovllm.kernels.logprobs import PACKED, LogprobsBuffers, logprobs, logprobs_ref, pack_ref, top_width, unpack
+from nanovllm.kernels.paged_attention import default_num_kv_splits
 from nanovllm.kernels.sample import (
     CHUNK,
     HostOut,
@@ -82,6 +87,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 GREEDY, SAMPLE, FILTER = 0, 1, 2  # a bucket's graphs: argmax; temperature draws; top-k/top-p/min-p draws
 RING = 4  # rows of the ids' ring: async scheduling reads a step's ids back while one more is in flight
+SHORT_CONTEXT = 1024  # tokens of the short graphs' block tables (see the module's docstring)
 
 
 SORTED_FILTER_MAX_BS = 32  # the default bound where a FILTER graph sorts (float32 logits on CUDA)
@@ -201,12 +207,16 @@ class DecodeGraphs:
         self.next_tokens = torch.empty(max_bs, dtype=torch.int64, device=device)
         self.device = device
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, GREEDY/SAMPLE/FILTER) -> graph
+        # The same over the tables' first SHORT_CONTEXT tokens, for the buckets in short_buckets.
+        self.short_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.short_blocks = SHORT_CONTEXT // block_size
         # (bucket, top width) -> (graph, the outputs it writes)
         self.logprob_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self.logprob_buffers: LogprobsBuffers | None = None  # made by the first step that asks for logprobs
         self.model = model
         self.vocab_size = vocab_size
         self.tp_size, self.rank = get_tp_size(), get_tp_rank()
+        self.short_buckets = self._short_buckets(model, device)
         sorts = device.type == "cuda" and not top_k_top_p.supports(dtype)  # float32: filter_logits in the graph
         self.filter_max_bs = filter_max_bs(SORTED_FILTER_MAX_BS if sorts else max_bs)
         if self.tp_size > 1:
@@ -232,13 +242,24 @@ class DecodeGraphs:
         self.gathered = torch.empty(self.tp_size * self.sample_workspace.numel(), device=device)
         dist.broadcast(self.seed, src=0)
 
-    def context(self, bs: int) -> Context:
+    def _short_buckets(self, model: nn.Module, device: torch.device) -> set[int]:
+        """The buckets whose decode kernel would split the keys fewer ways over a short table (CUDA, TP 1,
+        NANOVLLM_SHORT_DECODE_GRAPHS not 0, max_model_len over SHORT_CONTEXT)."""
+        layers = [m for m in model.modules() if hasattr(m, "k_cache")]
+        if (device.type != "cuda" or self.tp_size > 1 or not layers or self.short_blocks >= self.max_num_blocks
+                or os.environ.get("NANOVLLM_SHORT_DECODE_GRAPHS", "1") == "0"):
+            return set()
+        splits = lambda bs, blocks: default_num_kv_splits(bs, layers[0].num_kv_heads, blocks * self.block_size,
+                                                          device)
+        return {bs for bs in self.batch_sizes if splits(bs, self.short_blocks) < splits(bs, self.max_num_blocks)}
+
+    def context(self, bs: int, short: bool = False) -> Context:
         # The host lists serve only the torch attention path, which graphs never run.
+        blocks = self.short_blocks if short else self.max_num_blocks
         return Context(q_lens=[1] * bs, context_lens=[], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
                        context_lens_t=self.context_lens[:bs], slot_mapping=self.slot_mapping[:bs],
-                       block_tables=self.block_tables[:bs], max_q_len=1,
-                       max_context_len=self.max_num_blocks * self.block_size, is_decode=True,
-                       seq_order=self.seq_order[:bs])
+                       block_tables=self.block_tables[:bs, :blocks], max_q_len=1,
+                       max_context_len=blocks * self.block_size, is_decode=True, seq_order=self.seq_order[:bs])
 
     def _forward(self, model: nn.Module, bs: int, mode: int) -> None:
         """What a graph holds: the model, the head and the sampler (under TP, their sharded form; no FILTER)."""
@@ -311,11 +332,13 @@ class DecodeGraphs:
             for mode in self._modes(bs):
                 self.graphs[bs, mode] = self._capture_one(model, bs, mode)
                 self.pool = self.graphs[bs, mode].pool()
+                if bs in self.short_buckets:
+                    self.short_graphs[bs, mode] = self._capture_one(model, bs, mode, short=True)
         torch.cuda.synchronize()
 
-    def _capture_one(self, model: nn.Module, bs: int, mode: int) -> torch.cuda.CUDAGraph:
-        """One bucket's graph, in the graphs' shared memory pool."""
-        set_context(self.context(bs))
+    def _capture_one(self, model: nn.Module, bs: int, mode: int, short: bool = False) -> torch.cuda.CUDAGraph:
+        """One bucket's graph (over the short tables: short), in the graphs' shared memory pool."""
+        set_context(self.context(bs, short))
         try:
             self._forward(model, bs, mode)  # compiles, picks cuBLAS algorithms outside capture
             graph = torch.cuda.CUDAGraph()
@@ -343,8 +366,8 @@ class DecodeGraphs:
         self.set_static_step(bs, context_len, num_blocks)
         stream = torch.cuda.Stream(self.device)
 
-        def step_us() -> float:
-            set_context(self.context(bs))
+        def step_us() -> float:  # the step at context_len runs the short graph where there is one
+            set_context(self.context(bs, short=bs in self.short_buckets))
             try:
                 self._forward(model, bs, GREEDY)  # compiles a new tiling outside the capture
                 graph = capture_behind(lambda: self._forward(model, bs, GREEDY), stream, pool=self.pool)
@@ -357,6 +380,8 @@ class DecodeGraphs:
         self.block_tables.zero_()
         for mode in self._modes(bs):  # the bs graphs with the choices (other buckets: other M)
             self.graphs[bs, mode] = self._capture_one(model, bs, mode)
+            if bs in self.short_buckets:
+                self.short_graphs[bs, mode] = self._capture_one(model, bs, mode, short=True)
         torch.cuda.synchronize()
         return choices
 
@@ -417,7 +442,8 @@ class DecodeGraphs:
         if self.tp_size > 1:
             send_decode(bs, mode, logits)
             broadcast_decode_inputs(self.dev64, self.dev32[:used], *[self.temperatures[:bs]] * bool(mode))
-        self._replay(bs, mode, logits)
+        short = bs in self.short_buckets and context_lens[:n].max() <= self.short_blocks * block_size
+        self._replay(bs, mode, logits, short)
         return ring
 
     def logprobs(self, ring: RingIds, k: int) -> tuple[torch.Tensor, ...]:
@@ -461,11 +487,11 @@ class DecodeGraphs:
         """How much of dev32 a replay of bucket bs reads: context_lens, seq_order, bs block tables."""
         return 2 * self.max_bs + bs * self.max_num_blocks
 
-    def _replay(self, bs: int, mode: int, gather_logits: bool = False) -> None:
+    def _replay(self, bs: int, mode: int, gather_logits: bool = False, short: bool = False) -> None:
         if self.graphs:
-            self.graphs[bs, mode].replay()
+            (self.short_graphs if short else self.graphs)[bs, mode].replay()
         else:  # not captured (tests of the padding and the TP protocol on CPU): run the same step eagerly
-            set_context(self.context(bs))
+            set_context(self.context(bs, short))
             try:
                 self._forward(self.model, bs, mode)
             finally:

@@ -97,7 +97,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     if max_q_len == 1:
         if num_kv_splits is None:
-            num_kv_splits = _default_num_kv_splits(context_lens.shape[0], num_kv_heads,
+            num_kv_splits = default_num_kv_splits(context_lens.shape[0], num_kv_heads,
                                                    block_tables.shape[1] * k_cache.shape[1], q.device)
         _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, out, num_kv_splits,
                 seq_order, rope=rope)
@@ -117,7 +117,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
+def default_num_kv_splits(batch: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
     # Small batches are latency-bound: ~3 programs per SM with >= 64 keys each was best on an H100
     # (benchmarks/NOTES-kernels.md); large batches fill the GPU alone and skip the reduce. max_kv_len is
     # the block table's width, so a graph captured at a fixed width keeps its split count.
