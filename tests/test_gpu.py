@@ -160,15 +160,18 @@ def prompts(vocab: int = 1000) -> list[list[int]]:
     return [shared + rand(9), shared + rand(20), rand(5), rand(300), rand(77), rand(150), rand(33), rand(12)]
 
 
-def generate(folder: str, logprobs: int | None = None, torch_path: bool = False, **engine_args):
-    """(token ids per prompt, top logprobs per step per prompt or None, engine stats). The first two prompts
-    run a second time at the end, when their prefixes are in the cache: 10 outputs."""
+def generate(folder: str, logprobs: int | None = None, torch_path: bool = False,
+             batches: list[list[list[int]]] | None = None, **engine_args):
+    """(token ids per prompt, top logprobs per step per prompt or None, engine stats), one `LLM.generate`
+    per batch of prompts. By default prompts(), then its first two a second time, when their prefixes are in
+    the cache: 10 outputs."""
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, **engine_args)
     if torch_path:
         set_use_triton(llm.engine.model_runner.model, False)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=logprobs)
-    outs = llm.generate(prompts(), params, use_tqdm=False)
-    outs += llm.generate(prompts()[:2], params, use_tqdm=False)  # prefix hits
+    outs = []
+    for batch in batches or (prompts(), prompts()[:2]):  # the second: prefix hits
+        outs += llm.generate(batch, params, use_tqdm=False)
     stats = llm.engine.stats()
     tokens = [o.outputs[0].token_ids for o in outs]
     lps = [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs] \
@@ -487,26 +490,14 @@ def test_short_context_graphs_agree_with_the_full_tables(model_dir, monkeypatch)
     monkeypatch.setattr(DecodeGraphs, "_replay", lambda self, bs, mode, gather=False, short=False: (
         replays.append((bs, short)), replay(self, bs, mode, gather, short))[1])
 
-    def run(logprobs=None):
-        llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_num_seqs=2, max_model_len=2048,
-                  num_kvcache_blocks=512)
-        buckets = llm.engine.model_runner.graphs.short_buckets
-        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=logprobs)
-        outs = llm.generate(prompts_, params, use_tqdm=False)
-        tokens = [o.outputs[0].token_ids for o in outs]
-        lps = [[{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs] for o in outs] \
-            if logprobs else None
-        del llm
-        free_cuda()
-        return tokens, lps, buckets
-
-    on, _, buckets = run()
-    assert buckets == {1, 2} and SHORT_CONTEXT < 2048
+    args = {"batches": [prompts_], "max_num_seqs": 2, "max_model_len": 2048, "num_kvcache_blocks": 512}
+    on, _, _ = generate(folder, **args)
+    assert SHORT_CONTEXT < 2048
     assert {(2, True), (2, False)} <= set(replays)  # the 1,000-token seq crossed SHORT_CONTEXT at batch 2
     monkeypatch.setenv("NANOVLLM_SHORT_DECODE_GRAPHS", "0")
     replays.clear()
-    off, lps, buckets = run(logprobs=20)
-    assert not buckets and not any(short for _, short in replays)
+    off, lps, _ = generate(folder, logprobs=20, **args)
+    assert replays and not any(short for _, short in replays)
     result = agreement(on, off, lps)
     REPORT["short_graphs_on_off"] = result
     print(json.dumps(result))
