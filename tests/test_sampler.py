@@ -374,6 +374,26 @@ def test_seeded_rows_draw_the_references_numbers_wherever_they_sit():
     assert (other_key != drawn[:16]).sum() >= 12
 
 
+def test_sample_ref_draws_from_torchs_generator_only_for_the_rows_that_race():
+    """sample_ref (the CPU draw): greedy rows take the argmax and rows with keys their Philox draw, neither
+    touching torch's generator; the unseeded rows at a temperature race over exponentials drawn for them
+    alone, so a batch of them draws what they would draw by themselves."""
+    from nanovllm.kernels import sample as kernel
+    logits = random_logits(5, 300, seed=4)
+    temps = torch.tensor([0.0, 0.8, 1.5, 0.0, 0.6])
+    keys = torch.tensor([-1, 7, -1, 9, -1]), torch.arange(5) + 3
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    no_race = kernel.sample_ref(logits[:2], temps[:2], torch.empty(2, dtype=torch.int64),
+                                keys=(keys[0][:2], keys[1][:2]))
+    assert torch.equal(torch.get_rng_state(), state) and no_race[0] == logits[0].argmax()
+    torch.manual_seed(1)
+    drawn = kernel.sample_ref(logits, temps, torch.empty(5, dtype=torch.int64), keys=keys)
+    torch.manual_seed(1)
+    alone = kernel.sample_ref(logits[[2, 4]], temps[[2, 4]], torch.empty(2, dtype=torch.int64))
+    assert torch.equal(drawn[[2, 4]], alone) and drawn[1] == no_race[1] and drawn[3] == logits[3].argmax()
+
+
 def test_sample_kernel_over_vocabulary_slices_equals_the_whole_row(monkeypatch):
     """Tensor parallelism: each rank's first pass over its slice (the last one short), then the second pass
     over the ranks' gathered pairs, draws exactly what one pass over the whole row draws, rows with their own

@@ -60,16 +60,22 @@ def sample_ref(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tens
                keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The Sampler's exponential race, argmax(p / q) with q ~ Exp(1), at per-row temperatures (0: argmax).
     logits (B, V) in any float dtype, temperatures (B,) float32, out (B,) int64. keys: see sample(); a row with
-    a key of its own takes the kernel's Gumbel-max over the kernel's Philox numbers instead."""
-    temps = temperatures[:, None]  # (B, 1)
-    scaled = logits.float() * (1.0 / torch.where(temps > 0, temps, 1.0))  # (B, V), as the kernel scales
-    q = torch.empty_like(scaled).exponential_().clamp_min_(torch.finfo(scaled.dtype).tiny)
-    random_ids = scaled.softmax(dim=-1).div_(q).argmax(dim=-1)  # (B,)
-    if keys is not None and (own := keys[0] >= 0).any():
-        rows = own.nonzero()[:, 0]
+    a key of its own takes the kernel's Gumbel-max over the kernel's Philox numbers instead. Only the rows that
+    race draw from torch's generator (exponentials for them alone)."""
+    out.copy_(logits.argmax(dim=-1))  # greedy rows keep it
+    drawn = temperatures > 0
+    own = keys[0] >= 0 if keys is not None else torch.zeros_like(drawn)
+    if (race := drawn & ~own).any():  # only the rows that race draw from torch's generator
+        rows = race.nonzero()[:, 0]
+        scaled = logits[rows].float() * (1.0 / temperatures[rows, None])  # as the kernel scales
+        q = torch.empty_like(scaled).exponential_().clamp_min_(torch.finfo(scaled.dtype).tiny)
+        out[rows] = scaled.softmax(dim=-1).div_(q).argmax(dim=-1)
+    if (keyed := drawn & own).any():
+        rows = keyed.nonzero()[:, 0]
+        scaled = logits[rows].float() * (1.0 / temperatures[rows, None])
         u = philox_uniforms(keys[0][rows], keys[1][rows], logits.shape[1])  # (S, V)
-        random_ids[rows] = (scaled[rows] - (-u.log()).log()).argmax(dim=-1)  # u = 0 gives -inf, never picked
-    return torch.where(temps[:, 0] > 0, random_ids, logits.argmax(dim=-1), out=out)
+        out[rows] = (scaled - (-u.log()).log()).argmax(dim=-1)  # u = 0 gives -inf, never picked
+    return out
 
 
 _PHILOX_ROUND = 0xD2511F53, 0xCD9E8D57
