@@ -99,19 +99,24 @@ def make_engine(folder: str, **kwargs) -> LLM:
                max_model_len=1024, num_kvcache_blocks=blocks, async_scheduling=False, **kwargs)
 
 
-def async_ms_per_token(folder: str, tokens: int = 256, requests: int = 5) -> dict:
-    """Batch 1 as `LLM.generate` runs it by default on CUDA, with async scheduling (the timed rows use the
-    synchronous loop): per request, (last token time - first token time) / (tokens - 1) from the request's
-    metrics; the median over `requests` prompts of PROMPT_LEN random tokens, after one untimed request."""
-    llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
+def request_ms_per_token(llm: LLM, gen: torch.Generator, tokens: int = 256, requests: int = 5) -> list[float]:
+    """Greedy requests of PROMPT_LEN random tokens (from gen) run one at a time, after one untimed: each one's
+    (last token time - first token time) / (tokens - 1), in ms, from its metrics."""
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=tokens)
-    gen = torch.Generator().manual_seed(0)
     per_token = []
     for i in range(requests + 1):
         prompt = torch.randint(0, 10000, (PROMPT_LEN,), generator=gen).tolist()
         metrics = llm.generate([prompt], params, use_tqdm=False)[0].metrics
         if i:
             per_token.append(1e3 * (metrics.last_token_time - metrics.first_token_time) / (tokens - 1))
+    return per_token
+
+
+def async_ms_per_token(folder: str, tokens: int = 256, requests: int = 5) -> dict:
+    """Batch 1 as `LLM.generate` runs it by default on CUDA, with async scheduling (the timed rows use the
+    synchronous loop): request_ms_per_token's median over `requests` requests."""
+    llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=1024)
+    per_token = request_ms_per_token(llm, torch.Generator().manual_seed(0), tokens, requests)
     result = {"async_scheduling": llm.engine.async_scheduling, "tokens": tokens,
               "ms_per_token": statistics.median(per_token), "ms_per_token_each": per_token}
     llm.close()

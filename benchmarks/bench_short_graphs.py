@@ -21,9 +21,9 @@ import sys
 import tempfile
 
 import torch
-from bench_latency import PROMPT_LEN, RESULTS_DIR, card_name, model_dir
+from bench_latency import RESULTS_DIR, card_name, model_dir, request_ms_per_token
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM
 from nanovllm.engine.cuda_graph import GREEDY, replay_us
 
 CONTEXTS = (144, 400, 1000)
@@ -53,14 +53,7 @@ def replays() -> dict:
 
 def default_loop() -> dict:
     llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1)
-    gen, tokens = torch.Generator().manual_seed(0), 256
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=tokens)
-    per_token = []
-    for i in range(5):
-        prompt = torch.randint(0, 10000, (PROMPT_LEN,), generator=gen).tolist()
-        metrics = llm.generate([prompt], params, use_tqdm=False)[0].metrics
-        if i:
-            per_token.append(1e3 * (metrics.last_token_time - metrics.first_token_time) / (tokens - 1))
+    per_token = request_ms_per_token(llm, torch.Generator().manual_seed(0), tokens=256, requests=4)
     out = {"max_model_len": llm.engine.config.max_model_len, "ms_per_token": statistics.median(per_token),
            "ms_per_token_each": per_token}
     llm.close()

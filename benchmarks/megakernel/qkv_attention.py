@@ -316,20 +316,14 @@ def route_attention_through_clusters(cluster: int) -> None:
 def engine_child(cluster: int) -> dict:
     """One process's batch-1 engine: the default loop's ms per token (4 requests after an untimed one) and a
     bare decode-graph replay at two contexts."""
-    from bench_latency import PROMPT_LEN, model_dir, replay_ms
+    from bench_latency import PROMPT_LEN, model_dir, replay_ms, request_ms_per_token
 
     from nanovllm import LLM, SamplingParams
     if cluster:
         route_attention_through_clusters(cluster)
     llm = LLM(model_dir(), load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1, max_model_len=4096)
     gen, tokens = torch.Generator().manual_seed(0), 256
-    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=tokens)
-    per_token = []
-    for i in range(5):
-        prompt = torch.randint(0, 10000, (PROMPT_LEN,), generator=gen).tolist()
-        metrics = llm.generate([prompt], params, use_tqdm=False)[0].metrics
-        if i:
-            per_token.append(1e3 * (metrics.last_token_time - metrics.first_token_time) / (tokens - 1))
+    per_token = request_ms_per_token(llm, gen, tokens, requests=4)
     replays = {PROMPT_LEN + tokens: replay_ms(llm.engine.model_runner, 1)}  # inputs as the last step left them
     llm.generate([torch.randint(0, 10000, (2000,), generator=gen).tolist()],
                  SamplingParams(temperature=0, ignore_eos=True, max_tokens=8), use_tqdm=False)
