@@ -329,12 +329,17 @@ class DecodeGraphs:
         self.seq_order.copy_(torch.arange(self.max_bs))
         self.pool = None
         for bs in reversed(self.batch_sizes):  # the largest first, so the shared pool is sized once
-            for mode in self._modes(bs):
-                self.graphs[bs, mode] = self._capture_one(model, bs, mode)
-                self.pool = self.graphs[bs, mode].pool()
-                if bs in self.short_buckets:
-                    self.short_graphs[bs, mode] = self._capture_one(model, bs, mode, short=True)
+            self._capture_bucket(model, bs)
         torch.cuda.synchronize()
+
+    def _capture_bucket(self, model: nn.Module, bs: int) -> None:
+        """Bucket bs's graphs, one a mode, and its short ones where it has them, in the shared pool (the
+        first capture makes it)."""
+        for mode in self._modes(bs):
+            self.graphs[bs, mode] = self._capture_one(model, bs, mode)
+            self.pool = self.graphs[bs, mode].pool()
+            if bs in self.short_buckets:
+                self.short_graphs[bs, mode] = self._capture_one(model, bs, mode, short=True)
 
     def _capture_one(self, model: nn.Module, bs: int, mode: int, short: bool = False) -> torch.cuda.CUDAGraph:
         """One bucket's graph (over the short tables: short), in the graphs' shared memory pool."""
@@ -378,10 +383,7 @@ class DecodeGraphs:
         choices = tune_in_step(self.device, step_us, m=bs)
         self.context_lens.zero_()
         self.block_tables.zero_()
-        for mode in self._modes(bs):  # the bs graphs with the choices (other buckets: other M)
-            self.graphs[bs, mode] = self._capture_one(model, bs, mode)
-            if bs in self.short_buckets:
-                self.short_graphs[bs, mode] = self._capture_one(model, bs, mode, short=True)
+        self._capture_bucket(model, bs)  # the bs graphs with the choices (other buckets: other M)
         torch.cuda.synchronize()
         return choices
 
